@@ -1,0 +1,39 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Both install what they need on a fresh Debian 12 machine (as root, or with sudo).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= conf/authmilter.toml
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test lint deps apt clean
+
+run: deps
+	$(BIN)/authmilter run --config $(CONFIG)
+
+test: deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(BIN)/ruff check milter tests bench
+	$(BIN)/mypy milter/authmilter
+
+deps: $(VENV)/.installed
+
+# Debian packages first (pymilter compiles against libmilter), then the venv.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | apt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

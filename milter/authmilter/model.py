@@ -1,0 +1,151 @@
+"""Plain values shared by every check: result words, actions and the typed results.
+
+Everything here is immutable and free of I/O. Checks return these; the pipeline composes them;
+the milter adapter and the CLI only read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class AuthResult(str, Enum):
+    """Result words of RFC 8601 §2.7 (shared by SPF §2.7.2, DKIM §2.7.1 and DMARC).
+
+    The string value is the word written into Authentication-Results and the JSON verdict.
+    """
+
+    PASS = "pass"
+    FAIL = "fail"
+    SOFTFAIL = "softfail"
+    NEUTRAL = "neutral"
+    NONE = "none"
+    TEMPERROR = "temperror"
+    PERMERROR = "permerror"
+    POLICY = "policy"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Action(str, Enum):
+    """What happens to the message, decided once per message (actions.py)."""
+
+    ACCEPT = "accept"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+    TEMPFAIL = "tempfail"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Disposition(str, Enum):
+    """DMARC policy values (RFC 9989 `p=`/`sp=`/`np=`) and the disposition applied."""
+
+    NONE = "none"
+    QUARANTINE = "quarantine"
+    REJECT = "reject"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class SpfScope(str, Enum):
+    """Which identity an SPF result is about (RFC 7208 §2.3, §2.4; RFC 9990 `scope`)."""
+
+    MFROM = "mfrom"
+    HELO = "helo"
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    """One SPF evaluation (RFC 7208 §2.6).
+
+    Attributes:
+        result: the RFC 7208 result word.
+        domain: the domain checked (MAIL FROM domain, or the HELO name).
+        scope: which identity was checked.
+        identity: the full identity as checked (``postmaster@helo`` for the null sender).
+        explanation: the `exp=` text or pyspf's reason, for logs and reject replies.
+    """
+
+    result: AuthResult
+    domain: str
+    scope: SpfScope
+    identity: str = ""
+    explanation: str = ""
+
+
+@dataclass(frozen=True)
+class DkimResult:
+    """One DKIM-Signature's verification (RFC 6376 §6, RFC 8601 §2.7.1).
+
+    Attributes:
+        result: pass, fail, neutral, policy, temperror, permerror (none is not per-signature).
+        domain: the signature's `d=`, lower-cased ("" when the tag is unreadable).
+        selector: `s=`.
+        algorithm: `a=` as written (e.g. ``rsa-sha256``, ``ed25519-sha256``).
+        reason: why it is not a pass, in a few words (empty on pass).
+        header_b: the first characters of `b=` (RFC 6008 ``header.b``) to tell signatures apart.
+        identity: the `i=` tag, if any.
+        testing: the key record carries `t=y` (RFC 6376 §3.6.1).
+    """
+
+    result: AuthResult
+    domain: str
+    selector: str
+    algorithm: str
+    reason: str = ""
+    header_b: str = ""
+    identity: str = ""
+    testing: bool = False
+
+
+@dataclass(frozen=True)
+class DmarcRecord:
+    """A parsed DMARC policy record (RFC 9989 §4.7). Unknown tags are dropped."""
+
+    policy: Disposition | None
+    subdomain_policy: Disposition | None = None
+    nonexistent_policy: Disposition | None = None
+    adkim_strict: bool = False
+    aspf_strict: bool = False
+    testing: bool = False
+    psd: str = "u"
+    rua: tuple[str, ...] = ()
+    ruf: tuple[str, ...] = ()
+    failure_options: str = "0"
+    pct: int | None = None
+    raw: str = ""
+
+
+@dataclass(frozen=True)
+class DmarcVerdict:
+    """The DMARC evaluation of one message, with everything an aggregate report row needs.
+
+    Attributes:
+        result: pass, fail, none, temperror or permerror.
+        from_domain: the RFC5322.From domain that decided the result ("" if none could be found).
+        policy_domain: where the record was found ("" when none).
+        org_domain: the organisational domain of ``from_domain``.
+        policy: the policy that applies to ``from_domain`` (p, sp or np), or None without a record.
+        disposition: what the policy asks for after test mode and alignment (none when it passes).
+        spf_aligned / dkim_aligned: which identifiers aligned.
+        record: the record that applied.
+        reason: why, in words, for logs and the reject text.
+        from_domains: every From domain evaluated (several for a multi-mailbox From).
+    """
+
+    result: AuthResult
+    from_domain: str = ""
+    policy_domain: str = ""
+    org_domain: str = ""
+    policy: Disposition | None = None
+    disposition: Disposition = Disposition.NONE
+    spf_aligned: bool = False
+    dkim_aligned: bool = False
+    record: DmarcRecord | None = None
+    reason: str = ""
+    from_domains: tuple[str, ...] = field(default_factory=tuple)
