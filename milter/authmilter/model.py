@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
+
+# Version of the JSON verdict (`authmilter check --json`, docs/verdict-json.md). Bump on any
+# change that is not a pure addition of keys.
+VERDICT_JSON_VERSION = 1
 
 
 class AuthResult(str, Enum):
@@ -149,3 +154,97 @@ class DmarcVerdict:
     record: DmarcRecord | None = None
     reason: str = ""
     from_domains: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An SMTP reply for reject or tempfail: basic code (RFC 5321 §4.2), enhanced code (RFC 3463), text."""
+
+    code: str
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Everything decided about one message; the milter adapter and `authmilter check` only apply it.
+
+    Attributes:
+        spf: the MAIL FROM identity's SPF result (None when SPF is off).
+        helo: the HELO identity's SPF result (None when not checked).
+        dkim: one result per DKIM-Signature, in header order.
+        dmarc: the DMARC verdict (None when DMARC is off).
+        action: what to do with the message.
+        reply: the SMTP reply for reject and tempfail.
+        reason: why the action was chosen, for the log.
+        authentication_results: our Authentication-Results header value.
+        forged_authentication_results: indices of A-R fields to delete, highest first.
+    """
+
+    spf: SpfResult | None
+    helo: SpfResult | None
+    dkim: tuple[DkimResult, ...]
+    dmarc: DmarcVerdict | None
+    action: Action
+    reply: Reply | None
+    reason: str
+    authentication_results: str
+    forged_authentication_results: tuple[int, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """The stable, documented JSON form (docs/verdict-json.md)."""
+        return {
+            "version": VERDICT_JSON_VERSION,
+            "spf": _spf_json(self.spf),
+            "helo": _spf_json(self.helo),
+            "dkim": [
+                {
+                    "result": d.result.value,
+                    "domain": d.domain,
+                    "selector": d.selector,
+                    "algorithm": d.algorithm,
+                    "reason": d.reason,
+                    "header_b": d.header_b,
+                    "identity": d.identity,
+                    "testing": d.testing,
+                }
+                for d in self.dkim
+            ],
+            "dmarc": _dmarc_json(self.dmarc),
+            "action": self.action.value,
+            "smtp_reply": (
+                None
+                if self.reply is None
+                else {"code": self.reply.code, "enhanced_code": self.reply.enhanced, "text": self.reply.text}
+            ),
+            "reason": self.reason,
+            "authentication_results": self.authentication_results,
+        }
+
+
+def _spf_json(spf: SpfResult | None) -> dict[str, Any] | None:
+    if spf is None:
+        return None
+    return {"result": spf.result.value, "domain": spf.domain, "identity": spf.identity,
+            "explanation": spf.explanation}
+
+
+def _dmarc_json(dmarc: DmarcVerdict | None) -> dict[str, Any] | None:
+    if dmarc is None:
+        return None
+    return {
+        "result": dmarc.result.value,
+        "policy": dmarc.policy.value if dmarc.policy else None,
+        "disposition": dmarc.disposition.value,
+        "from_domain": dmarc.from_domain,
+        "from_domains": list(dmarc.from_domains),
+        "policy_domain": dmarc.policy_domain,
+        "org_domain": dmarc.org_domain,
+        "spf_aligned": dmarc.spf_aligned,
+        "dkim_aligned": dmarc.dkim_aligned,
+        "testing": dmarc.record.testing if dmarc.record else False,
+        "reason": dmarc.reason,
+    }

@@ -277,3 +277,37 @@ class Resolver:
 
     def txt(self, name: str | dns.name.Name) -> DnsAnswer:
         return self.query(name, dns.rdatatype.TXT)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """Section ``[dns]``.
+
+    Attributes:
+        nameservers: addresses to ask; empty = the system's resolvers (/etc/resolv.conf).
+        port: their port.
+        timeout: seconds for one lookup, retries included.
+        cache_size: answers kept in the cache (0 turns it off).
+        zone_files: answer only from these RFC 1035 zone files (offline mode; everything else is
+            NXDOMAIN). When set, nameservers are not asked.
+    """
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+    cache_size: int = 10000
+    zone_files: tuple[str, ...] = ()
+
+
+def build_resolver(settings: DnsSettings) -> Resolver:
+    """The resolver a config describes.
+
+    Raises:
+        ZoneFileError: a zone file is unreadable or invalid.
+    """
+    source: DnsSource
+    if settings.zone_files:
+        source = ZoneFileSource(settings.zone_files)
+    else:
+        source = NameserverSource(settings.nameservers, settings.port, settings.timeout)
+    return Resolver(source, cache_size=settings.cache_size)

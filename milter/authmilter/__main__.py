@@ -1,0 +1,5 @@
+import sys
+
+from authmilter.cli import main
+
+sys.exit(main())

@@ -1,0 +1,256 @@
+"""The TOML configuration: parsed into a frozen, validated tree of each check's own settings.
+
+Each check owns its settings dataclass (``SpfSettings`` in spf_check, ``DmarcSettings`` in dmarc…);
+this module maps one TOML table onto each and validates every key: unknown keys, wrong types,
+values out of range and unknown choices are errors that name the file, the line and the key.
+Loading has no side effects, so a failed reload leaves the running configuration untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from authmilter.actions import ALLOWED_FAILURE_ACTIONS, FailureAction, PolicySettings
+from authmilter.dkim_verify import DkimSettings
+from authmilter.dmarc import DmarcSettings
+from authmilter.resolver import DnsSettings
+from authmilter.spf_check import SpfSettings
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where (file:line) and what is wrong."""
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """Section ``[milter]``.
+
+    Attributes:
+        socket: where the daemon listens (``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:PATH``).
+        authserv_id: the name in our Authentication-Results (RFC 8601 §2.5); empty = this host's name.
+        max_headers: header fields kept per message; more are dropped and the message is still checked.
+    """
+
+    socket: str = "inet:8891@127.0.0.1"
+    authserv_id: str = ""
+    max_headers: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    milter: MilterSettings = field(default_factory=MilterSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    spf: SpfSettings = field(default_factory=SpfSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
+    dmarc: DmarcSettings = field(default_factory=DmarcSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+
+    @property
+    def authserv_id(self) -> str:
+        return self.milter.authserv_id or socket.gethostname()
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "milter": MilterSettings,
+    "dns": DnsSettings,
+    "spf": SpfSettings,
+    "dkim": DkimSettings,
+    "dmarc": DmarcSettings,
+    "policy": PolicySettings,
+}
+
+# Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
+RANGES: dict[tuple[str, str], tuple[float, float]] = {
+    ("milter", "max_headers"): (10, 100000),
+    ("dns", "port"): (1, 65535),
+    ("dns", "timeout"): (0.1, 60),
+    ("dns", "cache_size"): (0, 10_000_000),
+    ("spf", "timeout"): (1, 120),
+    ("dkim", "max_signatures"): (1, 50),
+    ("dkim", "min_rsa_bits"): (1024, 16384),
+    ("dkim", "timeout"): (0.1, 60),
+    ("dmarc", "max_tree_walk"): (1, 8),
+}
+
+CHOICES: dict[tuple[str, str], frozenset[str]] = {
+    ("dmarc", "org_domain"): frozenset({"treewalk", "psl"}),
+    **{("policy", k): frozenset(a.value for a in v) for k, v in ALLOWED_FAILURE_ACTIONS.items()},
+}
+
+# Keys whose values are file names: relative names are taken from the config file's folder.
+PATH_KEYS = {("dns", "zone_files"), ("dmarc", "psl_file")}
+
+
+def default_config() -> Config:
+    """The built-in defaults (what an empty config file gives)."""
+    return Config(path="<defaults>")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax error, or an invalid key; the message names
+            the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: config file is not UTF-8 (byte {e.start})") from e
+    return parse_config(text, path)
+
+
+def parse_config(text: str, path: str | Path) -> Config:
+    """Validate config text; ``path`` is used in messages and for relative file names."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from e
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in SECTIONS:
+            known = ", ".join(f"[{s}]" for s in SECTIONS)
+            raise ConfigError(f"{_where(path, text, name, None)}unknown section [{name}] (known: {known})")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{_where(path, text, name, None)}{name} must be a [table]")
+        sections[name] = _build_section(name, table, path, text)
+    return Config(path=str(path), **sections)
+
+
+def _where(path: Path, text: str, section: str, key: str | None) -> str:
+    """``file:line: `` of ``key`` in ``[section]`` (or of the section header), best effort."""
+    line = _find_line(text, section, key)
+    return f"{path}:{line}: " if line else f"{path}: "
+
+
+def _find_line(text: str, section: str, key: str | None) -> int | None:
+    header = re.compile(r"^\s*\[\s*([A-Za-z0-9_.-]+)\s*\]")
+    current = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        match = header.match(line)
+        if match:
+            current = match.group(1)
+            if key is None and current == section:
+                return number
+            continue
+        if key is not None and current == section and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def _build_section(name: str, table: Mapping[str, Any], path: Path, text: str) -> Any:
+    cls = SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        where = _where(path, text, name, key)
+        if key not in known:
+            raise ConfigError(f"{where}unknown key '{key}' in [{name}] (known: {', '.join(sorted(known))})")
+        try:
+            value = _convert(hints[key], raw)
+            values[key] = _check_value(name, key, value, path)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}[{name}] {key}: {e}") from None
+    return cls(**values)
+
+
+def _convert(hint: Any, raw: Any) -> Any:
+    """TOML value → the annotated type; raises TypeError/ValueError with a plain reason."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], raw)
+    if origin is tuple:
+        if not isinstance(raw, list):
+            raise TypeError(f"expected a list, got {_toml_type(raw)}")
+        return tuple(_convert(args[0], item) for item in raw)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        if not isinstance(raw, str):
+            raise TypeError(f"expected a string, got {_toml_type(raw)}")
+        if raw not in {m.value for m in hint}:
+            raise ValueError(f"'{raw}' is not one of: {', '.join(m.value for m in hint)}")
+        return hint(raw)
+    return _SCALARS.get(hint, _network)(raw)
+
+
+def _expect(kind: type[Any] | tuple[type[Any], ...], label: str) -> Callable[[Any], Any]:
+    def check(raw: Any) -> Any:
+        if isinstance(raw, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise TypeError(f"expected {label}, got a boolean")
+        if not isinstance(raw, kind):
+            raise TypeError(f"expected {label}, got {_toml_type(raw)}")
+        return float(raw) if label == "a number" else raw
+
+    return check
+
+
+def _network(raw: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    if not isinstance(raw, str):
+        raise TypeError(f"expected a network like 192.0.2.0/24, got {_toml_type(raw)}")
+    try:
+        return ipaddress.ip_network(raw, strict=False)
+    except ValueError:
+        raise ValueError(f"'{raw}' is not an IP address or network (e.g. 192.0.2.0/24, 2001:db8::/32)") from None
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _expect(bool, "true or false"),
+    int: _expect(int, "an integer"),
+    float: _expect((int, float), "a number"),
+    str: _expect(str, "a string"),
+}
+
+
+def _toml_type(raw: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(raw), type(raw).__name__)
+
+
+def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
+    bounds = RANGES.get((section, key))
+    if bounds is not None and not bounds[0] <= value <= bounds[1]:
+        raise ValueError(f"{value} is out of range ({bounds[0]:g} to {bounds[1]:g})")
+    choices = CHOICES.get((section, key))
+    if choices is not None:
+        plain = value.value if isinstance(value, Enum) else value
+        if plain not in choices:
+            raise ValueError(f"'{plain}' is not one of: {', '.join(sorted(choices))}")
+    if (section, key) in PATH_KEYS:
+        return _resolve_paths(value, path)
+    if (section, key) == ("policy", "never_reject_domains"):
+        return tuple(d.lower().rstrip(".") for d in value)
+    return value
+
+
+def _resolve_paths(value: Any, path: Path) -> Any:
+    def resolve(name: str) -> str:
+        if not name:
+            raise ValueError("empty file name")
+        candidate = Path(name)
+        return str(candidate if candidate.is_absolute() else path.parent / candidate)
+
+    if isinstance(value, tuple):
+        return tuple(resolve(v) for v in value)
+    return resolve(value) if value is not None else None
+
+
+__all__ = ["Config", "ConfigError", "FailureAction", "MilterSettings", "default_config", "load_config",
+           "parse_config"]
