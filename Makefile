@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/authmilter.toml
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv
+# knot: the authoritative DNS server the tests run on loopback.
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint deps apt clean
@@ -29,8 +30,17 @@ apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  blocker=""; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null && $(SUDO) chmod 755 /usr/sbin/policy-rc.d && blocker=1; \
+	  fi; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; status=$$?; \
+	  [ -z "$$blocker" ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; \
+	  [ $$status -eq 0 ] || exit $$status; \
 	fi
+	@# The tests run their own knotd on loopback; the system service must not take port 53.
+	@$(SUDO) systemctl disable knot.service >/dev/null 2>&1 || true
+	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop knot.service || true
 
 $(VENV)/.installed: pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)

@@ -13,6 +13,7 @@ Sources:
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -36,6 +37,8 @@ MAX_CACHE_TTL = 86400
 DEFAULT_NEGATIVE_TTL = 300
 # CNAME chains followed inside zone files (real resolvers follow them on their own).
 MAX_CNAME_CHAIN = 8
+# A directive starts a line (RFC 1035 §5.1); the word in a comment or a TXT string is not one.
+_ORIGIN_DIRECTIVE = re.compile(r"^\$ORIGIN\s", re.IGNORECASE | re.MULTILINE)
 
 
 class DnsStatus(str, Enum):
@@ -162,7 +165,7 @@ class ZoneFileSource:
         except OSError as e:
             raise ZoneFileError(f"{path}: cannot read zone file: {e.strerror}") from e
         origin = None
-        if "$ORIGIN" not in text.upper():
+        if not _ORIGIN_DIRECTIVE.search(text):
             stem = path.name[: -len(".zone")] if path.name.endswith(".zone") else path.name
             origin = dns.name.from_text(stem)
         try:
@@ -170,7 +173,7 @@ class ZoneFileSource:
                 text, origin=origin, relativize=False, filename=str(path), check_origin=False
             )
         except dns.exception.SyntaxError as e:
-            raise ZoneFileError(f"{path}: {e}") from e
+            raise ZoneFileError(str(e)) from e  # dnspython's message starts with file:line
         except dns.exception.DNSException as e:
             raise ZoneFileError(f"{path}: not a usable zone file: {e}") from e
 
@@ -203,7 +206,8 @@ class ZoneFileSource:
         return None
 
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
-        for _ in range(MAX_CNAME_CHAIN):
+        # One pass for the queried name, then one per CNAME followed.
+        for _ in range(MAX_CNAME_CHAIN + 1):
             zone = self._zone_for(name)
             if zone is None:
                 return DnsAnswer(DnsStatus.NXDOMAIN, ttl=DEFAULT_NEGATIVE_TTL)

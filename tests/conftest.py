@@ -1,0 +1,24 @@
+"""Fixtures shared by the whole test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from dnsserver import AuthoritativeDns, DnsServerMissing
+
+
+@pytest.fixture(scope="session")
+def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthoritativeDns]:
+    """One real authoritative DNS server (Knot) on 127.0.0.1 for the session; add zones, then reload().
+
+    Tests that stop it (DNS outage) must start it again before they end.
+    """
+    try:
+        server = AuthoritativeDns(tmp_path_factory.mktemp("dns"))
+    except DnsServerMissing as e:
+        # A missing server is a broken set-up, not a reason to skip the tests that need it.
+        raise pytest.fail.Exception(str(e), pytrace=False) from None
+    with server:
+        yield server
