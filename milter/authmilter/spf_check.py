@@ -1,0 +1,284 @@
+"""SPF (RFC 7208) for the MAIL FROM and HELO identities: pyspf, with every lookup through our Resolver.
+
+pyspf normally asks DNS through the module global ``spf.DNSLookup``. Replacing that global would
+make every thread share one resolver, so instead each evaluation builds a :class:`_ResolverQuery`
+(a ``spf.query`` subclass) whose ``dns()`` method asks the :class:`Resolver` it was given. pyspf
+keeps its own processing limits (RFC 7208 §4.6.4: 10 DNS-querying terms, 2 void lookups, 10 MX or
+PTR names); our ``dns()`` keeps the void-lookup count and adds the overall time limit.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dns.rdata
+import dns.rdatatype
+import spf
+
+from authmilter.model import AuthResult, SpfResult, SpfScope
+from authmilter.resolver import DnsStatus, Resolver
+
+log = logging.getLogger(__name__)
+
+# RFC 1035 §2.3.4: labels of 1..63 octets, names of at most 253 characters in text form.
+MAX_LABEL_LENGTH = 63
+MAX_NAME_LENGTH = 253
+
+# pyspf's result words, including the pre-RFC 4408 names it still knows, mapped to RFC 7208 §2.6.
+_RESULT_WORDS: dict[str, AuthResult] = {
+    "pass": AuthResult.PASS,
+    "fail": AuthResult.FAIL,
+    "softfail": AuthResult.SOFTFAIL,
+    "neutral": AuthResult.NEUTRAL,
+    "none": AuthResult.NONE,
+    "temperror": AuthResult.TEMPERROR,
+    "permerror": AuthResult.PERMERROR,
+    "error": AuthResult.TEMPERROR,
+    "unknown": AuthResult.PERMERROR,
+    # Only pyspf's "harsh" record-checking mode (strict=2, which we never use) says "ambiguous": it
+    # flags a record that cannot be read one way only, the definition of permerror (§2.6.7).
+    "ambiguous": AuthResult.PERMERROR,
+}
+
+
+@dataclass(frozen=True)
+class SpfSettings:
+    """How SPF is checked.
+
+    Attributes:
+        enabled: run SPF at all; when off every check returns none.
+        check_helo: also check the HELO identity (RFC 7208 §2.3 RECOMMENDS it).
+        timeout: overall seconds for one evaluation; RFC 7208 §4.6.4 suggests at least 20 s.
+    """
+
+    enabled: bool = True
+    check_helo: bool = True
+    timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"SPF timeout must be positive seconds, not {self.timeout!r}")
+
+
+def check_mail_from(
+    client_ip: str, helo: str, mail_from: str, resolver: Resolver, settings: SpfSettings
+) -> SpfResult:
+    """Evaluate SPF for the MAIL FROM identity (RFC 7208 §2.4).
+
+    Args:
+        client_ip: the SMTP client's address (IPv4, IPv6 or IPv4-mapped IPv6).
+        helo: the HELO/EHLO argument; the identity's domain when the sender is null.
+        mail_from: the reverse-path, with or without angle brackets; "" or "<>" is the null sender,
+            checked as ``postmaster@<helo>``.
+        resolver: where every DNS question goes.
+        settings: SPF settings.
+
+    Returns:
+        The result with scope MFROM. Never raises: malformed input gives none (RFC 7208 §4.3),
+        a broken record permerror, a DNS failure or time-out temperror.
+    """
+    local, domain = _split_reverse_path(mail_from)
+    if local is None:  # null reverse-path: RFC 7208 §2.4 checks postmaster@<HELO>
+        local, domain = "postmaster", helo
+    return _evaluate(client_ip, helo, local, domain, SpfScope.MFROM, resolver, settings)
+
+
+def check_helo(client_ip: str, helo: str, resolver: Resolver, settings: SpfSettings) -> SpfResult:
+    """Evaluate SPF for the HELO identity (RFC 7208 §2.3), as ``postmaster@<helo>``.
+
+    Args:
+        client_ip: the SMTP client's address.
+        helo: the HELO/EHLO argument; an address literal or a name that is not a multi-label
+            domain gives none.
+        resolver: where every DNS question goes.
+        settings: SPF settings; with ``check_helo`` off the result is none.
+
+    Returns:
+        The result with scope HELO. Never raises.
+    """
+    if settings.enabled and not settings.check_helo:
+        return _none(helo, "postmaster", SpfScope.HELO, "HELO check disabled")
+    return _evaluate(client_ip, helo, "postmaster", helo, SpfScope.HELO, resolver, settings)
+
+
+def _split_reverse_path(mail_from: str) -> tuple[str | None, str]:
+    """(local-part, domain) of a reverse-path; (None, "") for the null sender.
+
+    A missing local-part becomes "postmaster" (RFC 7208 §4.3); a path without "@" is kept whole
+    as the domain, as pyspf does, so that it is judged by the same domain rules.
+    """
+    path = mail_from.strip()
+    if path.startswith("<") and path.endswith(">"):
+        path = path[1:-1].strip()
+    # RFC 5321 §4.1.1.2/§C: a source route ("@a,@b:user@c") is to be ignored.
+    if path.startswith("@") and ":" in path:
+        path = path.split(":", 1)[1]
+    if not path:
+        return None, ""
+    # The domain follows the last "@": a quoted local-part may itself hold one.
+    local, _, domain = path.rpartition("@")
+    return local or "postmaster", domain
+
+
+def _evaluate(
+    client_ip: str,
+    helo: str,
+    local: str,
+    domain: str,
+    scope: SpfScope,
+    resolver: Resolver,
+    settings: SpfSettings,
+) -> SpfResult:
+    if not settings.enabled:
+        return _none(domain, local, scope, "SPF checking disabled")
+    try:
+        ipaddress.ip_address(client_ip)
+    except ValueError:
+        # Not the sender's fault and nothing to authorize: no result rather than an error.
+        return _none(domain, local, scope, f"client address {client_ip!r} is not an IP address")
+    ascii_domain = _checkable_domain(domain)
+    if ascii_domain is None:
+        # RFC 7208 §4.3: malformed or not multi-label => "none"; §2.3 for HELO address literals.
+        return _none(domain, local, scope, f"{domain!r} is not a checkable domain name")
+    identity = f"{local}@{ascii_domain}"
+    deadline = time.monotonic() + settings.timeout
+    try:
+        query = _ResolverQuery(client_ip, identity, local, ascii_domain, helo, resolver, deadline)
+        word, _code, explanation = query.check()
+    except Exception as e:
+        # pyspf reports record and DNS problems as results; an exception here is pyspf tripping over
+        # input it cannot read (e.g. a %{L} macro over an undecodable local-part). Retrying would
+        # trip again, so this is §2.6.7's "could not be correctly interpreted", not a temporary
+        # failure. Senders can cause it at will: one line, the traceback only when debugging.
+        log.warning(
+            "pyspf raised while checking %r from %s: %s: %s",
+            identity,
+            client_ip,
+            type(e).__name__,
+            e,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        word, explanation = "permerror", f"SPF evaluation failed: {type(e).__name__}: {e}"
+    result = _RESULT_WORDS.get(word)
+    if result is None:
+        log.warning("pyspf returned unknown result %r for %s; treated as permerror", word, identity)
+        result, explanation = AuthResult.PERMERROR, f"unexpected SPF result {word!r}"
+    if result is AuthResult.NONE and not explanation:
+        explanation = f"no SPF record for {ascii_domain}"
+    return SpfResult(result, ascii_domain, scope, identity, str(explanation))
+
+
+def _none(domain: str, local: str, scope: SpfScope, why: str) -> SpfResult:
+    return SpfResult(AuthResult.NONE, domain, scope, f"{local}@{domain}", why)
+
+
+def _checkable_domain(domain: str) -> str | None:
+    """The domain in A-labels, or None when RFC 7208 §4.3 says the result is "none".
+
+    §4.3: a malformed name (label longer than 63, empty label not at the end) or one that is not
+    multi-label gives none; internationalized names are checked as A-labels. An address literal
+    (``[192.0.2.1]``, RFC 5321 §4.1.3) is not a domain name at all (§2.3).
+    """
+    name = domain[:-1] if domain.endswith(".") else domain
+    if not name or name.startswith("["):
+        return None
+    try:
+        # Python's "idna" codec (IDNA 2003 ToASCII) also rejects empty and over-long labels.
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    labels = ascii_name.split(".")
+    if len(labels) < 2 or len(ascii_name) > MAX_NAME_LENGTH:
+        return None
+    # DNS labels may hold any octet, but no mail domain holds controls or spaces (RFC 5321 §4.1.2).
+    if not all("!" <= c <= "~" for c in ascii_name):
+        return None
+    if any(not 0 < len(label) <= MAX_LABEL_LENGTH for label in labels):
+        return None
+    return ascii_name
+
+
+def _pyspf_value(rdata: dns.rdata.Rdata) -> Any:
+    """One record in the shape pyspf's lookups return (see ``spf.DNSLookup_dnspython``)."""
+    rdtype = rdata.rdtype
+    if rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return rdata.address  # type: ignore[attr-defined]
+    if rdtype == dns.rdatatype.MX:
+        return (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))  # type: ignore[attr-defined]
+    if rdtype == dns.rdatatype.PTR:
+        return rdata.target.to_text(omit_final_dot=True)  # type: ignore[attr-defined]
+    # TXT and SPF: the raw character-strings; pyspf joins them and rejects non-ASCII (§3.1, §3.3).
+    return tuple(rdata.strings)  # type: ignore[attr-defined]
+
+
+class _ResolverQuery(spf.query):  # type: ignore[misc]
+    """A pyspf query whose DNS questions all go to one Resolver: no module global, thread-safe."""
+
+    def __init__(
+        self,
+        client_ip: str,
+        sender: str,
+        local: str,
+        domain: str,
+        helo: str,
+        resolver: Resolver,
+        deadline: float,
+    ) -> None:
+        # strict=True is pyspf's RFC 7208 mode: limits and syntax errors are permerror (§4.6.4).
+        super().__init__(i=client_ip, s=sender, h=helo, strict=True)
+        # pyspf splits the sender at the first "@"; a quoted local-part may hold one, so set the
+        # parts we split at the last one (RFC 7208 §4.3).
+        self.l, self.o, self.d = local, domain, domain
+        self._resolver = resolver
+        self._deadline = deadline
+
+    def dns(self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False) -> list[Any]:
+        """pyspf's one lookup primitive, answered by our Resolver.
+
+        The Resolver (or the nameserver behind it) follows CNAMEs, so ``cnames`` goes unused.
+        """
+        text = str(name)
+        if text.endswith("."):
+            text = text[:-1]
+        if not text or any(not 0 < len(label) <= MAX_LABEL_LENGTH for label in text.split(".")):
+            return []  # as pyspf: a name that cannot exist has no records, without asking
+        if time.monotonic() > self._deadline:
+            # RFC 7208 §4.6.4: past the time limit the check MAY stop with temperror.
+            raise spf.TempError(f"SPF evaluation exceeded its time limit before {qtype} {text}")
+        answer = self._resolver.query(text, qtype)
+        if answer.status is DnsStatus.TEMPFAIL:
+            # RFC 7208 §2.6.6 / §4.4: a DNS failure is temperror.
+            raise spf.TempError(f"DNS {qtype} lookup for {text} failed: {answer.reason or 'error'}")
+        wanted = dns.rdatatype.RdataType.make(qtype)
+        values = [_pyspf_value(r) for r in answer.records if r.rdtype == wanted]
+        if not values and not ignore_void:
+            # RFC 7208 §4.6.4: more than 2 lookups answering NXDOMAIN or no records => permerror.
+            self.void_lookups += 1
+            if self.void_lookups > spf.MAX_VOID_LOOKUPS:
+                raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
+        return values
+
+    def validated_ptrs(self) -> list[str]:
+        """Validated names for the client address (RFC 7208 §5.5, also used by the %{p} macro).
+
+        Unlike pyspf's version, DNS errors follow §5.5: an error on the PTR lookup means no names
+        (the mechanism does not match), an error on one name's address lookup skips that name.
+        Only the first 10 names are tried (§4.6.4).
+        """
+        try:
+            names: list[str] = self.dns_ptr(self.i)[: spf.MAX_PTR]
+        except spf.TempError:
+            return []
+        validated = []
+        for name in names:
+            try:
+                addresses = self.dns_a(name, self.A)
+            except spf.TempError:
+                continue
+            if self.cidrmatch(addresses, self.cidrmax):
+                validated.append(name)
+        return validated
