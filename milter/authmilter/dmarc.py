@@ -1,0 +1,653 @@
+"""DMARC evaluation per RFC 9989 (DMARCbis; obsoletes RFC 7489 and RFC 9091) -> :class:`DmarcVerdict`.
+
+Plain functions over plain data: the From domains, the SPF and DKIM results, and the shared
+:class:`Resolver` (the only way we ask DNS). Nothing here raises for bad input or a DNS outcome.
+
+Choices made where RFC 9989 leaves room, or where this code reads it a particular way:
+
+- Record syntax (§4.7, §4.8). A TXT record is a DMARC record only if it starts with ``v=DMARC1``
+  (value case-sensitive); otherwise :func:`parse_dmarc_record` returns None. After that, "syntax
+  errors in the remainder of the record MUST be discarded in favor of default values (if any) or
+  ignored outright" (§4.7): a malformed or unknown tag is dropped, a bad value takes the default, a
+  repeated tag keeps its first value. So ``v=DMARC1; p=none; reject`` is a valid ``p=none`` record;
+  authheaders reports permerror for it (see tests/test_dmarc_authheaders.py).
+- Missing or invalid ``p``, or an invalid ``sp``/``np`` (§4.10.1): with at least one valid ``rua``
+  URI the record is read as ``p=none`` (valid ``sp``/``np`` kept, invalid ones dropped); without
+  one, :attr:`DmarcRecord.policy` is None and the record is not applied (result ``none``).
+- Several DMARC records at one name (§4.10 steps 2 and 6): all are discarded, as if none were there;
+  the walk goes on to the parent.
+- Legacy ``pct`` (Appendix A.6, Appendix C.5). RFC 9989 removes ``pct`` and defines ``t`` as the
+  counterpart of ``pct=0`` (``t=y``) and ``pct=100`` (``t=n``). We keep ``pct`` for reports and map
+  it only when ``t`` is absent: ``pct=0`` -> testing (``t=y``); any other value -> ``t=n`` (the policy
+  applies in full; no sampling). An explicit ``t`` always wins.
+- Test mode (§4.7, ``t``): on a DMARC fail, ``t=y`` applies the policy one level below: reject ->
+  quarantine, quarantine -> none; it never changes ``none``.
+- Non-existent domains (§3.2, Appendix A.4, RFC 8020): asked only when ``np`` could change the
+  answer (record found above the Author Domain, ``np`` present and different from the fallback).
+  The Author Domain is non-existent when A, AAAA and MX all answer NXDOMAIN; the first answer that
+  shows the name exists (records or NODATA) stops the checks.
+- DNS errors (§4.10.1, §5.3.6): a TEMPFAIL during policy discovery gives ``temperror`` with
+  disposition none. A TEMPFAIL while walking for an identifier's Organizational Domain only matters
+  when nothing else aligned; then the result is ``temperror`` too.
+- Several From domains (§5.3.1, §11.5): each is evaluated and the strictest verdict applies (see
+  :func:`_severity`); at most :data:`MAX_AUTHOR_DOMAINS` are evaluated.
+- ``org_domain="psl"`` (RFC 7489 §3.2, §6.6.3): the Organizational Domain comes from the Public Suffix
+  List; the policy is looked up at the From domain, then at its Organizational Domain. ``psd`` is
+  ignored there; ``sp``/``np`` are chosen as in tree-walk mode. A domain that is itself a public
+  suffix is its own Organizational Domain, as RFC 9989 §4.10.2 does when the walk finds nothing
+  ("the initial target domain is the Organizational Domain").
+- Domains are lower-cased, lose one trailing dot, and U-labels become A-labels (§5.3.1, IDNA2003
+  codec of the standard library); a name that cannot be a DNS name gives ``permerror``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+from publicsuffixlist import PublicSuffixList
+
+from authmilter.model import (
+    AuthResult,
+    Disposition,
+    DkimResult,
+    DmarcRecord,
+    DmarcVerdict,
+    SpfResult,
+    SpfScope,
+)
+from authmilter.resolver import DnsStatus, Resolver
+
+# RFC 9989 §4.10: "Author Domains with more than eight labels do not result in more than eight DNS
+# queries".
+RFC9989_MAX_WALK_QUERIES = 8
+# RFC 9989 §11.5: evaluating every domain of a multi-mailbox From invites a denial of service;
+# "Limiting the number of Author Domains processed will avoid this risk."
+MAX_AUTHOR_DOMAINS = 5
+# A message can carry many signatures; each alignment walk is bounded, this bounds how many run.
+MAX_SIGNATURES_CHECKED = 10
+# RFC 1035 §2.3.4 limits.
+MAX_DOMAIN_LENGTH = 253
+MAX_LABEL_LENGTH = 63
+
+_POLICIES = {d.value: d for d in Disposition}
+# §4.8: tag names are 1*ALPHA.
+_TAG_NAME = re.compile(r"[A-Za-z]+")
+# §4.8 dmarc-uri is an RFC 3986 URI: a scheme, a colon, then something.
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
+# RFC 7489's "!size" suffix; RFC 9989 Appendix C.4 removed it, so it is cut off.
+_SIZE_SUFFIX = re.compile(r"![0-9]+[kmgt]?$", re.IGNORECASE)
+_FO_OPTIONS = frozenset("01ds")
+_ONE_LEVEL_DOWN = {
+    Disposition.REJECT: Disposition.QUARANTINE,
+    Disposition.QUARANTINE: Disposition.NONE,
+    Disposition.NONE: Disposition.NONE,
+}
+_EXISTENCE_TYPES = ("A", "AAAA", "MX")
+
+
+@dataclass(frozen=True)
+class DmarcSettings:
+    """How DMARC is evaluated.
+
+    Attributes:
+        enabled: evaluate DMARC at all (the pipeline reads this; the functions here do not).
+        org_domain: ``"treewalk"`` (RFC 9989 §4.10) or ``"psl"`` (RFC 7489 §3.2, publicsuffixlist).
+        psl_file: a ``public_suffix_list.dat`` to pin; None uses publicsuffixlist's bundled list.
+        max_tree_walk: queries one tree walk may make, 1 to 8 (RFC 9989 §4.10 stops at 8).
+    """
+
+    enabled: bool = True
+    org_domain: str = "treewalk"
+    psl_file: str | None = None
+    max_tree_walk: int = RFC9989_MAX_WALK_QUERIES
+
+    def __post_init__(self) -> None:
+        if self.org_domain not in ("treewalk", "psl"):
+            raise ValueError(f"org_domain must be 'treewalk' or 'psl', not {self.org_domain!r}")
+        if not 1 <= self.max_tree_walk <= RFC9989_MAX_WALK_QUERIES:
+            raise ValueError(
+                f"max_tree_walk must be between 1 and {RFC9989_MAX_WALK_QUERIES} (RFC 9989 §4.10), "
+                f"not {self.max_tree_walk}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Record parsing (RFC 9989 §4.7, §4.8)
+
+
+def parse_dmarc_record(text: str) -> DmarcRecord | None:
+    """Parse one TXT record (its strings already joined, RFC 9989 §4.5).
+
+    Args:
+        text: the record text.
+
+    Returns:
+        None when the text is not a DMARC record (it does not start with ``v=DMARC1``); otherwise
+        the record, with syntax errors after ``v`` dropped as RFC 9989 §4.7 requires. ``policy`` is
+        None when the record has no usable ``p`` (see the module docstring); such a record is still
+        found by discovery but is not applied.
+    """
+    tags = _split_tags(text)
+    if not tags or tags[0][0] != "v" or tags[0][1] != "DMARC1":
+        return None
+    values: dict[str, str] = {}
+    for name, value in tags[1:]:
+        values.setdefault(name, value)  # a repeated tag is a syntax error: the first one stays
+    return _build_record(values, text)
+
+
+def _split_tags(text: str) -> list[tuple[str, str]]:
+    """Tag-value pairs (name lower-cased), dropping any piece that is not ``1*ALPHA = value``."""
+    pairs = []
+    for piece in text.split(";"):
+        name, sep, value = piece.partition("=")
+        name, value = name.strip(" \t"), value.strip(" \t")
+        if sep and _TAG_NAME.fullmatch(name) and value:
+            pairs.append((name.lower(), value))
+        elif not pairs:
+            return []  # §4.7: "v" MUST be present and MUST appear first
+    return pairs
+
+
+def _build_record(values: dict[str, str], raw: str) -> DmarcRecord:
+    rua = _uri_list(values.get("rua"))
+    policy = _policy(values.get("p"))
+    subdomain_policy = _policy(values.get("sp"))
+    nonexistent_policy = _policy(values.get("np"))
+    invalid_sp = "sp" in values and subdomain_policy is None
+    invalid_np = "np" in values and nonexistent_policy is None
+    if policy is None or invalid_sp or invalid_np:
+        # §4.10.1: a valid rua makes it "a record containing p=none"; without one it is not applied.
+        policy = Disposition.NONE if rua else None
+    pct = _pct(values.get("pct"))
+    return DmarcRecord(
+        policy=policy,
+        subdomain_policy=subdomain_policy,
+        nonexistent_policy=nonexistent_policy,
+        adkim_strict=_lower(values.get("adkim")) == "s",
+        aspf_strict=_lower(values.get("aspf")) == "s",
+        testing=_testing(values.get("t"), pct),
+        psd=_lower(values.get("psd")) if _lower(values.get("psd")) in ("y", "n", "u") else "u",
+        rua=rua,
+        ruf=_uri_list(values.get("ruf")),
+        failure_options=_failure_options(values.get("fo")),
+        pct=pct,
+        raw=raw,
+    )
+
+
+def _lower(value: str | None) -> str:
+    return value.lower() if value is not None else ""
+
+
+def _policy(value: str | None) -> Disposition | None:
+    return _POLICIES.get(_lower(value))
+
+
+def _pct(value: str | None) -> int | None:
+    if value is None or not value.isdigit() or len(value) > 3:
+        return None
+    number = int(value)
+    return number if number <= 100 else None
+
+
+def _testing(t_value: str | None, pct: int | None) -> bool:
+    t_flag = _lower(t_value)
+    if t_flag in ("y", "n"):
+        return t_flag == "y"
+    # Appendix A.6: t=y stands for the old pct=0, t=n for pct=100 (see the module docstring).
+    return pct == 0
+
+
+def _uri_list(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    uris = (_SIZE_SUFFIX.sub("", uri.strip(" \t")) for uri in value.split(","))
+    return tuple(uri for uri in uris if _URI.fullmatch(uri))
+
+
+def _failure_options(value: str | None) -> str:
+    options = _lower(value).replace(" ", "").split(":")
+    if value is None or not all(len(o) == 1 and o in _FO_OPTIONS for o in options):
+        return "0"  # §4.7 default
+    return ":".join(options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Domains
+
+
+def _normalize(domain: str) -> str | None:
+    """Lower-case A-label form without the trailing dot, or None if it cannot be a DNS name."""
+    name = domain.strip()
+    name = name[:-1] if name.endswith(".") else name
+    labels = [_a_label(label) for label in name.split(".")]
+    if not name or any(label is None for label in labels):
+        return None
+    result = ".".join(label for label in labels if label is not None)
+    return result if len(result) <= MAX_DOMAIN_LENGTH else None
+
+
+def _a_label(label: str) -> str | None:
+    if not label.isascii():
+        try:
+            label = label.encode("idna").decode("ascii")  # §5.3.1: U-label -> A-label
+        except UnicodeError:
+            return None
+    valid = 0 < len(label) <= MAX_LABEL_LENGTH and label.isprintable() and " " not in label
+    return label.lower() if valid else None
+
+
+def _is_within(domain: str, ancestor: str) -> bool:
+    return domain == ancestor or domain.endswith("." + ancestor)
+
+
+# ---------------------------------------------------------------------------------------------
+# DNS: one name's DMARC record, the tree walk (§4.10), the Organizational Domain (§4.10.2)
+
+
+@dataclass(frozen=True)
+class _Found:
+    domain: str
+    record: DmarcRecord
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What a tree walk found (longest name first), or why it could not finish."""
+
+    found: tuple[_Found, ...] = ()
+    tempfail: str = ""
+
+    def record_at(self, domain: str) -> DmarcRecord | None:
+        return next((f.record for f in self.found if f.domain == domain), None)
+
+
+class _TempFail(Exception):
+    """A lookup could not complete; carries the reason. Never leaves this module."""
+
+
+def _lookup_record(domain: str, resolver: Resolver) -> DmarcRecord | None:
+    """The single DMARC record at ``_dmarc.<domain>``, or None (none, or several: §4.10 step 2)."""
+    answer = resolver.txt(f"_dmarc.{domain}")
+    if answer.status is DnsStatus.TEMPFAIL:
+        raise _TempFail(f"DNS lookup of _dmarc.{domain} failed: {answer.reason or 'temporary error'}")
+    if answer.status is not DnsStatus.OK:
+        return None
+    records = [r for r in (parse_dmarc_record(t) for t in answer.texts) if r is not None]
+    return records[0] if len(records) == 1 else None
+
+
+def _walk_targets(domain: str, max_queries: int) -> list[str]:
+    """The names a tree walk queries, §4.10 steps 1-7: the name itself, then at most
+    ``max_queries - 1`` labels (7 for the RFC's 8), then one label fewer each time."""
+    labels = domain.split(".")
+    next_length = min(len(labels) - 1, max_queries - 1)
+    return [domain] + [".".join(labels[-n:]) for n in range(next_length, 0, -1)]
+
+
+def _tree_walk(domain: str, resolver: Resolver, max_queries: int) -> _Walk:
+    found: list[_Found] = []
+    for target in _walk_targets(domain, max_queries):
+        try:
+            record = _lookup_record(target, resolver)
+        except _TempFail as e:
+            return _Walk(tuple(found), tempfail=str(e))
+        if record is not None:
+            found.append(_Found(target, record))
+            if record.psd in ("y", "n"):  # §4.10 steps 2 and 6: stop
+                break
+    return _Walk(tuple(found))
+
+
+def _org_from_walk(start: str, walk: _Walk) -> str:
+    """§4.10.2: select the Organizational Domain from the records a walk from ``start`` found."""
+    for found in walk.found:  # longest name first
+        if found.record.psd == "n":
+            return found.domain
+        if found.record.psd == "y" and found.domain != start:
+            return ".".join(start.split(".")[-(found.domain.count(".") + 2) :])
+    if walk.found:
+        return walk.found[-1].domain  # the record at the name with the fewest labels
+    return start  # "If this process does not determine the Organizational Domain..."
+
+
+@lru_cache(maxsize=8)
+def _public_suffix_list(psl_file: str | None) -> PublicSuffixList:
+    # Loaded once per file and process; config.py may call organizational_domain() at start-up
+    # to read (and check) a pinned list before the first message.
+    if psl_file is None:
+        return PublicSuffixList()
+    with open(psl_file, encoding="utf-8") as source:
+        return PublicSuffixList(source)
+
+
+def _psl_org(domain: str, settings: DmarcSettings) -> str:
+    registrable = _public_suffix_list(settings.psl_file).privatesuffix(domain)
+    return registrable.lower() if isinstance(registrable, str) else domain
+
+
+class _OrgDomains:
+    """Organizational Domains for one evaluation, each walk or PSL lookup done once."""
+
+    def __init__(self, resolver: Resolver, settings: DmarcSettings) -> None:
+        self._resolver = resolver
+        self._settings = settings
+        self._known: dict[str, str] = {}
+
+    def remember(self, domain: str, org: str) -> None:
+        self._known[domain] = org
+
+    def of(self, domain: str) -> str:
+        """Raises _TempFail when a walk could not finish."""
+        if domain not in self._known:
+            if self._settings.org_domain == "psl":
+                self._known[domain] = _psl_org(domain, self._settings)
+            else:
+                walk = _tree_walk(domain, self._resolver, self._settings.max_tree_walk)
+                if walk.tempfail:
+                    raise _TempFail(walk.tempfail)
+                self._known[domain] = _org_from_walk(domain, walk)
+        return self._known[domain]
+
+
+def organizational_domain(domain: str, resolver: Resolver, settings: DmarcSettings) -> str:
+    """The Organizational Domain of ``domain``.
+
+    Args:
+        domain: any domain name (U-labels, upper case and a trailing dot are accepted).
+        resolver: asked for ``_dmarc`` records in tree-walk mode (RFC 9989 §4.10.2).
+        settings: ``org_domain`` picks the tree walk or the Public Suffix List (RFC 7489 §3.2).
+
+    Returns:
+        The Organizational Domain in lower-case A-label form. A name the walk or the list cannot
+        place (a public suffix itself, or a walk that ended in a DNS error) is its own
+        Organizational Domain; "" when ``domain`` cannot be a DNS name.
+    """
+    name = _normalize(domain)
+    if name is None:
+        return ""
+    try:
+        return _OrgDomains(resolver, settings).of(name)
+    except _TempFail:
+        return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy discovery (§4.10.1; RFC 7489 §6.6.3 in psl mode)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    record: DmarcRecord
+    policy_domain: str
+    org_domain: str
+
+
+def _discover(author: str, resolver: Resolver, settings: DmarcSettings, orgs: _OrgDomains) -> _Policy | None:
+    """The record that applies to ``author`` and where it was found; raises _TempFail."""
+    if settings.org_domain == "psl":
+        return _discover_psl(author, resolver, orgs)
+    walk = _tree_walk(author, resolver, settings.max_tree_walk)
+    if walk.tempfail:
+        raise _TempFail(walk.tempfail)
+    org = _org_from_walk(author, walk)
+    orgs.remember(author, org)
+    # §4.10.1: the Author Domain's record, else the Organizational Domain's, else the PSD's.
+    for domain in (author, org):
+        record = walk.record_at(domain)
+        if record is not None:
+            return _Policy(record, domain, org)
+    psd = next((f for f in walk.found if f.record.psd == "y"), None)
+    return _Policy(psd.record, psd.domain, org) if psd is not None else None
+
+
+def _discover_psl(author: str, resolver: Resolver, orgs: _OrgDomains) -> _Policy | None:
+    org = orgs.of(author)
+    for domain in dict.fromkeys((author, org)):  # RFC 7489 §6.6.3 steps 1-3
+        record = _lookup_record(domain, resolver)
+        if record is not None:
+            return _Policy(record, domain, org)
+    return None
+
+
+def _author_exists(author: str, resolver: Resolver) -> bool:
+    """Appendix A.4 / RFC 8020: the name exists unless A, AAAA and MX all say NXDOMAIN."""
+    for rdtype in _EXISTENCE_TYPES:
+        answer = resolver.query(author, rdtype)
+        if answer.status is DnsStatus.TEMPFAIL:
+            raise _TempFail(f"DNS lookup of {author}/{rdtype} failed: {answer.reason or 'temporary error'}")
+        if answer.status is not DnsStatus.NXDOMAIN:
+            return True
+    return False
+
+
+def _existing_subdomain_policy(record: DmarcRecord, policy: Disposition) -> tuple[Disposition, str]:
+    # §4.7 sp: "If both the sp tag is absent, and the np tag is either absent or not applicable,
+    # the policy specified by the p tag MUST be applied for subdomains."
+    return (record.subdomain_policy, "sp") if record.subdomain_policy else (policy, "p")
+
+
+def _applicable_policy(
+    author: str, found: _Policy, policy: Disposition, resolver: Resolver
+) -> tuple[Disposition, str]:
+    """§4.10.1: p for the Author Domain's own record; sp (existing) or np (non-existent) for a
+    record found above it, each falling back as §4.7 says. Raises _TempFail."""
+    if found.policy_domain == author:
+        return policy, "p"
+    existing = _existing_subdomain_policy(found.record, policy)
+    np = found.record.nonexistent_policy
+    if np is None or np == existing[0] or _author_exists(author, resolver):
+        return existing
+    return np, "np"
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment (§4.4, §4.10.2)
+
+
+def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: _OrgDomains) -> bool:
+    """Raises _TempFail when the identifier's Organizational Domain could not be found."""
+    if identifier == author:
+        return True
+    if strict or not _is_within(identifier, author_org):
+        # An Organizational Domain is the name itself or a parent, so an identifier outside the
+        # Author's Organizational Domain cannot share it: no walk needed.
+        return False
+    return orgs.of(identifier) == author_org
+
+
+@dataclass(frozen=True)
+class _Alignment:
+    spf: bool
+    dkim: bool
+    unknown: str  # why an alignment check could not finish ("" when every check finished)
+    reason: str
+
+
+def _spf_identifier(spf: SpfResult | None) -> str | None:
+    # §3.2 (SPF Domain), §4.4.2: only a passing MAIL FROM check gives an identifier.
+    if spf is None or spf.result is not AuthResult.PASS or spf.scope is not SpfScope.MFROM:
+        return None
+    return _normalize(spf.domain)
+
+
+def _check_alignment(
+    author: str,
+    found: _Policy,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    orgs: _OrgDomains,
+) -> _Alignment:
+    record, unknown, notes = found.record, "", []
+
+    def check(identifier: str, strict: bool) -> bool:
+        nonlocal unknown
+        try:
+            return _aligned(identifier, author, strict, found.org_domain, orgs)
+        except _TempFail as e:
+            unknown = unknown or str(e)
+            return False
+
+    spf_domain = _spf_identifier(spf)
+    spf_ok = spf_domain is not None and check(spf_domain, record.aspf_strict)
+    if spf is None:
+        notes.append("no spf result")
+    elif spf_domain is None:
+        notes.append(f"spf={spf.result} for {spf.domain or 'no domain'}")
+    elif not spf_ok:
+        notes.append(f"spf=pass for {spf_domain} not aligned with {author}")
+    dkim_ok = False
+    for signature in dkim[:MAX_SIGNATURES_CHECKED]:
+        d = _normalize(signature.domain) if signature.result is AuthResult.PASS else None
+        if d is not None and check(d, record.adkim_strict):
+            dkim_ok = True
+            break
+        notes.append(_dkim_note(signature, d, author))
+    if not dkim:
+        notes.append("no dkim signature")
+    mode = f"aspf={'s' if record.aspf_strict else 'r'}, adkim={'s' if record.adkim_strict else 'r'}"
+    return _Alignment(spf_ok, dkim_ok, unknown, f"no aligned SPF or DKIM ({mode}): " + ", ".join(notes))
+
+
+def _dkim_note(signature: DkimResult, domain: str | None, author: str) -> str:
+    if signature.result is not AuthResult.PASS:
+        return f"dkim={signature.result} for d={signature.domain or '?'}"
+    return f"dkim d={domain or signature.domain or '?'} not aligned with {author}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def from_header_error(reason: str) -> DmarcVerdict:
+    """The verdict for a message whose From gives no usable Author Domain (RFC 9989 §5.3.1).
+
+    evaluate_dmarc() returns it too, for a From domain that is not a domain name and for a From
+    with more Author Domains than it evaluates.
+
+    Args:
+        reason: what is wrong (no From, several From fields, an address without a domain...).
+
+    Returns:
+        A ``permerror`` verdict with disposition none and no ``from_domain``.
+    """
+    return DmarcVerdict(result=AuthResult.PERMERROR, reason=reason)
+
+
+def evaluate_dmarc(
+    from_domains: Sequence[str],
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    resolver: Resolver,
+    settings: DmarcSettings,
+) -> DmarcVerdict:
+    """Evaluate DMARC for a message (RFC 9989 §5.3).
+
+    Args:
+        from_domains: the RFC5322.From domains (several for a multi-mailbox From).
+        spf: the MAIL FROM SPF result, if SPF ran.
+        dkim: one result per DKIM-Signature.
+        resolver: the shared resolver.
+        settings: the DMARC settings.
+
+    Returns:
+        The verdict of the strictest Author Domain, with ``from_domains`` listing all of them.
+    """
+    domains = tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+    if not domains:
+        return from_header_error("no RFC5322.From domain")
+    verdicts = [_evaluate_one(d, spf, dkim, resolver, settings) for d in domains[:MAX_AUTHOR_DOMAINS]]
+    worst = max(verdicts, key=_severity)
+    if len(domains) > MAX_AUTHOR_DOMAINS and worst.result is not AuthResult.FAIL:
+        # §11.5: "If not all Author Domains are processed, then the DMARC evaluation is incomplete."
+        worst = from_header_error(f"more than {MAX_AUTHOR_DOMAINS} From domains; evaluation incomplete")
+    return replace(worst, from_domains=domains)
+
+
+def _severity(verdict: DmarcVerdict) -> int:
+    """Order for several From domains (§11.5: "apply the most strict policy"): a reject or a
+    quarantine first, then a result we could not finish, then the rest. A pass or none only
+    stands for the message when every domain got it, so it ranks lowest."""
+    if verdict.disposition is not Disposition.NONE:
+        return 10 if verdict.disposition is Disposition.REJECT else 9
+    return {
+        AuthResult.TEMPERROR: 8,
+        AuthResult.FAIL: 7,
+        AuthResult.PERMERROR: 6,
+        AuthResult.NONE: 5,
+        AuthResult.PASS: 4,
+    }.get(verdict.result, 0)
+
+
+def _evaluate_one(
+    author: str,
+    spf: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    resolver: Resolver,
+    settings: DmarcSettings,
+) -> DmarcVerdict:
+    if _normalize(author) != author:
+        return from_header_error(f"From domain {author!r} is not a domain name")
+    orgs = _OrgDomains(resolver, settings)
+    base = DmarcVerdict(AuthResult.NONE, from_domain=author)
+    try:
+        found = _discover(author, resolver, settings, orgs)
+    except _TempFail as e:
+        return replace(base, result=AuthResult.TEMPERROR, reason=str(e))
+    if found is None:
+        # §4.10.1: no record -> "Mail Receivers MUST NOT apply the DMARC mechanism".
+        return replace(base, org_domain=_own_org(author, orgs), reason=f"no DMARC record for {author}")
+    base = replace(base, policy_domain=found.policy_domain, org_domain=found.org_domain, record=found.record)
+    if found.record.policy is None:
+        return replace(
+            base,
+            reason=f"record at _dmarc.{found.policy_domain} has no valid p= and no rua= "
+            "(RFC 9989 §4.10.1): not applied",
+        )
+    alignment = _check_alignment(author, found, spf, dkim, orgs)
+    return _apply(author, found, found.record.policy, base, alignment, resolver)
+
+
+def _own_org(author: str, orgs: _OrgDomains) -> str:
+    try:
+        return orgs.of(author)
+    except _TempFail:
+        return author
+
+
+def _apply(
+    author: str,
+    found: _Policy,
+    published: Disposition,
+    base: DmarcVerdict,
+    alignment: _Alignment,
+    resolver: Resolver,
+) -> DmarcVerdict:
+    passed = alignment.spf or alignment.dkim
+    aligned = replace(base, spf_aligned=alignment.spf, dkim_aligned=alignment.dkim)
+    try:
+        policy, tag = _applicable_policy(author, found, published, resolver)
+    except _TempFail as e:
+        if not passed:
+            return replace(aligned, result=AuthResult.TEMPERROR, reason=str(e))
+        # A pass does not depend on which policy applies; report the one for an existing domain.
+        policy, tag = _existing_subdomain_policy(found.record, published)
+    source = f"{tag}={policy} at _dmarc.{found.policy_domain}"
+    if passed:
+        via = " and ".join(name for name, ok in (("SPF", alignment.spf), ("DKIM", alignment.dkim)) if ok)
+        return replace(aligned, result=AuthResult.PASS, policy=policy, reason=f"aligned {via} ({source})")
+    if alignment.unknown:
+        return replace(aligned, result=AuthResult.TEMPERROR, policy=policy, reason=alignment.unknown)
+    disposition = _ONE_LEVEL_DOWN[policy] if found.record.testing else policy
+    testing = f"; t=y, so {disposition}" if found.record.testing and policy is not Disposition.NONE else ""
+    return replace(
+        aligned,
+        result=AuthResult.FAIL,
+        policy=policy,
+        disposition=disposition,
+        reason=f"{alignment.reason} ({source}{testing})",
+    )
