@@ -1,0 +1,401 @@
+"""DKIM verification (RFC 6376 §6, RFC 8301, RFC 8463): one :class:`DkimResult` per DKIM-Signature.
+
+dkimpy does the canonicalization, hashing and the signature arithmetic; this module does the rest,
+because dkimpy's ``DKIM.verify()`` answers only True/False (or an exception), reads ``time.time()``
+inside and turns every key problem into False. So, per signature, in RFC 6376 §6.1 order:
+
+1. §6.1.1, validate the signature header: dkimpy's tag parser and ``validate_signature_fields``
+   (with ``t=``/``x=`` taken out and checked here against ``now``, so tests and replays can freeze
+   time without touching ``time.time``), plus the rules dkimpy skips: From must be signed, no
+   rsa-sha1 (RFC 8301 §3.1).
+2. §6.1.2, get the public key: through our :class:`~authmilter.resolver.Resolver` (not dkimpy's
+   ``dnsfunc``, which cannot tell NXDOMAIN from TEMPFAIL), then the key-record rules dkimpy skips
+   (``h=``, ``k=`` against ``a=``, ``s=``, revocation, ``t=s``, RFC 8301 §3.2 key size).
+3. §6.1.3, compute the verification: dkimpy's ``verify_sig_process`` on one ``dkim.DKIM`` object
+   parsed once for all signatures.
+
+Result words follow RFC 8601 §2.7.1. Nothing raises: an unexpected dkimpy exception is that
+signature's permerror, logged. Call :func:`authmilter.dkim_rsa.install` once at start for speed;
+without it the results are the same.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dkim
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from authmilter.model import AuthResult, DkimResult
+from authmilter.resolver import DnsStatus, Resolver
+
+logger = logging.getLogger(__name__)
+_dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
+
+# RFC 6376 §3.5 gives no tolerance for t=/x=. An x= is the signer's own limit on replays, so only
+# our clock's error is forgiven: five minutes, OpenDKIM's default ClockDrift. A future t= carries no
+# security weight (the RFC only says MAY ignore) and is mostly a signer clock or time zone set wrong,
+# so it gets dkimpy's ten hours ("leeway for mailers with inaccurate clocks").
+EXPIRY_CLOCK_SKEW = 300
+FUTURE_TIMESTAMP_SKEW = 36000
+# Reasons end up in Authentication-Results comments and logs; dkimpy's can quote whole b= values.
+MAX_REASON_LENGTH = 120
+
+# RFC 6376 §3.5: tags every signature MUST carry.
+_REQUIRED_TAGS = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+# RFC 6376 §3.6.1 k= values we can verify, by the a= prefix that uses them (RFC 8463 §3 for ed25519).
+_KEY_TYPES = (b"rsa", b"ed25519")
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    """How DKIM signatures are verified.
+
+    Attributes:
+        enabled: verify at all (off: no results, the pipeline writes nothing or ``none``).
+        max_signatures: signatures verified per message, in header order; the rest are reported as
+            ``policy`` (RFC 6376 §6.1 lets a verifier limit the work; RFC 8601 §2.7.1 ``policy``).
+        min_rsa_bits: RSA keys shorter than this fail (RFC 8301 §3.2: under 1024 MUST NOT pass).
+        timeout: seconds the whole message's verification may spend; signatures not started in
+            time are ``temperror``.
+    """
+
+    enabled: bool = True
+    max_signatures: int = 5
+    min_rsa_bits: int = 1024
+    timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_signatures < 0:
+            raise ValueError(f"max_signatures must be >= 0, not {self.max_signatures}")
+        if self.min_rsa_bits < 1024:
+            raise ValueError(f"min_rsa_bits must be >= 1024 (RFC 8301 §3.2), not {self.min_rsa_bits}")
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0, not {self.timeout}")
+
+
+class _Stop(Exception):
+    """Ends one signature's evaluation with a final result word and reason."""
+
+    def __init__(self, result: AuthResult, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class _Key:
+    """A usable public key: dkimpy's key object and what the key record says about it."""
+
+    pk: Any
+    bits: int
+    ktag: bytes
+    testing: bool
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "replace")
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_LENGTH else reason[: MAX_REASON_LENGTH - 3] + "..."
+
+
+def _lenient_tags(value: bytes) -> dict[bytes, bytes]:
+    """Tags of a signature that does not parse strictly, for naming it in a result.
+
+    A tag given twice is blanked: naming either value would attribute the signature on a guess.
+    """
+    tags: dict[bytes, bytes] = {}
+    for spec in value.split(b";"):
+        name, sep, tag_value = spec.partition(b"=")
+        if sep:
+            name = name.strip()
+            tags[name] = b"" if name in tags else tag_value.strip()
+    return tags
+
+
+def _result(
+    result: AuthResult, tags: dict[bytes, bytes], reason: str = "", testing: bool = False
+) -> DkimResult:
+    return DkimResult(
+        result=result,
+        domain=_text(tags.get(b"d", b"")).lower(),
+        selector=_text(tags.get(b"s", b"")),
+        algorithm=_text(tags.get(b"a", b"")),
+        reason=_short(reason),
+        # RFC 6008: header.b is a prefix of b= (FWS removed) long enough to tell signatures apart.
+        header_b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8]),
+        identity=_text(tags.get(b"i", b"")),
+        testing=testing,
+    )
+
+
+def _parse_signature(value: bytes) -> dict[bytes, bytes]:
+    """RFC 6376 §3.2 tag list of one DKIM-Signature; raises _Stop(permerror) when unreadable."""
+    try:
+        tags: dict[bytes, bytes] = parse_tag_value(value)
+    except InvalidTagValueList as e:
+        raise _Stop(AuthResult.PERMERROR, f"signature not parseable: {e!r}") from e
+    return tags
+
+
+def _check_signature(tags: dict[bytes, bytes], now: float) -> None:
+    """RFC 6376 §6.1.1 and RFC 8301 §3.1; raises _Stop for a signature that cannot pass."""
+    missing = [tag.decode() for tag in _REQUIRED_TAGS if tag not in tags]
+    if missing:
+        raise _Stop(AuthResult.PERMERROR, f"signature missing required tag {', '.join(missing)}=")
+    if b"i" in tags and b"@" not in tags[b"i"]:
+        raise _Stop(AuthResult.PERMERROR, "i= is not an identity (no @)")  # RFC 6376 §3.5 i=
+    try:
+        # dkimpy's checks for v=, a=, b=, bh=, d=, i=, l=, q=; t= and x= are ours (they read the clock).
+        dkim.validate_signature_fields({k: v for k, v in tags.items() if k not in (b"t", b"x")})
+    except dkim.ValidationError as e:
+        raise _Stop(AuthResult.PERMERROR, str(e)) from e
+    if tags[b"a"] == b"rsa-sha1":
+        # RFC 8301 §3.1: verifiers MUST NOT consider rsa-sha1 signatures valid.
+        raise _Stop(AuthResult.FAIL, "rsa-sha1 not accepted (RFC 8301)")
+    if b"from" not in _signed_header_names(tags):
+        # RFC 6376 §5.4 (From MUST be signed) and §6.1.1: PERMFAIL (From field not signed).
+        raise _Stop(AuthResult.PERMERROR, "From field not signed")
+    _check_times(tags, now)
+
+
+def _signed_header_names(tags: dict[bytes, bytes]) -> list[bytes]:
+    # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
+    return [name.lower() for name in re.split(rb"\s*:\s*", tags[b"h"].strip())]
+
+
+def _timestamp(tags: dict[bytes, bytes], tag: bytes) -> int | None:
+    value = tags.get(tag)
+    if value is None:
+        return None
+    if not re.fullmatch(rb"\d{1,12}", value):
+        raise _Stop(AuthResult.PERMERROR, f"{tag.decode()}= is not a timestamp")
+    return int(value)
+
+
+def _check_times(tags: dict[bytes, bytes], now: float) -> None:
+    signed_at = _timestamp(tags, b"t")
+    expires_at = _timestamp(tags, b"x")
+    if signed_at is not None and expires_at is not None and expires_at <= signed_at:
+        # RFC 6376 §3.5 x=: "MUST be greater than the value of the t= tag if both are present".
+        raise _Stop(AuthResult.PERMERROR, "x= not after t=")
+    if signed_at is not None and signed_at > now + FUTURE_TIMESTAMP_SKEW:
+        # RFC 6376 §3.5 t=: verifiers MAY ignore signatures with a timestamp in the future; an
+        # ignored signature is PERMFAIL (§6.1), and it is not a verification failure: permerror.
+        raise _Stop(AuthResult.PERMERROR, "signature timestamp in the future")
+    if expires_at is not None and expires_at < now - EXPIRY_CLOCK_SKEW:
+        # RFC 6376 §3.5 x=: past it "the signature MUST be considered invalid" (§6.1.1 PERMFAIL).
+        raise _Stop(AuthResult.FAIL, "signature expired")
+
+
+def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> _Key:
+    """RFC 6376 §6.1.2: look up ``s._domainkey.d`` and pick a usable key record."""
+    name = f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}."
+    answer = resolver.txt(name)
+    if answer.status is DnsStatus.TEMPFAIL:
+        # §6.1.2 step 2: TEMPFAIL (key unavailable).
+        raise _Stop(AuthResult.TEMPERROR, f"key unavailable: {answer.reason or 'DNS error'}")
+    if not answer.texts:
+        # §6.1.2 step 3: PERMFAIL (no key for signature); NXDOMAIN and NODATA alike.
+        raise _Stop(AuthResult.PERMERROR, "no key record")
+    # §6.1.2 step 4: with several records a verifier may cycle through them; the first usable wins,
+    # otherwise the first record's problem is the answer.
+    first_problem: _Stop | None = None
+    for record in answer.texts:
+        try:
+            return _load_key(name, record, tags, settings)
+        except _Stop as problem:
+            first_problem = first_problem or problem
+    assert first_problem is not None
+    raise first_problem
+
+
+def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSettings) -> _Key:
+    """RFC 6376 §3.6.1 and §6.1.2 steps 5-8 for one key record; raises _Stop."""
+    try:
+        key_tags: dict[bytes, bytes] = parse_tag_value(record.encode("utf-8"))
+    except InvalidTagValueList as e:
+        raise _Stop(AuthResult.PERMERROR, f"key syntax error: {e!r}") from e
+    _check_key_tags(key_tags, tags)
+    # s= is checked above; dkimpy's own s= test knows no lists (s=email:tlsrpt) and, on one,
+    # leaves the key unset instead of failing, so it never sees the tag.
+    without_services = b"; ".join(k + b"=" + v for k, v in key_tags.items() if k != b"s")
+    try:
+        pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, without_services)
+    except (dkim.DKIMException, binascii.Error, ValueError, TypeError) as e:
+        # §6.1.2 step 5: PERMFAIL (key syntax error), e.g. bad base64 or not an RSA key.
+        raise _Stop(AuthResult.PERMERROR, f"key syntax error: {e}") from e
+    if ktag == b"rsa" and bits < settings.min_rsa_bits:
+        # RFC 8301 §3.2: signatures with RSA keys under 1024 bits MUST NOT be considered valid.
+        raise _Stop(AuthResult.FAIL, f"key too small: {bits} bits")
+    # §3.6.1 t=y: the domain is testing DKIM; the result stands, the flag is only reported.
+    return _Key(pk=pk, bits=bits, ktag=ktag, testing=b"y" in _colon_list(key_tags.get(b"t")))
+
+
+def _check_key_tags(key_tags: dict[bytes, bytes], tags: dict[bytes, bytes]) -> None:
+    if key_tags.get(b"v", b"DKIM1") != b"DKIM1":
+        raise _Stop(AuthResult.PERMERROR, "key syntax error: v= is not DKIM1")  # §6.1.2 step 5
+    key_type, _, hash_name = tags[b"a"].partition(b"-")
+    accepted_hashes = _colon_list(key_tags.get(b"h"))
+    if accepted_hashes and hash_name not in accepted_hashes:
+        raise _Stop(AuthResult.PERMERROR, "inappropriate hash algorithm")  # §6.1.2 step 6
+    if b"p" not in key_tags:
+        raise _Stop(AuthResult.PERMERROR, "key syntax error: no p=")
+    if not re.sub(rb"\s+", b"", key_tags[b"p"]):
+        # §6.1.2 step 7: an empty p= is a revoked key, which the verifier "MUST treat as a failed
+        # signature check": the signature is a fail, not an error in the message.
+        raise _Stop(AuthResult.FAIL, "key revoked")
+    key_kind = key_tags.get(b"k", b"rsa")
+    if key_kind not in _KEY_TYPES:
+        raise _Stop(AuthResult.PERMERROR, f"key syntax error: unknown k={_text(key_kind)}")
+    if key_kind != key_type:
+        raise _Stop(AuthResult.PERMERROR, "inappropriate key algorithm")  # §6.1.2 step 8
+    services = _colon_list(key_tags.get(b"s"))
+    if services and not services & {b"*", b"email"}:
+        # §3.6.1 s=: a key for other services only must not verify mail.
+        raise _Stop(AuthResult.PERMERROR, "key not for email")
+    if b"s" in _colon_list(key_tags.get(b"t")) and b"i" in tags:
+        # §3.6.1 t=s: the i= domain MUST equal d= exactly (no subdomains).
+        identity_domain = tags[b"i"].rpartition(b"@")[2]
+        if identity_domain.lower() != tags[b"d"].lower():
+            raise _Stop(AuthResult.PERMERROR, "domain mismatch: key has t=s and i= is a subdomain")
+
+
+def _colon_list(value: bytes | None) -> set[bytes]:
+    if value is None:
+        return set()
+    return {item.strip().lower() for item in value.split(b":") if item.strip()}
+
+
+def _compute(verifier: dkim.DKIM, header: tuple[bytes, bytes], tags: dict[bytes, bytes], key: _Key) -> str:
+    """RFC 6376 §6.1.3 with dkimpy; returns the reason to note on a pass, raises _Stop otherwise."""
+    verifier.pk, verifier.keysize, verifier.ktag = key.pk, key.bits, key.ktag
+    verifier.seqtlsrpt = False  # s= was checked in _check_key_tags
+    verifier.signature_fields = tags
+    verifier.domain, verifier.selector = tags[b"d"], tags[b"s"]
+    signed = _signed_header_names(tags)
+    verifier.include_headers = tuple(signed)
+    try:
+        valid = verifier.verify_sig_process(tags, signed, header, None)
+    except dkim.ValidationError as e:
+        # The only ValidationError left in verify_sig_process is the body hash comparison.
+        raise _Stop(AuthResult.FAIL, "body hash did not verify") from e
+    except dkim.MessageFormatError as e:
+        raise _Stop(AuthResult.PERMERROR, str(e)) from e
+    except dkim.KeyFormatError as e:
+        raise _Stop(AuthResult.PERMERROR, f"inappropriate key: {e}") from e
+    if not valid:
+        raise _Stop(AuthResult.FAIL, "signature did not verify")
+    return _body_length_note(verifier, tags)
+
+
+def _body_length_note(verifier: dkim.DKIM, tags: dict[bytes, bytes]) -> str:
+    """RFC 6376 §8.2: with l= only part of the body is signed; say so, it matters to a reader."""
+    if b"l" not in tags:
+        return ""
+    signed_length = int(tags[b"l"])
+    try:
+        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+    except InvalidCanonicalizationPolicyError as e:  # verify_sig_process accepted it already
+        raise _Stop(AuthResult.PERMERROR, f"invalid c= value: {e}") from e
+    body_length = len(policy.canonicalize_body(verifier.body))
+    if signed_length > body_length:
+        # §3.5 l=: the value "MUST NOT be larger than the actual number of octets" of the body.
+        raise _Stop(AuthResult.FAIL, f"l={signed_length} is longer than the body ({body_length})")
+    if signed_length == body_length:
+        return f"l={signed_length}, whole body signed"
+    return f"l={signed_length}, {body_length - signed_length} body octets unsigned"
+
+
+def _verify_one(
+    verifier: dkim.DKIM,
+    header: tuple[bytes, bytes],
+    resolver: Resolver,
+    settings: DkimSettings,
+    now: float,
+) -> DkimResult:
+    tags = _lenient_tags(header[1])
+    testing = False
+    try:
+        tags = _parse_signature(header[1])
+        _check_signature(tags, now)
+        key = _fetch_key(tags, resolver, settings)
+        testing = key.testing
+        note = _compute(verifier, header, tags, key)
+    except _Stop as stop:
+        return _result(stop.result, tags, stop.reason, testing)
+    except Exception as e:
+        # dkimpy on hostile input can raise nearly anything; it is this signature's problem only.
+        logger.warning("DKIM signature d=%r s=%r: unexpected %r", tags.get(b"d"), tags.get(b"s"), e)
+        return _result(AuthResult.PERMERROR, tags, f"verification error: {type(e).__name__}", testing)
+    return _result(AuthResult.PASS, tags, note, testing)
+
+
+def _signature_headers_of_unparseable(message: bytes) -> list[bytes]:
+    """DKIM-Signature values of a header section dkimpy refuses, read line by line."""
+    values: list[bytes] = []
+    in_signature = False
+    for line in re.split(rb"\r?\n", message):
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t"):
+            if in_signature:
+                values[-1] += line + b"\r\n"
+            continue
+        name, colon, value = line.partition(b":")
+        in_signature = bool(colon) and name.strip().lower() == b"dkim-signature"
+        if in_signature:
+            values.append(value + b"\r\n")
+    return values
+
+
+def verify_dkim(
+    message: bytes, resolver: Resolver, settings: DkimSettings, now: float | None = None
+) -> tuple[DkimResult, ...]:
+    """Verify every DKIM-Signature of a message (RFC 6376 §6), in header order.
+
+    Args:
+        message: the whole message as received, headers, blank line, body; CRLF or bare LF.
+        resolver: where key records come from (RFC 6376 §3.6.2).
+        settings: limits and the minimum RSA key size.
+        now: the verification time in Unix seconds for ``t=``/``x=`` (default: the clock).
+
+    Returns:
+        One result per DKIM-Signature header field, top first; empty without any (the caller
+        writes ``dkim=none``, RFC 8601 §2.7.1) or when verification is disabled.
+    """
+    if not settings.enabled:
+        return ()
+    verify_time = time.time() if now is None else now
+    deadline = time.monotonic() + settings.timeout
+    try:
+        # dkimpy splits on CRLF or bare LF and rebuilds the body with CRLF (rfc822_parse).
+        verifier = dkim.DKIM(message, logger=_dkimpy_logger, minkey=settings.min_rsa_bits)
+    except Exception as e:
+        reason = f"message header not parseable: {e}"
+        return tuple(
+            _result(AuthResult.PERMERROR, _lenient_tags(value), reason)
+            for value in _signature_headers_of_unparseable(message)
+        )
+    signatures = [(name, value) for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    results = []
+    for index, header in enumerate(signatures):
+        if index >= settings.max_signatures:
+            reason = f"not checked: more than {settings.max_signatures} signatures"
+            results.append(_result(AuthResult.POLICY, _lenient_tags(header[1]), reason))
+        elif time.monotonic() > deadline:
+            reason = f"not checked: DKIM time limit of {settings.timeout:g}s reached"
+            results.append(_result(AuthResult.TEMPERROR, _lenient_tags(header[1]), reason))
+        else:
+            results.append(_verify_one(verifier, header, resolver, settings, verify_time))
+    for result in results:
+        logger.debug("dkim=%s d=%s s=%s (%s)", result.result, result.domain, result.selector, result.reason)
+    return tuple(results)

@@ -1,0 +1,209 @@
+"""dkim_rsa: OpenSSL-backed RSA gives exactly dkimpy's pure-Python results."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from collections.abc import Iterator
+
+import dkim
+import dkim.crypto
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from authmilter import dkim_rsa
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: hi\r\n"
+    b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n\r\nHello.\r\n"
+)
+FROZEN = 1_700_000_000.0
+
+
+def _pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+@pytest.fixture(scope="module", params=[2048, 1024], ids=["rsa2048", "rsa1024"])
+def key(request: pytest.FixtureRequest) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(65537, request.param)
+
+
+@pytest.fixture
+def pure_python(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """dkimpy as shipped, even if another test installed the adapter."""
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim_rsa.pure_python_verify)
+    yield
+
+
+@pytest.fixture
+def openssl(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The adapter installed; monkeypatch puts dkimpy back afterwards."""
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim.RSASSA_PKCS1_v1_5_verify)
+    dkim_rsa.install()
+    yield
+
+
+def _sign(pem: bytes, algorithm: bytes, canonicalize: tuple[bytes, bytes]) -> bytes:
+    return bytes(
+        dkim.sign(
+            MESSAGE, b"sel", b"example.org", pem, signature_algorithm=algorithm, canonicalize=canonicalize
+        )
+    )
+
+
+def _public_dict(key: rsa.RSAPrivateKey) -> dict[str, int]:
+    numbers = key.public_key().public_numbers()
+    return {"modulus": numbers.n, "publicExponent": numbers.e}
+
+
+def _private_dict(key: rsa.RSAPrivateKey) -> dict[str, int]:
+    return dict(dkim.crypto.parse_pem_private_key(_pem(key)))
+
+
+# --- install ---------------------------------------------------------------------------------
+
+
+def test_install_patches_dkimpy_once_and_leaves_dkim_crypto_alone(openssl: None) -> None:
+    assert dkim_rsa.installed()
+    dkim_rsa.install()  # idempotent
+    assert dkim.RSASSA_PKCS1_v1_5_sign is dkim_rsa.rsa_sign
+    assert dkim.RSASSA_PKCS1_v1_5_verify is dkim_rsa.rsa_verify
+    assert dkim.crypto.RSASSA_PKCS1_v1_5_sign is dkim_rsa.pure_python_sign
+
+
+def test_not_installed_means_pure_python(pure_python: None) -> None:
+    assert not dkim_rsa.installed()
+
+
+# --- byte-identical signatures ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithm", [b"rsa-sha256", b"rsa-sha1"])
+@pytest.mark.parametrize("canonicalize", [(b"relaxed", b"simple"), (b"simple", b"relaxed")])
+def test_signatures_are_byte_identical(
+    key: rsa.RSAPrivateKey,
+    algorithm: bytes,
+    canonicalize: tuple[bytes, bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: FROZEN)  # dkim.sign writes t= from the clock
+    pem = _pem(key)
+    with monkeypatch.context() as patch:
+        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
+        reference = _sign(pem, algorithm, canonicalize)
+    with monkeypatch.context() as patch:
+        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
+        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim.RSASSA_PKCS1_v1_5_verify)
+        dkim_rsa.install()
+        adapted = _sign(pem, algorithm, canonicalize)
+    assert adapted == reference
+    assert b"b=" in adapted and b"t=1700000000" in adapted
+
+
+def test_raw_signature_matches_for_both_hashes(key: rsa.RSAPrivateKey) -> None:
+    private = _private_dict(key)
+    for digest in (hashlib.sha256(b"data"), hashlib.sha1(b"data")):
+        assert dkim_rsa.rsa_sign(digest, private) == bytes(dkim_rsa.pure_python_sign(digest, private))
+
+
+def test_private_keys_are_cached_by_value(key: rsa.RSAPrivateKey) -> None:
+    # dkimpy parses the PEM anew for every message: a fresh dict must still hit the cache.
+    first, second = _private_dict(key), _private_dict(key)
+    assert first is not second
+    dkim_rsa.rsa_sign(hashlib.sha256(b"x"), first)
+    hits = dkim_rsa._private_key.cache_info().hits
+    dkim_rsa.rsa_sign(hashlib.sha256(b"x"), second)
+    assert dkim_rsa._private_key.cache_info().hits == hits + 1
+
+
+def test_inconsistent_private_key_signs_like_dkimpy(key: rsa.RSAPrivateKey) -> None:
+    broken = _private_dict(key) | {"privateExponent": 12345}  # OpenSSL refuses it; dkimpy uses the CRT parts
+    digest = hashlib.sha256(b"data")
+    assert dkim_rsa.rsa_sign(digest, broken) == bytes(dkim_rsa.pure_python_sign(digest, broken))
+
+
+# --- verification agrees ---------------------------------------------------------------------
+
+
+def _signed_digest(key: rsa.RSAPrivateKey) -> tuple[bytes, dict[str, int]]:
+    return bytes(dkim_rsa.pure_python_sign(hashlib.sha256(b"payload"), _private_dict(key))), _public_dict(key)
+
+
+def _both(digest_data: bytes, signature: bytes, public: dict[str, int]) -> tuple[bool, bool]:
+    digest = hashlib.sha256(digest_data)
+    return (
+        dkim_rsa.rsa_verify(digest, signature, public),
+        bool(dkim_rsa.pure_python_verify(hashlib.sha256(digest_data), signature, public)),
+    )
+
+
+def test_verify_accepts_and_rejects_like_dkimpy(key: rsa.RSAPrivateKey) -> None:
+    signature, public = _signed_digest(key)
+    assert _both(b"payload", signature, public) == (True, True)
+    assert _both(b"payloaD", signature, public) == (False, False)
+    flipped = bytes([signature[0] ^ 1]) + signature[1:]
+    assert _both(b"payload", flipped, public) == (False, False)
+    other = _public_dict(rsa.generate_private_key(65537, 1024))
+    assert _both(b"payload", signature, other) == (False, False)
+
+
+def test_signature_without_its_leading_zero_octet_verifies_like_dkimpy(key: rsa.RSAPrivateKey) -> None:
+    # Find a message whose signature starts with 0x00 (1 in 256), then drop that octet.
+    private, public = _private_dict(key), _public_dict(key)
+    for counter in range(5000):
+        data = b"payload %d" % counter
+        signature = bytes(dkim_rsa.pure_python_sign(hashlib.sha256(data), private))
+        if signature[0] == 0:
+            assert _both(data, signature[1:], public) == (True, True)
+            return
+    pytest.fail("no signature with a leading zero octet in 5000 tries")
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [b"", b"\x00", b"not a signature", b"\xff" * 600],
+    ids=["empty", "zero", "short", "longer-than-modulus"],
+)
+def test_malformed_signature_is_false_not_an_exception(key: rsa.RSAPrivateKey, signature: bytes) -> None:
+    assert dkim_rsa.rsa_verify(hashlib.sha256(b"payload"), signature, _public_dict(key)) is False
+
+
+@pytest.mark.parametrize(
+    "public",
+    [
+        {"modulus": (1 << 2048) + 2, "publicExponent": 65537},
+        {"modulus": (1 << 2047) + 1, "publicExponent": 2},
+    ],
+    ids=["even-modulus", "even-exponent"],
+)
+def test_malformed_key_is_false_not_an_exception(key: rsa.RSAPrivateKey, public: dict[str, int]) -> None:
+    signature, _ = _signed_digest(key)
+    assert dkim_rsa.rsa_verify(hashlib.sha256(b"payload"), signature, public) is False
+
+
+def test_modulus_too_small_for_the_digest_raises_dkimpy_error() -> None:
+    tiny = {"modulus": (1 << 400) + 1, "publicExponent": 65537}
+    with pytest.raises(dkim.crypto.DigestTooLargeError):
+        dkim_rsa.pure_python_verify(hashlib.sha256(b"x"), b"\x01", tiny)
+    with pytest.raises(dkim.crypto.DigestTooLargeError):
+        dkim_rsa.rsa_verify(hashlib.sha256(b"x"), b"\x01", tiny)
+
+
+def test_dkim_verify_round_trip_through_the_adapter(key: rsa.RSAPrivateKey, openssl: None) -> None:
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    signed = _sign(_pem(key), b"rsa-sha256", (b"relaxed", b"relaxed")) + MESSAGE
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
+    assert not dkim.verify(signed.replace(b"Hello.", b"Hullo."), dnsfunc=lambda name, timeout=5: record)

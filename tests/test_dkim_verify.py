@@ -1,0 +1,569 @@
+"""verify_dkim: generated keys signed with dkimpy, keys served from zone files through our Resolver."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import dkim
+import dns.name
+import dns.rdatatype
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.canonicalization import CanonicalizationPolicy
+
+from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
+from authmilter.model import AuthResult, DkimResult
+from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
+
+DOMAIN = "example.org"
+NOW = 1_700_000_000
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: Bob <bob@example.net>\r\n"
+    b"Subject: quarterly numbers\r\n"
+    b"Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
+    b"Message-ID: <1@example.org>\r\n"
+    b"\r\n"
+    b"Hello Bob,\r\n"
+    b"the numbers are attached.\r\n"
+)
+SIGNED = (b"from", b"to", b"subject", b"date", b"message-id")
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _probably_prime(n: int) -> bool:
+    # Miller-Rabin with random bases: cryptography refuses to generate RSA keys under 1024 bits.
+    if n % 2 == 0:
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for _ in range(32):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _prime(bits: int) -> int:
+    while True:
+        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if (candidate - 1) % 65537 and _probably_prime(candidate):
+            return candidate
+
+
+def _small_rsa_key(bits: int) -> rsa.RSAPrivateKey:
+    p, q = _prime(bits // 2), _prime(bits // 2)
+    e = 65537
+    d = pow(e, -1, (p - 1) * (q - 1))
+    public = rsa.RSAPublicNumbers(e, p * q)
+    return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public).private_key()
+
+
+@dataclass(frozen=True)
+class Key:
+    algorithm: bytes  # the a= this key signs with
+    private: bytes  # what dkimpy's sign() takes
+    public_b64: str  # the p= value
+
+    @property
+    def record(self) -> str:
+        return f"v=DKIM1; k={self.algorithm.split(b'-')[0].decode()}; p={self.public_b64}"
+
+
+def rsa_key(private_key: rsa.RSAPrivateKey) -> Key:
+    pem = private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    der = private_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return Key(b"rsa-sha256", pem, base64.b64encode(der).decode())
+
+
+def ed25519_key() -> Key:
+    private_key = ed25519.Ed25519PrivateKey.generate()
+    seed = private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    public = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return Key(b"ed25519-sha256", base64.b64encode(seed), base64.b64encode(public).decode())
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, Key]:
+    return {
+        "rsa2048": rsa_key(rsa.generate_private_key(65537, 2048)),
+        "rsa1024": rsa_key(rsa.generate_private_key(65537, 1024)),
+        "rsa768": rsa_key(_small_rsa_key(768)),
+        "ed25519": ed25519_key(),
+    }
+
+
+# --- DNS -------------------------------------------------------------------------------------
+
+
+def _quoted(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    # RFC 1035 §3.3.14: one character-string holds at most 255 octets; RFC 6376 §3.6.2.2 joins them.
+    return " ".join(f'"{escaped[i : i + 200]}"' for i in range(0, len(escaped), 200)) or '""'
+
+
+def resolver_for(tmp_path: Path, records: Mapping[str, Sequence[str]]) -> Resolver:
+    """A Resolver over one zone file for DOMAIN holding the given TXT records (absolute names)."""
+    lines = [f"$ORIGIN {DOMAIN}.", "$TTL 300"]
+    for name, texts in records.items():
+        lines += [f"{name}. IN TXT {_quoted(text)}" for text in texts]
+    path = tmp_path / f"{DOMAIN}.zone"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return Resolver(ZoneFileSource([path]))
+
+
+def key_name(selector: str = "sel", domain: str = DOMAIN) -> str:
+    return f"{selector}._domainkey.{domain}"
+
+
+# --- signing ---------------------------------------------------------------------------------
+
+
+def sign(message: bytes, key: Key, selector: str = "sel", **kwargs: object) -> bytes:
+    """dkimpy's public signer; returns the signed message."""
+    signature = dkim.sign(
+        message,
+        selector.encode(),
+        DOMAIN.encode(),
+        key.private,
+        signature_algorithm=key.algorithm,
+        include_headers=list(SIGNED),
+        **kwargs,
+    )
+    return bytes(signature) + message
+
+
+def sign_with_tags(
+    message: bytes,
+    key: Key,
+    tags: Iterable[tuple[bytes, bytes]] = (),
+    headers: Sequence[bytes] = SIGNED,
+    algorithm: bytes | None = None,
+    selector: str = "sel",
+) -> bytes:
+    """A valid signature with tags dkim.sign() cannot write (x=, a future t=, h= without From).
+
+    Built on dkimpy's own DomainSigner.gen_header, the routine dkim.sign() ends in.
+    """
+    algorithm = algorithm or key.algorithm
+    signer = dkim.DKIM(message, signature_algorithm=algorithm)
+    policy = CanonicalizationPolicy.from_c_value(b"relaxed/simple")
+    signer.hasher = dkim.HASH_ALGORITHMS[algorithm]
+    body_hash = base64.b64encode(signer.hasher(policy.canonicalize_body(signer.body)).digest())
+    if algorithm.startswith(b"rsa"):
+        private = dkim.crypto.parse_pem_private_key(key.private)
+    else:
+        import nacl.encoding
+        import nacl.signing
+
+        private = nacl.signing.SigningKey(key.private, encoder=nacl.encoding.Base64Encoder)
+    fields = [
+        (b"v", b"1"),
+        (b"a", algorithm),
+        (b"c", b"relaxed/simple"),
+        (b"d", DOMAIN.encode()),
+        (b"s", selector.encode()),
+        *tags,
+        (b"h", b" : ".join(headers)),
+        (b"bh", body_hash),
+        (b"b", b"0" * 60),
+    ]
+    value = signer.gen_header(fields, list(headers), policy, b"DKIM-Signature", private)
+    return b"DKIM-Signature: " + bytes(value) + message
+
+
+def only(results: tuple[DkimResult, ...]) -> DkimResult:
+    assert len(results) == 1, results
+    return results[0]
+
+
+SETTINGS = DkimSettings()
+
+
+# --- passing signatures ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rsa2048", "rsa1024", "ed25519"])
+def test_signature_passes_and_is_described(tmp_path: Path, keys: dict[str, Key], name: str) -> None:
+    key = keys[name]
+    signed = sign(MESSAGE, key, identity=b"alice@" + DOMAIN.encode())
+    resolver = resolver_for(tmp_path, {key_name(): [key.record]})
+    result = only(verify_dkim(signed, resolver, SETTINGS))
+    b_value = dkim.util.parse_tag_value(signed.split(b"\r\n\r\n")[0].split(b"DKIM-Signature:")[1])[b"b"]
+    assert result == DkimResult(
+        result=AuthResult.PASS,
+        domain=DOMAIN,
+        selector="sel",
+        algorithm=key.algorithm.decode(),
+        reason="",
+        header_b=b"".join(b_value.split())[:8].decode(),
+        identity="alice@example.org",
+        testing=False,
+    )
+
+
+def test_bare_lf_message_verifies_like_crlf(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"])
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    assert only(verify_dkim(signed.replace(b"\r\n", b"\n"), resolver, SETTINGS)).result is AuthResult.PASS
+
+
+def test_each_signature_gets_its_own_result_in_header_order(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(sign(MESSAGE, keys["ed25519"], selector="ed"), keys["rsa2048"], selector="rsa")
+    tampered_rsa_key = keys["rsa1024"].record  # a different key: the rsa signature fails
+    resolver = resolver_for(
+        tmp_path, {key_name("ed"): [keys["ed25519"].record], key_name("rsa"): [tampered_rsa_key]}
+    )
+    results = verify_dkim(signed, resolver, SETTINGS)
+    assert [(r.selector, r.result) for r in results] == [("rsa", AuthResult.FAIL), ("ed", AuthResult.PASS)]
+
+
+# --- failures in the message -----------------------------------------------------------------
+
+
+def test_tampered_body_fails(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"]).replace(b"numbers are", b"numbers were")
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    result = only(verify_dkim(signed, resolver, SETTINGS))
+    assert (result.result, result.reason) == (AuthResult.FAIL, "body hash did not verify")
+
+
+@pytest.mark.parametrize("name", ["rsa2048", "ed25519"])
+def test_tampered_header_fails(tmp_path: Path, keys: dict[str, Key], name: str) -> None:
+    signed = sign(MESSAGE, keys[name]).replace(b"Subject: quarterly", b"Subject: monthly")
+    resolver = resolver_for(tmp_path, {key_name(): [keys[name].record]})
+    result = only(verify_dkim(signed, resolver, SETTINGS))
+    assert (result.result, result.reason) == (AuthResult.FAIL, "signature did not verify")
+
+
+def test_added_from_header_fails(tmp_path: Path, keys: dict[str, Key]) -> None:
+    # A second From (not covered by the signature) must not ride along (dkimpy bug 644046).
+    signed = sign(MESSAGE, keys["rsa2048"]).replace(b"To: Bob", b"From: mallory@example.com\r\nTo: Bob")
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    assert only(verify_dkim(signed, resolver, SETTINGS)).result is AuthResult.FAIL
+
+
+def test_rsa_sha1_fails_even_when_the_signature_is_good(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign_with_tags(MESSAGE, keys["rsa2048"], algorithm=b"rsa-sha1")
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: keys["rsa2048"].record.encode())
+    result = only(verify_dkim(signed, resolver, SETTINGS))
+    assert result.result is AuthResult.FAIL and "RFC 8301" in result.reason
+    assert result.algorithm == "rsa-sha1"
+
+
+def test_rsa_768_key_fails_as_too_small(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa768"])
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa768"].record]})
+    result = only(verify_dkim(signed, resolver, SETTINGS))
+    assert (result.result, result.reason) == (AuthResult.FAIL, "key too small: 768 bits")
+
+
+def test_min_rsa_bits_setting_rejects_1024(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa1024"])
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa1024"].record]})
+    result = only(verify_dkim(signed, resolver, DkimSettings(min_rsa_bits=2048)))
+    assert (result.result, result.reason) == (AuthResult.FAIL, "key too small: 1024 bits")
+
+
+# --- time ------------------------------------------------------------------------------------
+
+
+def test_expiry_follows_now_not_the_clock(
+    tmp_path: Path, keys: dict[str, Key], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tags = [(b"t", str(NOW).encode()), (b"x", str(NOW + 3600).encode())]
+    signed = sign_with_tags(MESSAGE, keys["rsa2048"], tags)
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    monkeypatch.setattr(time, "time", lambda: 4_000_000_000.0)  # far past x=: must not matter
+    assert only(verify_dkim(signed, resolver, SETTINGS, now=NOW + 60)).result is AuthResult.PASS
+    expired = only(verify_dkim(signed, resolver, SETTINGS, now=NOW + 2 * 3600))
+    assert (expired.result, expired.reason) == (AuthResult.FAIL, "signature expired")
+
+
+def test_x_before_t_is_a_permerror(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign_with_tags(
+        MESSAGE, keys["rsa2048"], [(b"t", str(NOW).encode()), (b"x", str(NOW - 1).encode())]
+    )
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    assert only(verify_dkim(signed, resolver, SETTINGS, now=NOW)).result is AuthResult.PERMERROR
+
+
+def test_timestamp_in_the_future(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign_with_tags(MESSAGE, keys["rsa2048"], [(b"t", str(NOW).encode())])
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    within = only(verify_dkim(signed, resolver, SETTINGS, now=NOW - FUTURE_TIMESTAMP_SKEW + 10))
+    assert within.result is AuthResult.PASS
+    beyond = only(verify_dkim(signed, resolver, SETTINGS, now=NOW - FUTURE_TIMESTAMP_SKEW - 10))
+    assert (beyond.result, beyond.reason) == (AuthResult.PERMERROR, "signature timestamp in the future")
+
+
+# --- malformed signatures --------------------------------------------------------------------
+
+
+def test_from_not_signed_is_a_permerror(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign_with_tags(MESSAGE, keys["rsa2048"], headers=(b"to", b"subject", b"date"))
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: keys["rsa2048"].record.encode())
+    result = only(verify_dkim(signed, resolver, SETTINGS))
+    assert (result.result, result.reason) == (AuthResult.PERMERROR, "From field not signed")
+
+
+@pytest.mark.parametrize(
+    ("header", "domain", "selector"),
+    [
+        (b"DKIM-Signature: this is not a tag list\r\n", "", ""),
+        (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; d=evil.example\r\n", "", "sel"),
+        (
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=Example.ORG; s=sel; h=from; bh=AAAA\r\n",
+            "example.org",
+            "sel",
+        ),
+        (
+            b"DKIM-Signature: v=2; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AAAA; b=AAAA\r\n",
+            "example.org",
+            "sel",
+        ),
+        (
+            b"DKIM-Signature: v=1; a=rsa-md5; d=example.org; s=sel; h=from; bh=AAAA; b=AAAA\r\n",
+            "example.org",
+            "sel",
+        ),
+        (
+            b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AA; b=AAAA\r\n",
+            "example.org",
+            "sel",
+        ),
+    ],
+    ids=["garbage", "duplicate-tag", "missing-b", "version-2", "unknown-algorithm", "bad-base64-bh"],
+)
+def test_malformed_signature_is_a_permerror(
+    tmp_path: Path, header: bytes, domain: str, selector: str
+) -> None:
+    resolver = resolver_for(tmp_path, {})
+    result = only(verify_dkim(header + MESSAGE, resolver, SETTINGS))
+    assert (result.result, result.domain, result.selector) == (AuthResult.PERMERROR, domain, selector)
+    assert result.reason
+
+
+def test_identity_outside_d_is_a_permerror(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign_with_tags(MESSAGE, keys["rsa2048"], [(b"i", b"alice@example.com")])
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    assert only(verify_dkim(signed, resolver, SETTINGS)).result is AuthResult.PERMERROR
+
+
+# --- key records -----------------------------------------------------------------------------
+
+
+class StubSource:
+    """A DnsSource answering every query the same way (TEMPFAIL cannot be written in a zone file)."""
+
+    def __init__(self, answer: DnsAnswer, delay: float = 0.0) -> None:
+        self.answer = answer
+        self.delay = delay
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        time.sleep(self.delay)
+        return self.answer
+
+
+def test_dns_tempfail_is_a_temperror(keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"])
+    result = only(verify_dkim(signed, Resolver(StubSource(tempfail("SERVFAIL"))), SETTINGS))
+    assert (result.result, result.reason) == (AuthResult.TEMPERROR, "key unavailable: SERVFAIL")
+
+
+def test_no_key_record_is_a_permerror(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"])
+    # NXDOMAIN: the selector does not exist; NODATA: a name below it exists, so it has no TXT.
+    for records in ({}, {"deeper." + key_name(): ["v=DKIM1; p=AAAA"]}):
+        result = only(verify_dkim(signed, resolver_for(tmp_path, records), SETTINGS))
+        assert (result.result, result.reason) == (AuthResult.PERMERROR, "no key record")
+
+
+@pytest.mark.parametrize(
+    ("record", "result", "reason"),
+    [
+        ("v=DKIM1; k=rsa; p=not!!base64=", AuthResult.PERMERROR, "key syntax error"),
+        ("v=DKIM1; k=rsa; p=QUJD", AuthResult.PERMERROR, "key syntax error"),
+        ("v=DKIM1; k=rsa; p=", AuthResult.FAIL, "key revoked"),
+        ("v=DKIM2; k=rsa; p={p}", AuthResult.PERMERROR, "key syntax error: v= is not DKIM1"),
+        ("v=DKIM1; k=rsa", AuthResult.PERMERROR, "key syntax error: no p="),
+        ("v=DKIM1; k=dsa; p={p}", AuthResult.PERMERROR, "key syntax error: unknown k=dsa"),
+        ("v=DKIM1; k=ed25519; p={p}", AuthResult.PERMERROR, "inappropriate key algorithm"),
+        ("v=DKIM1; h=sha1; k=rsa; p={p}", AuthResult.PERMERROR, "inappropriate hash algorithm"),
+        ("v=DKIM1; s=tlsrpt; k=rsa; p={p}", AuthResult.PERMERROR, "key not for email"),
+        ("v=DKIM1 k=rsa p={p}", AuthResult.PERMERROR, "key syntax error"),
+        ("v=DKIM1; h=sha1:sha256; s=email:tlsrpt; k=rsa; p={p}", AuthResult.PASS, ""),
+    ],
+    ids=[
+        "bad-base64",
+        "not-a-key",
+        "revoked",
+        "version",
+        "no-p",
+        "unknown-k",
+        "k-mismatch",
+        "h-mismatch",
+        "service",
+        "no-separators",
+        "lists-accepted",
+    ],
+)
+def test_key_record_problems(
+    tmp_path: Path, keys: dict[str, Key], record: str, result: AuthResult, reason: str
+) -> None:
+    key = keys["rsa2048"]
+    signed = sign(MESSAGE, key)
+    resolver = resolver_for(tmp_path, {key_name(): [record.format(p=key.public_b64)]})
+    got = only(verify_dkim(signed, resolver, SETTINGS))
+    assert got.result is result
+    assert got.reason.startswith(reason)
+
+
+def test_first_usable_key_record_wins(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"])
+    resolver = resolver_for(tmp_path, {key_name(): ["v=DKIM1; k=rsa; p=QUJD", keys["rsa2048"].record]})
+    assert only(verify_dkim(signed, resolver, SETTINGS)).result is AuthResult.PASS
+
+
+def test_testing_flag_is_reported_and_the_result_stands(tmp_path: Path, keys: dict[str, Key]) -> None:
+    key = keys["rsa2048"]
+    signed = sign(MESSAGE, key)
+    plain = only(verify_dkim(signed, resolver_for(tmp_path, {key_name(): [key.record]}), SETTINGS))
+    testing = resolver_for(tmp_path, {key_name(): [f"v=DKIM1; t=y; p={key.public_b64}"]})
+    flagged = only(verify_dkim(signed, testing, SETTINGS))
+    assert (plain.result, plain.testing) == (AuthResult.PASS, False)
+    assert (flagged.result, flagged.testing) == (AuthResult.PASS, True)
+    bad = only(verify_dkim(signed.replace(b"Hello", b"Hullo"), testing, SETTINGS))
+    assert (bad.result, bad.testing) == (AuthResult.FAIL, True)
+
+
+def test_strict_key_refuses_subdomain_identity(tmp_path: Path, keys: dict[str, Key]) -> None:
+    key = keys["rsa2048"]
+    strict = {key_name(): [f"v=DKIM1; t=s; p={key.public_b64}"]}
+    same = sign(MESSAGE, key, identity=b"alice@example.org")
+    sub = sign(MESSAGE, key, identity=b"alice@mail.example.org")
+    assert only(verify_dkim(same, resolver_for(tmp_path, strict), SETTINGS)).result is AuthResult.PASS
+    assert only(verify_dkim(sub, resolver_for(tmp_path, strict), SETTINGS)).result is AuthResult.PERMERROR
+
+
+# --- l= --------------------------------------------------------------------------------------
+
+
+def test_body_length_is_noted_in_the_reason(tmp_path: Path, keys: dict[str, Key]) -> None:
+    key = keys["rsa2048"]
+    signed = sign(MESSAGE, key, length=True)
+    resolver = resolver_for(tmp_path, {key_name(): [key.record]})
+    whole = only(verify_dkim(signed, resolver, SETTINGS))
+    assert (whole.result, whole.reason) == (AuthResult.PASS, "l=39, whole body signed")
+    appended = only(verify_dkim(signed + b"Buy now!\r\n", resolver, SETTINGS))
+    assert (appended.result, appended.reason) == (AuthResult.PASS, "l=39, 10 body octets unsigned")
+    changed = only(verify_dkim(signed.replace(b"Hello", b"Hullo"), resolver, SETTINGS))
+    assert changed.result is AuthResult.FAIL
+
+
+def test_body_length_beyond_the_body_fails(tmp_path: Path, keys: dict[str, Key]) -> None:
+    key = keys["rsa2048"]
+    signed = sign_with_tags(MESSAGE, key, [(b"l", b"4096")])
+    result = only(verify_dkim(signed, resolver_for(tmp_path, {key_name(): [key.record]}), SETTINGS))
+    assert (result.result, result.reason) == (AuthResult.FAIL, "l=4096 is longer than the body (39)")
+
+
+# --- limits and settings ---------------------------------------------------------------------
+
+
+def test_signatures_beyond_the_limit_are_reported_as_policy(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = MESSAGE
+    for selector in ("s3", "s2", "s1"):
+        signed = sign(signed, keys["ed25519"], selector=selector)
+    resolver = resolver_for(tmp_path, {key_name(s): [keys["ed25519"].record] for s in ("s1", "s2", "s3")})
+    results = verify_dkim(signed, resolver, DkimSettings(max_signatures=2))
+    assert [(r.selector, r.result) for r in results] == [
+        ("s1", AuthResult.PASS),
+        ("s2", AuthResult.PASS),
+        ("s3", AuthResult.POLICY),
+    ]
+    assert results[2].reason == "not checked: more than 2 signatures"
+    assert (results[2].domain, results[2].algorithm) == (DOMAIN, "ed25519-sha256")
+    assert resolver.queries == 2
+
+
+def test_time_budget_turns_late_signatures_into_temperror(keys: dict[str, Key]) -> None:
+    signed = sign(sign(MESSAGE, keys["rsa2048"], selector="b"), keys["rsa2048"], selector="a")
+    slow = Resolver(StubSource(tempfail("slow"), delay=0.2))
+    results = verify_dkim(signed, slow, DkimSettings(timeout=0.1))
+    assert [r.result for r in results] == [AuthResult.TEMPERROR, AuthResult.TEMPERROR]
+    assert results[0].reason == "key unavailable: slow"
+    assert results[1].reason.startswith("not checked: DKIM time limit")
+    assert slow.queries == 1
+
+
+def test_disabled_and_unsigned_give_no_results(tmp_path: Path) -> None:
+    resolver = resolver_for(tmp_path, {})
+    assert verify_dkim(MESSAGE, resolver, SETTINGS) == ()
+    assert verify_dkim(b"DKIM-Signature: x\r\n" + MESSAGE, resolver, DkimSettings(enabled=False)) == ()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"max_signatures": -1}, {"min_rsa_bits": 768}, {"timeout": 0}], ids=["max", "bits", "timeout"]
+)
+def test_settings_are_validated(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        DkimSettings(**kwargs)  # type: ignore[arg-type]
+
+
+# --- hostile input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"",
+        b"\r\n\r\n",
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel",
+        b"From: a@example.org\nDKIM-Signature: v=1;\n d=example.org; s=sel; h=from\nno blank line",
+        "Subject: caf\u00e9\r\nDKIM-Signature: d=\u00e9.example; s=s\u00e9l\r\n\r\nbody".encode(),
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example..org; s=sel; h=from; bh=AAAA; b=AAAA\r\n\r\nx",
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AAAA; b=AAAA; t=99x\r\n\r\n",
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from; bh=AAAA; b=AAAA; i=org\r\n\r\n",
+        b"\xff\xfe: junk\r\nDKIM-Signature: v=1; d=example.org; s=sel\r\n\r\n",
+    ],
+    ids=["empty", "blank", "no-separator", "bare-lf", "8bit", "bad-name", "bad-t", "i-no-at", "junk-line"],
+)
+def test_hostile_messages_never_raise(tmp_path: Path, message: bytes) -> None:
+    resolver = resolver_for(tmp_path, {key_name(): ["v=DKIM1; p=QUJD"]})
+    results = verify_dkim(message, resolver, SETTINGS)
+    assert all(r.result is not AuthResult.PASS for r in results)
+    assert len(results) == message.count(b"DKIM-Signature")
+
+
+def test_unparseable_header_section_names_the_signature(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"])
+    broken = signed.replace(b"To: Bob", b"this line is not a header\r\nTo: Bob")
+    result = only(verify_dkim(broken, resolver_for(tmp_path, {}), SETTINGS))
+    assert (result.result, result.domain, result.selector) == (AuthResult.PERMERROR, DOMAIN, "sel")
+    assert result.reason.startswith("message header not parseable")
