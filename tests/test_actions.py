@@ -38,10 +38,21 @@ def test_reply_text_is_printable_ascii_and_bounded() -> None:
     assert len(reply.text) <= 400
 
 
-def dmarc(result: AuthResult, disposition: Disposition = Disposition.NONE, domain: str = "example.com",
-          reason: str = "no aligned identifier") -> DmarcVerdict:
-    return DmarcVerdict(result=result, from_domain=domain, policy_domain=domain, org_domain=domain,
-                        disposition=disposition, reason=reason, from_domains=(domain,) if domain else ())
+def dmarc(
+    result: AuthResult,
+    disposition: Disposition = Disposition.NONE,
+    domain: str = "example.com",
+    reason: str = "no aligned identifier",
+) -> DmarcVerdict:
+    return DmarcVerdict(
+        result=result,
+        from_domain=domain,
+        policy_domain=domain,
+        org_domain=domain,
+        disposition=disposition,
+        reason=reason,
+        from_domains=(domain,) if domain else (),
+    )
 
 
 SPF_FAIL = SpfResult(AuthResult.FAIL, "example.com", SpfScope.MFROM, "bob@example.com", "not allowed")
@@ -56,7 +67,9 @@ def test_dmarc_reject_gives_550_naming_the_domain() -> None:
 
 
 def test_dmarc_quarantine() -> None:
-    decision = decide_action("192.0.2.1", None, dmarc(AuthResult.FAIL, Disposition.QUARANTINE), PolicySettings())
+    decision = decide_action(
+        "192.0.2.1", None, dmarc(AuthResult.FAIL, Disposition.QUARANTINE), PolicySettings()
+    )
     assert decision.action is Action.QUARANTINE and decision.reply is None
 
 
@@ -66,12 +79,16 @@ def test_dmarc_fail_with_policy_none_is_accepted() -> None:
 
 def test_enforce_off_only_annotates() -> None:
     settings = PolicySettings(enforce=False)
-    assert decide_action("192.0.2.1", None, dmarc(AuthResult.FAIL, Disposition.REJECT), settings).action \
+    assert (
+        decide_action("192.0.2.1", None, dmarc(AuthResult.FAIL, Disposition.REJECT), settings).action
         is Action.ACCEPT
+    )
 
 
 def test_temperror_tempfails_by_default_with_451() -> None:
-    decision = decide_action("192.0.2.1", None, dmarc(AuthResult.TEMPERROR, reason="timeout"), PolicySettings())
+    decision = decide_action(
+        "192.0.2.1", None, dmarc(AuthResult.TEMPERROR, reason="timeout"), PolicySettings()
+    )
     assert decision.action is Action.TEMPFAIL
     assert decision.reply is not None and decision.reply.code == "451" and "timeout" in decision.reply.text
     accept = PolicySettings(dmarc_temperror=FailureAction.ACCEPT)
@@ -123,8 +140,11 @@ def test_override_does_not_match_lookalike_domain() -> None:
 
 @pytest.mark.parametrize(
     ("choice", "action", "code"),
-    [(FailureAction.TEMPFAIL, Action.TEMPFAIL, "451"), (FailureAction.REJECT, Action.REJECT, "550"),
-     (FailureAction.ACCEPT, Action.ACCEPT, None)],
+    [
+        (FailureAction.TEMPFAIL, Action.TEMPFAIL, "451"),
+        (FailureAction.REJECT, Action.REJECT, "550"),
+        (FailureAction.ACCEPT, Action.ACCEPT, None),
+    ],
 )
 def test_internal_error_decision(choice: FailureAction, action: Action, code: str | None) -> None:
     decision = internal_error_decision("KeyError", PolicySettings(internal_error=choice))

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 
 from authmilter.cli import main, parse_args, parse_nameserver
-from signing import TestKey, ed25519_key, make_message, rsa_key, sign, zone_txt
+from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, zone_txt
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTSIDE_IP = "203.0.113.5"  # not in sender.example's SPF record
 
 
 @pytest.fixture(scope="module")
-def keys() -> dict[str, TestKey]:
+def keys() -> dict[str, SigningKey]:
     return {"rsa": rsa_key(2048), "ed": ed25519_key()}
 
 
 @pytest.fixture(scope="module")
-def zones(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, TestKey]) -> Path:
+def zones(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> Path:
     folder = tmp_path_factory.mktemp("zones")
     (folder / "sender.example.zone").write_text(
         "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n@ IN NS ns\n"
@@ -38,16 +38,35 @@ def zones(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, TestKey]) ->
     return folder
 
 
-def check(zones: Path, message: bytes, tmp_path: Path, *extra: str, client_ip: str = OUTSIDE_IP,
-          mail_from: str = "bob@sender.example") -> dict[str, object]:
+def check(
+    zones: Path,
+    message: bytes,
+    tmp_path: Path,
+    *extra: str,
+    client_ip: str = OUTSIDE_IP,
+    mail_from: str = "bob@sender.example",
+) -> dict[str, object]:
     path = tmp_path / "message.eml"
     path.write_bytes(message)
-    argv = ["check", "--client-ip", client_ip, "--helo", "mx.sender.example", "--mail-from", mail_from,
-            "--authserv-id", "mx.receiver.example", "--json", *extra, str(path)]
+    argv = [
+        "check",
+        "--client-ip",
+        client_ip,
+        "--helo",
+        "mx.sender.example",
+        "--mail-from",
+        mail_from,
+        "--authserv-id",
+        "mx.receiver.example",
+        "--json",
+        *extra,
+        str(path),
+    ]
     for zone in sorted(zones.glob("*.zone")):
         argv[1:1] = ["--zone", str(zone)]
-    result = subprocess.run([sys.executable, "-m", "authmilter", *argv], capture_output=True, text=True,
-                            timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "authmilter", *argv], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     verdict: dict[str, object] = json.loads(result.stdout)
@@ -56,33 +75,70 @@ def check(zones: Path, message: bytes, tmp_path: Path, *extra: str, client_ip: s
 
 def test_readme_example_prints_the_header() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "authmilter", "check", "--client-ip", "192.0.2.10", "--helo", "mx.sender.example",
-         "--mail-from", "bob@sender.example", "--zone", "tests/zones/sender.example.zone",
-         "--authserv-id", "mx.receiver.example", "tests/zones/message.eml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "authmilter",
+            "check",
+            "--client-ip",
+            "192.0.2.10",
+            "--helo",
+            "mx.sender.example",
+            "--mail-from",
+            "bob@sender.example",
+            "--zone",
+            "tests/zones/sender.example.zone",
+            "--authserv-id",
+            "mx.receiver.example",
+            "tests/zones/message.eml",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     header = result.stdout.splitlines()[0]
     assert header.startswith("Authentication-Results: mx.receiver.example;")
-    for part in ("spf=pass smtp.mailfrom=bob@sender.example", "spf=pass smtp.helo=mx.sender.example",
-                 "dkim=none", "dmarc=pass", "header.from=sender.example"):
+    for part in (
+        "spf=pass smtp.mailfrom=bob@sender.example",
+        "spf=pass smtp.helo=mx.sender.example",
+        "dkim=none",
+        "dmarc=pass",
+        "header.from=sender.example",
+    ):
         assert part in result.stdout
     assert "action: accept" in result.stdout
 
 
-def test_rsa_and_ed25519_signatures_pass_and_align(zones: Path, keys: dict[str, TestKey], tmp_path: Path) -> None:
-    message = sign(sign(make_message(), keys["rsa"], "sender.example", "rsa1"), keys["ed"], "sender.example", "ed1")
+def test_rsa_and_ed25519_signatures_pass_and_align(
+    zones: Path, keys: dict[str, SigningKey], tmp_path: Path
+) -> None:
+    message = sign(
+        sign(make_message(), keys["rsa"], "sender.example", "rsa1"), keys["ed"], "sender.example", "ed1"
+    )
     verdict = check(zones, message, tmp_path)
     dkim = verdict["dkim"]
     assert isinstance(dkim, list)
     assert [(d["result"], d["algorithm"], d["selector"], d["domain"]) for d in dkim] == [
-        ("pass", "ed25519-sha256", "ed1", "sender.example"), ("pass", "rsa-sha256", "rsa1", "sender.example")]
-    assert verdict["spf"] == {"result": "fail", "domain": "sender.example", "identity": "bob@sender.example",
-                              "explanation": verdict["spf"]["explanation"]}  # type: ignore[index]
+        ("pass", "ed25519-sha256", "ed1", "sender.example"),
+        ("pass", "rsa-sha256", "rsa1", "sender.example"),
+    ]
+    assert verdict["spf"] == {
+        "result": "fail",
+        "domain": "sender.example",
+        "identity": "bob@sender.example",
+        "explanation": verdict["spf"]["explanation"],
+    }  # type: ignore[index]
     dmarc = verdict["dmarc"]
     assert isinstance(dmarc, dict)
     assert (dmarc["result"], dmarc["dkim_aligned"], dmarc["spf_aligned"]) == ("pass", True, False)
-    assert (dmarc["policy"], dmarc["disposition"], dmarc["from_domain"]) == ("reject", "none", "sender.example")
+    assert (dmarc["policy"], dmarc["disposition"], dmarc["from_domain"]) == (
+        "reject",
+        "none",
+        "sender.example",
+    )
     assert verdict["action"] == "accept" and verdict["smtp_reply"] is None
     ar = verdict["authentication_results"]
     assert isinstance(ar, str)
@@ -101,7 +157,7 @@ def test_spoofed_message_is_rejected_with_550(zones: Path, tmp_path: Path) -> No
     assert "sender.example" in reply["text"]
 
 
-def test_tampered_body_fails_dkim_and_dmarc(zones: Path, keys: dict[str, TestKey], tmp_path: Path) -> None:
+def test_tampered_body_fails_dkim_and_dmarc(zones: Path, keys: dict[str, SigningKey], tmp_path: Path) -> None:
     message = sign(make_message(), keys["rsa"], "sender.example", "rsa1").replace(b"tomorrow", b"today!!!")
     verdict = check(zones, message, tmp_path)
     assert verdict["dkim"][0]["result"] == "fail"  # type: ignore[index]
@@ -109,8 +165,9 @@ def test_tampered_body_fails_dkim_and_dmarc(zones: Path, keys: dict[str, TestKey
 
 
 def test_quarantine_policy(zones: Path, tmp_path: Path) -> None:
-    verdict = check(zones, make_message(from_header="q@quarantine.example"), tmp_path,
-                    mail_from="q@quarantine.example")
+    verdict = check(
+        zones, make_message(from_header="q@quarantine.example"), tmp_path, mail_from="q@quarantine.example"
+    )
     assert verdict["dmarc"]["disposition"] == "quarantine" and verdict["action"] == "quarantine"  # type: ignore[index]
 
 
@@ -129,12 +186,30 @@ def test_no_from_header_is_permerror_and_rejected(zones: Path, tmp_path: Path) -
     assert verdict["smtp_reply"]["code"] == "550"  # type: ignore[index]
 
 
-def test_stdin_and_text_output(zones: Path, keys: dict[str, TestKey]) -> None:
+def test_stdin_and_text_output(zones: Path, keys: dict[str, SigningKey]) -> None:
     message = sign(make_message(), keys["ed"], "sender.example", "ed1")
     result = subprocess.run(
-        [sys.executable, "-m", "authmilter", "check", "--client-ip", "192.0.2.10", "--helo", "mx.sender.example",
-         "--mail-from", "<>", "--zone", str(zones / "sender.example.zone"), "--authserv-id", "mx.r.example", "-"],
-        input=message, capture_output=True, timeout=60, check=False,
+        [
+            sys.executable,
+            "-m",
+            "authmilter",
+            "check",
+            "--client-ip",
+            "192.0.2.10",
+            "--helo",
+            "mx.sender.example",
+            "--mail-from",
+            "<>",
+            "--zone",
+            str(zones / "sender.example.zone"),
+            "--authserv-id",
+            "mx.r.example",
+            "-",
+        ],
+        input=message,
+        capture_output=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
@@ -145,12 +220,28 @@ def test_stdin_and_text_output(zones: Path, keys: dict[str, TestKey]) -> None:
 
 def test_json_verdict_has_the_documented_keys(zones: Path, tmp_path: Path) -> None:
     verdict = check(zones, make_message(), tmp_path)
-    assert set(verdict) >= {"version", "spf", "helo", "dkim", "dmarc", "action", "smtp_reply",
-                            "authentication_results"}
+    assert set(verdict) >= {
+        "version",
+        "spf",
+        "helo",
+        "dkim",
+        "dmarc",
+        "action",
+        "smtp_reply",
+        "authentication_results",
+    }
     assert set(verdict["spf"]) >= {"result", "domain"}  # type: ignore[arg-type]
     assert set(verdict["helo"]) >= {"result", "domain"}  # type: ignore[arg-type]
-    assert set(verdict["dmarc"]) >= {"result", "policy", "disposition", "from_domain", "policy_domain",  # type: ignore[arg-type]
-                                     "org_domain", "spf_aligned", "dkim_aligned"}
+    assert set(verdict["dmarc"]) >= {
+        "result",
+        "policy",
+        "disposition",
+        "from_domain",
+        "policy_domain",  # type: ignore[arg-type]
+        "org_domain",
+        "spf_aligned",
+        "dkim_aligned",
+    }
     documented = (ROOT / "docs" / "verdict-json.md").read_text()
     for key in verdict:
         assert f"`{key}`" in documented, f"{key} is not documented in docs/verdict-json.md"
@@ -163,10 +254,22 @@ def test_json_verdict_has_the_documented_keys(zones: Path, tmp_path: Path) -> No
         (["--config", "/nonexistent/a.toml"], "/nonexistent/a.toml: cannot read config file"),
     ],
 )
-def test_file_errors_exit_1_with_a_clear_message(extra: list[str], message: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    status = main(["check", "--client-ip", "192.0.2.1", "--helo", "h.example", "--mail-from", "a@b.example",
-                   *extra, str(ROOT / "tests" / "zones" / "message.eml")])
+def test_file_errors_exit_1_with_a_clear_message(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status = main(
+        [
+            "check",
+            "--client-ip",
+            "192.0.2.1",
+            "--helo",
+            "h.example",
+            "--mail-from",
+            "a@b.example",
+            *extra,
+            str(ROOT / "tests" / "zones" / "message.eml"),
+        ]
+    )
     assert status == 1
     assert message in capsys.readouterr().err
 
@@ -174,11 +277,39 @@ def test_file_errors_exit_1_with_a_clear_message(extra: list[str], message: str,
 def test_unreadable_message_and_broken_zone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     zone = tmp_path / "broken.example.zone"
     zone.write_text("$TTL 300\n@ IN SOA ns hostmaster 1 2 3 4 5\n@ IN TXT\n")
-    assert main(["check", "--client-ip", "192.0.2.1", "--helo", "h", "--mail-from", "", "--zone", str(zone),
-                 str(ROOT / "tests" / "zones" / "message.eml")]) == 1
+    assert (
+        main(
+            [
+                "check",
+                "--client-ip",
+                "192.0.2.1",
+                "--helo",
+                "h",
+                "--mail-from",
+                "",
+                "--zone",
+                str(zone),
+                str(ROOT / "tests" / "zones" / "message.eml"),
+            ]
+        )
+        == 1
+    )
     assert str(zone) in capsys.readouterr().err
-    assert main(["check", "--client-ip", "192.0.2.1", "--helo", "h", "--mail-from", "",
-                 str(tmp_path / "nope.eml")]) == 1
+    assert (
+        main(
+            [
+                "check",
+                "--client-ip",
+                "192.0.2.1",
+                "--helo",
+                "h",
+                "--mail-from",
+                "",
+                str(tmp_path / "nope.eml"),
+            ]
+        )
+        == 1
+    )
     assert "nope.eml: cannot read the message" in capsys.readouterr().err
 
 
@@ -186,11 +317,46 @@ def test_unreadable_message_and_broken_zone(tmp_path: Path, capsys: pytest.Captu
     "argv",
     [
         ["check", "--client-ip", "999.1.1.1", "--helo", "h", "--mail-from", "", "m"],
-        ["check", "--client-ip", "192.0.2.1", "--helo", "h", "--mail-from", "", "--zone", "z", "--nameserver",
-         "127.0.0.1", "m"],
-        ["check", "--client-ip", "192.0.2.1", "--helo", "h", "--mail-from", "", "--nameserver", "ns.example", "m"],
-        ["check", "--client-ip", "192.0.2.1", "--helo", "h", "--mail-from", "", "--nameserver", "127.0.0.1:53",
-         "--nameserver", "127.0.0.2:5353", "m"],
+        [
+            "check",
+            "--client-ip",
+            "192.0.2.1",
+            "--helo",
+            "h",
+            "--mail-from",
+            "",
+            "--zone",
+            "z",
+            "--nameserver",
+            "127.0.0.1",
+            "m",
+        ],
+        [
+            "check",
+            "--client-ip",
+            "192.0.2.1",
+            "--helo",
+            "h",
+            "--mail-from",
+            "",
+            "--nameserver",
+            "ns.example",
+            "m",
+        ],
+        [
+            "check",
+            "--client-ip",
+            "192.0.2.1",
+            "--helo",
+            "h",
+            "--mail-from",
+            "",
+            "--nameserver",
+            "127.0.0.1:53",
+            "--nameserver",
+            "127.0.0.2:5353",
+            "m",
+        ],
     ],
 )
 def test_usage_errors(argv: list[str]) -> None:
@@ -201,8 +367,13 @@ def test_usage_errors(argv: list[str]) -> None:
 
 @pytest.mark.parametrize(
     ("text", "parsed"),
-    [("127.0.0.1", ("127.0.0.1", None)), ("127.0.0.1:5353", ("127.0.0.1", 5353)), ("::1", ("::1", None)),
-     ("[::1]:5353", ("::1", 5353)), ("[2001:db8::1]", ("2001:db8::1", None))],
+    [
+        ("127.0.0.1", ("127.0.0.1", None)),
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("::1", ("::1", None)),
+        ("[::1]:5353", ("::1", 5353)),
+        ("[2001:db8::1]", ("2001:db8::1", None)),
+    ],
 )
 def test_parse_nameserver(text: str, parsed: tuple[str, int | None]) -> None:
     assert parse_nameserver(text) == parsed

@@ -31,24 +31,48 @@ def test_every_setting_is_documented_in_the_shipped_config() -> None:
 
 
 def test_values_are_typed_and_converted(tmp_path: Path) -> None:
+    (tmp_path / "zones").mkdir()
+    (tmp_path / "zones" / "a.zone").write_text("")
+    psl = tmp_path / "psl.dat"
+    psl.write_text("com\n")
     config = parse_config(
-        """
+        f"""
+[dmarc]
+psl_file = "{psl}"
 [policy]
 dmarc_temperror = "accept"
 never_reject_networks = ["192.0.2.0/24", "2001:db8::1"]
 never_reject_domains = ["Example.COM."]
 [dns]
 timeout = 2
-zone_files = ["zones/a.zone", "/abs/b.zone"]
+zone_files = ["zones/a.zone"]
 """,
         tmp_path / "authmilter.toml",
     )
     assert config.policy.dmarc_temperror is FailureAction.ACCEPT
     assert config.policy.never_reject_networks == (
-        ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("2001:db8::1/128"))
+        ipaddress.ip_network("192.0.2.0/24"),
+        ipaddress.ip_network("2001:db8::1/128"),
+    )
     assert config.policy.never_reject_domains == ("example.com",)
     assert config.dns.timeout == 2.0 and isinstance(config.dns.timeout, float)
-    assert config.dns.zone_files == (str(tmp_path / "zones/a.zone"), "/abs/b.zone")
+    assert config.dns.zone_files == (str(tmp_path / "zones/a.zone"),)
+    assert config.dmarc.psl_file == str(psl)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[dns]\nzone_files = ['missing.zone']\n",
+        "[dmarc]\npsl_file = '/nonexistent'\n",
+        "[dmarc]\npsl_file = ''\n",
+    ],
+)
+def test_files_named_must_be_readable(tmp_path: Path, text: str) -> None:
+    with pytest.raises(
+        ConfigError, match=r"authmilter.toml:2: \[(dns|dmarc)\] .*(cannot read file|empty file name)"
+    ):
+        parse_config(text, tmp_path / "authmilter.toml")
 
 
 @pytest.mark.parametrize(
@@ -61,7 +85,10 @@ zone_files = ["zones/a.zone", "/abs/b.zone"]
         ("[dkim]\nmin_rsa_bits = 512\n", ":2: [dkim] min_rsa_bits: 512 is out of range (1024 to 16384)"),
         ("[dns]\nport = true\n", ":2: [dns] port: expected an integer, got a boolean"),
         ("[dns]\nnameservers = '127.0.0.1'\n", ":2: [dns] nameservers: expected a list, got a string"),
-        ("[policy]\nnever_reject_networks = ['10.0.0.0/33']\n", "'10.0.0.0/33' is not an IP address or network"),
+        (
+            "[policy]\nnever_reject_networks = ['10.0.0.0/33']\n",
+            "'10.0.0.0/33' is not an IP address or network",
+        ),
         ("[policy]\ndmarc_temperror = 'reject'\n", "'reject' is not one of: accept, quarantine, tempfail"),
         ("[policy]\nspf_fail = 'drop'\n", "'drop' is not one of: accept, tempfail, reject, quarantine"),
         ("[spam]\nx = 1\n", ":1: unknown section [spam]"),

@@ -9,14 +9,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
-from authmilter.model import Action, AuthResult, DmarcVerdict, Disposition, Reply, SpfResult
+from authmilter.model import Action, AuthResult, Disposition, DmarcVerdict, Reply, SpfResult
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class ReplyName(str, Enum):
+class ReplyName(StrEnum):
     DMARC_REJECT = "dmarc_reject"
     FROM_INVALID = "from_invalid"
     SPF_REJECT = "spf_reject"
@@ -77,7 +77,7 @@ def _printable(value: str) -> str:
     return "".join(c if " " <= c <= "~" and c != "%" else "?" for c in value)
 
 
-class FailureAction(str, Enum):
+class FailureAction(StrEnum):
     """What to do when a check cannot decide (DNS failure, invalid From, our own error)."""
 
     ACCEPT = "accept"
@@ -142,9 +142,7 @@ def _failure(choice: FailureAction, replies: dict[Action, Reply], reason: str) -
     return Decision(action, replies.get(action), reason)
 
 
-def is_overridden(
-    client_ip: str, domains: Sequence[str], settings: PolicySettings
-) -> bool:
+def is_overridden(client_ip: str, domains: Sequence[str], settings: PolicySettings) -> bool:
     """The client network or one of the domains is on the local never-reject list."""
     for domain in domains:
         for listed in settings.never_reject_domains:
@@ -176,7 +174,7 @@ def decide_action(
     """
     decision = _decide_unchecked(spf, dmarc, settings)
     if decision.action in (Action.REJECT, Action.QUARANTINE):
-        domains = [d for d in (dmarc.from_domains + (dmarc.policy_domain,) if dmarc else ()) if d]
+        domains = [d for d in ((*dmarc.from_domains, dmarc.policy_domain) if dmarc else ()) if d]
         if is_overridden(client_ip, domains, settings):
             return Decision(Action.ACCEPT, None, f"local override ({decision.reason})")
     return decision

@@ -35,7 +35,8 @@ class CliError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="authmilter",
-        description="SPF, DKIM and DMARC (RFC 9989) checks with Authentication-Results, for Postfix and Sendmail.",
+        description="SPF, DKIM and DMARC (RFC 9989) checks with Authentication-Results, "
+        "for Postfix and Sendmail.",
     )
     parser.add_argument("--version", action="version", version=f"authmilter {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
@@ -48,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "HELO and MAIL FROM, DKIM, DMARC; print the Authentication-Results header authmilter would add "
         "and the action it would take. DNS comes from --zone files, --nameserver, or the system's resolvers.",
     )
-    check.add_argument("message", metavar="MESSAGE", help="the message file (RFC 5322), or - for standard input")
+    check.add_argument(
+        "message", metavar="MESSAGE", help="the message file (RFC 5322), or - for standard input"
+    )
     check.add_argument("--client-ip", required=True, help="the SMTP client's IP address")
     check.add_argument("--helo", required=True, help="the HELO/EHLO name the client gave")
     check.add_argument(
@@ -57,18 +60,27 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--rcpt", action="append", default=[], help="an envelope recipient (repeatable)")
     check.add_argument("--config", type=Path, help="apply this config file's settings (default: built-in)")
     check.add_argument(
-        "--zone", action="append", type=Path, default=[],
+        "--zone",
+        action="append",
+        type=Path,
+        default=[],
         help="answer DNS from this RFC 1035 zone file only (repeatable); names outside are NXDOMAIN",
     )
     check.add_argument(
-        "--nameserver", action="append", default=[], metavar="IP[:PORT]",
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
         help="ask this nameserver instead of the system's (repeatable; [IPv6]:PORT for IPv6 with a port)",
     )
-    check.add_argument("--authserv-id", help="the authserv-id to write (default: the config's, or the host name)")
+    check.add_argument(
+        "--authserv-id", help="the authserv-id to write (default: the config's, or the host name)"
+    )
     check.add_argument("--json", action="store_true", help="print the verdict as JSON (docs/verdict-json.md)")
 
     checkconf = commands.add_parser(
-        "checkconf", help="validate a config file and print the effective settings",
+        "checkconf",
+        help="validate a config file and print the effective settings",
         description="Validate a config file (and the zone files it names) and print the effective settings.",
     )
     checkconf.add_argument("--config", type=Path, default=Path("conf/authmilter.toml"))
@@ -183,8 +195,11 @@ def run_checkconf(args: argparse.Namespace) -> str:
         build_resolver(config.dns)
     except ZoneFileError as e:
         raise CliError(str(e)) from None
-    sections = {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)
-                if f.name != "path"}
+    sections = {
+        f.name: dataclasses.asdict(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if f.name != "path"
+    }
     sections["milter"]["authserv_id"] = config.authserv_id
     return f"{config.path}: OK\n" + json.dumps(sections, indent=2, default=str)
 
@@ -204,4 +219,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(output)
     return 0
-

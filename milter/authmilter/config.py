@@ -9,7 +9,9 @@ Loading has no side effects, so a failed reload leaves the running configuration
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from authmilter.actions import ALLOWED_FAILURE_ACTIONS, FailureAction, PolicySettings
+from authmilter.authresults import sanitize_authserv_id
 from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
 from authmilter.resolver import DnsSettings
@@ -57,9 +60,15 @@ class Config:
     dmarc: DmarcSettings = field(default_factory=DmarcSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
 
-    @property
+    @functools.cached_property
     def authserv_id(self) -> str:
-        return self.milter.authserv_id or socket.gethostname()
+        """The configured id, else this host's name (RFC 8601 §2.5 recommends a host name)."""
+        if self.milter.authserv_id:
+            return self.milter.authserv_id
+        try:
+            return sanitize_authserv_id(socket.gethostname())
+        except ValueError:
+            return "localhost"
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -188,7 +197,8 @@ def _convert(hint: Any, raw: Any) -> Any:
         if raw not in {m.value for m in hint}:
             raise ValueError(f"'{raw}' is not one of: {', '.join(m.value for m in hint)}")
         return hint(raw)
-    return _SCALARS.get(hint, _network)(raw)
+    convert: Callable[[Any], Any] = _SCALARS.get(hint, _network)
+    return convert(raw)
 
 
 def _expect(kind: type[Any] | tuple[type[Any], ...], label: str) -> Callable[[Any], Any]:
@@ -208,7 +218,9 @@ def _network(raw: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(raw, strict=False)
     except ValueError:
-        raise ValueError(f"'{raw}' is not an IP address or network (e.g. 192.0.2.0/24, 2001:db8::/32)") from None
+        raise ValueError(
+            f"'{raw}' is not an IP address or network (e.g. 192.0.2.0/24, 2001:db8::/32)"
+        ) from None
 
 
 _SCALARS: dict[Any, Callable[[Any], Any]] = {
@@ -220,8 +232,14 @@ _SCALARS: dict[Any, Callable[[Any], Any]] = {
 
 
 def _toml_type(raw: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a table"}.get(type(raw), type(raw).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(raw), type(raw).__name__)
 
 
 def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
@@ -235,6 +253,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
             raise ValueError(f"'{plain}' is not one of: {', '.join(sorted(choices))}")
     if (section, key) in PATH_KEYS:
         return _resolve_paths(value, path)
+    if (section, key) == ("milter", "authserv_id") and value:
+        return sanitize_authserv_id(value)
     if (section, key) == ("policy", "never_reject_domains"):
         return tuple(d.lower().rstrip(".") for d in value)
     return value
@@ -245,12 +265,23 @@ def _resolve_paths(value: Any, path: Path) -> Any:
         if not name:
             raise ValueError("empty file name")
         candidate = Path(name)
-        return str(candidate if candidate.is_absolute() else path.parent / candidate)
+        resolved = candidate if candidate.is_absolute() else path.parent / candidate
+        # Found now rather than on the first message, so a reload with a bad path is refused.
+        if not os.access(resolved, os.R_OK) or not resolved.is_file():
+            raise ValueError(f"cannot read file {resolved}")
+        return str(resolved)
 
     if isinstance(value, tuple):
         return tuple(resolve(v) for v in value)
     return resolve(value) if value is not None else None
 
 
-__all__ = ["Config", "ConfigError", "FailureAction", "MilterSettings", "default_config", "load_config",
-           "parse_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "FailureAction",
+    "MilterSettings",
+    "default_config",
+    "load_config",
+    "parse_config",
+]

@@ -7,7 +7,7 @@ the milter adapter and the CLI only read them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 # Version of the JSON verdict (`authmilter check --json`, docs/verdict-json.md). Bump on any
@@ -15,7 +15,7 @@ from typing import Any
 VERDICT_JSON_VERSION = 1
 
 
-class AuthResult(str, Enum):
+class AuthResult(StrEnum):
     """Result words of RFC 8601 §2.7 (shared by SPF §2.7.2, DKIM §2.7.1 and DMARC).
 
     The string value is the word written into Authentication-Results and the JSON verdict.
@@ -30,11 +30,8 @@ class AuthResult(str, Enum):
     PERMERROR = "permerror"
     POLICY = "policy"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Action(str, Enum):
+class Action(StrEnum):
     """What happens to the message, decided once per message (actions.py)."""
 
     ACCEPT = "accept"
@@ -42,22 +39,16 @@ class Action(str, Enum):
     REJECT = "reject"
     TEMPFAIL = "tempfail"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Disposition(str, Enum):
+class Disposition(StrEnum):
     """DMARC policy values (RFC 9989 `p=`/`sp=`/`np=`) and the disposition applied."""
 
     NONE = "none"
     QUARANTINE = "quarantine"
     REJECT = "reject"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class SpfScope(str, Enum):
+class SpfScope(StrEnum):
     """Which identity an SPF result is about (RFC 7208 §2.3, §2.4; RFC 9990 `scope`)."""
 
     MFROM = "mfrom"
@@ -228,8 +219,12 @@ class Verdict:
 def _spf_json(spf: SpfResult | None) -> dict[str, Any] | None:
     if spf is None:
         return None
-    return {"result": spf.result.value, "domain": spf.domain, "identity": spf.identity,
-            "explanation": spf.explanation}
+    return {
+        "result": spf.result.value,
+        "domain": spf.domain,
+        "identity": spf.identity,
+        "explanation": spf.explanation,
+    }
 
 
 def _dmarc_json(dmarc: DmarcVerdict | None) -> dict[str, Any] | None:

@@ -86,13 +86,17 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> V
     spf: SpfResult | None = None
     helo: SpfResult | None = None
     if config.spf.enabled:
-        spf = check_mail_from(connection.client_ip, connection.helo, transaction.mail_from, resolver, config.spf)
+        spf = check_mail_from(
+            connection.client_ip, connection.helo, transaction.mail_from, resolver, config.spf
+        )
         if config.spf.check_helo:
             helo = check_helo(connection.client_ip, connection.helo, resolver, config.spf)
     dkim: tuple[DkimResult, ...] = ()
     if config.dkim.enabled:
         dkim = verify_dkim(transaction.message.raw, resolver, config.dkim)
-    dmarc = _evaluate_dmarc(transaction.message, spf, dkim, resolver, config) if config.dmarc.enabled else None
+    dmarc = (
+        _evaluate_dmarc(transaction.message, spf, dkim, resolver, config) if config.dmarc.enabled else None
+    )
     decision = decide_action(connection.client_ip, spf, dmarc, config.policy)
     headers = transaction.message.headers
     return Verdict(

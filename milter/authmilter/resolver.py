@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +41,7 @@ MAX_CNAME_CHAIN = 8
 _ORIGIN_DIRECTIVE = re.compile(r"^\$ORIGIN\s", re.IGNORECASE | re.MULTILINE)
 
 
-class DnsStatus(str, Enum):
+class DnsStatus(StrEnum):
     OK = "ok"
     NXDOMAIN = "nxdomain"
     NODATA = "nodata"
@@ -100,7 +100,7 @@ def _negative_ttl(message: dns.message.Message | None, default: int = DEFAULT_NE
     for rrset in message.authority:
         if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
             soa = rrset[0]
-            return int(min(rrset.ttl, soa.minimum))  # type: ignore[attr-defined]
+            return int(min(rrset.ttl, soa.minimum))
     return default
 
 
@@ -121,7 +121,7 @@ class NameserverSource:
         self._resolver.lifetime = timeout
         self._resolver.timeout = min(timeout, 2.0)
         self._resolver.cache = None
-        self.description = f"{','.join(self._resolver.nameservers)} port {port}"
+        self.description = f"{','.join(str(n) for n in self._resolver.nameservers)} port {port}"
 
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
         try:
@@ -188,7 +188,7 @@ class ZoneFileSource:
         soa = zone.get_rdataset(zone.origin or dns.name.root, dns.rdatatype.SOA)
         if soa is None or not len(soa):
             return DEFAULT_NEGATIVE_TTL
-        return int(min(soa.ttl, soa[0].minimum))  # type: ignore[attr-defined]
+        return int(min(soa.ttl, soa[0].minimum))
 
     @staticmethod
     def _has_descendants(zone: dns.zone.Zone, name: dns.name.Name) -> bool:
@@ -224,7 +224,7 @@ class ZoneFileSource:
             cname = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.CNAME)
             if cname is None or not len(cname):
                 return DnsAnswer(DnsStatus.NODATA, ttl=self._negative_ttl(zone))
-            name = cname[0].target  # type: ignore[attr-defined]
+            name = cname[0].target
         return tempfail(f"CNAME chain longer than {MAX_CNAME_CHAIN} at {name}")
 
 

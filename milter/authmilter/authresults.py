@@ -1,0 +1,333 @@
+"""The one Authentication-Results renderer (RFC 8601), and the finder of forged incoming ones.
+
+Rendering goes through ``authres`` (result and property syntax, quoting); this module decides
+what goes in, makes every echoed value safe, and folds.
+
+Decisions:
+
+- Folding uses LF + TAB, no CR: the milter API wants multi-line header values as LF followed by
+  whitespace and adds the CR itself (libmilter ``smfi_addheader``/``smfi_insheader``; Postfix
+  cleanup splits milter headers on LF the same way). The authserv-id stays on the first line and
+  each resinfo starts a new line; a resinfo longer than the recommended 78 characters
+  (RFC 5322 §2.1.1) folds between its properties.
+- Echoed values (envelope, header, DNS text) pass :func:`sanitize_property_value`, which keeps
+  only characters that can appear in a ``pvalue`` unquoted or in a quoted-string without
+  escaping, so nothing can end the property, the resinfo or the header.
+- Comments we write hold only printable ASCII without ``()\\;"``, so they cannot close early or
+  look like a resinfo separator to naive parsers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from encodings.idna import ToASCII
+
+import authres
+import authres.core
+import authres.dkim_b
+import authres.dmarc
+
+from authmilter.message import MessageHeaders, unfold
+from authmilter.model import AuthResult, DkimResult, DmarcVerdict, SpfResult
+
+HEADER_NAME = "Authentication-Results"
+# RFC 5321 §4.5.3.1.3: a path is at most 256 octets; nothing we echo is legitimately longer.
+MAX_PROPERTY_VALUE_LENGTH = 256
+MAX_COMMENT_LENGTH = 128
+# Incoming A-R fields are parsed only within these bounds; the others count as unparseable, so
+# forged, and are deleted. authres parses by repeated regex substitution, quadratic in the length
+# (about 50 ms for a hostile 2 KB value), so this caps the work per message near 1.5 s. Real
+# fields are a few hundred bytes and a message crosses a handful of A-R-adding hosts; deleting
+# a foreign field costs nothing, since a receiver trusts only its own authserv-id (RFC 8601 §7.1).
+MAX_INCOMING_LENGTH = 2048
+MAX_INCOMING_FIELDS = 32
+# RFC 5322 §2.1.1: lines SHOULD be no more than 78 characters.
+FOLD_WIDTH = 78
+_FOLD = "\n\t"
+
+# RFC 2045 §5.1 token characters plus "/" and "=" (base64 in header.b, RFC 6008), which only
+# need a quoted-string. Nothing here needs escaping inside quotes, and none of CR, LF, ";", "(",
+# ")", '"', "\\", "@" or whitespace survives. The same set is atext (RFC 5322 §3.2.3) for a
+# local-part.
+_VALUE_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+.^_`{|}~/=-]")
+# The domain-name after "@" in a pvalue (RFC 8601 §2.2, syntax of RFC 6376 §3.5).
+_DOMAIN_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_DOTS = re.compile(r"\.{2,}")
+_COMMENT_UNSAFE = re.compile(r"[^\x20-\x7e]|[()\\;\"]")
+# RFC 8601 §2.5: the authserv-id SHOULD be a hostname; we allow exactly that (LDH labels).
+_HOSTNAME = re.compile(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+_FEATURES = authres.FeatureContext(authres.dkim_b, authres.dmarc)
+
+
+def _idna_or_drop(text: str) -> str:
+    """A domain as A-labels, or with its non-ASCII characters dropped when it is no IDN."""
+    if text.isascii():
+        return text
+    try:
+        return ".".join(ToASCII(label).decode("ascii") if label else "" for label in text.split("."))
+    except UnicodeError:
+        return "".join(char for char in text if char.isascii())
+
+
+def _dot_atom(text: str, unsafe: re.Pattern[str]) -> str:
+    """Only safe characters, no empty dot-separated parts (RFC 5322 §3.2.3 dot-atom-text)."""
+    return _DOTS.sub(".", unsafe.sub("", text)).strip(".")
+
+
+def sanitize_property_value(value: str) -> str:
+    """Make a value from the message, envelope or DNS safe to echo as an RFC 8601 ``pvalue``.
+
+    A value with ``@`` is split at the last one: the local-part keeps atext characters, the
+    domain becomes A-labels and keeps letters, digits, ``-``, ``_`` and single dots, giving
+    ``local@domain`` (or ``@domain``, or just the local-part when no domain is left). A value
+    without ``@`` keeps the RFC 2045 token characters plus ``/ =``. Non-ASCII characters that
+    are not part of an IDN are dropped, and the result is cut to ``MAX_PROPERTY_VALUE_LENGTH``.
+
+    The result is bare text: the renderer (authres) writes it unquoted when it is a token or
+    contains ``@``, and as a quoted-string otherwise, which needs no escaping since ``"`` and
+    ``\\`` are gone. Either way it is one pvalue: it cannot end the property, the resinfo or
+    the header field.
+
+    Args:
+        value: the raw value (possibly hostile).
+
+    Returns:
+        The safe value, possibly empty (then the property is left out).
+    """
+    bounded = value[: 4 * MAX_PROPERTY_VALUE_LENGTH]
+    local, at, domain = bounded.rpartition("@")
+    if not at:
+        return _VALUE_UNSAFE.sub("", _idna_or_drop(bounded))[:MAX_PROPERTY_VALUE_LENGTH]
+    clean_local = _dot_atom(local, _VALUE_UNSAFE)
+    clean_domain = _dot_atom(_idna_or_drop(domain), _DOMAIN_UNSAFE)
+    if not clean_domain:
+        return clean_local[:MAX_PROPERTY_VALUE_LENGTH]
+    room = MAX_PROPERTY_VALUE_LENGTH - len(clean_domain) - 1
+    if room < 0:
+        return "@" + clean_domain[: MAX_PROPERTY_VALUE_LENGTH - 1].rstrip(".")
+    return f"{clean_local[:room].rstrip('.')}@{clean_domain}"
+
+
+def sanitize_authserv_id(value: str) -> str:
+    """Check and normalise our authserv-id (RFC 8601 §2.5: a hostname is recommended).
+
+    Args:
+        value: the configured id, e.g. ``mx.example.com`` (a U-label name is converted).
+
+    Returns:
+        The id as lower-case A-labels without a trailing dot.
+
+    Raises:
+        ValueError: the value is not a hostname, so it could not be told apart reliably.
+    """
+    text = value.strip().rstrip(".")
+    try:
+        text = ".".join(ToASCII(label).decode("ascii") for label in text.split(".")).lower()
+    except UnicodeError as exc:
+        raise ValueError(f"authserv-id is not a hostname: {value!r}") from exc
+    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+        raise ValueError(f"authserv-id is not a hostname: {value!r}")
+    return text
+
+
+def _sanitize_comment(text: str) -> str:
+    cleaned = " ".join(_COMMENT_UNSAFE.sub(" ", text).split())
+    return cleaned[:MAX_COMMENT_LENGTH].strip()
+
+
+def _properties(*pairs: tuple[str, str, str]) -> list[authres.core.AuthenticationResultProperty]:
+    """(ptype, property, raw value) triples; empty values are left out."""
+    out = []
+    for ptype, name, raw in pairs:
+        value = sanitize_property_value(raw)
+        if value:
+            out.append(authres.core.AuthenticationResultProperty(ptype, name, value))
+    return out
+
+
+class _Clause:
+    """One resinfo: ``method=result (comment)`` followed by its properties."""
+
+    def __init__(
+        self,
+        method: str,
+        result: AuthResult,
+        comment: str,
+        properties: list[authres.core.AuthenticationResultProperty],
+    ) -> None:
+        self.head = authres.core.AuthenticationResult(
+            method, result=result.value, result_comment=_sanitize_comment(comment) or None
+        )
+        self.properties = properties
+
+    def pieces(self) -> list[str]:
+        return [str(self.head), *(str(prop) for prop in self.properties)]
+
+
+def _spf_clause(spf: SpfResult) -> _Clause:
+    # RFC 8601 §2.7.2: smtp.mailfrom carries the MAIL FROM identity checked.
+    return _Clause("spf", spf.result, "", _properties(("smtp", "mailfrom", spf.identity or spf.domain)))
+
+
+def _helo_clause(helo: SpfResult) -> _Clause:
+    return _Clause("spf", helo.result, "", _properties(("smtp", "helo", helo.domain)))
+
+
+def _dkim_clause(dkim: DkimResult) -> _Clause:
+    # RFC 8601 §2.7.1 (header.d, header.i), RFC 6008 (header.b, last: authres only reads a
+    # quoted value when a ";" or the end follows), header.s/header.a as registered by RFC 8601 §6.
+    notes = [dkim.reason, "test mode" if dkim.testing else ""]
+    props = _properties(
+        ("header", "d", dkim.domain),
+        ("header", "i", dkim.identity),
+        ("header", "s", dkim.selector),
+        ("header", "a", dkim.algorithm),
+        ("header", "b", dkim.header_b),
+    )
+    return _Clause("dkim", dkim.result, ", ".join(note for note in notes if note), props)
+
+
+def _dmarc_clause(dmarc: DmarcVerdict) -> _Clause:
+    comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
+    return _Clause("dmarc", dmarc.result, comment, _properties(("header", "from", dmarc.from_domain)))
+
+
+def _clauses(
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    dmarc: DmarcVerdict | None,
+) -> list[_Clause]:
+    clauses = []
+    if spf is not None:
+        clauses.append(_spf_clause(spf))
+    if helo is not None:
+        clauses.append(_helo_clause(helo))
+    if dkim:
+        clauses.extend(_dkim_clause(result) for result in dkim)
+    elif clauses or dmarc is not None:
+        clauses.append(_Clause("dkim", AuthResult.NONE, "", []))
+    if dmarc is not None:
+        clauses.append(_dmarc_clause(dmarc))
+    return clauses
+
+
+def _fold_clause(pieces: list[str], last: bool) -> str:
+    """One resinfo on its own line, folded between pieces past FOLD_WIDTH."""
+    if not last:
+        pieces = [*pieces[:-1], pieces[-1] + ";"]
+    lines = [pieces[0]]
+    for piece in pieces[1:]:
+        if 1 + len(lines[-1]) + 1 + len(piece) > FOLD_WIDTH:  # 1 for the TAB that starts it
+            lines.append(piece)
+        else:
+            lines[-1] += " " + piece
+    return _FOLD.join(lines)
+
+
+def render_authentication_results(
+    authserv_id: str,
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim: Sequence[DkimResult],
+    dmarc: DmarcVerdict | None,
+) -> str:
+    """The Authentication-Results value (after the colon) for one message, folded.
+
+    Clauses come in the order spf (MAIL FROM), spf (HELO), dkim (one per signature), dmarc.
+    With no signature ``dkim=none`` is written, unless nothing at all was evaluated: then the
+    value is ``authserv-id; none`` (RFC 8601 §2.2).
+
+    Args:
+        authserv_id: our authserv-id (checked with :func:`sanitize_authserv_id`).
+        spf: the MAIL FROM result, or None to leave it out.
+        helo: the HELO result, or None to leave it out.
+        dkim: one result per DKIM-Signature.
+        dmarc: the DMARC verdict, or None to leave it out.
+
+    Returns:
+        The value without the leading space, folded with LF + TAB.
+
+    Raises:
+        ValueError: the authserv-id is not a hostname (configuration must catch this first).
+    """
+    server = sanitize_authserv_id(authserv_id)
+    clauses = _clauses(spf, helo, dkim, dmarc)
+    if not clauses:
+        return str(authres.AuthenticationResultsHeader(authserv_id=server).header_value())
+    folded = [_fold_clause(clause.pieces(), last=i == len(clauses) - 1) for i, clause in enumerate(clauses)]
+    return _FOLD.join([server + ";", *folded])
+
+
+# --- incoming headers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IncomingAuthResults:
+    """An Authentication-Results field found in the message.
+
+    Attributes:
+        index: its HeaderField.index among Authentication-Results fields (for smfi_chgheader).
+        authserv_id: the authserv-id, lower-cased; "" if the field cannot be parsed.
+        forged: it carries our authserv-id, or cannot be parsed (then it might, to a laxer
+            reader: authentication_milter's Sanitize handler removes those too). Fields past
+            MAX_INCOMING_LENGTH or MAX_INCOMING_FIELDS are not parsed and count as forged.
+    """
+
+    index: int
+    authserv_id: str
+    forged: bool
+
+
+def _incoming_authserv_id(value: str) -> str:
+    """The authserv-id of an incoming A-R value, or "" when it does not parse (RFC 8601 §2.2)."""
+    text = unfold(value)
+    if len(text) > MAX_INCOMING_LENGTH:
+        return ""
+    try:
+        parsed = _FEATURES.parse_value(text.strip())
+    # authres raises its own errors, ValueError, and RecursionError on deep comment nesting;
+    # hostile input must never escape from here.
+    except Exception:
+        return ""
+    return str(parsed.authserv_id or "").lower().rstrip(".")
+
+
+def inspect_authentication_results(
+    headers: MessageHeaders, authserv_id: str
+) -> tuple[IncomingAuthResults, ...]:
+    """Judge every incoming Authentication-Results field (RFC 8601 §5).
+
+    Args:
+        headers: the message headers.
+        authserv_id: our authserv-id.
+
+    Returns:
+        One entry per field, in message order.
+    """
+    ours = sanitize_authserv_id(authserv_id)
+    found = []
+    for position, field in enumerate(headers.get_all(HEADER_NAME)):
+        theirs = _incoming_authserv_id(field.value) if position < MAX_INCOMING_FIELDS else ""
+        found.append(IncomingAuthResults(field.index, theirs, forged=not theirs or theirs == ours))
+    return tuple(found)
+
+
+def find_forged_authentication_results(headers: MessageHeaders, authserv_id: str) -> tuple[int, ...]:
+    """Indices of the Authentication-Results fields to delete (RFC 8601 §5), last first.
+
+    Deleting from the last keeps the remaining indices valid; deleting forward shifts them and
+    removes the wrong field (OpenDKIM bug #148).
+
+    Args:
+        headers: the message headers.
+        authserv_id: our authserv-id.
+
+    Returns:
+        ``HeaderField.index`` values of forged fields, in descending order.
+    """
+    forged = [entry.index for entry in inspect_authentication_results(headers, authserv_id) if entry.forged]
+    return tuple(sorted(forged, reverse=True))

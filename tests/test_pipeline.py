@@ -1,0 +1,171 @@
+"""pipeline.evaluate(): composition, failure containment, and hostile input ending in defined results."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import dns.name
+import dns.rdatatype
+import pytest
+
+from authmilter.config import Config, default_config
+from authmilter.message import parse_message
+from authmilter.model import Action, AuthResult, Verdict
+from authmilter.pipeline import Connection, Transaction, evaluate
+from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource
+from signing import SigningKey, make_message, rsa_key, sign, zone_txt
+
+SOA = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
+
+
+@pytest.fixture(scope="module")
+def key() -> SigningKey:
+    return rsa_key(2048)
+
+
+@pytest.fixture(scope="module")
+def resolver(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Resolver:
+    folder = tmp_path_factory.mktemp("zones")
+    (folder / "sender.example.zone").write_text(
+        SOA + '@ IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
+        '_dmarc IN TXT "v=DMARC1; p=reject; junk=yes; ;; nonsense ; adkim=r"\n'
+        f"s1._domainkey IN TXT {zone_txt(key.txt_record())}\n"
+        'badkey._domainkey IN TXT "v=DKIM1; k=rsa; p=MIIB!!not*base64"\n'
+    )
+    (folder / "twospf.example.zone").write_text(
+        SOA + '@ IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n@ IN TXT "v=spf1 -all"\n'
+    )
+    return Resolver(ZoneFileSource(sorted(folder.glob("*.zone"))))
+
+
+CONFIG = dataclasses.replace(
+    default_config(), milter=dataclasses.replace(default_config().milter, authserv_id="mx.receiver.example")
+)
+
+
+def run(
+    raw: bytes,
+    resolver: Resolver,
+    config: Config = CONFIG,
+    client_ip: str = "192.0.2.10",
+    mail_from: str = "bob@sender.example",
+    queue_id: str = "4XyZ1",
+) -> Verdict:
+    transaction = Transaction(
+        connection=Connection(client_ip=client_ip, helo="mx.sender.example"),
+        mail_from=mail_from,
+        recipients=("alice@receiver.example",),
+        message=parse_message(raw, max_headers=config.milter.max_headers),
+        queue_id=queue_id,
+    )
+    return evaluate(transaction, resolver, config)
+
+
+def test_signed_message_passes_everything(resolver: Resolver, key: SigningKey) -> None:
+    verdict = run(sign(make_message(), key, "sender.example", "s1"), resolver)
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.PASS
+    assert [d.result for d in verdict.dkim] == [AuthResult.PASS]
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PASS
+    assert verdict.action is Action.ACCEPT
+    assert verdict.authentication_results.startswith("mx.receiver.example;")
+
+
+def test_disabled_checks_are_absent(resolver: Resolver) -> None:
+    config = dataclasses.replace(
+        CONFIG,
+        spf=dataclasses.replace(CONFIG.spf, enabled=False),
+        dmarc=dataclasses.replace(CONFIG.dmarc, enabled=False),
+    )
+    verdict = run(make_message(), resolver, config)
+    assert verdict.spf is None and verdict.helo is None and verdict.dmarc is None
+    assert "spf=" not in verdict.authentication_results and "dmarc=" not in verdict.authentication_results
+
+
+def test_forged_authentication_results_are_listed_highest_index_first(resolver: Resolver) -> None:
+    extra = (
+        "Authentication-Results: mx.receiver.example; dkim=pass header.d=sender.example\r\n"
+        "Authentication-Results: other.example; spf=pass smtp.mailfrom=x@y.example\r\n"
+        "Authentication-Results: MX.Receiver.Example; dmarc=pass header.from=sender.example\r\n"
+    )
+    verdict = run(make_message(extra_headers=extra), resolver)
+    assert verdict.forged_authentication_results == (3, 1)
+
+
+class ExplodingSource:
+    """A source with a bug in it: the pipeline must contain the failure."""
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        raise RuntimeError("resolver bug")
+
+
+def test_internal_error_tempfails_and_logs_queue_id(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR):
+        verdict = run(make_message(), Resolver(ExplodingSource()), queue_id="QID42")
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("451", "4.3.0")
+    assert "QID42" in caplog.text and "resolver bug" in caplog.text
+    assert verdict.authentication_results.startswith("mx.receiver.example;")
+
+
+# --- Bad input: each ends in a defined result, never a traceback. ---
+
+
+def test_message_without_header_body_separator(resolver: Resolver) -> None:
+    verdict = run(b"From: bob@sender.example\r\nSubject: no body", resolver)
+    assert verdict.dmarc is not None and verdict.dmarc.from_domain == "sender.example"
+    assert verdict.action is Action.ACCEPT  # SPF passes aligned
+
+
+def test_bare_lf_message_verifies(resolver: Resolver, key: SigningKey) -> None:
+    signed = sign(make_message(), key, "sender.example", "s1").replace(b"\r\n", b"\n")
+    verdict = run(signed, resolver, client_ip="203.0.113.9")
+    assert [d.result for d in verdict.dkim] == [AuthResult.PASS]
+    assert verdict.action is Action.ACCEPT
+
+
+def test_eight_bit_headers(resolver: Resolver) -> None:
+    raw = b"From: =?utf-8?q?B=C3=B6b?= <bob@sender.example>\r\nSubject: caf\xc3\xa9 \xff\xfe\r\n\r\nbody\r\n"
+    verdict = run(raw, resolver)
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PASS
+
+
+def test_ten_thousand_headers(resolver: Resolver) -> None:
+    raw = b"From: bob@sender.example\r\n" + b"X-Junk: 1\r\n" * 10000 + b"\r\nbody\r\n"
+    verdict = run(raw, resolver)
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PASS
+
+
+def test_fifty_megabyte_body(resolver: Resolver, key: SigningKey) -> None:
+    raw = make_message(body="x" * 998 + "\r\n") + (b"y" * 998 + b"\r\n") * 50_000
+    verdict = run(sign(raw, key, "sender.example", "s1"), resolver, client_ip="203.0.113.9")
+    assert [d.result for d in verdict.dkim] == [AuthResult.PASS]
+
+
+def test_two_spf_records_are_permerror(resolver: Resolver) -> None:
+    verdict = run(make_message(from_header="a@twospf.example"), resolver, mail_from="a@twospf.example")
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.PERMERROR
+
+
+def test_dmarc_record_with_junk_tags_still_applies(resolver: Resolver) -> None:
+    verdict = run(make_message(), resolver, client_ip="203.0.113.9")
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.FAIL
+    assert verdict.action is Action.REJECT
+
+
+def test_dkim_key_with_bad_base64_is_permerror(resolver: Resolver, key: SigningKey) -> None:
+    verdict = run(sign(make_message(), key, "sender.example", "badkey"), resolver)
+    assert [d.result for d in verdict.dkim] == [AuthResult.PERMERROR]
+
+
+def test_several_from_fields_reject(resolver: Resolver) -> None:
+    raw = b"From: bob@sender.example\r\nFrom: eve@evil.example\r\nSubject: x\r\n\r\nbody\r\n"
+    verdict = run(raw, resolver)
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PERMERROR
+    assert verdict.action is Action.REJECT and verdict.reply is not None and verdict.reply.code == "550"
+
+
+def test_empty_message(resolver: Resolver, tmp_path: Path) -> None:
+    verdict = run(b"", resolver)
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PERMERROR
