@@ -20,5 +20,8 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Authoritati
     except DnsServerMissing as e:
         # A missing server is a broken set-up, not a reason to skip the tests that need it.
         raise pytest.fail.Exception(str(e), pytrace=False) from None
+    # The parent of every test zone: names outside the child zones get NXDOMAIN, as from real DNS,
+    # instead of REFUSED (which a resolver reports as a temporary failure).
+    server.add_zone("example", "")
     with server:
         yield server

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from authmilter.cli import main, parse_args, parse_nameserver
+from dnsserver import AuthoritativeDns, free_port
 from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, zone_txt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,3 +384,70 @@ def test_parse_nameserver(text: str, parsed: tuple[str, int | None]) -> None:
 def test_parse_nameserver_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_nameserver(text)
+
+
+@pytest.fixture(scope="module")
+def published(dns_server: AuthoritativeDns, keys: dict[str, SigningKey]) -> AuthoritativeDns:
+    """cli.example published on the real authoritative server."""
+    dns_server.add_zone(
+        "cli.example",
+        '@ IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
+        '_dmarc IN TXT "v=DMARC1; p=reject"\n'
+        f"ed1._domainkey IN TXT {zone_txt(keys['ed'].txt_record())}\n",
+    )
+    dns_server.reload()
+    return dns_server
+
+
+def check_with_nameserver(nameserver: str, message: bytes, *extra: str) -> dict[str, object]:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "authmilter",
+            "check",
+            "--client-ip",
+            OUTSIDE_IP,
+            "--helo",
+            "mx.cli.example",
+            "--mail-from",
+            "bob@cli.example",
+            "--nameserver",
+            nameserver,
+            "--json",
+            *extra,
+            "-",
+        ],
+        input=message,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    verdict: dict[str, object] = json.loads(result.stdout)
+    return verdict
+
+
+def test_nameserver_asks_real_dns(published: AuthoritativeDns, keys: dict[str, SigningKey]) -> None:
+    message = sign(make_message(from_header="bob@cli.example"), keys["ed"], "cli.example", "ed1")
+    verdict = check_with_nameserver(f"{published.host}:{published.port}", message)
+    assert verdict["spf"]["result"] == "fail"  # type: ignore[index]
+    assert verdict["dkim"][0]["result"] == "pass"  # type: ignore[index]
+    assert verdict["dmarc"]["result"] == "pass" and verdict["action"] == "accept"  # type: ignore[index]
+    unsigned = check_with_nameserver(
+        f"{published.host}:{published.port}", make_message(from_header="bob@cli.example")
+    )
+    assert unsigned["action"] == "reject"
+
+
+def test_dns_outage_tempfails(tmp_path: Path) -> None:
+    config = tmp_path / "fast.toml"
+    config.write_text("[dns]\ntimeout = 1.0\n")
+    silent = f"127.0.0.1:{free_port('127.0.0.1')}"  # nothing answers there
+    verdict = check_with_nameserver(
+        silent, make_message(from_header="bob@cli.example"), "--config", str(config)
+    )
+    assert verdict["spf"]["result"] == "temperror"  # type: ignore[index]
+    assert verdict["dmarc"]["result"] == "temperror"  # type: ignore[index]
+    assert verdict["action"] == "tempfail"
+    assert verdict["smtp_reply"]["code"] == "451"  # type: ignore[index]
