@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,3 +25,19 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Authoritati
     server.add_zone("example", "")
     with server:
         yield server
+
+
+_CONFORMANCE_LINES: list[str] = []
+
+
+@pytest.fixture
+def conformance_report() -> Callable[[str], None]:
+    """Record a conformance-suite pass count; it is printed in the summary of every run."""
+    return _CONFORMANCE_LINES.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _CONFORMANCE_LINES:
+        terminalreporter.section("conformance suites")
+        for line in _CONFORMANCE_LINES:
+            terminalreporter.write_line(line)

@@ -12,7 +12,7 @@ the explanation is the same (``DEFAULT`` meaning pyspf's default text for that r
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,10 +234,10 @@ def test_case(key: str, outcomes: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("suite", list(SUITES))
-def test_pass_count(suite: str, outcomes: dict[str, str]) -> None:
+def test_pass_count(suite: str, outcomes: dict[str, str], conformance_report: Callable[[str], None]) -> None:
     mine = {key: problem for key, problem in outcomes.items() if CASES[key].suite == suite}
     passed = sum(1 for problem in mine.values() if not problem)
     failed = sorted(key for key, problem in mine.items() if problem)
     summary = f"SPF suite {suite}: {passed}/{len(mine)} passed"
-    print(summary)
+    conformance_report(summary)
     assert failed == sorted(k for k in EXPECTED_DIFFERENCES if k in mine), f"{summary}; failing: {failed}"
