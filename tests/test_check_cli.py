@@ -39,69 +39,66 @@ def zones(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey])
     return folder
 
 
-def check(
-    zones: Path,
-    message: bytes,
-    tmp_path: Path,
-    *extra: str,
+def run_cli(*argv: str, stdin: bytes | None = None, cwd: Path | None = None) -> str:
+    """Run the installed command as a user would; it must succeed without a traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "authmilter", *argv],
+        input=stdin,
+        capture_output=True,
+        cwd=cwd,
+        timeout=60,
+        check=False,
+    )
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    return result.stdout.decode()
+
+
+def envelope(
     client_ip: str = OUTSIDE_IP,
+    helo: str = "mx.sender.example",
     mail_from: str = "bob@sender.example",
-) -> dict[str, object]:
-    path = tmp_path / "message.eml"
-    path.write_bytes(message)
-    argv = [
+    authserv_id: str = "mx.receiver.example",
+) -> list[str]:
+    return [
         "check",
         "--client-ip",
         client_ip,
         "--helo",
-        "mx.sender.example",
+        helo,
         "--mail-from",
         mail_from,
         "--authserv-id",
-        "mx.receiver.example",
-        "--json",
-        *extra,
-        str(path),
+        authserv_id,
     ]
-    for zone in sorted(zones.glob("*.zone")):
-        argv[1:1] = ["--zone", str(zone)]
-    result = subprocess.run(
-        [sys.executable, "-m", "authmilter", *argv], capture_output=True, text=True, timeout=60, check=False
+
+
+def check(
+    zones: Path,
+    message: bytes,
+    *extra: str,
+    client_ip: str = OUTSIDE_IP,
+    mail_from: str = "bob@sender.example",
+) -> dict[str, object]:
+    """The JSON verdict for ``message`` with every zone file of ``zones``."""
+    zone_args = [arg for zone in sorted(zones.glob("*.zone")) for arg in ("--zone", str(zone))]
+    output = run_cli(
+        *envelope(client_ip, mail_from=mail_from), *zone_args, "--json", *extra, "-", stdin=message
     )
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    verdict: dict[str, object] = json.loads(result.stdout)
+    verdict: dict[str, object] = json.loads(output)
     return verdict
 
 
 def test_readme_example_prints_the_header() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "authmilter",
-            "check",
-            "--client-ip",
-            "192.0.2.10",
-            "--helo",
-            "mx.sender.example",
-            "--mail-from",
-            "bob@sender.example",
-            "--zone",
-            "tests/zones/sender.example.zone",
-            "--authserv-id",
-            "mx.receiver.example",
-            "tests/zones/message.eml",
-        ],
+    output = run_cli(
+        *envelope("192.0.2.10"),
+        "--zone",
+        "tests/zones/sender.example.zone",
+        "tests/zones/message.eml",
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
     )
-    assert result.returncode == 0, result.stderr
-    header = result.stdout.splitlines()[0]
-    assert header.startswith("Authentication-Results: mx.receiver.example;")
+    assert output.splitlines()[0] == "Authentication-Results: mx.receiver.example;"
     for part in (
         "spf=pass smtp.mailfrom=bob@sender.example",
         "spf=pass smtp.helo=mx.sender.example",
@@ -109,8 +106,8 @@ def test_readme_example_prints_the_header() -> None:
         "dmarc=pass",
         "header.from=sender.example",
     ):
-        assert part in result.stdout
-    assert "action: accept" in result.stdout
+        assert part in output
+    assert "action: accept" in output
 
 
 def test_rsa_and_ed25519_signatures_pass_and_align(
@@ -119,7 +116,7 @@ def test_rsa_and_ed25519_signatures_pass_and_align(
     message = sign(
         sign(make_message(), keys["rsa"], "sender.example", "rsa1"), keys["ed"], "sender.example", "ed1"
     )
-    verdict = check(zones, message, tmp_path)
+    verdict = check(zones, message)
     dkim = verdict["dkim"]
     assert isinstance(dkim, list)
     assert [(d["result"], d["algorithm"], d["selector"], d["domain"]) for d in dkim] == [
@@ -147,7 +144,7 @@ def test_rsa_and_ed25519_signatures_pass_and_align(
 
 
 def test_spoofed_message_is_rejected_with_550(zones: Path, tmp_path: Path) -> None:
-    verdict = check(zones, make_message(), tmp_path)
+    verdict = check(zones, make_message())
     assert verdict["dkim"] == []
     assert verdict["dmarc"]["result"] == "fail"  # type: ignore[index]
     assert verdict["dmarc"]["disposition"] == "reject"  # type: ignore[index]
@@ -160,67 +157,53 @@ def test_spoofed_message_is_rejected_with_550(zones: Path, tmp_path: Path) -> No
 
 def test_tampered_body_fails_dkim_and_dmarc(zones: Path, keys: dict[str, SigningKey], tmp_path: Path) -> None:
     message = sign(make_message(), keys["rsa"], "sender.example", "rsa1").replace(b"tomorrow", b"today!!!")
-    verdict = check(zones, message, tmp_path)
+    verdict = check(zones, message)
     assert verdict["dkim"][0]["result"] == "fail"  # type: ignore[index]
     assert verdict["action"] == "reject"
 
 
-def test_quarantine_policy(zones: Path, tmp_path: Path) -> None:
-    verdict = check(
-        zones, make_message(from_header="q@quarantine.example"), tmp_path, mail_from="q@quarantine.example"
-    )
+def test_quarantine_policy(zones: Path) -> None:
+    verdict = check(zones, make_message(from_header="q@quarantine.example"), mail_from="q@quarantine.example")
     assert verdict["dmarc"]["disposition"] == "quarantine" and verdict["action"] == "quarantine"  # type: ignore[index]
 
 
 def test_config_policy_applies(zones: Path, tmp_path: Path) -> None:
     config = tmp_path / "trial.toml"
     config.write_text("[policy]\nenforce = false\n")
-    verdict = check(zones, make_message(), tmp_path, "--config", str(config))
+    verdict = check(zones, make_message(), "--config", str(config))
     assert verdict["dmarc"]["result"] == "fail" and verdict["action"] == "accept"  # type: ignore[index]
 
 
 def test_no_from_header_is_permerror_and_rejected(zones: Path, tmp_path: Path) -> None:
     message = b"To: alice@receiver.example\r\nSubject: x\r\n\r\nbody\r\n"
-    verdict = check(zones, message, tmp_path, client_ip="192.0.2.10")
+    verdict = check(zones, message, client_ip="192.0.2.10")
     assert verdict["dmarc"]["result"] == "permerror"  # type: ignore[index]
     assert verdict["action"] == "reject"
     assert verdict["smtp_reply"]["code"] == "550"  # type: ignore[index]
 
 
-def test_stdin_and_text_output(zones: Path, keys: dict[str, SigningKey]) -> None:
+def test_stdin_and_text_output(zones: Path, keys: dict[str, SigningKey], tmp_path: Path) -> None:
     message = sign(make_message(), keys["ed"], "sender.example", "ed1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "authmilter",
-            "check",
-            "--client-ip",
-            "192.0.2.10",
-            "--helo",
-            "mx.sender.example",
-            "--mail-from",
-            "<>",
-            "--zone",
-            str(zones / "sender.example.zone"),
-            "--authserv-id",
-            "mx.r.example",
-            "-",
-        ],
-        input=message,
-        capture_output=True,
-        timeout=60,
-        check=False,
+    path = tmp_path / "signed.eml"
+    path.write_bytes(message)
+    from_file = run_cli(
+        *envelope("192.0.2.10", mail_from="<>"), "--zone", str(zones / "sender.example.zone"), str(path)
     )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout.decode()
+    from_stdin = run_cli(
+        *envelope("192.0.2.10", mail_from="<>"),
+        "--zone",
+        str(zones / "sender.example.zone"),
+        "-",
+        stdin=message,
+    )
+    assert from_file == from_stdin
     # Null sender: the MAIL FROM identity is postmaster@<helo> (RFC 7208 §2.4).
-    assert "smtp.mailfrom=postmaster@mx.sender.example" in out
-    assert "dkim=pass" in out and "header.s=ed1" in out
+    assert "smtp.mailfrom=postmaster@mx.sender.example" in from_stdin
+    assert "dkim=pass" in from_stdin and "header.s=ed1" in from_stdin
 
 
 def test_json_verdict_has_the_documented_keys(zones: Path, tmp_path: Path) -> None:
-    verdict = check(zones, make_message(), tmp_path)
+    verdict = check(zones, make_message())
     assert set(verdict) >= {
         "version",
         "spf",
@@ -248,121 +231,51 @@ def test_json_verdict_has_the_documented_keys(zones: Path, tmp_path: Path) -> No
         assert f"`{key}`" in documented, f"{key} is not documented in docs/verdict-json.md"
 
 
+EXAMPLE_MESSAGE = str(ROOT / "tests" / "zones" / "message.eml")
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--zone", "/nonexistent/x.zone"], "/nonexistent/x.zone: cannot read zone file"),
-        (["--config", "/nonexistent/a.toml"], "/nonexistent/a.toml: cannot read config file"),
+        (["--zone", "/nonexistent/x.zone", EXAMPLE_MESSAGE], "/nonexistent/x.zone: cannot read zone file"),
+        (
+            ["--config", "/nonexistent/a.toml", EXAMPLE_MESSAGE],
+            "/nonexistent/a.toml: cannot read config file",
+        ),
+        (["/nonexistent/nope.eml"], "/nonexistent/nope.eml: cannot read the message"),
     ],
 )
 def test_file_errors_exit_1_with_a_clear_message(
     extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status = main(
-        [
-            "check",
-            "--client-ip",
-            "192.0.2.1",
-            "--helo",
-            "h.example",
-            "--mail-from",
-            "a@b.example",
-            *extra,
-            str(ROOT / "tests" / "zones" / "message.eml"),
-        ]
-    )
-    assert status == 1
+    assert main([*envelope("192.0.2.1"), *extra]) == 1
     assert message in capsys.readouterr().err
 
 
-def test_unreadable_message_and_broken_zone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_broken_zone_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     zone = tmp_path / "broken.example.zone"
-    zone.write_text("$TTL 300\n@ IN SOA ns hostmaster 1 2 3 4 5\n@ IN TXT\n")
-    assert (
-        main(
-            [
-                "check",
-                "--client-ip",
-                "192.0.2.1",
-                "--helo",
-                "h",
-                "--mail-from",
-                "",
-                "--zone",
-                str(zone),
-                str(ROOT / "tests" / "zones" / "message.eml"),
-            ]
-        )
-        == 1
-    )
-    assert str(zone) in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "check",
-                "--client-ip",
-                "192.0.2.1",
-                "--helo",
-                "h",
-                "--mail-from",
-                "",
-                str(tmp_path / "nope.eml"),
-            ]
-        )
-        == 1
-    )
-    assert "nope.eml: cannot read the message" in capsys.readouterr().err
+    zone.write_text("$TTL 300\n@ IN SOA ns hostmaster 1 2 3 4 5\n@ IN MX ten mx\n")
+    assert main([*envelope("192.0.2.1"), "--zone", str(zone), EXAMPLE_MESSAGE]) == 1
+    assert f"{zone}:3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    "argv",
+    "extra",
     [
-        ["check", "--client-ip", "999.1.1.1", "--helo", "h", "--mail-from", "", "m"],
-        [
-            "check",
-            "--client-ip",
-            "192.0.2.1",
-            "--helo",
-            "h",
-            "--mail-from",
-            "",
-            "--zone",
-            "z",
-            "--nameserver",
-            "127.0.0.1",
-            "m",
-        ],
-        [
-            "check",
-            "--client-ip",
-            "192.0.2.1",
-            "--helo",
-            "h",
-            "--mail-from",
-            "",
-            "--nameserver",
-            "ns.example",
-            "m",
-        ],
-        [
-            "check",
-            "--client-ip",
-            "192.0.2.1",
-            "--helo",
-            "h",
-            "--mail-from",
-            "",
-            "--nameserver",
-            "127.0.0.1:53",
-            "--nameserver",
-            "127.0.0.2:5353",
-            "m",
-        ],
+        ["--zone", "z", "--nameserver", "127.0.0.1"],
+        ["--nameserver", "ns.example"],
+        ["--nameserver", "127.0.0.1:53", "--nameserver", "127.0.0.2:5353"],
     ],
 )
-def test_usage_errors(argv: list[str]) -> None:
+def test_usage_errors(extra: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        parse_args(argv)
+        parse_args([*envelope("192.0.2.1"), *extra, "m"])
+    assert info.value.code == 2
+
+
+def test_client_ip_must_be_an_address() -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args([*envelope("999.1.1.1"), "m"])
     assert info.value.code == 2
 
 
@@ -400,31 +313,16 @@ def published(dns_server: AuthoritativeDns, keys: dict[str, SigningKey]) -> Auth
 
 
 def check_with_nameserver(nameserver: str, message: bytes, *extra: str) -> dict[str, object]:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "authmilter",
-            "check",
-            "--client-ip",
-            OUTSIDE_IP,
-            "--helo",
-            "mx.cli.example",
-            "--mail-from",
-            "bob@cli.example",
-            "--nameserver",
-            nameserver,
-            "--json",
-            *extra,
-            "-",
-        ],
-        input=message,
-        capture_output=True,
-        timeout=60,
-        check=False,
+    output = run_cli(
+        *envelope(helo="mx.cli.example", mail_from="bob@cli.example"),
+        "--nameserver",
+        nameserver,
+        "--json",
+        *extra,
+        "-",
+        stdin=message,
     )
-    assert result.returncode == 0, result.stderr
-    verdict: dict[str, object] = json.loads(result.stdout)
+    verdict: dict[str, object] = json.loads(output)
     return verdict
 
 
