@@ -41,19 +41,55 @@ class MilterSettings:
 
     Attributes:
         socket: where the daemon listens (``inet:PORT@HOST``, ``inet6:PORT@HOST``, ``unix:PATH``).
+        socket_mode: permissions of a unix socket, octal text (e.g. "0660").
+        socket_group: group of a unix socket (e.g. "postfix"); empty = the daemon's group.
+        workers: worker processes; 0 = one per CPU.
+        shutdown_timeout: seconds in-flight messages get to finish on SIGTERM.
         authserv_id: the name in our Authentication-Results (RFC 8601 §2.5); empty = this host's name.
         max_headers: header fields kept per message; more are dropped and the message is still checked.
+        body_memory_limit: body bytes kept in memory; beyond, the body is spooled to a temporary file.
+        quarantine: how quarantine is applied: "hold" (the MTA's hold queue, via the milter
+            quarantine action) or "header" (an X-Authmilter-Quarantine header is added).
+        internal_hosts: client networks whose mail is not verified (it is outbound mail).
+        skip_authenticated: do not verify mail from SASL-authenticated clients.
     """
 
     socket: str = "inet:8891@127.0.0.1"
+    socket_mode: str = "0660"
+    socket_group: str = ""
+    workers: int = 0
+    shutdown_timeout: float = 30.0
     authserv_id: str = ""
     max_headers: int = 1000
+    body_memory_limit: int = 1048576
+    quarantine: str = "hold"
+    internal_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    skip_authenticated: bool = True
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """Section ``[log]``.
+
+    Attributes:
+        destination: "stderr" (journald under systemd) or "syslog".
+        level: "debug", "info", "warning" or "error".
+        syslog_facility: the facility for "syslog" (e.g. "mail", "local0").
+    """
+
+    destination: str = "stderr"
+    level: str = "info"
+    syslog_facility: str = "mail"
 
 
 @dataclass(frozen=True)
 class Config:
     path: str
     milter: MilterSettings = field(default_factory=MilterSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
     spf: SpfSettings = field(default_factory=SpfSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
@@ -73,6 +109,7 @@ class Config:
 
 SECTIONS: dict[str, type[Any]] = {
     "milter": MilterSettings,
+    "log": LogSettings,
     "dns": DnsSettings,
     "spf": SpfSettings,
     "dkim": DkimSettings,
@@ -83,6 +120,9 @@ SECTIONS: dict[str, type[Any]] = {
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
 RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("milter", "max_headers"): (10, 100000),
+    ("milter", "workers"): (0, 64),
+    ("milter", "shutdown_timeout"): (1, 600),
+    ("milter", "body_memory_limit"): (65536, 1 << 30),
     ("dns", "port"): (1, 65535),
     ("dns", "timeout"): (0.1, 60),
     ("dns", "cache_size"): (0, 10_000_000),
@@ -95,6 +135,10 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
 
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("dmarc", "org_domain"): frozenset({"treewalk", "psl"}),
+    ("milter", "quarantine"): frozenset({"hold", "header"}),
+    ("log", "destination"): frozenset({"stderr", "syslog"}),
+    ("log", "level"): frozenset({"debug", "info", "warning", "error"}),
+    ("log", "syslog_facility"): frozenset({"mail", "daemon", "user", *(f"local{i}" for i in range(8))}),
     **{("policy", k): frozenset(a.value for a in v) for k, v in ALLOWED_FAILURE_ACTIONS.items()},
 }
 
@@ -253,11 +297,27 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
             raise ValueError(f"'{plain}' is not one of: {', '.join(sorted(choices))}")
     if (section, key) in PATH_KEYS:
         return _resolve_paths(value, path)
+    if (section, key) == ("milter", "socket_mode") and not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
+    if (section, key) == ("milter", "socket"):
+        _check_socket(value)
     if (section, key) == ("milter", "authserv_id") and value:
         return sanitize_authserv_id(value)
     if (section, key) == ("policy", "never_reject_domains"):
         return tuple(d.lower().rstrip(".") for d in value)
     return value
+
+
+def _check_socket(value: str) -> None:
+    """libmilter's connection strings: unix:PATH, local:PATH, inet:PORT@HOST, inet6:PORT@HOST."""
+    kind, _, rest = value.partition(":")
+    if kind in ("unix", "local") and rest.startswith("/"):
+        return
+    if kind in ("inet", "inet6"):
+        port, _, host = rest.partition("@")
+        if port.isdigit() and 0 < int(port) < 65536 and host:
+            return
+    raise ValueError(f"'{value}' is not a milter socket: use inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH")
 
 
 def _resolve_paths(value: Any, path: Path) -> Any:
