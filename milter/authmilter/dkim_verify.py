@@ -339,13 +339,16 @@ def _verify_one(
     return _result(AuthResult.PASS, tags, note, testing)
 
 
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
 def _signature_headers_of_unparseable(message: bytes) -> list[bytes]:
     """DKIM-Signature values of a header section dkimpy refuses, read line by line."""
     values: list[bytes] = []
     in_signature = False
-    for line in re.split(rb"\r?\n", message):
-        if not line:
-            break
+    # Only the header section: the body may be tens of megabytes.
+    end = _HEADER_END.search(message)
+    for line in re.split(rb"\r?\n", message[: end.start()] if end else message):
         if line[:1] in (b" ", b"\t"):
             if in_signature:
                 values[-1] += line + b"\r\n"
