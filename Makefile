@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/authmilter.toml
-# knot: the authoritative DNS server the tests run on loopback.
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot
+# knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
+# unit's test.
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint deps apt clean

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from authmilter.actions import FailureAction
-from authmilter.config import ConfigError, default_config, load_config, parse_config
+from authmilter.config import SECTIONS, ConfigError, default_config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_config_is_valid_and_documents_the_defaults() -> None:
     shipped = load_config(ROOT / "conf" / "authmilter.toml")
     defaults = default_config()
-    for section in ("milter", "dns", "spf", "dkim", "dmarc", "policy"):
+    for section in SECTIONS:
         assert getattr(shipped, section) == getattr(defaults, section), section
 
 
 def test_every_setting_is_documented_in_the_shipped_config() -> None:
     text = (ROOT / "conf" / "authmilter.toml").read_text()
     config = default_config()
-    for section in ("milter", "dns", "spf", "dkim", "dmarc", "policy"):
+    for section in SECTIONS:
         assert f"[{section}]" in text
         for field in dataclasses.fields(getattr(config, section)):
             assert f"{field.name} =" in text, f"[{section}] {field.name} is not documented"
@@ -97,6 +97,7 @@ def test_files_named_must_be_readable(tmp_path: Path, text: str) -> None:
         ("[milter]\nsocket = 'unix:relative/sock'\n", "is not a milter socket"),
         ("[milter]\nsocket_mode = '0999'\n", "'0999' is not an octal mode"),
         ("[milter]\nquarantine = 'discard'\n", "'discard' is not one of: header, hold"),
+        ("[history]\npath = 'history.jsonl'\n", ":2: [history] path: must be an absolute path"),
         ("[log]\nlevel = 'verbose'\n", "'verbose' is not one of: debug, error, info, warning"),
         ("[dkim\n", "TOML syntax error"),
         ("dkim = 3\n", "dkim must be a [table]"),

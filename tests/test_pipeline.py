@@ -109,6 +109,12 @@ def test_internal_error_tempfails_and_logs_queue_id(caplog: pytest.LogCaptureFix
     assert verdict.authentication_results.startswith("mx.receiver.example;")
 
 
+def test_internal_error_still_lists_forged_authentication_results() -> None:
+    forged = "Authentication-Results: mx.receiver.example; dmarc=pass header.from=sender.example\r\n"
+    verdict = run(make_message(extra_headers=forged), Resolver(ExplodingSource()))
+    assert verdict.forged_authentication_results == (1,)
+
+
 # --- Bad input: each ends in a defined result, never a traceback. ---
 
 

@@ -27,6 +27,7 @@ from authmilter.actions import ALLOWED_FAILURE_ACTIONS, FailureAction, PolicySet
 from authmilter.authresults import sanitize_authserv_id
 from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
+from authmilter.history import HistorySettings
 from authmilter.resolver import DnsSettings
 from authmilter.spf_check import SpfSettings
 
@@ -95,6 +96,7 @@ class Config:
     dkim: DkimSettings = field(default_factory=DkimSettings)
     dmarc: DmarcSettings = field(default_factory=DmarcSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
 
     @functools.cached_property
     def authserv_id(self) -> str:
@@ -115,6 +117,7 @@ SECTIONS: dict[str, type[Any]] = {
     "dkim": DkimSettings,
     "dmarc": DmarcSettings,
     "policy": PolicySettings,
+    "history": HistorySettings,
 }
 
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
@@ -301,6 +304,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):
         _check_socket(value)
+    if (section, key) == ("history", "path") and value and not value.startswith("/"):
+        raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:
         return sanitize_authserv_id(value)
     if (section, key) == ("policy", "never_reject_domains"):

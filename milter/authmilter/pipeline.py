@@ -69,6 +69,12 @@ def evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Ve
             e,
         )
         decision = internal_error_decision(type(e).__name__, config.policy)
+        try:
+            # Forged A-R are hostile whatever else failed; with internal_error = "accept" they must go.
+            forged = find_forged_authentication_results(transaction.message.headers, config.authserv_id)
+        except Exception:
+            log.exception("queue_id=%s cannot inspect Authentication-Results", transaction.queue_id or "-")
+            forged = ()
         return Verdict(
             spf=None,
             helo=None,
@@ -78,6 +84,7 @@ def evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Ve
             reply=decision.reply,
             reason=decision.reason,
             authentication_results=render_authentication_results(config.authserv_id, None, None, (), None),
+            forged_authentication_results=forged,
         )
 
 

@@ -1,0 +1,653 @@
+"""The milter adapter: the only ``Milter.Base`` subclass (STYLE.md §5, §6).
+
+It gathers what the MTA tells, builds one :class:`~authmilter.pipeline.Transaction` per message,
+calls ``pipeline.evaluate`` at end of message and applies the :class:`~authmilter.model.Verdict`.
+It decides nothing of its own, beyond what only the edge can know: whether the client is an internal
+host or authenticated (those messages are not verified), and that one of its own callbacks failed.
+
+Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
+
+- Every callback before end of message only gathers input, so it is ``@Milter.noreply``: the MTA
+  does not wait for it. Nothing can be refused there either; a failure in one is kept and applied at
+  end of message, the one place a decision is made.
+- Callbacks we do not define (``data``, ``eoh``, ``unknown``) are switched off, and only the
+  actions we use are asked for: add/insert headers, change (delete) headers, quarantine.
+- The body is spooled: in memory up to ``[milter] body_memory_limit``, then in a temporary file,
+  so many large concurrent messages do not exhaust memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import logging
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, Protocol
+
+import Milter
+
+from authmilter import dkim_rsa
+from authmilter.actions import internal_error_decision
+from authmilter.authresults import (
+    HEADER_NAME,
+    find_forged_authentication_results,
+    render_authentication_results,
+)
+from authmilter.config import Config
+from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
+from authmilter.message import (
+    KEY_FIELDS,
+    MessageHeaders,
+    ParsedMessage,
+    assemble_message,
+    headers_from_pairs,
+    parse_from,
+)
+from authmilter.model import Action, Verdict
+from authmilter.pipeline import Connection, Transaction, evaluate
+from authmilter.resolver import Resolver, build_resolver
+
+log = logging.getLogger(__name__)
+
+MILTER_NAME = "authmilter"
+# The only actions we take (smfi_register flags and negotiation): insert our A-R and the quarantine
+# header, delete forged A-R (smfi_chgheader with an empty value), hold the message.
+ACTIONS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+# Recipients kept per message (history rows need the envelope-to domain, not thousands of them).
+# RFC 5321 §4.5.3.1.8 asks servers to take at least 100; Postfix's smtpd_recipient_limit is 1000.
+MAX_RECIPIENTS = 1000
+# Log values come from the network: one line each, bounded.
+MAX_LOG_VALUE = 200
+QUARANTINE_HEADER = "X-Authmilter-Quarantine"
+MAX_QUARANTINE_REASON = 200
+# The macros we read (Postfix sends them by default: milter_connect_macros, milter_mail_macros,
+# milter_end_of_data_macros). `i` is the queue id; Postfix may only know it at end of message.
+CONNECT_MACROS = ("j", "{daemon_name}")
+MAIL_MACROS = ("{auth_type}", "{auth_authen}")
+QUEUE_ID_MACRO = "i"
+# A local submission (Postfix non_smtpd_milters, no client address) is judged as loopback for the
+# internal-hosts check, as OpenDKIM does.
+LOCAL_SUBMISSION_ADDRESS = ipaddress.ip_address("127.0.0.1")
+
+_MILTER_CODES = {
+    Action.ACCEPT: Milter.ACCEPT,
+    Action.QUARANTINE: Milter.ACCEPT,
+    Action.REJECT: Milter.REJECT,
+    Action.TEMPFAIL: Milter.TEMPFAIL,
+}
+
+
+class HistorySink(Protocol):
+    """Where the record of a DMARC-evaluated message goes (history.py implements it)."""
+
+    def record(self, verdict: Verdict, transaction: Transaction, now: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a worker needs, built once per worker (and again after a reload)."""
+
+    config: Config
+    resolver: Resolver
+    history: HistorySink | None
+
+
+class HistoryRecorder:
+    """Writes one history line per DMARC-evaluated message (docs/history-schema.md)."""
+
+    def __init__(self, writer: HistoryWriter, config: Config) -> None:
+        self._writer = writer
+        self._config = config
+
+    def record(self, verdict: Verdict, transaction: Transaction, now: float) -> None:
+        if verdict.dmarc is None:
+            return
+        connection = transaction.connection
+        envelope = Envelope(
+            connection.client_ip,
+            transaction.mail_from,
+            transaction.recipients,
+            connection.helo,
+            transaction.queue_id,
+        )
+        record = make_record(verdict, envelope, self._config.authserv_id, now, self._config.dmarc.org_domain)
+        self._writer.append(record)
+
+    def reopen(self) -> None:
+        self._writer.reopen()
+
+
+def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime:
+    """Build what the milter needs from a validated config.
+
+    Args:
+        config: the configuration.
+        history: where DMARC-evaluated messages are recorded; None = the config's ``[history] path``
+            (no history when that is empty).
+
+    Returns:
+        The runtime: config, the resolver it describes, the history sink.
+
+    Raises:
+        ZoneFileError: a configured zone file is unreadable or invalid.
+        HistoryError: the history file cannot be opened.
+    """
+    resolver = build_resolver(config.dns)
+    dkim_rsa.install()
+    if history is None and config.history.path:
+        history = HistoryRecorder(HistoryWriter(config.history.path), config)
+    return Runtime(config, resolver, history)
+
+
+def serve(connection: str, runtime: Runtime, timeout: int = 600) -> None:
+    """Serve the milter protocol until libmilter stops (SIGTERM, ``Milter.stop()``).
+
+    Args:
+        connection: libmilter's connection string (``fd:N``, ``unix:PATH``, ``inet:PORT@HOST``).
+        runtime: what every connection uses.
+        timeout: seconds libmilter waits on the MTA before giving up a connection.
+    """
+    Milter.factory = functools.partial(AuthMilter, runtime)
+    Milter.set_flags(ACTIONS)
+    Milter.runmilter(MILTER_NAME, connection, timeout)
+
+
+P = ParamSpec("P")
+_Gatherer = Callable[Concatenate["AuthMilter", P], None]
+_Callback = Callable[Concatenate["AuthMilter", P], int]
+
+
+def _gathers(callback: _Gatherer[P]) -> _Callback[P]:
+    """Make a callback that only gathers input: no reply awaited, never raises.
+
+    A failure is logged and kept; end of message applies the configured failure action.
+    """
+
+    @functools.wraps(callback)
+    def contained(self: AuthMilter, *args: P.args, **kwargs: P.kwargs) -> int:
+        try:
+            callback(self, *args, **kwargs)
+        except Exception as exc:
+            self._record_failure(callback.__name__, exc)
+        return int(Milter.CONTINUE)
+
+    noreply: _Callback[P] = Milter.noreply(contained)
+    return noreply
+
+
+def _header_values_as_bytes(callback: _Callback[P]) -> _Callback[P]:
+    """Milter.decode("bytes"): header values arrive undecoded; message.py reads them as wire bytes."""
+    decoded: _Callback[P] = Milter.decode("bytes")(callback)
+    return decoded
+
+
+class _HeaderBuffer:
+    """Header callbacks, kept only as far as ``headers_from_pairs`` would keep them.
+
+    Memory stays bounded whatever the client sends: fields past ``max_headers`` are dropped, except
+    From and Authentication-Results (KEY_FIELDS), kept up to as many again. The counts let
+    :meth:`result` report ``truncated`` and ``key_fields_dropped`` exactly as if every field had
+    been passed on.
+    """
+
+    def __init__(self, max_headers: int) -> None:
+        self._max_headers = max_headers
+        self._pairs: list[tuple[str, bytes]] = []
+        self._seen = 0
+        self._key_field_dropped = False
+
+    def add(self, name: str, value: bytes) -> None:
+        # The same name normalisation and keep rule as message._FieldCollector.
+        is_key = name.rstrip(" \t").lower() in KEY_FIELDS
+        if self._seen < self._max_headers or (is_key and len(self._pairs) < 2 * self._max_headers):
+            self._pairs.append((name, value))
+        elif is_key:
+            self._key_field_dropped = True
+        self._seen += 1
+
+    def result(self) -> MessageHeaders:
+        headers = headers_from_pairs(self._pairs, self._max_headers)
+        return dataclasses.replace(
+            headers,
+            truncated=self._seen > self._max_headers,
+            key_fields_dropped=headers.key_fields_dropped or self._key_field_dropped,
+        )
+
+
+class _Message:
+    """What one message has gathered, from MAIL FROM to end of message."""
+
+    def __init__(self, max_headers: int) -> None:
+        # Headers are gathered even when MAIL FROM could not be read, so forged A-R can be deleted.
+        self.headers = _HeaderBuffer(max_headers)
+        self.connection = Connection(client_ip="", helo="")
+        self.mail_from = ""
+        self.queue_id = ""
+        self.skip_reason = ""
+        self.recipients: list[str] = []
+        # Header block, then body: the whole message is read back in one piece at end of message.
+        self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self.parsed_headers: MessageHeaders | None = None
+        self.body_offset = 0
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
+class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type information
+    """One SMTP connection: gathers each message and applies its verdict.
+
+    Args:
+        runtime: the worker's config, resolver and history sink.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+        self._config = runtime.config
+        self._client_ip = ""
+        self._client_name = ""
+        self._internal = False
+        self._helo = ""
+        self._connect_macros: dict[str, str] = {}
+        # Why a callback failed (the exception's type), for the connection or the current message.
+        self._connection_failure = ""
+        self._message_failure = ""
+        # Header changes were sent for the current message: a failure after that must not resend them.
+        self._modifying = False
+        self._message: _Message | None = None
+
+    # --- negotiation -------------------------------------------------------------------------
+
+    def negotiate(self, opts: list[int]) -> int:
+        """Ask for our actions only, and skip or do not await every step we do not need.
+
+        Args:
+            opts: actions, protocol steps and two reserved words offered by the MTA; changed in place.
+
+        Returns:
+            Milter.CONTINUE, or Milter.ALL_OPTS to leave the offer as it is if it cannot be read.
+        """
+        try:
+            offered_actions, offered_protocol = opts[0], opts[1]
+            # protocol_mask() comes from the @noreply/@nocallback marks on the callbacks; SKIP is a
+            # reply we never give.
+            self._actions = offered_actions & ACTIONS
+            self._protocol = offered_protocol & ~self.protocol_mask() & ~Milter.P_SKIP
+            opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
+        except Exception:
+            log.exception("cannot negotiate with the MTA (offer %r)", opts)
+            return int(Milter.ALL_OPTS)
+        return int(Milter.CONTINUE)
+
+    # --- gathering ---------------------------------------------------------------------------
+
+    @_gathers
+    def connect(self, hostname: str, family: int, hostaddr: object) -> None:
+        self._client_ip = client_ip_from(family, hostaddr)
+        self._client_name = _ptr_name(hostname)
+        self._connect_macros = self._macros(CONNECT_MACROS)
+        self._internal = self._is_internal(self._client_ip)
+
+    @_gathers
+    def hello(self, hostname: str) -> None:
+        self._helo = hostname
+
+    @_gathers
+    def envfrom(self, mail_from: str, *params: str) -> None:
+        self._reset_message()
+        message = self._message = _Message(self._config.milter.max_headers)
+        message.mail_from = strip_angle_brackets(mail_from)
+        message.queue_id = self._macro(QUEUE_ID_MACRO)
+        auth_macros = self._macros(MAIL_MACROS)
+        message.connection = Connection(
+            client_ip=self._client_ip,
+            helo=self._helo,
+            client_name=self._client_name,
+            macros={**self._connect_macros, **auth_macros},
+        )
+        message.skip_reason = self._skip_reason(auth_macros.get("{auth_authen}", ""))
+        if not message.skip_reason:  # a skipped message is not verified: its body is not needed
+            # Open across callbacks, so no `with`: _reset_message closes it (eom, abort, close).
+            limit = self._config.milter.body_memory_limit
+            message.spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115
+
+    @_gathers
+    def envrcpt(self, recipient: str, *params: str) -> None:
+        message = self._current_message()
+        if len(message.recipients) < MAX_RECIPIENTS:
+            message.recipients.append(strip_angle_brackets(recipient))
+
+    @_header_values_as_bytes
+    @_gathers
+    def header(self, name: str, value: bytes) -> None:
+        self._current_message().headers.add(name, value)
+
+    @_gathers
+    def body(self, chunk: bytes) -> None:
+        spool = self._start_body(self._current_message())
+        if spool is not None:
+            spool.write(chunk)
+
+    # --- end of message ----------------------------------------------------------------------
+
+    def eom(self) -> int:
+        """Evaluate the message and apply the verdict (the only callback that decides).
+
+        Returns:
+            Milter.ACCEPT (also for quarantine), Milter.REJECT or Milter.TEMPFAIL.
+        """
+        started = time.perf_counter()
+        try:
+            return self._end_of_message(started)
+        except Exception as exc:
+            self._record_failure("eom", exc)
+            return self._end_failed_message(started)
+        finally:
+            self._reset_message()
+
+    def abort(self) -> int:
+        """The message was abandoned (RSET, QUIT, or the client went away): forget it."""
+        self._reset_message()
+        return int(Milter.CONTINUE)
+
+    def close(self) -> int:
+        """The connection is over."""
+        self._reset_message()
+        return int(Milter.CONTINUE)
+
+    def _end_of_message(self, started: float) -> int:
+        message = self._current_message()
+        message.queue_id = self._macro(QUEUE_ID_MACRO) or message.queue_id
+        if self._connection_failure or self._message_failure:
+            return self._end_failed_message(started)
+        if message.skip_reason:
+            return self._end_skipped_message(message, started)
+        transaction = self._transaction(message)
+        verdict = evaluate(transaction, self._runtime.resolver, self._config)
+        code = self._apply(verdict)
+        if verdict.dmarc is not None:
+            self._record_history(verdict, transaction)
+        self._log_verdict(message, verdict, _from_domains(transaction.message.headers), started)
+        return code
+
+    def _end_skipped_message(self, message: _Message, started: float) -> int:
+        headers = self._headers(message)
+        # Forged A-R are hostile whatever the source (RFC 8601 §5): delete them here too.
+        self._delete_authentication_results(
+            find_forged_authentication_results(headers, self._config.authserv_id)
+        )
+        log.info(
+            "queue_id=%s client=%s from=%s skipped: %s action=accept ms=%.1f",
+            _log_value(message.queue_id),
+            _log_value(message.connection.client_ip),
+            _log_value(_from_domains(headers)),
+            _log_value(message.skip_reason),
+            _elapsed_ms(started),
+        )
+        return int(Milter.ACCEPT)
+
+    def _end_failed_message(self, started: float) -> int:
+        reason = self._connection_failure or self._message_failure
+        decision = internal_error_decision(reason, self._config.policy)
+        if self._modifying and decision.action in (Action.ACCEPT, Action.QUARANTINE):
+            # The failure came while applying a verdict: its header changes are sent, send no more.
+            return int(_MILTER_CODES[decision.action])
+        try:
+            forged = find_forged_authentication_results(
+                self._headers(self._message), self._config.authserv_id
+            )
+            verdict = Verdict(
+                spf=None,
+                helo=None,
+                dkim=(),
+                dmarc=None,
+                action=decision.action,
+                reply=decision.reply,
+                reason=decision.reason,
+                authentication_results=render_authentication_results(
+                    self._config.authserv_id, None, None, (), None
+                ),
+                forged_authentication_results=forged,
+            )
+            code = self._apply(verdict)
+        except Exception:
+            log.exception("queue_id=%s cannot apply the failure action", _log_value(self._queue_id()))
+            return int(_MILTER_CODES[decision.action])
+        log.info(
+            "queue_id=%s client=%s action=%s reason=%s ms=%.1f",
+            _log_value(self._queue_id()),
+            _log_value(self._client_ip),
+            decision.action.value,
+            _log_value(decision.reason),
+            _elapsed_ms(started),
+        )
+        return code
+
+    def _transaction(self, message: _Message) -> Transaction:
+        headers = self._headers(message)
+        spool = self._start_body(message)
+        if spool is None:
+            raise RuntimeError("message to verify has no body spool")
+        spool.seek(0)
+        raw = spool.read()  # header block and body in one piece: the only copy of the message
+        return Transaction(
+            connection=message.connection,
+            mail_from=message.mail_from,
+            recipients=tuple(message.recipients),
+            # The MTA always separates header and body; its body lines end in CRLF.
+            message=ParsedMessage(headers, message.body_offset, raw, has_separator=True),
+            queue_id=message.queue_id,
+        )
+
+    # --- applying a verdict ------------------------------------------------------------------
+
+    def _apply(self, verdict: Verdict) -> int:
+        if verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            if verdict.reply is not None:
+                self.setreply(verdict.reply.code, verdict.reply.enhanced, verdict.reply.text)
+            return int(_MILTER_CODES[verdict.action])
+        # Delete before inserting ours: inserting an A-R first would shift the indices.
+        self._delete_authentication_results(verdict.forged_authentication_results)
+        # RFC 8601 §4: above the MTA's own Received, so index 0 (smfi_insheader).
+        self.addheader(HEADER_NAME, verdict.authentication_results, 0)
+        if verdict.action is Action.QUARANTINE:
+            self._quarantine(verdict.reason)
+        return int(Milter.ACCEPT)
+
+    def _delete_authentication_results(self, indices: tuple[int, ...]) -> None:
+        # The indices come highest first: deleting the last first keeps the others valid
+        # (forward deletion removes the wrong fields: OpenDKIM bug #148).
+        self._modifying = True
+        for index in indices:
+            self.chgheader(HEADER_NAME, index, "")
+
+    def _quarantine(self, reason: str) -> None:
+        text = _ascii_line(reason, MAX_QUARANTINE_REASON) or "quarantined by authmilter"
+        if self._config.milter.quarantine == "hold":
+            self.quarantine(text)
+        else:
+            self.addheader(QUARANTINE_HEADER, text)
+
+    def _record_history(self, verdict: Verdict, transaction: Transaction) -> None:
+        history = self._runtime.history
+        if history is None:
+            return
+        try:
+            history.record(verdict, transaction, time.time())
+        except HistoryError as e:
+            # A full disk would otherwise print a traceback per message.
+            log.error("queue_id=%s history record lost: %s", _log_value(transaction.queue_id), e)
+        except Exception:
+            # The message is judged already; a lost history row must not change what happens to it.
+            log.exception("queue_id=%s cannot write the history record", _log_value(transaction.queue_id))
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _current_message(self) -> _Message:
+        if self._message is None:
+            raise RuntimeError("message callback without MAIL FROM")
+        return self._message
+
+    def _headers(self, message: _Message | None) -> MessageHeaders:
+        if message is None:
+            return MessageHeaders(())
+        if message.parsed_headers is None:
+            message.parsed_headers = message.headers.result()
+        return message.parsed_headers
+
+    def _start_body(self, message: _Message) -> tempfile.SpooledTemporaryFile[bytes] | None:
+        """The spool, with the header block written first (on the first body chunk or at eom)."""
+        if message.spool is not None and message.body_offset == 0:
+            head = assemble_message(self._headers(message), b"")
+            message.spool.write(head)
+            message.body_offset = len(head)
+        return message.spool
+
+    def _reset_message(self) -> None:
+        if self._message is not None:
+            self._message.close()
+            self._message = None
+        self._message_failure = ""
+        self._modifying = False
+
+    def _record_failure(self, stage: str, exc: Exception) -> None:
+        already = self._connection_failure or self._message_failure
+        if stage in ("connect", "hello"):
+            self._connection_failure = self._connection_failure or type(exc).__name__
+        else:
+            self._message_failure = self._message_failure or type(exc).__name__
+        if not already:  # one traceback per message, not one per body chunk
+            log.exception(
+                "queue_id=%s client=%s internal error in the %s callback: %s",
+                _log_value(self._queue_id()),
+                _log_value(self._client_ip),
+                stage,
+                _log_value(str(exc)),
+            )
+
+    def _queue_id(self) -> str:
+        if self._message is not None and self._message.queue_id:
+            return self._message.queue_id
+        try:
+            return self._macro(QUEUE_ID_MACRO)
+        except Exception:  # asked while handling a failure; the context itself may be broken
+            return ""
+
+    def _macro(self, name: str) -> str:
+        value = self.getsymval(name)
+        return value if isinstance(value, str) else ""
+
+    def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
+        return {name: value for name in names if (value := self._macro(name))}
+
+    def _is_internal(self, client_ip: str) -> bool:
+        address = ipaddress.ip_address(client_ip) if client_ip else LOCAL_SUBMISSION_ADDRESS
+        return any(address in network for network in self._config.milter.internal_hosts)
+
+    def _skip_reason(self, authenticated_user: str) -> str:
+        if self._internal:
+            return "internal host"
+        if authenticated_user and self._config.milter.skip_authenticated:
+            return f"authenticated as {authenticated_user}"
+        return ""
+
+    def _log_verdict(self, message: _Message, verdict: Verdict, from_domains: str, started: float) -> None:
+        dkim = ",".join(f"{d.result.value}:{d.domain or '-'}" for d in verdict.dkim) or "none"
+        log.info(
+            "queue_id=%s client=%s from=%s spf=%s dkim=%s dmarc=%s action=%s ms=%.1f",
+            _log_value(message.queue_id),
+            _log_value(message.connection.client_ip),
+            _log_value(from_domains),
+            verdict.spf.result.value if verdict.spf else "-",
+            _log_value(dkim),
+            verdict.dmarc.result.value if verdict.dmarc else "-",
+            verdict.action.value,
+            _elapsed_ms(started),
+        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "queue_id=%s why: action=%s (%s); spf: %s; dkim: %s; dmarc: %s",
+                _log_value(message.queue_id),
+                verdict.action.value,
+                _log_value(verdict.reason),
+                _log_value(verdict.spf.explanation if verdict.spf else "-"),
+                _log_value(
+                    "; ".join(f"{d.domain}/{d.selector}: {d.reason or d.result.value}" for d in verdict.dkim)
+                    or "-"
+                ),
+                _log_value(verdict.dmarc.reason if verdict.dmarc else "-"),
+            )
+
+
+def client_ip_from(family: int, hostaddr: object) -> str:
+    """The client address from the connect callback's arguments.
+
+    Args:
+        family: the socket family (``AF_INET``, ``AF_INET6``, ``AF_UNIX``, or another for local mail).
+        hostaddr: ``(ip, port)`` for IPv4, ``(ip, port, flowinfo, scope_id)`` for IPv6, the socket
+            name for a unix socket, None when the MTA knows no address; a bare ip string (as pymilter's
+            TestCtx passes) is taken too.
+
+    Returns:
+        The address as text ("" when there is none), IPv4-mapped IPv6 as IPv4 (RFC 4291 §2.5.5.2).
+    """
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return ""
+    text = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else hostaddr
+    if not isinstance(text, str):
+        return ""
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0])  # no zone index (RFC 4007 §11)
+    except ValueError:
+        return ""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def strip_angle_brackets(path: str) -> str:
+    """The address of a MAIL FROM or RCPT TO path (RFC 5321 §4.1.2), without brackets or source route.
+
+    Args:
+        path: the path as the MTA passes it, e.g. ``<bob@example.org>``; ``<>`` is the null path.
+
+    Returns:
+        The address, "" for the null path.
+    """
+    address = path.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    if address.startswith("@") and ":" in address:  # obsolete source route: A-d-l ":" Mailbox
+        address = address.partition(":")[2]
+    return address
+
+
+def _ptr_name(hostname: str) -> str:
+    # libmilter passes "[address]" when the client has no (verified) PTR name.
+    return "" if hostname.startswith("[") else hostname
+
+
+def _from_domains(headers: MessageHeaders) -> str:
+    return ",".join(parse_from(headers).domains) or "-"
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _log_value(value: str) -> str:
+    """One line, bounded: a value from the network must not forge or flood log lines."""
+    cleaned = "".join(char if char.isprintable() else "?" for char in value[:MAX_LOG_VALUE])
+    return (cleaned + "..." if len(value) > MAX_LOG_VALUE else cleaned) or "-"
+
+
+def _ascii_line(text: str, limit: int) -> str:
+    # Printable ASCII only: the quarantine reason and header value go to the MTA as they are.
+    return "".join(char if " " <= char <= "~" else "?" for char in text[:limit]).strip()

@@ -1,0 +1,723 @@
+"""The milter adapter driven callback by callback, as an MTA would, with pymilter's TestCtx.
+
+What TestCtx cannot do, and what stands in for it here: its ``chgheader`` ignores the index (it
+deletes every field of that name), its ``addheader`` ignores the insert position, its
+``quarantine`` raises, its ``_connect`` passes the address as a bare string and gives up on a
+NOREPLY answer, and its ``_negotiate`` changes the class's default offer in place. ``MtaCtx`` below
+keeps TestCtx for everything else and plays the MTA for those: it records every change with its
+index and applies it to the header list the way Postfix numbers fields (1-based per name, insert
+at 0 = top), so the tests check the resulting header block, not just the calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import re
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import dns.name
+import dns.rdatatype
+import Milter
+import pytest
+from Milter import testctx
+
+from authmilter import dkim_rsa
+from authmilter.actions import FailureAction
+from authmilter.config import Config, default_config
+from authmilter.history import HistorySettings, read_history
+from authmilter.milter_app import (
+    ACTIONS,
+    MAX_RECIPIENTS,
+    AuthMilter,
+    HistoryRecorder,
+    Runtime,
+    build_runtime,
+    client_ip_from,
+    serve,
+    strip_angle_brackets,
+)
+from authmilter.model import AuthResult, Verdict
+from authmilter.pipeline import Transaction
+from authmilter.resolver import DnsAnswer, DnsSettings, Resolver, ZoneFileSource, tempfail
+from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, zone_txt
+
+AUTHSERV_ID = "mx.receiver.example"
+INSIDE_IP = "192.0.2.10"  # allowed by sender.example's SPF record
+OUTSIDE_IP = "203.0.113.5"  # not allowed
+SOA = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
+DNS_DOWN = dns.name.from_text("dnsdown.example.")
+RESOLVER_BUG = dns.name.from_text("bug.example.")
+A_R = "Authentication-Results"
+# Everything libmilter 1.0.1 can offer.
+MTA_OFFER = (Milter.CURR_ACTS, 0x1FFFFF, 0, 0)
+LOGGER = "authmilter.milter_app"
+
+
+# --- the MTA's side -------------------------------------------------------------------------------
+
+
+def mta_fields(raw: bytes) -> list[tuple[str, bytes]]:
+    """Header fields as Postfix passes them to a milter: one space after the colon eaten, folds as LF."""
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    fields: list[tuple[str, bytes]] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            fields[-1] = (fields[-1][0], fields[-1][1] + b"\n" + line)
+        else:
+            name, _, value = line.partition(b":")
+            fields.append((name.decode().rstrip(" \t"), value.removeprefix(b" ")))
+    return fields
+
+
+class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
+    """TestCtx playing the MTA: per-stage macros, header changes applied by index, noreply aware."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macros: dict[int, dict[str, str]] = {}
+        self.failing_stage: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.changes: list[tuple[Any, ...]] = []
+        self._stage: int | None = -1
+        self._reply: tuple[str, ...] | None = None
+        self.offer = MTA_OFFER
+
+    @property
+    def reply(self) -> tuple[str, ...]:
+        """What setreply() was given: code, enhanced code, text."""
+        assert self._reply is not None, "no reply set"
+        return self._reply
+
+    @property
+    def app(self) -> AuthMilter:
+        milter: AuthMilter = self.getpriv()
+        return milter
+
+    # libmilter's context, as the milter sees it
+
+    def getsymval(self, name: str) -> str | None:
+        if self._stage == self.failing_stage:
+            raise RuntimeError("libmilter context gone")
+        return self.macros.get(-1 if self._stage is None else self._stage, {}).get(name)
+
+    def addheader(self, field: str, value: str, idx: int) -> None:
+        assert self._body is not None, "addheader outside eom"
+        self.changes.append(("add", field, value, idx))
+        self.headers.insert(len(self.headers) if idx < 0 else idx, (field, value))
+
+    def chgheader(self, field: str, idx: int, value: str) -> None:
+        assert self._body is not None, "chgheader outside eom"
+        self.changes.append(("change", field, idx, value))
+        positions = [i for i, (name, _) in enumerate(self.headers) if name.lower() == field.lower()]
+        if idx <= len(positions):  # Postfix ignores an index past the last field
+            position = positions[idx - 1]
+            if value:
+                self.headers[position] = (field, value)
+            else:
+                del self.headers[position]
+
+    def quarantine(self, reason: str) -> None:
+        assert self._body is not None, "quarantine outside eom"
+        self.changes.append(("quarantine", reason))
+
+    # the MTA's moves
+
+    def _negotiate(self) -> int:
+        self._body = None
+        self._priv = None
+        self._stage = -1
+        self._opts = list(self.offer)
+        rc: int = Milter.negotiate_callback(self, self._opts)
+        self._protocol = self._opts[1]
+        return rc
+
+    def connect(
+        self,
+        ip: str = INSIDE_IP,
+        family: int = socket.AF_INET,
+        hostname: str = "mx.sender.example",
+        helo: str = "mx.sender.example",
+    ) -> None:
+        assert self._negotiate() == Milter.CONTINUE
+        hostaddr: object = ip  # a unix socket's name
+        if family == socket.AF_INET:
+            hostaddr = (ip, 40000)
+        elif family == socket.AF_INET6:
+            hostaddr = (ip, 40000, 0, 0)
+        self._stage = Milter.M_CONNECT
+        assert Milter.connect_callback(self, hostname, family, hostaddr) == Milter.NOREPLY
+        self._stage = Milter.M_HELO
+        assert self.app.hello(helo) == Milter.NOREPLY
+
+    def start(self, raw: bytes, mail_from: str, rcpts: tuple[str, ...]) -> None:
+        """MAIL FROM, RCPT TO and the header fields; every one of them gets no reply."""
+        self.changes, self._reply, self._body = [], None, None
+        self._stage = Milter.M_ENVFROM
+        assert self.app.envfrom_bytes(f"<{mail_from}>".encode(), b"SIZE=1000") == Milter.NOREPLY
+        self._stage = Milter.M_ENVRCPT
+        for rcpt in rcpts:
+            assert self.app.envrcpt_bytes(f"<{rcpt}>".encode()) == Milter.NOREPLY
+        self._stage = Milter.M_DATA
+        fields = mta_fields(raw)
+        self.headers = [(name, value.decode("latin-1")) for name, value in fields]
+        for name, value in fields:
+            assert self.app.header_bytes(name, value) == Milter.NOREPLY
+
+    def send(
+        self,
+        raw: bytes,
+        mail_from: str = "bob@sender.example",
+        rcpts: tuple[str, ...] = ("alice@receiver.example",),
+    ) -> int:
+        """One whole message; returns the eom answer."""
+        self.start(raw, mail_from, rcpts)
+        body = raw.split(b"\r\n\r\n", 1)[1]
+        for offset in range(0, len(body), 65535):  # libmilter's MILTER_CHUNK_SIZE
+            assert self.app.body(body[offset : offset + 65535]) == Milter.NOREPLY
+        rc: int = self._eom()
+        return rc
+
+    def rset(self) -> None:
+        self._stage = None
+        self.app.abort()
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keys() -> dict[str, SigningKey]:
+    return {"rsa": rsa_key(2048), "ed": ed25519_key()}
+
+
+@pytest.fixture(scope="module")
+def zone_files(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> list[Path]:
+    folder = tmp_path_factory.mktemp("zones")
+    (folder / "sender.example.zone").write_text(
+        SOA + '@ IN TXT "v=spf1 ip4:192.0.2.0/24 ip6:2001:db8::/32 -all"\n'
+        '_dmarc IN TXT "v=DMARC1; p=reject"\n'
+        f"rsa1._domainkey IN TXT {zone_txt(keys['rsa'].txt_record())}\n"
+        f"ed1._domainkey IN TXT {zone_txt(keys['ed'].txt_record())}\n"
+    )
+    (folder / "quarantine.example.zone").write_text(
+        SOA + '@ IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n_dmarc IN TXT "v=DMARC1; p=quarantine"\n'
+    )
+    return sorted(folder.glob("*.zone"))
+
+
+class ScriptedSource:
+    """The zone files, plus a domain whose DNS is down and one that trips a bug in the resolver."""
+
+    def __init__(self, zone_files: list[Path]) -> None:
+        self.zones = ZoneFileSource(zone_files)
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        if name.is_subdomain(DNS_DOWN):
+            return tempfail("timeout asking 192.0.2.53")
+        if name.is_subdomain(RESOLVER_BUG):
+            raise RuntimeError("resolver bug")
+        return self.zones.lookup(name, rdtype)
+
+
+def make_config(policy: dict[str, Any] | None = None, **milter: Any) -> Config:
+    base = default_config()
+    return dataclasses.replace(
+        base,
+        milter=dataclasses.replace(base.milter, authserv_id=AUTHSERV_ID, **milter),
+        policy=dataclasses.replace(base.policy, **(policy or {})),
+    )
+
+
+class History:
+    def __init__(self) -> None:
+        self.records: list[tuple[Verdict, Transaction, float]] = []
+
+    def record(self, verdict: Verdict, transaction: Transaction, now: float) -> None:
+        self.records.append((verdict, transaction, now))
+
+
+Connect = Callable[..., MtaCtx]
+
+
+@pytest.fixture
+def history() -> History:
+    return History()
+
+
+@pytest.fixture
+def connect(zone_files: list[Path], history: History, monkeypatch: pytest.MonkeyPatch) -> Iterator[Connect]:
+    """Open a connection: ``connect(config=, resolver=, macros=, ip=, family=...)``, as serve() would."""
+
+    def open_connection(
+        config: Config | None = None,
+        resolver: Resolver | None = None,
+        macros: dict[int, dict[str, str]] | None = None,
+        **kw: Any,
+    ) -> MtaCtx:
+        runtime = Runtime(config or make_config(), resolver or Resolver(ScriptedSource(zone_files)), history)
+        monkeypatch.setattr(Milter, "factory", lambda: AuthMilter(runtime))
+        ctx = MtaCtx()
+        ctx.macros = macros or {}
+        ctx.connect(**kw)
+        return ctx
+
+    yield open_connection
+
+
+@pytest.fixture
+def signed(keys: dict[str, SigningKey]) -> Callable[..., bytes]:
+    def make(key: str = "rsa", **kw: Any) -> bytes:
+        return sign(make_message(**kw), keys[key], "sender.example", f"{key}1")
+
+    return make
+
+
+def our_ar(ctx: MtaCtx) -> list[str]:
+    return [value for name, value in ctx.headers if name == A_R and value.startswith(AUTHSERV_ID + ";")]
+
+
+# --- negotiation ----------------------------------------------------------------------------------
+
+
+def test_negotiates_only_the_actions_and_steps_it_uses(connect: Connect) -> None:
+    ctx = connect()
+    actions, protocol = ctx._opts[0], ctx._opts[1]
+    assert actions == ACTIONS == Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+    no_reply = (
+        Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_HDR
+    ) | Milter.P_NR_BODY
+    skipped = Milter.P_NOEOH | Milter.P_NODATA | Milter.P_NOUNKNOWN
+    assert protocol & no_reply == no_reply
+    assert protocol & skipped == skipped
+    needed = Milter.P_NOCONNECT | Milter.P_NOHELO | Milter.P_NOMAIL | Milter.P_NORCPT
+    unused = Milter.P_SKIP | Milter.P_HDR_LEADSPC | Milter.P_RCPT_REJ | Milter.P_NR_EOH | Milter.P_NR_DATA
+    assert protocol & (needed | Milter.P_NOHDRS | Milter.P_NOBODY | unused) == 0
+    assert ctx._opts[2:] == [0, 0]
+
+
+def test_header_and_body_callbacks_give_no_reply(connect: Connect, signed: Callable[..., bytes]) -> None:
+    ctx = connect()
+    ctx.start(signed(), "bob@sender.example", ("alice@receiver.example",))
+    assert ctx.app.header_bytes("X-Extra", b"value") == Milter.NOREPLY
+    assert ctx.app.body(b"Hi\r\n") == Milter.NOREPLY
+
+
+# --- verdicts applied -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["rsa", "ed"])
+def test_signed_message_is_accepted_with_our_ar_on_top(
+    connect: Connect, signed: Callable[..., bytes], key: str
+) -> None:
+    ctx = connect()
+    assert ctx.send(signed(key)) == Milter.ACCEPT
+    [(kind, name, value, index)] = ctx.changes
+    assert (kind, name, index) == ("add", A_R, 0)
+    assert ctx.headers[0] == (A_R, value)
+    assert value.startswith(f"{AUTHSERV_ID};")
+    assert "spf=pass" in value
+    assert re.search(rf"dkim=pass header\.d=sender\.example [^;]*header\.s={key}1\s", value)
+    assert "dmarc=pass" in value
+    assert "\r" not in value  # libmilter adds the CR; folds are LF + TAB
+    assert ctx._reply is None
+
+
+def test_forged_ar_deleted_last_first_and_foreign_kept(
+    connect: Connect, signed: Callable[..., bytes]
+) -> None:
+    ctx = connect()
+    extra = (
+        f"{A_R}: {AUTHSERV_ID}; dkim=pass header.d=sender.example\r\n"
+        f"{A_R}: mx.other.example; spf=pass smtp.mailfrom=other.example\r\n"
+        f"{A_R}: MX.Receiver.Example; dmarc=pass header.from=sender.example\r\n"
+    )
+    assert ctx.send(signed(extra_headers=extra)) == Milter.ACCEPT
+    assert [c[:4] for c in ctx.changes[:2]] == [("change", A_R, 3, ""), ("change", A_R, 1, "")]
+    assert ctx.changes[2][0::3] == ("add", 0)  # ours inserted after the deletions
+    remaining = [value for name, value in ctx.headers if name == A_R]
+    assert len(remaining) == 2
+    assert remaining[0].startswith(f"{AUTHSERV_ID};\n\tspf=pass")
+    assert remaining[1] == "mx.other.example; spf=pass smtp.mailfrom=other.example"
+
+
+def test_spoofed_message_from_reject_domain_gets_550(connect: Connect) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    assert ctx.send(make_message()) == Milter.REJECT
+    code, enhanced, text = ctx.reply
+    assert (code, enhanced) == ("550", "5.7.26")
+    assert text.startswith("Rejected by the DMARC policy of sender.example: ")
+    assert ctx.changes == []
+
+
+@pytest.mark.parametrize("mode", ["hold", "header"])
+def test_quarantine_by_hold_or_header(connect: Connect, mode: str) -> None:
+    ctx = connect(config=make_config(quarantine=mode), ip=OUTSIDE_IP)
+    raw = make_message(from_header="Bob <bob@quarantine.example>")
+    assert ctx.send(raw, mail_from="bob@quarantine.example") == Milter.ACCEPT
+    assert ctx.changes[0][0::3] == ("add", 0)
+    assert our_ar(ctx) and "dmarc=fail" in our_ar(ctx)[0]
+    [quarantine] = ctx.changes[1:]
+    if mode == "hold":
+        assert quarantine[0] == "quarantine" and quarantine[1].startswith("dmarc=fail")
+        assert not any(name == "X-Authmilter-Quarantine" for name, _ in ctx.headers)
+    else:
+        assert quarantine[:2] == ("add", "X-Authmilter-Quarantine")
+        assert quarantine[2].startswith("dmarc=fail") and quarantine[2].isprintable()
+
+
+def test_dns_temperror_gets_451(connect: Connect) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    raw = make_message(from_header="bob@dnsdown.example")
+    assert ctx.send(raw, mail_from="bob@dnsdown.example") == Milter.TEMPFAIL
+    code, enhanced, text = ctx.reply
+    assert (code, enhanced) == ("451", "4.4.3") and "dnsdown.example" in text
+    assert ctx.changes == []
+
+
+# --- messages not verified ------------------------------------------------------------------------
+
+
+FORGED = f"{A_R}: {AUTHSERV_ID}; dmarc=pass header.from=sender.example\r\n"
+
+
+def test_internal_host_is_skipped_but_forged_ar_still_deleted(
+    connect: Connect, zone_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    resolver = Resolver(ScriptedSource(zone_files))
+    config = make_config(internal_hosts=(ipaddress.ip_network("10.0.0.0/8"),))
+    ctx = connect(config=config, resolver=resolver, ip="10.1.2.3")
+    ctx.macros[Milter.M_EOM] = {"i": "INT1"}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(make_message(extra_headers=FORGED)) == Milter.ACCEPT
+    assert ctx.changes == [("change", A_R, 1, "")]
+    assert resolver.queries == 0  # not verified at all
+    assert "queue_id=INT1 client=10.1.2.3 from=sender.example skipped: internal host" in caplog.text
+
+
+def test_authenticated_client_is_skipped(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_type}": "PLAIN", "{auth_authen}": "bob"}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(make_message(extra_headers=FORGED)) == Milter.ACCEPT
+    assert ctx.changes == [("change", A_R, 1, "")]
+    assert "skipped: authenticated as bob " in caplog.text
+
+
+def test_authenticated_client_verified_when_configured(connect: Connect) -> None:
+    ctx = connect(config=make_config(skip_authenticated=False), ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_type}": "PLAIN", "{auth_authen}": "bob"}
+    assert ctx.send(make_message()) == Milter.REJECT
+
+
+def test_local_submission_counts_as_loopback(connect: Connect) -> None:
+    ctx = connect(ip="/var/spool/postfix/public/cleanup", family=socket.AF_UNIX)
+    assert ctx.send(make_message()) == Milter.ACCEPT
+    assert our_ar(ctx) == []
+    ctx = connect(config=make_config(internal_hosts=()), ip="/run/sock", family=socket.AF_UNIX)
+    assert ctx.send(make_message()) == Milter.REJECT  # no address: SPF none, DMARC fails
+
+
+# --- connection details ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ip, expected", [("2001:db8::25", "2001:db8::25"), ("::ffff:192.0.2.10", INSIDE_IP)])
+def test_ipv6_client(connect: Connect, caplog: pytest.LogCaptureFixture, ip: str, expected: str) -> None:
+    ctx = connect(ip=ip, family=socket.AF_INET6)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(make_message()) == Milter.ACCEPT
+    assert "spf=pass" in our_ar(ctx)[0]
+    assert f"client={expected} " in caplog.text
+
+
+@pytest.mark.parametrize(
+    "family, hostaddr, expected",
+    [
+        (socket.AF_INET, ("192.0.2.1", 25), "192.0.2.1"),
+        (socket.AF_INET6, ("2001:DB8::1", 25, 0, 0), "2001:db8::1"),
+        (socket.AF_INET6, ("fe80::1%eth0", 25, 0, 2), "fe80::1"),
+        (socket.AF_INET, "192.0.2.1", "192.0.2.1"),
+        (socket.AF_UNIX, "/run/sock", ""),
+        (socket.AF_INET, None, ""),
+        (socket.AF_INET, ("not an address", 25), ""),
+    ],
+)
+def test_client_ip_from(family: int, hostaddr: object, expected: str) -> None:
+    assert client_ip_from(family, hostaddr) == expected
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [("<bob@x.example>", "bob@x.example"), ("<>", ""), ("bob@x.example", "bob@x.example"),
+     (" <@relay.example,@b.example:bob@x.example> ", "bob@x.example")],
+)  # fmt: skip
+def test_strip_angle_brackets(path: str, expected: str) -> None:
+    assert strip_angle_brackets(path) == expected
+
+
+def test_envelope_and_macros_reach_the_transaction(
+    connect: Connect, signed: Callable[..., bytes], history: History
+) -> None:
+    connect_macros = {"j": "mx.receiver.example", "{daemon_name}": "smtpd", "v": "Postfix"}
+    ctx = connect(hostname="[192.0.2.10]", macros={Milter.M_CONNECT: connect_macros})
+    ctx.macros[Milter.M_ENVFROM] = {"i": "EARLY1"}
+    rcpts = tuple(f"user{n}@receiver.example" for n in range(MAX_RECIPIENTS + 5))
+    assert ctx.send(signed(), rcpts=rcpts) == Milter.ACCEPT
+    [(_, transaction, _)] = history.records
+    assert transaction.queue_id == "EARLY1"  # no `i` at eom: the one from MAIL FROM stays
+    assert transaction.mail_from == "bob@sender.example"
+    assert transaction.recipients == rcpts[:MAX_RECIPIENTS]
+    connection = transaction.connection
+    assert (connection.client_ip, connection.helo, connection.client_name) == (
+        INSIDE_IP,
+        "mx.sender.example",
+        "",
+    )
+    assert connection.macros == {"j": "mx.receiver.example", "{daemon_name}": "smtpd"}
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+def test_resolver_exception_tempfails_with_queue_id(
+    connect: Connect, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_EOM] = {"i": "QBUG1"}
+    raw = make_message(from_header="bob@bug.example")
+    with caplog.at_level(logging.INFO):
+        assert ctx.send(raw, mail_from="bob@bug.example") == Milter.TEMPFAIL
+    assert ctx.reply[:2] == ("451", "4.3.0")
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "QBUG1" in errors[0].getMessage() and errors[0].exc_info is not None
+
+
+@pytest.mark.parametrize("stage", [Milter.M_CONNECT, Milter.M_ENVFROM, Milter.M_EOM])
+def test_exception_in_a_callback_tempfails(
+    connect: Connect, signed: Callable[..., bytes], caplog: pytest.LogCaptureFixture, stage: int
+) -> None:
+    healthy = connect()  # also installs the factory for the next one
+    ctx = MtaCtx()
+    ctx.macros = {Milter.M_ENVFROM: {"i": "QFAIL1"}, Milter.M_EOM: {"i": "QFAIL1"}}
+    ctx.failing_stage = stage
+    ctx.connect()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(signed()) == Milter.TEMPFAIL
+    assert ctx.reply[:2] == ("451", "4.3.0") and "RuntimeError" in ctx.reply[2]
+    assert ctx.changes == []
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.exc_info is not None and "libmilter context gone" in error.getMessage()
+    assert "queue_id=QFAIL1" in caplog.text and "action=tempfail" in caplog.text
+    assert healthy.send(signed()) == Milter.ACCEPT  # another connection is unaffected
+
+
+def test_failure_is_per_message_but_per_connection_after_connect(
+    connect: Connect, signed: Callable[..., bytes]
+) -> None:
+    ctx = connect()
+    ctx.failing_stage = Milter.M_ENVFROM
+    assert ctx.send(signed()) == Milter.TEMPFAIL
+    ctx.failing_stage = None
+    assert ctx.send(signed()) == Milter.ACCEPT
+    ctx = MtaCtx()
+    ctx.failing_stage = Milter.M_CONNECT
+    ctx.connect()
+    ctx.failing_stage = None
+    assert ctx.send(signed()) == Milter.TEMPFAIL
+    assert ctx.send(signed()) == Milter.TEMPFAIL  # the connection never got its client address
+
+
+@pytest.mark.parametrize("choice", [FailureAction.REJECT, FailureAction.ACCEPT])
+def test_failure_action_is_configurable(
+    connect: Connect, signed: Callable[..., bytes], choice: FailureAction
+) -> None:
+    ctx = connect(config=make_config(policy={"internal_error": choice}))
+    ctx.failing_stage = Milter.M_ENVFROM
+    rc = ctx.send(signed(extra_headers=FORGED))
+    if choice is FailureAction.REJECT:
+        assert rc == Milter.REJECT and ctx.reply[:2] == ("550", "5.3.0")
+    else:  # accepted unchecked, as configured: said so in our A-R, and the forged one is still gone
+        assert rc == Milter.ACCEPT
+        assert [value for name, value in ctx.headers if name == A_R] == [f"{AUTHSERV_ID}; none"]
+
+
+@pytest.mark.parametrize("choice", [FailureAction.TEMPFAIL, FailureAction.ACCEPT])
+def test_mta_without_quarantine_action(
+    connect: Connect, zone_files: list[Path], choice: FailureAction
+) -> None:
+    healthy = connect(config=make_config(policy={"internal_error": choice}), ip=OUTSIDE_IP)
+    ctx = MtaCtx()
+    ctx.offer = (Milter.CURR_ACTS & ~Milter.QUARANTINE, *MTA_OFFER[1:])
+    ctx.connect(ip=OUTSIDE_IP)
+    raw = make_message(from_header="bob@quarantine.example")
+    rc = ctx.send(raw, mail_from="bob@quarantine.example")
+    if choice is FailureAction.TEMPFAIL:  # never delivered without the hold it should have had
+        assert rc == Milter.TEMPFAIL and ctx.reply[:2] == ("451", "4.3.0")
+    else:  # accepted as configured, with the A-R already sent and no second one
+        assert rc == Milter.ACCEPT and len(our_ar(ctx)) == 1
+    assert healthy.send(raw, mail_from="bob@quarantine.example") == Milter.ACCEPT
+    assert healthy.changes[-1][0] == "quarantine"
+
+
+def test_history_failure_does_not_change_the_verdict(
+    connect: Connect, signed: Callable[..., bytes], history: History, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(verdict: Verdict, transaction: Transaction, now: float) -> None:
+        raise OSError("disk full")
+
+    history.record = broken  # type: ignore[method-assign]
+    ctx = connect()
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert ctx.send(signed()) == Milter.ACCEPT
+    assert len(our_ar(ctx)) == 1
+    assert "cannot write the history record" in caplog.text
+
+
+def test_history_gets_dmarc_evaluated_messages_only(
+    connect: Connect, signed: Callable[..., bytes], history: History
+) -> None:
+    ctx = connect()
+    assert ctx.send(signed()) == Milter.ACCEPT
+    [(verdict, transaction, now)] = history.records
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PASS
+    assert transaction.message.headers.get_all("From")[0].value == " Bob <bob@sender.example>"
+    assert now > 1.7e9
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_authen}": "bob"}
+    assert ctx.send(signed()) == Milter.ACCEPT
+    assert len(history.records) == 1  # skipped: nothing evaluated, nothing recorded
+
+
+# --- messages and connections ---------------------------------------------------------------------
+
+
+def test_several_messages_on_one_connection(connect: Connect, signed: Callable[..., bytes]) -> None:
+    ctx = connect()
+    assert ctx.send(signed()) == Milter.ACCEPT
+    assert ctx.send(make_message(), mail_from="bob@outside.example") == Milter.REJECT
+    # RSET after the headers of a third: nothing of it may reach the fourth.
+    ctx.start(make_message(from_header="eve@quarantine.example"), "eve@quarantine.example", ("a@b.example",))
+    ctx.rset()
+    assert ctx.send(signed()) == Milter.ACCEPT
+    assert len(our_ar(ctx)) == 1 and "dmarc=pass" in our_ar(ctx)[0]
+
+
+class RecordingSpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
+    made: ClassVar[list[RecordingSpool]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rolled_over = False
+        RecordingSpool.made.append(self)
+
+    def rollover(self) -> None:
+        super().rollover()
+        self.rolled_over = True
+
+
+@pytest.mark.parametrize("body_size, on_disk", [(1000, False), (300_000, True)])
+def test_large_body_is_spooled_to_disk_and_verified(
+    connect: Connect,
+    signed: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    body_size: int,
+    on_disk: bool,
+) -> None:
+    monkeypatch.setattr(RecordingSpool, "made", [])
+    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", RecordingSpool)  # the module milter_app uses
+    ctx = connect(config=make_config(body_memory_limit=65536))
+    line = "All work and no play makes Jack a dull boy.\r\n"
+    raw = signed(body=line * (body_size // len(line)))
+    assert ctx.send(raw) == Milter.ACCEPT
+    assert "dkim=pass" in our_ar(ctx)[0]
+    [spool] = RecordingSpool.made
+    assert spool.rolled_over is on_disk
+    assert spool.closed
+
+
+def test_headers_past_the_limit_keep_from_fields_and_say_when_one_was_dropped(connect: Connect) -> None:
+    ctx = connect(config=make_config(max_headers=10))
+    junk = "".join(f"X-Junk-{n}: {n}\r\n" for n in range(12))
+    assert ctx.send(make_message(extra_headers=junk + FORGED)) == Milter.ACCEPT
+    assert ("change", A_R, 1, "") in ctx.changes  # a forged A-R behind junk is still found
+    froms = "".join("From: eve@evil.example\r\n" for _ in range(25))
+    assert ctx.send(make_message(extra_headers=junk + froms)) == Milter.REJECT
+    assert "too many header fields" in ctx.reply[2]  # not just "26 From header fields"
+
+
+def test_log_line(connect: Connect, signed: Callable[..., bytes], caplog: pytest.LogCaptureFixture) -> None:
+    ctx = connect()
+    ctx.macros[Milter.M_EOM] = {"i": "4XyZ1"}
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert ctx.send(signed()) == Milter.ACCEPT
+    [info] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert re.fullmatch(
+        r"queue_id=4XyZ1 client=192\.0\.2\.10 from=sender\.example spf=pass dkim=pass:sender\.example "
+        r"dmarc=pass action=accept ms=\d+\.\d",
+        info,
+    )
+    [debug] = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert debug.startswith("queue_id=4XyZ1 why: action=accept") and "dmarc: " in debug
+
+
+def test_log_values_are_one_bounded_line(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_authen}": "bob\r\nqueue_id=FAKE " + "x" * 500}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(make_message()) == Milter.ACCEPT
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line and "\r" not in line
+    assert "authenticated as bob??queue_id=FAKE xxx" in line
+    assert len(line) < 400
+
+
+# --- building and serving -------------------------------------------------------------------------
+
+
+def test_build_runtime(zone_files: list[Path], history: History) -> None:
+    config = dataclasses.replace(make_config(), dns=DnsSettings(zone_files=tuple(map(str, zone_files))))
+    runtime = build_runtime(config, history)
+    assert runtime.config is config and runtime.history is history
+    assert runtime.resolver.txt("_dmarc.sender.example").texts == ("v=DMARC1; p=reject",)
+    assert dkim_rsa.installed()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        runtime.history = None  # type: ignore[misc]
+
+
+def test_serve_registers_factory_and_flags(monkeypatch: pytest.MonkeyPatch, zone_files: list[Path]) -> None:
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(Milter, "factory", Milter.factory)  # restored after the test
+    monkeypatch.setattr(Milter, "set_flags", lambda flags: calls.append(("flags", flags)))
+    monkeypatch.setattr(Milter, "runmilter", lambda *args: calls.append(("run", *args)))
+    runtime = Runtime(make_config(), Resolver(ScriptedSource(zone_files)), None)
+    serve("fd:3", runtime, timeout=30)
+    assert calls == [("flags", ACTIONS), ("run", "authmilter", "fd:3", 30)]
+    made = Milter.factory()
+    assert isinstance(made, AuthMilter) and made._runtime is runtime
+
+
+def test_history_path_in_config_records_dmarc_verdicts(
+    zone_files: list[Path], signed: Callable[..., bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_runtime opens the configured history file; a DMARC-evaluated message adds one line."""
+    path = tmp_path / "history.jsonl"
+    base = make_config()
+    config = dataclasses.replace(
+        base,
+        history=HistorySettings(path=str(path)),
+        dns=dataclasses.replace(base.dns, zone_files=tuple(str(z) for z in zone_files)),
+    )
+    runtime = build_runtime(config)
+    assert isinstance(runtime.history, HistoryRecorder)
+    monkeypatch.setattr(Milter, "factory", lambda: AuthMilter(runtime))
+    ctx = MtaCtx()
+    ctx.connect()
+    assert ctx.send(signed()) == Milter.ACCEPT
+    [record] = list(read_history(str(path)))
+    assert record["v"] == 1
+    assert "sender.example" in json.dumps(record)
