@@ -5,17 +5,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/authmilter.toml
 # knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
-# unit's test.
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd
+# unit's test; postfix: the private MTA of tests/integration (its system service is disabled below).
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint deps apt clean
 
-# The daemon (`authmilter run`) is not built yet: until it is, `make run` installs everything and
-# validates the embedded config, so the same command keeps working when the daemon lands.
+# Starts the milter on the embedded default config (inet:8891@127.0.0.1, verify only); Ctrl-C stops it.
 run: deps
-	$(BIN)/authmilter checkconf --config $(CONFIG)
-	@echo "authmilter: the milter daemon is not built yet; use '$(BIN)/authmilter check' to test messages."
+	$(BIN)/authmilter run --config $(CONFIG)
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -30,6 +28,7 @@ deps: $(VENV)/.installed
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
+	  echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 	  echo "installing Debian packages:$$missing"; \
 	  blocker=""; \
 	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
@@ -42,6 +41,8 @@ apt:
 	@# The tests run their own knotd on loopback; the system service must not take port 53.
 	@$(SUDO) systemctl disable knot.service >/dev/null 2>&1 || true
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop knot.service || true
+	@$(SUDO) systemctl disable postfix.service >/dev/null 2>&1 || true
+	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postfix.service || true
 
 $(VENV)/.installed: pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)

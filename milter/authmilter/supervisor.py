@@ -1,0 +1,694 @@
+"""The prefork supervisor: owns the listening socket, (re)spawns workers, handles signals, reports readiness.
+
+Process model (issue 3): Python work is GIL-bound, so the daemon runs N worker processes, each a
+libmilter instance whose threads serve connections. The supervisor
+
+- creates the listening socket itself (TCP_NODELAY: without it Nagle's algorithm and the MTA's
+  delayed ACK add ~40 ms to every message, since libmilter writes a reply in several pieces;
+  O_NONBLOCK: several workers wait on one socket and all but one find nothing to accept);
+- forks the workers before any thread exists, and never afterwards from a thread or a callback;
+  each worker builds its resolver and caches after the fork and hands the inherited socket to
+  libmilter as ``fd:N`` (Debian's libmilter carries the "fd passing" patch that adds this
+  connection string to smfi_setconn);
+- reaps a dead worker and starts a new one, with a back-off against crash loops;
+- on SIGTERM or SIGINT stops the workers gracefully and kills what is left after
+  ``shutdown_timeout``;
+- on SIGHUP reloads the config: a valid one is served by a fresh generation of workers, started
+  before the old one is stopped, on the same socket; an invalid one is logged and the old workers
+  keep serving. Fresh workers also reopen every file they write (the history file);
+- tells systemd (``Type=notify``) when the workers accept, reload and stop.
+
+The supervisor runs no threads: one ``poll()`` loop, with signals delivered through a wakeup pipe.
+Each worker has a socketpair to it: the worker sends "ready", the supervisor sends "stop" (or
+goes away, which also means stop).
+
+A graceful stop is not libmilter's smfi_stop(): Debian builds libmilter with its worker pool
+(_FFR_WORKERS_POOL), whose controller and worker threads quit as soon as a stop is flagged, so
+sessions in progress would hang unanswered. Instead a stopping worker stops *accepting*: it
+puts a socket nobody can reach in place of the listening descriptor (dup2), lets the pool finish
+the connections it has, and exits when none is left. The others keep accepting on the shared
+socket meanwhile. (A SIGTERM sent to a worker directly, as systemd's KillMode=control-group
+does, is libmilter's immediate stop: run the unit with KillMode=mixed.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from authmilter.config import Config, ConfigError, LogSettings, MilterSettings, load_config
+from authmilter.milter_app import build_runtime, serve
+
+log = logging.getLogger(__name__)
+
+# Respawn back-off: first retry after 0.1 s, doubling up to 10 s; a worker that lived this long
+# was healthy, so its death starts the back-off afresh.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+STABLE_LIFETIME = 10.0
+# How long a new generation of workers may take to build its runtime and report ready.
+READY_TIMEOUT = 60.0
+# The most libmilter queues; the kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = socket.SOMAXCONN
+# Seconds between checks while a stopping worker waits for its sessions to end.
+SESSION_POLL = 0.1
+# The control socketpair's messages.
+READY = b"R"
+STOP = b"S"
+# libmilter's listener thread (the worker's main thread) sleeps in poll() on the listening
+# descriptor for up to MI_CHK_TIME (5 s). A signal with a no-op handler ends that poll (EINTR),
+# so it polls the replaced descriptor at once.
+WAKE_SIGNAL = signal.SIGUSR1
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+# RFC 5424 §6.2.1 severities, which journald reads from a "<N>" prefix on stderr lines.
+_SEVERITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_FORMAT = "authmilter[%(process)d]: %(levelname)s %(message)s"
+
+# A worker: (listening socket, its config, a callable to say "ready") → returns when libmilter stops.
+WorkerMain = Callable[[socket.socket, Config, Callable[[], None]], None]
+
+
+class StartupError(Exception):
+    """The daemon cannot start (address in use, unknown group, ...); the message says why."""
+
+
+# --- logging ---------------------------------------------------------------------------------
+
+
+class _JournalFormatter(logging.Formatter):
+    """Prefixes each line with its syslog severity, which journald turns into the priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_SEVERITIES.get(record.levelno, 6)}>{super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    # systemd sets JOURNAL_STREAM to "DEVICE:INODE" of the stream it connected (systemd.exec(5)).
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+def configure_logging(settings: LogSettings, syslog_address: str = "/dev/log") -> None:
+    """Send every log record (root logger) to stderr or syslog, at the configured level.
+
+    Replaces the handlers set before, so a reload can switch destination. When syslog cannot
+    be reached the records go to stderr, with a warning.
+
+    Args:
+        settings: the ``[log]`` section.
+        syslog_address: the syslog socket (tests point it elsewhere).
+    """
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
+    handler: logging.Handler | None = None
+    failure = ""
+    if settings.destination == "syslog":
+        # SysLogHandler defers connection errors to each record (printing a traceback per record):
+        # find out now, once.
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.connect(syslog_address)
+        except OSError as e:
+            failure = f"cannot log to syslog at {syslog_address} ({e.strerror}); logging to stderr"
+        else:
+            facility = logging.handlers.SysLogHandler.facility_names[settings.syslog_facility]
+            handler = logging.handlers.SysLogHandler(syslog_address, facility)
+            handler.setFormatter(logging.Formatter(_FORMAT))
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            _JournalFormatter(_FORMAT) if _stderr_is_journal() else logging.Formatter(_FORMAT)
+        )
+    root.addHandler(handler)
+    root.setLevel(_LEVELS[settings.level])
+    if failure:
+        log.warning("%s", failure)
+
+
+# --- the listening socket --------------------------------------------------------------------
+
+
+def socket_address(spec: str) -> tuple[socket.AddressFamily, str | tuple[str, int]]:
+    """A libmilter connection string → (family, address to bind).
+
+    ``inet:PORT@HOST``, ``inet6:PORT@HOST`` (HOST may be ``[::1]``), ``unix:/path`` or
+    ``local:/path`` (config.py has already checked the form).
+
+    Raises:
+        StartupError: the host name does not resolve for that family.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind in ("unix", "local"):
+        return socket.AF_UNIX, rest
+    port, _, host = rest.partition("@")
+    family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+    try:
+        info = socket.getaddrinfo(host.strip("[]"), int(port), family, socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise StartupError(f"milter socket {spec}: cannot resolve {host}: {e.strerror}") from None
+    address = info[0][4]
+    return family, (str(address[0]), int(address[1]))
+
+
+@dataclass
+class Listener:
+    """The listening socket and, for a unix socket, the identity of the file it created."""
+
+    sock: socket.socket
+    spec: str
+    file_id: tuple[int, int] | None = None
+
+    def close(self) -> None:
+        """Close the socket; a unix socket's file is removed if it is still the one we made."""
+        if self.file_id is not None:
+            path = self.spec.partition(":")[2]
+            with contextlib.suppress(OSError):
+                current = os.stat(path)
+                if (current.st_dev, current.st_ino) == self.file_id:
+                    os.unlink(path)
+        self.sock.close()
+
+
+def open_listener(settings: MilterSettings) -> Listener:
+    """Create, bind and listen on the configured socket, ready to be inherited by the workers.
+
+    Returns:
+        A non-blocking, inheritable listening socket; TCP_NODELAY for inet sockets (accepted
+        connections inherit it); for unix sockets the file has ``socket_mode`` and ``socket_group``.
+
+    Raises:
+        StartupError: the address is in use, the path is not a stale socket, the group is unknown...
+    """
+    family, address = socket_address(settings.socket)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    file_id = None
+    try:
+        if isinstance(address, str):
+            file_id = _bind_unix(sock, address, settings)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise StartupError(f"milter socket {settings.socket}: cannot bind: {e.strerror}") from None
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return Listener(sock, settings.socket, file_id)
+
+
+def _bind_unix(sock: socket.socket, path: str, settings: MilterSettings) -> tuple[int, int]:
+    _remove_stale_socket(path, settings.socket)
+    gid = _group_id(settings.socket_group) if settings.socket_group else -1
+    # Bound with no permissions for others, then opened up: no moment with a wider mode.
+    previous = os.umask(0o177)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        raise StartupError(f"milter socket {settings.socket}: cannot bind: {e.strerror}") from None
+    finally:
+        os.umask(previous)
+    try:
+        os.chown(path, -1, gid)
+        os.chmod(path, int(settings.socket_mode, 8))
+        info = os.stat(path)
+    except OSError as e:
+        os.unlink(path)
+        raise StartupError(
+            f"milter socket {settings.socket}: cannot set group or mode: {e.strerror}"
+        ) from None
+    return info.st_dev, info.st_ino
+
+
+def _remove_stale_socket(path: str, spec: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"milter socket {spec}: {path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listens: left over from a daemon that did not clean up
+            return
+    raise StartupError(f"milter socket {spec}: another process is listening on {path}")
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise StartupError(f"socket_group: no group named '{name}'") from None
+
+
+# --- systemd ---------------------------------------------------------------------------------
+
+
+def notify(*assignments: str) -> bool:
+    """Send ``READY=1``-style assignments to systemd's notification socket (sd_notify(3)).
+
+    Without ``$NOTIFY_SOCKET`` (not started by systemd with Type=notify) nothing is sent.
+    An address starting with '@' is in the abstract namespace.
+
+    Returns:
+        True when the datagram was sent.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        log.warning("NOTIFY_SOCKET=%s: only unix socket addresses are supported", address)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto("\n".join(assignments).encode("utf-8"), address)
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", address.lstrip("\0"), e.strerror)
+        return False
+    return True
+
+
+# --- the workers -----------------------------------------------------------------------------
+
+
+def serve_worker(listener: socket.socket, config: Config, ready: Callable[[], None]) -> None:
+    """The work of one worker process: build the runtime after the fork, then serve.
+
+    Returns when libmilter stops (not on a graceful stop, which ends the process: see above).
+    """
+    runtime = build_runtime(config)
+    ready()
+    serve(f"fd:{listener.fileno()}", runtime)
+
+
+def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
+    """A worker's control thread: on "stop" (or the supervisor's end), drain and exit."""
+    with contextlib.suppress(OSError):
+        control.recv(1)
+    local_address = listener.getsockname()
+    # A connected socketpair that never carries data (its other end stays open until the exit, or
+    # poll() would report a hang-up): libmilter's listener idles on it; nobody can connect to it.
+    unreachable, _kept_open = socket.socketpair()
+    unreachable.setblocking(False)
+    os.dup2(unreachable.fileno(), listener.fileno(), inheritable=False)
+    main = threading.main_thread().ident
+    if main is not None:
+        signal.pthread_kill(main, WAKE_SIGNAL)
+    while _open_sessions(listener.family, local_address):
+        time.sleep(SESSION_POLL)
+    log.debug("worker %d: no connection left, exiting", os.getpid())
+    _exit_worker(0)
+
+
+def _open_sessions(family: int, local_address: object) -> int:
+    """Connections this process still serves: its accepted sockets on the listener's address.
+
+    libmilter's session threads are not Python's; the sockets tell what is in progress.
+    """
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(name))) as sock:
+                accepted = not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                if accepted and sock.family == family and _same_endpoint(local_address, sock.getsockname()):
+                    count += 1
+        except OSError:  # closed meanwhile
+            continue
+    return count
+
+
+def _same_endpoint(listening: object, local: object) -> bool:
+    """Whether a connection's local address is the listener's (any address for a wildcard bind)."""
+    if isinstance(listening, tuple) and isinstance(local, tuple):
+        wildcard = listening[0] in ("0.0.0.0", "::")
+        return bool(listening[1] == local[1] and (wildcard or listening[0] == local[0]))
+    return listening == local
+
+
+def _exit_worker(status: int) -> NoReturn:
+    # os._exit: libmilter's threads may still run; the interpreter must not be torn down under them.
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(status)
+
+
+@dataclass
+class Worker:
+    """A worker process as the supervisor tracks it."""
+
+    pid: int
+    generation: int
+    control: socket.socket | None  # None once the worker has closed it
+    started: float
+    ready: bool = False
+    stopping: bool = False
+    kill_at: float | None = None  # while stopping: SIGKILL at this time (None once killed)
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
+def worker_count(settings: MilterSettings) -> int:
+    """The configured number of workers; 0 means one per CPU."""
+    return settings.workers or os.cpu_count() or 1
+
+
+class Supervisor:
+    """The supervisor's state and its poll loop.
+
+    Workers come in generations: the first start and each reload start a *pending* generation,
+    which replaces the serving one once all its workers are ready.
+
+    Args:
+        config: the validated configuration the first workers get.
+        listener: from :func:`open_listener`; it lives as long as the supervisor.
+        worker_main: what a worker process runs after the fork (the place to open per-worker
+            resources such as the history file, so a reload reopens them).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+    def __init__(self, config: Config, listener: Listener, worker_main: WorkerMain = serve_worker) -> None:
+        self.config = config
+        self.listener = listener
+        self.worker_main = worker_main
+        self.workers: dict[int, Worker] = {}
+        self.generation = 0  # the generation that serves (0: none yet)
+        self.last_generation = 0
+        self.pending: tuple[int, Config, float] | None = None  # (generation, config, ready deadline)
+        self.respawn_at: list[float] = []
+        self.backoff = BACKOFF_FIRST
+        self.stopping = False
+        self.failed = False
+        self.poller = select.poll()
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.poller.register(self.wakeup_r, select.POLLIN)
+
+    def run(self) -> int:
+        """Start the workers and supervise them until stopped.
+
+        Returns:
+            0 after a clean stop, 1 when the first workers could not start.
+        """
+        for signum in self.SIGNALS:
+            signal.signal(signum, lambda *_: None)  # delivered through the wakeup pipe
+        signal.set_wakeup_fd(self.wakeup_w)
+        try:
+            self._start_generation(self.config)
+            while not (self.stopping and not self.workers):
+                self._wait_and_handle()
+                self._handle_timers()
+        finally:
+            signal.set_wakeup_fd(-1)
+            for signum in self.SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            os.close(self.wakeup_r)
+            os.close(self.wakeup_w)
+        log.info("stopped")
+        return 1 if self.failed else 0
+
+    # --- the loop ---
+
+    def _wait_and_handle(self) -> None:
+        deadlines = [*self.respawn_at, *(w.kill_at for w in self.workers.values() if w.kill_at)]
+        if self.pending is not None:
+            deadlines.append(self.pending[2])
+        timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000 if deadlines else None
+        for fd, _ in self.poller.poll(timeout):
+            if fd == self.wakeup_r:
+                self._handle_signals()
+            else:
+                self._handle_control(fd)
+
+    def _handle_signals(self) -> None:
+        try:
+            received = os.read(self.wakeup_r, 512)
+        except BlockingIOError:
+            return
+        for signum in received:
+            if signum == signal.SIGCHLD:
+                self._reap()
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop(signal.Signals(signum).name)
+            elif signum == signal.SIGHUP:
+                self._reload()
+
+    def _handle_timers(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers.values():
+            if worker.kill_at is not None and now >= worker.kill_at:
+                log.warning("worker %d did not stop within the shutdown timeout: killing it", worker.pid)
+                worker.kill_at = None
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+        if self.pending is not None and now >= self.pending[2]:
+            self._abandon_pending(f"not ready after {READY_TIMEOUT:g} s")
+        due = [t for t in self.respawn_at if t <= now]
+        if due:
+            self.respawn_at = [t for t in self.respawn_at if t > now]
+            for _ in due:
+                self._spawn(self.generation, self.config)
+
+    # --- workers ---
+
+    def _spawn(self, generation: int, config: Config) -> None:
+        # fork() copies only the calling thread: a lock held by another thread would stay locked.
+        if threading.active_count() != 1:
+            raise RuntimeError("refusing to fork: the supervisor must not run threads")
+        ours, theirs = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self._become_worker(config, theirs)
+        theirs.close()
+        self.workers[pid] = Worker(pid, generation, ours, time.monotonic())
+        self.poller.register(ours.fileno(), select.POLLIN)
+        log.debug("worker %d started (generation %d)", pid, generation)
+
+    def _become_worker(self, config: Config, control: socket.socket) -> NoReturn:
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            # libmilter blocks SIGTERM and SIGHUP and waits for them in its own thread (its
+            # immediate stop). SIGINT from a terminal reaches the whole process group: the
+            # supervisor decides.
+            for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(WAKE_SIGNAL, lambda *_: None)  # only to interrupt poll()
+            os.close(self.wakeup_r)
+            os.close(self.wakeup_w)
+            for worker in self.workers.values():
+                if worker.control is not None:
+                    worker.control.close()
+            threading.Thread(
+                target=_stop_when_asked, args=(control, self.listener.sock), name="stop", daemon=True
+            ).start()
+            self.worker_main(self.listener.sock, config, lambda: control.sendall(READY))
+            status = 0
+        except BaseException:
+            log.exception("worker %d failed", os.getpid())
+        finally:
+            _exit_worker(status)
+
+    def _handle_control(self, fd: int) -> None:
+        worker = next((w for w in self.workers.values() if w.control and w.control.fileno() == fd), None)
+        if worker is None or worker.control is None:  # reaped by an earlier event of the same poll()
+            return
+        try:
+            received = worker.control.recv(16)
+        except OSError:  # reset: it exited with our "stop" unread
+            received = b""
+        if not received:  # the worker exited; SIGCHLD does the rest
+            self._forget_control(worker)
+            return
+        worker.ready = True
+        log.debug("worker %d ready", worker.pid)
+        self._promote_if_ready()
+
+    def _forget_control(self, worker: Worker) -> None:
+        if worker.control is not None:
+            self.poller.unregister(worker.control.fileno())
+            worker.control.close()
+            worker.control = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self._forget_control(worker)
+                self._worker_exited(worker, status)
+
+    def _worker_exited(self, worker: Worker, status: int) -> None:
+        how = _describe_status(status)
+        if worker.stopping:
+            log.info("worker %d stopped (%s)", worker.pid, how)
+        elif self.pending is not None and worker.generation == self.pending[0]:
+            self._abandon_pending(f"worker {worker.pid} {how}")
+        else:
+            lived = time.monotonic() - worker.started
+            if lived >= STABLE_LIFETIME:
+                self.backoff = BACKOFF_FIRST
+            log.error(
+                "worker %d %s after %.1f s; starting another in %.1f s", worker.pid, how, lived, self.backoff
+            )
+            self.respawn_at.append(time.monotonic() + self.backoff)
+            self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def _retire(self, worker: Worker, timeout: float) -> None:
+        """Ask a worker to stop gracefully; it is killed after ``timeout`` seconds."""
+        if not worker.stopping:
+            worker.stopping = True
+            worker.kill_at = time.monotonic() + timeout
+            if worker.control is not None:
+                with contextlib.suppress(OSError):  # it may be exiting already
+                    worker.control.sendall(STOP)
+
+    # --- generations: start, reload, stop ---
+
+    def _start_generation(self, config: Config) -> None:
+        self.last_generation += 1
+        self.pending = (self.last_generation, config, time.monotonic() + READY_TIMEOUT)
+        for _ in range(worker_count(config.milter)):
+            self._spawn(self.last_generation, config)
+
+    def _promote_if_ready(self) -> None:
+        if self.pending is None:
+            return
+        generation, config, _ = self.pending
+        workers = [w for w in self.workers.values() if w.generation == generation]
+        if len(workers) < worker_count(config.milter) or not all(w.ready for w in workers):
+            return
+        first = self.generation == 0
+        self.pending = None
+        self.generation, self.config = generation, config
+        self.respawn_at.clear()
+        self.backoff = BACKOFF_FIRST
+        for worker in self.workers.values():
+            if worker.generation != generation:
+                self._retire(worker, config.milter.shutdown_timeout)
+        status = f"serving {config.milter.socket} with {len(workers)} workers, config {config.path}"
+        log.info("%s%s", "" if first else "configuration reloaded: ", status)
+        notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def _discard_pending(self) -> None:
+        if self.pending is not None:
+            generation, config, _ = self.pending
+            self.pending = None
+            for worker in self.workers.values():
+                if worker.generation == generation:
+                    self._retire(worker, config.milter.shutdown_timeout)
+
+    def _abandon_pending(self, why: str) -> None:
+        self._discard_pending()
+        if self.generation == 0:
+            log.error("the workers could not start (%s)", why)
+            self.failed = True
+            self._stop("start-up failure")
+            return
+        log.error("the new configuration's workers could not start (%s); the running ones stay", why)
+        notify("READY=1", f"STATUS=reload failed ({why}); serving with {self.config.path}")
+
+    def _reload(self) -> None:
+        if self.stopping:
+            return
+        notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        log.info("SIGHUP: reloading %s", self.config.path)
+        try:
+            config = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: %s", e)
+            notify("READY=1", f"STATUS=reload refused: {e}")
+            return
+        if config.milter.socket != self.config.milter.socket:
+            log.warning(
+                "the socket does not change on reload: still %s (restart for %s)",
+                self.config.milter.socket,
+                config.milter.socket,
+            )
+        configure_logging(config.log)
+        self._discard_pending()  # a reload during a reload: the newest file wins
+        self._start_generation(config)
+
+    def _stop(self, why: str) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        self.pending = None
+        self.respawn_at.clear()
+        notify("STOPPING=1")
+        timeout = self.config.milter.shutdown_timeout
+        log.info("%s: stopping the workers (at most %g s)", why, timeout)
+        for worker in self.workers.values():
+            self._retire(worker, timeout)
+
+
+def run(config: Config) -> int:
+    """``authmilter run``: log as configured, open the socket, supervise workers until stopped.
+
+    Returns:
+        The exit status: 0 after a clean stop, 1 when the workers could not start.
+
+    Raises:
+        StartupError: the socket could not be created.
+    """
+    configure_logging(config.log)
+    listener = open_listener(config.milter)
+    try:
+        log.info("listening on %s", config.milter.socket)
+        return Supervisor(config, listener).run()
+    finally:
+        listener.close()
+
+
+__all__ = [
+    "Listener",
+    "StartupError",
+    "Supervisor",
+    "configure_logging",
+    "notify",
+    "open_listener",
+    "run",
+    "serve_worker",
+    "socket_address",
+    "worker_count",
+]

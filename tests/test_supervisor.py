@@ -1,0 +1,614 @@
+"""The daemon: the listening socket, systemd notification, logging, and `authmilter run` as real
+processes on loopback (workers, respawn, reload, graceful stop), driven with tests/milterclient.py."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import grp
+import logging
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from authmilter import cli
+from authmilter.config import LogSettings, MilterSettings
+from authmilter.supervisor import (
+    StartupError,
+    _open_sessions,
+    configure_logging,
+    notify,
+    open_listener,
+    socket_address,
+    worker_count,
+)
+from milterclient import MessageResult, MilterClient, check_message
+
+ZONE = Path(__file__).resolve().parent / "zones" / "sender.example.zone"
+MESSAGE = (Path(__file__).resolve().parent / "zones" / "message.eml").read_bytes()
+AUTHORISED_IP = "192.0.2.10"  # inside sender.example's SPF (ip4:192.0.2.0/24)
+SPOOFING_IP = "198.51.100.7"  # outside it: SPF fail, DMARC p=reject
+WAIT = 20.0  # seconds any daemon event may take before the test fails
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the listening socket ----------------------------------------------------------------------
+
+
+def test_socket_address_reads_libmilter_connection_strings(tmp_path: Path) -> None:
+    assert socket_address("inet:8891@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8891))
+    assert socket_address("inet6:8891@[::1]") == (socket.AF_INET6, ("::1", 8891))
+    assert socket_address("inet6:8891@::1") == (socket.AF_INET6, ("::1", 8891))
+    assert socket_address(f"unix:{tmp_path}/s") == (socket.AF_UNIX, f"{tmp_path}/s")
+    assert socket_address(f"local:{tmp_path}/s") == (socket.AF_UNIX, f"{tmp_path}/s")
+    with pytest.raises(StartupError, match="cannot resolve"):
+        socket_address("inet:8891@no-such-host.invalid")
+
+
+def test_inet_listener_sets_nodelay_nonblocking_and_accepted_sockets_inherit_nodelay() -> None:
+    listener = open_listener(MilterSettings(socket=f"inet:{free_port()}@127.0.0.1"))
+    try:
+        sock = listener.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+        assert not sock.getblocking()
+        assert sock.get_inheritable()
+        with socket.create_connection(sock.getsockname(), timeout=5):
+            accepted = wait_for(lambda: _accept(sock), "the connection")
+            assert isinstance(accepted, socket.socket)
+            with accepted:
+                # What libmilter's accept() gets in a worker: Nagle is off without asking.
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        listener.close()
+
+
+def _accept(sock: socket.socket) -> socket.socket | None:
+    try:
+        return sock.accept()[0]
+    except BlockingIOError:
+        return None
+
+
+def test_inet6_listener() -> None:
+    listener = open_listener(MilterSettings(socket="inet6:0@[::1]"))
+    try:
+        assert listener.sock.family == socket.AF_INET6
+        assert listener.sock.getsockname()[0] == "::1"
+        assert listener.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        listener.close()
+
+
+def _other_group() -> grp.struct_group:
+    """A group the socket can be given: as root one that is not ours, so chgrp is visible."""
+    if os.geteuid() != 0:
+        return grp.getgrgid(os.getgid())
+    return next(g for g in grp.getgrall() if g.gr_gid != os.getgid())
+
+
+def test_unix_listener_replaces_a_stale_socket_and_sets_mode_and_group(tmp_path: Path) -> None:
+    path = tmp_path / "milter.sock"
+    with socket.socket(socket.AF_UNIX) as stale:  # bound, never listened on, closed: a leftover
+        stale.bind(str(path))
+    group = _other_group()
+    listener = open_listener(
+        MilterSettings(socket=f"unix:{path}", socket_mode="0620", socket_group=group.gr_name)
+    )
+    info = path.stat()
+    assert stat.S_ISSOCK(info.st_mode)
+    assert stat.S_IMODE(info.st_mode) == 0o620
+    assert info.st_gid == group.gr_gid
+    assert not listener.sock.getblocking()
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))
+    listener.close()
+    assert not path.exists(), "the daemon's own socket file is removed when it stops"
+
+
+def test_unix_listener_refuses_a_live_socket_and_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "milter.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen(1)
+        with pytest.raises(StartupError, match="another process is listening"):
+            open_listener(MilterSettings(socket=f"unix:{path}"))
+    regular = tmp_path / "file"
+    regular.write_text("data")
+    with pytest.raises(StartupError, match="is not a socket"):
+        open_listener(MilterSettings(socket=f"unix:{regular}"))
+    assert regular.read_text() == "data"
+    with pytest.raises(StartupError, match="no group named"):
+        open_listener(MilterSettings(socket=f"unix:{tmp_path}/x.sock", socket_group="no-such-group-x"))
+
+
+def test_inet_listener_reports_an_address_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(StartupError, match=f"inet:{port}@127.0.0.1: cannot bind"):
+            open_listener(MilterSettings(socket=f"inet:{port}@127.0.0.1"))
+
+
+def test_open_sessions_counts_the_connections_accepted_on_the_listening_address() -> None:
+    """What a stopping worker waits for (a wildcard bind matches any local address)."""
+    listener = open_listener(MilterSettings(socket=f"inet:{free_port()}@127.0.0.1"))
+    host, port = listener.sock.getsockname()
+    try:
+        assert _open_sessions(socket.AF_INET, (host, port)) == 0, "the listener itself is no session"
+        with socket.create_connection((host, port), timeout=5):  # our end: another local address
+            accepted = wait_for(lambda: _accept(listener.sock), "the connection")
+            assert isinstance(accepted, socket.socket)
+            with accepted:
+                assert _open_sessions(socket.AF_INET, (host, port)) == 1
+                assert _open_sessions(socket.AF_INET, ("0.0.0.0", port)) == 1
+                assert _open_sessions(socket.AF_INET6, (host, port)) == 0
+            assert _open_sessions(socket.AF_INET, (host, port)) == 0
+    finally:
+        listener.close()
+
+
+def test_worker_count_zero_means_one_per_cpu() -> None:
+    assert worker_count(MilterSettings(workers=3)) == 3
+    assert worker_count(MilterSettings(workers=0)) == (os.cpu_count() or 1)
+
+
+# --- systemd notification ----------------------------------------------------------------------
+
+
+def test_notify_sends_to_a_path_and_to_the_abstract_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(tmp_path / "notify"))
+        receiver.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        assert notify("READY=1", "STATUS=serving")
+        assert receiver.recv(4096) == b"READY=1\nSTATUS=serving"
+    name = f"authmilter-test-{os.getpid()}-{time.time_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind("\0" + name)
+        receiver.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        assert notify("STOPPING=1")
+        assert receiver.recv(4096) == b"STOPPING=1"
+
+
+def test_notify_without_systemd_sends_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not notify("READY=1")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert not notify("READY=1")
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logging() -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    yield root
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in saved[0]:
+        root.addHandler(handler)
+    root.setLevel(saved[1])
+
+
+def test_configure_logging_to_syslog_uses_the_facility(root_logging: logging.Logger, tmp_path: Path) -> None:
+    address = str(tmp_path / "log")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(address)
+        syslog.settimeout(5)
+        configure_logging(LogSettings(destination="syslog", level="info", syslog_facility="local3"), address)
+        logging.getLogger("authmilter.test").debug("not at info level")
+        logging.getLogger("authmilter.test").info("queue_id=ABC accepted")
+        # RFC 5424 PRI: local3 (19) * 8 + info (6).
+        assert syslog.recv(4096) == f"<158>authmilter[{os.getpid()}]: INFO queue_id=ABC accepted\0".encode()
+        configure_logging(LogSettings(destination="syslog", level="debug", syslog_facility="mail"), address)
+        logging.getLogger("authmilter.test").debug("why")
+        assert syslog.recv(4096).startswith(b"<23>")  # mail (2) * 8 + debug (7)
+    assert len(root_logging.handlers) == 1, "a reconfiguration replaces the handler"
+
+
+def test_configure_logging_falls_back_to_stderr_and_prefixes_priorities_for_journald(
+    root_logging: logging.Logger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stream = (tmp_path / "stderr").open("w")
+    monkeypatch.setattr(sys, "stderr", stream)
+    info = os.fstat(stream.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{info.st_dev}:{info.st_ino}")
+    configure_logging(LogSettings(destination="syslog"), str(tmp_path / "no-syslog-here"))
+    logging.getLogger("authmilter.test").error("boom")
+    stream.flush()
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines[0].startswith(f"<4>authmilter[{os.getpid()}]: WARNING cannot log to syslog")
+    assert lines[1] == f"<3>authmilter[{os.getpid()}]: ERROR boom"
+
+
+# --- `authmilter run`: arguments and start-up errors ---------------------------------------------
+
+
+def test_run_needs_a_config_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "missing.toml")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["run"])
+    assert exit_info.value.code == 2
+    assert f"no --config given and {tmp_path}/missing.toml does not exist" in capsys.readouterr().err
+    (tmp_path / "present.toml").write_text("")
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "present.toml")
+    assert cli.parse_args(["run"]).config == tmp_path / "present.toml"
+    assert cli.parse_args(["run", "--config", "x.toml"]).config == Path("x.toml")
+
+
+def test_run_with_an_invalid_config_exits_1_naming_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[milter]\nworkers = 2\nsocket = "tcp:25"\n')
+    assert cli.main(["run", "--config", str(config)]) == 1
+    assert f"{config}:3: [milter] socket" in capsys.readouterr().err
+
+
+def test_run_on_a_busy_port_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], root_logging: logging.Logger
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "a.toml"
+        config.write_text(f'[milter]\nsocket = "inet:{port}@127.0.0.1"\n')
+        assert cli.main(["run", "--config", str(config)]) == 1
+    assert "cannot bind" in capsys.readouterr().err
+
+
+# --- `authmilter run` as real processes ------------------------------------------------------
+
+
+class Daemon:
+    """`python -m authmilter run` with its own config, zone file, log and notification socket."""
+
+    def __init__(self, directory: Path, socket_spec: str, authserv_id: str, zone: bytes) -> None:
+        self.directory = directory
+        self.socket = socket_spec
+        self.config = directory / "authmilter.toml"
+        self.zone = directory / "sender.example.zone"
+        self.zone.write_bytes(zone)
+        self.write_config(authserv_id)
+        self.log_path = directory / "daemon.log"
+        self.notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notifications.bind(str(directory / "notify"))
+        self.received: list[str] = []
+        env = {**os.environ, "NOTIFY_SOCKET": str(directory / "notify")}
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "authmilter", "run", "--config", str(self.config)],
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+
+    def write_config(self, authserv_id: str, extra: str = "") -> None:
+        self.config.write_text(
+            f'[milter]\nsocket = "{self.socket}"\nworkers = 2\nauthserv_id = "{authserv_id}"\n'
+            f'shutdown_timeout = 20\nsocket_mode = "0660"\n{extra}'
+            f'[dns]\nzone_files = ["{self.zone.name}"]\n'
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, pattern: str) -> re.Match[str]:
+        match = wait_for(lambda: re.search(pattern, self.log()), f"log line {pattern!r}\n{self.log()}")
+        assert isinstance(match, re.Match)
+        return match
+
+    def notification(self, assignment: str) -> str:
+        """Wait for a datagram containing ``assignment``; earlier ones are kept in ``received``."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            self.notifications.settimeout(0.2)
+            try:
+                message = self.notifications.recv(4096).decode()
+            except TimeoutError:
+                continue
+            self.received.append(message)
+            if assignment in message.split("\n"):
+                return message
+        raise AssertionError(f"no {assignment} from the daemon; got {self.received}\n{self.log()}")
+
+    def workers(self) -> set[int]:
+        return children(self.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.notifications.close()
+
+
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                # Field 4 of /proc/PID/stat is the parent; the name before it may hold spaces.
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                if int(fields[1]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def start(
+        socket_spec: str | None = None,
+        authserv_id: str = "mx.receiver.example",
+        zone: bytes = ZONE.read_bytes(),
+    ) -> Daemon:
+        spec = socket_spec or f"inet:{free_port()}@127.0.0.1"
+        daemon = Daemon(tmp_path, spec, authserv_id, zone)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in daemons:
+        daemon.stop()
+
+
+def authentication_results_id(result: MessageResult) -> str:
+    inserted = [
+        m for m in result.modifications if m.kind == "insheader" and m.name == "Authentication-Results"
+    ]
+    assert len(inserted) == 1, result
+    assert inserted[0].index == 0, "our A-R goes on top (RFC 8601 §4)"
+    return inserted[0].value.split(";")[0].strip()
+
+
+def open_transaction(address: str) -> MilterClient:
+    """A connection in the middle of a message: everything sent but the end of message."""
+    client = MilterClient.connect(address)
+    client.negotiate()
+    client.connect_info("mx.sender.example", AUTHORISED_IP)
+    client.helo("mx.sender.example")
+    client.mail("bob@sender.example")
+    client.rcpt("alice@receiver.example")
+    client.data()
+    for name, value in (("From", "Bob <bob@sender.example>"), ("Subject", "in flight")):
+        client.header(name, value)
+    client.end_of_headers()
+    client.body(b"Sent before the signal, finished after it.\r\n")
+    return client
+
+
+def finish_transaction(client: MilterClient) -> MessageResult:
+    modifications, response = client.end_of_message({"i": "INFLIGHT"})
+    client.quit()
+    return MessageResult("eom", response, modifications)
+
+
+def test_run_serves_messages_with_prefork_workers_and_notifies_systemd(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon()
+    ready = daemon.notification("READY=1")
+    assert f"MAINPID={daemon.pid}" in ready.split("\n")
+    assert "STATUS=serving" in ready and "with 2 workers" in ready
+    assert len(daemon.workers()) == 2
+
+    passed = check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP)
+    assert passed.stage == "eom" and passed.response.kind == "accept"
+    assert authentication_results_id(passed) == "mx.receiver.example"
+
+    spoofed = check_message(daemon.socket, MESSAGE, client_ip=SPOOFING_IP)
+    assert spoofed.response.kind == "replycode"
+    assert re.match(r"550 5\.7\.\d+ .*sender\.example", spoofed.response.text), spoofed.response.text
+    assert not spoofed.modifications
+
+    # The {auth_authen} macro at MAIL: a SASL client's mail is not verified, not even rejected.
+    authenticated = check_message(
+        daemon.socket,
+        MESSAGE,
+        client_ip=SPOOFING_IP,
+        mail_macros={"{auth_authen}": "bob", "{auth_type}": "PLAIN"},
+    )
+    assert authenticated.response.kind == "accept" and not authenticated.modifications
+
+
+def _pidfd_getfd(pid: int, fd: int) -> int:
+    pidfd = os.pidfd_open(pid)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        duplicate = int(libc.syscall(438, pidfd, fd, 0))  # pidfd_getfd(2); 438 on every architecture
+        if duplicate < 0:
+            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {fd})")
+        return duplicate
+    finally:
+        os.close(pidfd)
+
+
+def test_workers_accept_connections_with_nodelay(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    daemon.notification("READY=1")
+    with MilterClient.connect(daemon.socket) as client:
+        client.negotiate()  # answered: a worker has accepted the connection
+        ours = client.sock.getsockname()
+        found = []
+        for worker in daemon.workers():
+            for entry in Path(f"/proc/{worker}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if not os.readlink(entry).startswith("socket:"):
+                        continue
+                    try:
+                        duplicate = _pidfd_getfd(worker, int(entry.name))
+                    except PermissionError:
+                        pytest.skip("pidfd_getfd is not permitted here (ptrace restrictions)")
+                    with socket.socket(fileno=duplicate) as accepted:
+                        if accepted.family == socket.AF_INET and accepted.getpeername() == ours:
+                            found.append(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        assert found == [1], "the worker's side of our connection has Nagle off"
+
+
+def test_a_killed_worker_is_replaced(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon()
+    daemon.notification("READY=1")
+    before = daemon.workers()
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> set[int] | None:
+        workers = daemon.workers()
+        return workers if len(workers) == 2 and victim not in workers else None
+
+    after = wait_for(replaced, "a new worker")
+    assert isinstance(after, set) and len(after & before) == 1
+    daemon.wait_log(rf"worker {victim} killed by signal 9 after [\d.]+ s; starting another in 0\.1 s")
+    for _ in range(4):  # whichever worker takes them
+        result = check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP)
+        assert result.response.kind == "accept"
+
+
+def listening_socket(pid: int, port: int) -> str:
+    """``socket:[INODE]`` of the socket listening on 127.0.0.1:``port``, if ``pid`` holds it."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == f"0100007F:{port:04X}" and fields[3] == "0A":  # 0A: LISTEN
+            link = f"socket:[{fields[9]}]"
+            held = {os.readlink(e) for e in Path(f"/proc/{pid}/fd").iterdir()}
+            return link if link in held else ""
+    return ""
+
+
+def test_sighup_with_a_valid_config_starts_fresh_workers_on_the_same_socket(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon(authserv_id="old.receiver.example")
+    daemon.notification("READY=1")
+    old_workers = daemon.workers()
+    port = int(daemon.socket.split(":")[1].split("@")[0])
+    socket_before = listening_socket(daemon.pid, port)
+    assert socket_before
+    in_flight = open_transaction(daemon.socket)
+
+    daemon.write_config("new.receiver.example")
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.notification("RELOADING=1")
+    assert "configuration reloaded" not in daemon.log()
+    daemon.notification("READY=1")
+    daemon.wait_log("configuration reloaded: serving")
+
+    def fresh() -> set[int] | None:
+        workers = daemon.workers() - old_workers
+        return workers if len(workers) == 2 else None
+
+    new_workers = wait_for(fresh, "new workers")
+    assert isinstance(new_workers, set)
+    for _ in range(4):
+        result = check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP)
+        assert authentication_results_id(result) == "new.receiver.example"
+    assert listening_socket(daemon.pid, port) == socket_before, "the socket is never closed or reopened"
+
+    # The message that was in progress on an old worker finishes there, with the old settings.
+    finished = finish_transaction(in_flight)
+    assert finished.response.kind == "accept"
+    assert authentication_results_id(finished) == "old.receiver.example"
+    wait_for(lambda: not (daemon.workers() & old_workers), "the old workers to exit")
+    assert daemon.workers() == new_workers
+
+
+def test_sighup_with_a_broken_config_keeps_the_running_workers(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(authserv_id="kept.receiver.example")
+    daemon.notification("READY=1")
+    workers = daemon.workers()
+
+    daemon.write_config("new.receiver.example", extra="workers = 3\n")  # the key twice: invalid TOML
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.notification("RELOADING=1")
+    daemon.notification("READY=1")
+    daemon.wait_log(
+        rf"ERROR reload refused, the running configuration stays: {re.escape(str(daemon.config))}"
+    )
+
+    daemon.write_config("new.receiver.example")
+    daemon.zone.write_text("this is not a zone file\n")  # valid config, but the workers cannot start
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.notification("RELOADING=1")
+    daemon.notification("READY=1")
+    daemon.wait_log(r"the new configuration's workers could not start \(worker \d+ exited with status 1\)")
+    assert "sender.example.zone" in daemon.log(), "the worker logged what is wrong"
+
+    wait_for(lambda: daemon.workers() == workers, "only the old workers to remain")
+    result = check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP)
+    assert authentication_results_id(result) == "kept.receiver.example"
+
+
+def test_sigterm_on_a_unix_socket_lets_the_message_in_progress_finish(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    path = tmp_path / "milter.sock"
+    daemon = start_daemon(f"unix:{path}")
+    daemon.notification("READY=1")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o660
+    result = check_message(f"unix:{path}", MESSAGE, client_ip=AUTHORISED_IP)
+    assert authentication_results_id(result) == "mx.receiver.example"
+
+    in_flight = open_transaction(f"unix:{path}")
+    started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.notification("STOPPING=1")
+    finished = finish_transaction(in_flight)
+    assert finished.response.kind == "accept"
+    assert authentication_results_id(finished) == "mx.receiver.example"
+    assert daemon.process.wait(WAIT) == 0
+    assert time.monotonic() - started < 10, "stopped well before the 20 s shutdown timeout"
+    assert not path.exists()
+    assert "stopped" in daemon.log()
+
+
+def test_workers_that_cannot_start_make_run_exit_1(start_daemon: Callable[..., Daemon]) -> None:
+    daemon = start_daemon(zone=b"not a zone\n")  # a valid config; the resolver cannot be built
+    assert daemon.process.wait(WAIT) == 1
+    assert re.search(r"the workers could not start \(worker \d+ exited with status 1\)", daemon.log())
+    assert "sender.example.zone" in daemon.log()
