@@ -6,6 +6,7 @@ import pytest
 
 from authmilter.message import (
     MAX_HEADERS,
+    HeaderCollector,
     HeaderField,
     MessageHeaders,
     assemble_message,
@@ -158,6 +159,26 @@ def test_key_fields_are_bounded_too() -> None:
     assert len(headers.fields) == 20
     assert headers.truncated and headers.key_fields_dropped
     assert [f.index for f in headers.fields] == list(range(1, 21))
+
+
+def test_header_collector_fed_like_a_milter_matches_the_parsed_file() -> None:
+    """The milter adapter's path (one callback at a time) and the file's path keep the same fields."""
+    raw = (
+        b"Authentication-Results: a; none\r\n"
+        + b"".join(b"X-Junk-%d: v\r\n" % i for i in range(10))
+        + b"From: a@b.example\r\n"
+        + b"Subject: folded\r\n more\r\n"
+        + b"Authentication-Results: x; none\r\n" * 5
+        + b"\r\n"
+    )
+    collector = HeaderCollector(max_headers=5)
+    for field in parse_message(raw).headers.fields:  # as the MTA passes them: one space eaten, LF folds
+        collector.add(field.name + " ", field.value[1:].replace("\r\n", "\n").encode("latin-1"))
+    headers = collector.result()
+    assert headers == parse_message(raw, max_headers=5).headers
+    assert headers.truncated and headers.key_fields_dropped  # room for four of the last five A-R
+    assert [f.index for f in headers.get_all("authentication-results")] == [1, 2, 3, 4, 5]
+    assert [f.name for f in headers.fields[4:6]] == ["X-Junk-3", "From"]
 
 
 def test_exactly_the_limit_is_not_truncated() -> None:

@@ -40,6 +40,7 @@ from authmilter.milter_app import (
     Runtime,
     build_runtime,
     client_ip_from,
+    message_counts,
     serve,
     strip_angle_brackets,
 )
@@ -605,6 +606,34 @@ def test_several_messages_on_one_connection(connect: Connect, signed: Callable[.
     ctx.rset()
     assert ctx.send(signed()) == Milter.ACCEPT
     assert len(our_ar(ctx)) == 1 and "dmarc=pass" in our_ar(ctx)[0]
+
+
+def test_message_counts_span_mail_from_to_the_end_of_the_message(
+    connect: Connect, signed: Callable[..., bytes]
+) -> None:
+    """What a stopping worker waits for: messages, over all connections, not idle connections."""
+    before = message_counts()
+
+    def counted() -> tuple[int, int]:
+        now = message_counts()
+        return now.in_progress - before.in_progress, now.ended - before.ended
+
+    first, second = connect(), connect()
+    assert counted() == (0, 0), "a connection without a message is idle"
+    first.start(signed(), "bob@sender.example", ("a@b.example",))
+    second.start(make_message(), "bob@sender.example", ("a@b.example",))
+    assert counted() == (2, 0)
+    assert first._eom() == Milter.ACCEPT
+    assert counted() == (1, 1)
+    second.start(make_message(), "bob@sender.example", ("a@b.example",))  # MAIL FROM again: a new one
+    assert counted() == (1, 2)
+    second.rset()
+    assert counted() == (0, 3)
+    first.start(make_message(), "bob@sender.example", ("a@b.example",))
+    first.app.close()  # the MTA went away mid-message
+    assert counted() == (0, 4)
+    first.app.close()
+    assert counted() == (0, 4)
 
 
 class RecordingSpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]

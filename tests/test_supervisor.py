@@ -24,7 +24,6 @@ from authmilter import cli
 from authmilter.config import LogSettings, MilterSettings
 from authmilter.supervisor import (
     StartupError,
-    _open_sessions,
     configure_logging,
     notify,
     open_listener,
@@ -153,24 +152,6 @@ def test_inet_listener_reports_an_address_in_use() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(StartupError, match=f"inet:{port}@127.0.0.1: cannot bind"):
             open_listener(MilterSettings(socket=f"inet:{port}@127.0.0.1"))
-
-
-def test_open_sessions_counts_the_connections_accepted_on_the_listening_address() -> None:
-    """What a stopping worker waits for (a wildcard bind matches any local address)."""
-    listener = open_listener(MilterSettings(socket=f"inet:{free_port()}@127.0.0.1"))
-    host, port = listener.sock.getsockname()
-    try:
-        assert _open_sessions(socket.AF_INET, (host, port)) == 0, "the listener itself is no session"
-        with socket.create_connection((host, port), timeout=5):  # our end: another local address
-            accepted = wait_for(lambda: _accept(listener.sock), "the connection")
-            assert isinstance(accepted, socket.socket)
-            with accepted:
-                assert _open_sessions(socket.AF_INET, (host, port)) == 1
-                assert _open_sessions(socket.AF_INET, ("0.0.0.0", port)) == 1
-                assert _open_sessions(socket.AF_INET6, (host, port)) == 0
-            assert _open_sessions(socket.AF_INET, (host, port)) == 0
-    finally:
-        listener.close()
 
 
 def test_worker_count_zero_means_one_per_cpu() -> None:
@@ -605,6 +586,32 @@ def test_sigterm_on_a_unix_socket_lets_the_message_in_progress_finish(
     assert time.monotonic() - started < 10, "stopped well before the 20 s shutdown timeout"
     assert not path.exists()
     assert "stopped" in daemon.log()
+
+
+def test_sigterm_finishes_the_message_in_progress_but_not_idle_connections(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """An MTA holds a milter connection for a whole SMTP session: idle ones must not delay a stop."""
+    daemon = start_daemon()  # shutdown_timeout = 20
+    daemon.notification("READY=1")
+    idle = MilterClient.connect(daemon.socket)
+    idle.negotiate()  # answered: a worker has accepted it
+    idle.connect_info("mx.sender.example", AUTHORISED_IP)
+    idle.helo("mx.sender.example")
+    in_flight = open_transaction(daemon.socket)
+
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.notification("STOPPING=1")
+    time.sleep(1)  # a worker that left too early would have gone by now
+    finished = finish_transaction(in_flight)
+    assert finished.response.kind == "accept"
+    assert authentication_results_id(finished) == "mx.receiver.example"
+    finished_at = time.monotonic()
+    assert daemon.process.wait(WAIT) == 0
+    assert time.monotonic() - finished_at < 2, "the idle connection kept a worker until the timeout"
+    assert "did not stop within the shutdown timeout" not in daemon.log()
+    with idle, contextlib.suppress(ConnectionResetError):
+        assert idle.sock.recv(1) == b"", "the idle connection is closed with its worker"
 
 
 def test_workers_that_cannot_start_make_run_exit_1(start_daemon: Callable[..., Daemon]) -> None:

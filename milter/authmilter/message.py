@@ -131,40 +131,85 @@ class ParsedMessage:
         return self.raw[self.body_offset :]
 
 
-class _FieldCollector:
-    """Numbers fields per name; past the limit keeps only KEY_FIELDS, up to the limit again."""
+class HeaderCollector:
+    """Builds bounded ``MessageHeaders`` one field at a time, in message order.
 
-    def __init__(self, max_headers: int) -> None:
-        self.max_headers = max_headers
-        self.fields: list[HeaderField] = []
-        self.counts: dict[str, int] = {}
-        self.seen = 0
-        self.key_fields_dropped = False
+    Fields are numbered per name (case-insensitively). Past ``max_headers`` only KEY_FIELDS are
+    kept, up to as many again; every other field is only counted, so memory stays bounded
+    whatever the sender writes, and ``result()`` says what was dropped.
+
+    Args:
+        max_headers: how many fields to keep (see MessageHeaders for From and A-R fields).
+    """
+
+    def __init__(self, max_headers: int = MAX_HEADERS) -> None:
+        self._max_headers = max_headers
+        self._fields: list[HeaderField] = []
+        self._counts: dict[str, int] = {}
+        self._seen = 0
+        self._key_fields_dropped = False
+
+    def add(
+        self, raw_name: str | bytes, raw_value: str | bytes, *, leading_space_included: bool = False
+    ) -> None:
+        """Add one field as a milter ``header`` callback received it.
+
+        Args:
+            raw_name: the field name; whitespace before the colon is dropped.
+            raw_value: the value; str as pymilter decodes it (UTF-8 with surrogateescape), bytes
+                as they are; continuation lines separated by LF or CRLF.
+            leading_space_included: the milter negotiated SMFIP_HDR_LEADSPC, so the value keeps
+                its leading whitespace; otherwise the MTA ate one space and it is put back.
+        """
+        name = _wire_text(raw_name).rstrip(" \t")
+        if not self.keeps(name):  # a field that is not kept needs no decoding
+            self.add_text(name, "")
+            return
+        value = _BARE_LF_TEXT.sub("\r\n", _wire_text(raw_value))
+        self.add_text(name, value if leading_space_included else " " + value)
 
     def keeps(self, name: str) -> bool:
-        """Whether the next field, with this name, will be kept."""
-        if self.seen < self.max_headers:
-            return True
-        return name.lower() in KEY_FIELDS and len(self.fields) < 2 * self.max_headers
+        """Whether the next field, with this name, will be kept.
 
-    def add(self, name: str, value: str) -> None:
-        """Count the field and keep it if ``keeps(name)``; ``value`` is ignored otherwise."""
+        Args:
+            name: the field name.
+
+        Returns:
+            True below the limit, and past it for KEY_FIELDS while there is room.
+        """
+        if self._seen < self._max_headers:
+            return True
+        return name.lower() in KEY_FIELDS and len(self._fields) < 2 * self._max_headers
+
+    def add_text(self, name: str, value: str) -> None:
+        """Add one field already in this module's representation (see the module docstring).
+
+        Args:
+            name: the field name, without whitespace before the colon.
+            value: everything after the colon, CRLF folding kept; ignored when the field is
+                not kept (``keeps(name)`` is False).
+        """
         key = name.lower()
         keep = self.keeps(name)
-        self.seen += 1
+        self._seen += 1
         # Past the limit only key fields can still be kept, so only their count matters.
         if not keep and key not in KEY_FIELDS:
             return
-        index = self.counts.get(key, 0) + 1
-        self.counts[key] = index
+        index = self._counts.get(key, 0) + 1
+        self._counts[key] = index
         if keep:
-            self.fields.append(HeaderField(name, value, index))
+            self._fields.append(HeaderField(name, value, index))
         else:
-            self.key_fields_dropped = True
+            self._key_fields_dropped = True
 
     def result(self) -> MessageHeaders:
-        truncated = self.seen > self.max_headers
-        return MessageHeaders(tuple(self.fields), truncated, self.key_fields_dropped)
+        """The headers so far.
+
+        Returns:
+            The kept fields, with ``truncated`` and ``key_fields_dropped`` as counted.
+        """
+        truncated = self._seen > self._max_headers
+        return MessageHeaders(tuple(self._fields), truncated, self._key_fields_dropped)
 
 
 def _normalise_line_endings(raw: bytes) -> bytes:
@@ -190,7 +235,7 @@ def parse_message(raw: bytes, max_headers: int = MAX_HEADERS) -> ParsedMessage:
         The parsed message.
     """
     data = _normalise_line_endings(raw)
-    collector = _FieldCollector(max_headers)
+    collector = HeaderCollector(max_headers)
     size = len(data)
     pos = 0
     body_offset = size
@@ -221,10 +266,10 @@ def parse_message(raw: bytes, max_headers: int = MAX_HEADERS) -> ParsedMessage:
     return ParsedMessage(collector.result(), body_offset, data, has_separator)
 
 
-def _add_field(collector: _FieldCollector, name: str, data: bytes, start: int, end: int) -> None:
+def _add_field(collector: HeaderCollector, name: str, data: bytes, start: int, end: int) -> None:
     # A field that is not kept needs no decoding.
     value = data[start:end].decode("latin-1") if collector.keeps(name) else ""
-    collector.add(name, value)
+    collector.add_text(name, value)
 
 
 def _wire_text(text: str | bytes) -> str:
@@ -259,16 +304,9 @@ def headers_from_pairs(
     Returns:
         The headers, in the same representation ``parse_message`` gives.
     """
-    collector = _FieldCollector(max_headers)
+    collector = HeaderCollector(max_headers)
     for raw_name, raw_value in pairs:
-        name = _wire_text(raw_name).rstrip(" \t")
-        if not collector.keeps(name):
-            collector.add(name, "")
-            continue
-        value = _BARE_LF_TEXT.sub("\r\n", _wire_text(raw_value))
-        if not leading_space_included:
-            value = " " + value
-        collector.add(name, value)
+        collector.add(raw_name, raw_value, leading_space_included=leading_space_included)
     return collector.result()
 
 

@@ -18,12 +18,12 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import ipaddress
 import logging
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,11 +41,10 @@ from authmilter.authresults import (
 from authmilter.config import Config
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
 from authmilter.message import (
-    KEY_FIELDS,
+    HeaderCollector,
     MessageHeaders,
     ParsedMessage,
     assemble_message,
-    headers_from_pairs,
     parse_from,
 )
 from authmilter.model import Action, Verdict
@@ -80,6 +79,53 @@ _MILTER_CODES = {
     Action.REJECT: Milter.REJECT,
     Action.TEMPFAIL: Milter.TEMPFAIL,
 }
+
+
+@dataclass(frozen=True)
+class MessageCounts:
+    """Messages of this process, over all its connections.
+
+    Attributes:
+        in_progress: connections between MAIL FROM and the end of that message (eom, abort, close).
+        ended: messages ended so far.
+    """
+
+    in_progress: int
+    ended: int
+
+
+class _MessageCounter:
+    # libmilter serves connections from several threads at once, hence the lock.
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = MessageCounts(0, 0)
+
+    def started(self) -> None:
+        with self._lock:
+            self._counts = MessageCounts(self._counts.in_progress + 1, self._counts.ended)
+
+    def ended(self) -> None:
+        with self._lock:
+            self._counts = MessageCounts(self._counts.in_progress - 1, self._counts.ended + 1)
+
+    def counts(self) -> MessageCounts:
+        with self._lock:
+            return self._counts
+
+
+_messages = _MessageCounter()
+
+
+def message_counts() -> MessageCounts:
+    """What this process is doing, for a stopping worker (supervisor.py).
+
+    It waits for the messages in progress, not for its connections to close: an MTA keeps a milter
+    connection open for a whole SMTP session (Postfix milter8.c), idle between messages.
+
+    Returns:
+        The messages in progress and those ended, over all connections of this process.
+    """
+    return _messages.counts()
 
 
 class HistorySink(Protocol):
@@ -186,45 +232,12 @@ def _header_values_as_bytes(callback: _Callback[P]) -> _Callback[P]:
     return decoded
 
 
-class _HeaderBuffer:
-    """Header callbacks, kept only as far as ``headers_from_pairs`` would keep them.
-
-    Memory stays bounded whatever the client sends: fields past ``max_headers`` are dropped, except
-    From and Authentication-Results (KEY_FIELDS), kept up to as many again. The counts let
-    :meth:`result` report ``truncated`` and ``key_fields_dropped`` exactly as if every field had
-    been passed on.
-    """
-
-    def __init__(self, max_headers: int) -> None:
-        self._max_headers = max_headers
-        self._pairs: list[tuple[str, bytes]] = []
-        self._seen = 0
-        self._key_field_dropped = False
-
-    def add(self, name: str, value: bytes) -> None:
-        # The same name normalisation and keep rule as message._FieldCollector.
-        is_key = name.rstrip(" \t").lower() in KEY_FIELDS
-        if self._seen < self._max_headers or (is_key and len(self._pairs) < 2 * self._max_headers):
-            self._pairs.append((name, value))
-        elif is_key:
-            self._key_field_dropped = True
-        self._seen += 1
-
-    def result(self) -> MessageHeaders:
-        headers = headers_from_pairs(self._pairs, self._max_headers)
-        return dataclasses.replace(
-            headers,
-            truncated=self._seen > self._max_headers,
-            key_fields_dropped=headers.key_fields_dropped or self._key_field_dropped,
-        )
-
-
 class _Message:
     """What one message has gathered, from MAIL FROM to end of message."""
 
     def __init__(self, max_headers: int) -> None:
         # Headers are gathered even when MAIL FROM could not be read, so forged A-R can be deleted.
-        self.headers = _HeaderBuffer(max_headers)
+        self.headers = HeaderCollector(max_headers)
         self.connection = Connection(client_ip="", helo="")
         self.mail_from = ""
         self.queue_id = ""
@@ -303,6 +316,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     def envfrom(self, mail_from: str, *params: str) -> None:
         self._reset_message()
         message = self._message = _Message(self._config.milter.max_headers)
+        _messages.started()  # first, so a stopping worker waits for this message
         message.mail_from = strip_angle_brackets(mail_from)
         message.queue_id = self._macro(QUEUE_ID_MACRO)
         auth_macros = self._macros(MAIL_MACROS)
@@ -512,8 +526,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     def _reset_message(self) -> None:
         if self._message is not None:
-            self._message.close()
-            self._message = None
+            message, self._message = self._message, None
+            _messages.ended()
+            message.close()
         self._message_failure = ""
         self._modifying = False
 

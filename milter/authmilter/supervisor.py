@@ -26,8 +26,14 @@ A graceful stop is not libmilter's smfi_stop(): Debian builds libmilter with its
 (_FFR_WORKERS_POOL), whose controller and worker threads quit as soon as a stop is flagged, so
 sessions in progress would hang unanswered. Instead a stopping worker stops *accepting*: it
 puts a socket nobody can reach in place of the listening descriptor (dup2), lets the pool finish
-the connections it has, and exits when none is left. The others keep accepting on the shared
-socket meanwhile. (A SIGTERM sent to a worker directly, as systemd's KillMode=control-group
+the messages in progress (``milter_app.message_counts``), and exits when none is left. The
+others keep accepting on the shared socket meanwhile. Connections between messages are closed
+with the process rather than waited for: the MTA holds one open for a whole SMTP session
+(Postfix milter8.c connects at the SMTP connect event and closes at the disconnect), idle for as
+long as the client is. Postfix does not reconnect within that session: once a milter connection
+fails it is in an error state until the session ends, so the session's next message gets
+``milter_default_action`` (tempfail by default, which the client retries); the next SMTP
+session connects afresh. (A SIGTERM sent to a worker directly, as systemd's KillMode=control-group
 does, is libmilter's immediate stop: run the unit with KillMode=mixed.)
 """
 
@@ -50,7 +56,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from authmilter.config import Config, ConfigError, LogSettings, MilterSettings, load_config
-from authmilter.milter_app import build_runtime, serve
+from authmilter.milter_app import build_runtime, message_counts, serve
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ STABLE_LIFETIME = 10.0
 READY_TIMEOUT = 60.0
 # The most libmilter queues; the kernel caps it at net.core.somaxconn.
 LISTEN_BACKLOG = socket.SOMAXCONN
-# Seconds between checks while a stopping worker waits for its sessions to end.
+# Seconds between checks while a stopping worker waits for its messages to end.
 SESSION_POLL = 0.1
 # The control socketpair's messages.
 READY = b"R"
@@ -313,7 +319,6 @@ def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
     """A worker's control thread: on "stop" (or the supervisor's end), drain and exit."""
     with contextlib.suppress(OSError):
         control.recv(1)
-    local_address = listener.getsockname()
     # A connected socketpair that never carries data (its other end stays open until the exit, or
     # poll() would report a hang-up): libmilter's listener idles on it; nobody can connect to it.
     unreachable, _kept_open = socket.socketpair()
@@ -322,37 +327,14 @@ def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
     main = threading.main_thread().ident
     if main is not None:
         signal.pthread_kill(main, WAKE_SIGNAL)
-    while _open_sessions(listener.family, local_address):
+    # libmilter sends the end-of-message reply after the callback has returned, i.e. after the
+    # message counts as ended: exit only when nothing started or ended for a whole interval.
+    previous = None
+    while (counts := message_counts()).in_progress or counts != previous:
+        previous = counts
         time.sleep(SESSION_POLL)
-    log.debug("worker %d: no connection left, exiting", os.getpid())
+    log.debug("worker %d: no message in progress, exiting", os.getpid())
     _exit_worker(0)
-
-
-def _open_sessions(family: int, local_address: object) -> int:
-    """Connections this process still serves: its accepted sockets on the listener's address.
-
-    libmilter's session threads are not Python's; the sockets tell what is in progress.
-    """
-    count = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            with socket.socket(fileno=os.dup(int(name))) as sock:
-                accepted = not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-                if accepted and sock.family == family and _same_endpoint(local_address, sock.getsockname()):
-                    count += 1
-        except OSError:  # closed meanwhile
-            continue
-    return count
-
-
-def _same_endpoint(listening: object, local: object) -> bool:
-    """Whether a connection's local address is the listener's (any address for a wildcard bind)."""
-    if isinstance(listening, tuple) and isinstance(local, tuple):
-        wildcard = listening[0] in ("0.0.0.0", "::")
-        return bool(listening[1] == local[1] and (wildcard or listening[0] == local[0]))
-    return listening == local
 
 
 def _exit_worker(status: int) -> NoReturn:
