@@ -611,15 +611,19 @@ def test_several_messages_on_one_connection(connect: Connect, signed: Callable[.
 def test_message_counts_span_mail_from_to_the_end_of_the_message(
     connect: Connect, signed: Callable[..., bytes]
 ) -> None:
-    """What a stopping worker waits for: messages, over all connections, not idle connections."""
+    """What a stopping worker waits for: messages (on stop) and connections (on reload)."""
     before = message_counts()
 
     def counted() -> tuple[int, int]:
         now = message_counts()
         return now.in_progress - before.in_progress, now.ended - before.ended
 
+    def connections() -> int:
+        return message_counts().connections - before.connections
+
     first, second = connect(), connect()
     assert counted() == (0, 0), "a connection without a message is idle"
+    assert connections() == 2
     first.start(signed(), "bob@sender.example", ("a@b.example",))
     second.start(make_message(), "bob@sender.example", ("a@b.example",))
     assert counted() == (2, 0)
@@ -632,8 +636,12 @@ def test_message_counts_span_mail_from_to_the_end_of_the_message(
     first.start(make_message(), "bob@sender.example", ("a@b.example",))
     first.app.close()  # the MTA went away mid-message
     assert counted() == (0, 4)
+    assert connections() == 1
     first.app.close()
     assert counted() == (0, 4)
+    assert connections() == 1, "close() is counted once"
+    second.app.close()
+    assert connections() == 0
 
 
 class RecordingSpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]

@@ -388,12 +388,21 @@ def authentication_results_id(result: MessageResult) -> str:
     return inserted[0].value.split(";")[0].strip()
 
 
-def open_transaction(address: str) -> MilterClient:
-    """A connection in the middle of a message: everything sent but the end of message."""
+def open_session(address: str) -> MilterClient:
+    """A milter connection as an MTA holds it for an SMTP session: negotiated, after HELO."""
     client = MilterClient.connect(address)
     client.negotiate()
     client.connect_info("mx.sender.example", AUTHORISED_IP)
     client.helo("mx.sender.example")
+    return client
+
+
+def open_transaction(address: str) -> MilterClient:
+    """A connection in the middle of a message: everything sent but the end of message."""
+    return start_message(open_session(address))
+
+
+def start_message(client: MilterClient) -> MilterClient:
     client.mail("bob@sender.example")
     client.rcpt("alice@receiver.example")
     client.data()
@@ -512,6 +521,8 @@ def test_sighup_with_a_valid_config_starts_fresh_workers_on_the_same_socket(
     socket_before = listening_socket(daemon.pid, port)
     assert socket_before
     in_flight = open_transaction(daemon.socket)
+    # An SMTP session between messages: Postfix would send its next message on this connection.
+    idle_session = open_session(daemon.socket)
 
     daemon.write_config("new.receiver.example")
     daemon.process.send_signal(signal.SIGHUP)
@@ -535,6 +546,11 @@ def test_sighup_with_a_valid_config_starts_fresh_workers_on_the_same_socket(
     finished = finish_transaction(in_flight)
     assert finished.response.kind == "accept"
     assert authentication_results_id(finished) == "old.receiver.example"
+    # The open session's next message is still served by its old worker: a reload costs no 4xx.
+    time.sleep(0.5)  # a worker that drained on messages only would have gone by now
+    next_message = finish_transaction(start_message(idle_session))
+    assert next_message.response.kind == "accept"
+    assert authentication_results_id(next_message) == "old.receiver.example"
     wait_for(lambda: not (daemon.workers() & old_workers), "the old workers to exit")
     assert daemon.workers() == new_workers
 

@@ -83,13 +83,15 @@ _MILTER_CODES = {
 
 @dataclass(frozen=True)
 class MessageCounts:
-    """Messages of this process, over all its connections.
+    """What the connections of this process are doing.
 
     Attributes:
+        connections: milter connections open (an MTA keeps one per SMTP session, Postfix milter8.c).
         in_progress: connections between MAIL FROM and the end of that message (eom, abort, close).
         ended: messages ended so far.
     """
 
+    connections: int
     in_progress: int
     ended: int
 
@@ -98,15 +100,26 @@ class _MessageCounter:
     # libmilter serves connections from several threads at once, hence the lock.
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = MessageCounts(0, 0)
+        self._counts = MessageCounts(0, 0, 0)
+
+    def _change(self, connections: int = 0, in_progress: int = 0, ended: int = 0) -> None:
+        with self._lock:
+            old = self._counts
+            self._counts = MessageCounts(
+                old.connections + connections, old.in_progress + in_progress, old.ended + ended
+            )
+
+    def opened(self) -> None:
+        self._change(connections=1)
+
+    def closed(self) -> None:
+        self._change(connections=-1)
 
     def started(self) -> None:
-        with self._lock:
-            self._counts = MessageCounts(self._counts.in_progress + 1, self._counts.ended)
+        self._change(in_progress=1)
 
     def ended(self) -> None:
-        with self._lock:
-            self._counts = MessageCounts(self._counts.in_progress - 1, self._counts.ended + 1)
+        self._change(in_progress=-1, ended=1)
 
     def counts(self) -> MessageCounts:
         with self._lock:
@@ -119,11 +132,8 @@ _messages = _MessageCounter()
 def message_counts() -> MessageCounts:
     """What this process is doing, for a stopping worker (supervisor.py).
 
-    It waits for the messages in progress, not for its connections to close: an MTA keeps a milter
-    connection open for a whole SMTP session (Postfix milter8.c), idle between messages.
-
     Returns:
-        The messages in progress and those ended, over all connections of this process.
+        Open connections, messages in progress and messages ended, over the whole process.
     """
     return _messages.counts()
 
@@ -262,6 +272,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     """
 
     def __init__(self, runtime: Runtime) -> None:
+        # pymilter makes one object per milter connection and calls close() once at its end.
+        _messages.opened()
+        self._open = True
         self._runtime = runtime
         self._config = runtime.config
         self._client_ip = ""
@@ -374,6 +387,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     def close(self) -> int:
         """The connection is over."""
         self._reset_message()
+        if self._open:
+            self._open = False
+            _messages.closed()
         return int(Milter.CONTINUE)
 
     def _end_of_message(self, started: float) -> int:

@@ -27,13 +27,14 @@ A graceful stop is not libmilter's smfi_stop(): Debian builds libmilter with its
 sessions in progress would hang unanswered. Instead a stopping worker stops *accepting*: it
 puts a socket nobody can reach in place of the listening descriptor (dup2), lets the pool finish
 the messages in progress (``milter_app.message_counts``), and exits when none is left. The
-others keep accepting on the shared socket meanwhile. Connections between messages are closed
-with the process rather than waited for: the MTA holds one open for a whole SMTP session
-(Postfix milter8.c connects at the SMTP connect event and closes at the disconnect), idle for as
-long as the client is. Postfix does not reconnect within that session: once a milter connection
-fails it is in an error state until the session ends, so the session's next message gets
-``milter_default_action`` (tempfail by default, which the client retries); the next SMTP
-session connects afresh. (A SIGTERM sent to a worker directly, as systemd's KillMode=control-group
+others keep accepting on the shared socket meanwhile. The MTA holds a milter connection open for
+a whole SMTP session (Postfix milter8.c connects at the SMTP connect event and closes at the
+disconnect) and does not reconnect within it: once the connection fails, the session's next
+message gets ``milter_default_action``. So the two kinds of stop drain differently:
+on SIGTERM (STOP) a worker waits for the messages in progress only, and idle sessions get
+tempfail for their next message (the client retries); after a reload (RETIRE) an old worker
+waits for its connections to close, so no client sees a 4xx because of a reload; both are
+bounded by ``shutdown_timeout``. (A SIGTERM sent to a worker directly, as systemd's KillMode=control-group
 does, is libmilter's immediate stop: run the unit with KillMode=mixed.)
 """
 
@@ -73,7 +74,12 @@ LISTEN_BACKLOG = socket.SOMAXCONN
 SESSION_POLL = 0.1
 # The control socketpair's messages.
 READY = b"R"
+# Stop: drain the messages in progress; an SMTP session still open gets the MTA's default
+# action for its next message (Postfix does not reconnect a milter within a session, milter8.c).
 STOP = b"S"
+# Retire after a reload: drain the connections, so open SMTP sessions finish on the old worker
+# and a reload costs no client a 4xx (bounded by shutdown_timeout).
+RETIRE = b"T"
 # libmilter's listener thread (the worker's main thread) sleeps in poll() on the listening
 # descriptor for up to MI_CHK_TIME (5 s). A signal with a no-op handler ends that poll (EINTR),
 # so it polls the replaced descriptor at once.
@@ -317,8 +323,9 @@ def serve_worker(listener: socket.socket, config: Config, ready: Callable[[], No
 
 def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
     """A worker's control thread: on "stop" (or the supervisor's end), drain and exit."""
+    request = STOP
     with contextlib.suppress(OSError):
-        control.recv(1)
+        request = control.recv(1) or STOP
     # A connected socketpair that never carries data (its other end stays open until the exit, or
     # poll() would report a hang-up): libmilter's listener idles on it; nobody can connect to it.
     unreachable, _kept_open = socket.socketpair()
@@ -330,10 +337,12 @@ def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
     # libmilter sends the end-of-message reply after the callback has returned, i.e. after the
     # message counts as ended: exit only when nothing started or ended for a whole interval.
     previous = None
-    while (counts := message_counts()).in_progress or counts != previous:
+    while (counts := message_counts()).in_progress or counts != previous or (
+        request == RETIRE and counts.connections
+    ):
         previous = counts
         time.sleep(SESSION_POLL)
-    log.debug("worker %d: no message in progress, exiting", os.getpid())
+    log.debug("worker %d: no %s left, exiting", os.getpid(), "connection" if request == RETIRE else "message")
     _exit_worker(0)
 
 
@@ -556,14 +565,14 @@ class Supervisor:
             self.respawn_at.append(time.monotonic() + self.backoff)
             self.backoff = min(self.backoff * 2, BACKOFF_MAX)
 
-    def _retire(self, worker: Worker, timeout: float) -> None:
-        """Ask a worker to stop gracefully; it is killed after ``timeout`` seconds."""
+    def _retire(self, worker: Worker, timeout: float, request: bytes = STOP) -> None:
+        """Ask a worker to stop gracefully (STOP or RETIRE); it is killed after ``timeout`` seconds."""
         if not worker.stopping:
             worker.stopping = True
             worker.kill_at = time.monotonic() + timeout
             if worker.control is not None:
                 with contextlib.suppress(OSError):  # it may be exiting already
-                    worker.control.sendall(STOP)
+                    worker.control.sendall(request)
 
     # --- generations: start, reload, stop ---
 
@@ -587,7 +596,7 @@ class Supervisor:
         self.backoff = BACKOFF_FIRST
         for worker in self.workers.values():
             if worker.generation != generation:
-                self._retire(worker, config.milter.shutdown_timeout)
+                self._retire(worker, config.milter.shutdown_timeout, RETIRE)
         status = f"serving {config.milter.socket} with {len(workers)} workers, config {config.path}"
         log.info("%s%s", "" if first else "configuration reloaded: ", status)
         notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
