@@ -337,8 +337,10 @@ def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
     # libmilter sends the end-of-message reply after the callback has returned, i.e. after the
     # message counts as ended: exit only when nothing started or ended for a whole interval.
     previous = None
-    while (counts := message_counts()).in_progress or counts != previous or (
-        request == RETIRE and counts.connections
+    while (
+        (counts := message_counts()).in_progress
+        or counts != previous
+        or (request == RETIRE and counts.connections)
     ):
         previous = counts
         time.sleep(SESSION_POLL)
