@@ -3,7 +3,8 @@
 Three layers, as in aiosmtpd's main.py: ``_parser()`` only builds the parser, ``parse_args()``
 does every cross-check through ``parser.error``, ``main(argv)`` acts. Exit status: 0 when the
 command did its job (for ``check``: a verdict was printed, whatever it says), 1 when a file or the
-configuration is unusable, 2 for a usage error.
+configuration is unusable (for ``keys test``: also when a key or its DNS record has a problem), 2 for
+a usage error.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,17 +22,33 @@ from pathlib import Path
 from authmilter import __version__
 from authmilter.config import Config, ConfigError, default_config, load_config
 from authmilter.dkim_rsa import install as install_openssl_rsa
+from authmilter.keys import (
+    KEY_TYPES,
+    MAX_RSA_BITS,
+    MIN_RSA_BITS,
+    RECOMMENDED_RSA_BITS,
+    KeyFileError,
+    check_published_key,
+    generate_key,
+    key_record_name,
+    load_private_key,
+    zone_file_lines,
+)
 from authmilter.message import parse_message
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, Transaction, evaluate
-from authmilter.resolver import DnsSettings, ZoneFileError, build_resolver
+from authmilter.resolver import DnsSettings, DnsStatus, Resolver, ZoneFileError, build_resolver
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
+from authmilter.tables import SENDER_DOMAIN, KeyEntry, KeyTable, TableError
 
 log = logging.getLogger("authmilter")
 
 # Where `authmilter run` looks without --config (the Debian package's place for it).
 DEFAULT_CONFIG = Path("/etc/authmilter/authmilter.toml")
+# What genkey's key file and DNS record file are called, after the selector (as opendkim-genkey).
+PRIVATE_KEY_SUFFIX = ".private"
+DNS_RECORD_SUFFIX = ".txt"
 
 
 class CliError(Exception):
@@ -64,20 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--rcpt", action="append", default=[], help="an envelope recipient (repeatable)")
     check.add_argument("--config", type=Path, help="apply this config file's settings (default: built-in)")
-    check.add_argument(
-        "--zone",
-        action="append",
-        type=Path,
-        default=[],
-        help="answer DNS from this RFC 1035 zone file only (repeatable); names outside are NXDOMAIN",
-    )
-    check.add_argument(
-        "--nameserver",
-        action="append",
-        default=[],
-        metavar="IP[:PORT]",
-        help="ask this nameserver instead of the system's (repeatable; [IPv6]:PORT for IPv6 with a port)",
-    )
+    _add_dns_options(check)
     check.add_argument(
         "--authserv-id", help="the authserv-id to write (default: the config's, or the host name)"
     )
@@ -99,7 +104,73 @@ def _parser() -> argparse.ArgumentParser:
         "(Type=notify) when $NOTIFY_SOCKET is set.",
     )
     run.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+
+    _add_genkey_parser(commands)
+    _add_keys_parser(commands)
     return parser
+
+
+def _add_dns_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--zone",
+        action="append",
+        type=Path,
+        default=[],
+        help="answer DNS from this RFC 1035 zone file only (repeatable); names outside are NXDOMAIN",
+    )
+    command.add_argument(
+        "--nameserver",
+        action="append",
+        default=[],
+        metavar="IP[:PORT]",
+        help="ask this nameserver instead of the system's (repeatable; [IPv6]:PORT for IPv6 with a port)",
+    )
+
+
+def _add_genkey_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    genkey = commands.add_parser(
+        "genkey",
+        help="make a DKIM signing key and its DNS record",
+        description="Make a DKIM signing key: write DIR/SELECTOR.private (mode 0600; an existing file is "
+        "never overwritten) and DIR/SELECTOR.txt (the DNS TXT record in zone-file syntax, split into "
+        "255-byte strings), and print the KeyTable and SigningTable lines to add.",
+    )
+    genkey.add_argument("--domain", required=True, help="the signing domain (d=)")
+    genkey.add_argument("--selector", required=True, help="the selector (s=), e.g. 2026a")
+    genkey.add_argument(
+        "--type",
+        dest="key_type",
+        choices=tuple(KEY_TYPES.values()),
+        default="rsa",
+        help="rsa (default; every verifier) or ed25519 (RFC 8463; sign with both during the transition)",
+    )
+    genkey.add_argument(
+        "--bits",
+        type=int,
+        help=f"RSA key size, {MIN_RSA_BITS} to {MAX_RSA_BITS} (default {RECOMMENDED_RSA_BITS})",
+    )
+    genkey.add_argument(
+        "--dir", type=Path, default=Path("."), help="where to write the files (default: here)"
+    )
+    genkey.add_argument(
+        "--testing", action="store_true", help="publish t=y: the domain is testing DKIM (RFC 6376 §3.6.1)"
+    )
+
+
+def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="check the signing keys", description="Check the signing keys.")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    test = key_commands.add_parser(
+        "test",
+        help="check every KeyTable key against its published DNS record",
+        description="For every KeyTable entry, load the private key and look up its DNS record "
+        "(SELECTOR._domainkey.DOMAIN TXT): the record must exist, be the only one, match the key, "
+        "and have the right k=. Prints one line per key; exit status 1 when any has a problem. "
+        "A key file others may read is reported as a problem: the daemon refuses it by default.",
+    )
+    test.add_argument("--config", type=Path, help="take DNS settings from this config file")
+    test.add_argument("--key-table", type=Path, help="the KeyTable file (OpenDKIM format); required")
+    _add_dns_options(test)
 
 
 def parse_nameserver(text: str) -> tuple[str, int | None]:
@@ -132,23 +203,54 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             ipaddress.ip_address(args.client_ip)
         except ValueError:
             parser.error(f"--client-ip: '{args.client_ip}' is not an IPv4 or IPv6 address")
-        if args.zone and args.nameserver:
-            parser.error("--zone and --nameserver exclude each other: zone files answer every query")
-        servers = []
-        for text in args.nameserver:
-            try:
-                servers.append(parse_nameserver(text))
-            except ValueError as e:
-                parser.error(f"--nameserver {e}")
-        ports = {port for _, port in servers}
-        if len(ports) > 1:
-            parser.error("--nameserver: all nameservers must use the same port")
-        args.nameservers = servers
+        _check_dns_options(parser, args)
+    if args.command == "keys":
+        # The config has no KeyTable setting yet, so the file must be named here.
+        if args.key_table is None:
+            parser.error("keys test: --key-table FILE is required")
+        _check_dns_options(parser, args)
+    if args.command == "genkey":
+        _check_genkey_options(parser, args)
     if args.command == "run" and args.config is None:
         if not DEFAULT_CONFIG.is_file():
             parser.error(f"no --config given and {DEFAULT_CONFIG} does not exist")
         args.config = DEFAULT_CONFIG
     return args
+
+
+def _check_dns_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate --zone/--nameserver; set ``args.nameservers`` to (address, port or None) pairs."""
+    if args.zone and args.nameserver:
+        parser.error("--zone and --nameserver exclude each other: zone files answer every query")
+    servers = []
+    for text in args.nameserver:
+        try:
+            servers.append(parse_nameserver(text))
+        except ValueError as e:
+            parser.error(f"--nameserver {e}")
+    ports = {port for _, port in servers}
+    if len(ports) > 1:
+        parser.error("--nameserver: all nameservers must use the same port")
+    args.nameservers = servers
+
+
+def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate genkey's options; normalise the domain, default the bits, make --dir absolute."""
+    args.domain = args.domain.removesuffix(".").lower()
+    try:
+        key_record_name(args.selector, args.domain)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.key_type == "ed25519" and args.bits is not None:
+        parser.error("--bits applies to RSA keys only; an Ed25519 key is always 256 bits")
+    if args.bits is None:
+        args.bits = RECOMMENDED_RSA_BITS
+    elif not MIN_RSA_BITS <= args.bits <= MAX_RSA_BITS:
+        parser.error(f"--bits must be {MIN_RSA_BITS} to {MAX_RSA_BITS} (RFC 8301 §3.2), not {args.bits}")
+    args.dir = args.dir.resolve()
+    # The KeyTable value is domain:selector:path, one whitespace-free field (OpenDKIM's format).
+    if any(c.isspace() or c == ":" for c in str(args.dir)):
+        parser.error(f"--dir {args.dir}: a KeyTable path cannot hold spaces or ':'; choose another directory")
 
 
 def _load(path: Path | None) -> Config:
@@ -161,16 +263,28 @@ def _load(path: Path | None) -> Config:
 def _check_config(args: argparse.Namespace) -> Config:
     """The config with the command line's DNS and authserv-id choices on top."""
     config = _load(args.config)
-    dns = config.dns
-    if args.zone:
-        dns = dataclasses.replace(dns, zone_files=tuple(str(p) for p in args.zone))
-    elif args.nameservers:
-        port = args.nameservers[0][1] or 53
-        dns = DnsSettings(tuple(h for h, _ in args.nameservers), port, dns.timeout, dns.cache_size, ())
+    dns = _dns_settings(config.dns, args)
     milter = config.milter
     if args.authserv_id:
         milter = dataclasses.replace(milter, authserv_id=args.authserv_id)
     return dataclasses.replace(config, dns=dns, milter=milter)
+
+
+def _dns_settings(dns: DnsSettings, args: argparse.Namespace) -> DnsSettings:
+    """The config's DNS settings with --zone or --nameserver on top."""
+    if args.zone:
+        return dataclasses.replace(dns, zone_files=tuple(str(p) for p in args.zone))
+    if args.nameservers:
+        port = args.nameservers[0][1] or 53
+        return DnsSettings(tuple(h for h, _ in args.nameservers), port, dns.timeout, dns.cache_size, ())
+    return dns
+
+
+def _resolver(dns: DnsSettings) -> Resolver:
+    try:
+        return build_resolver(dns)
+    except ZoneFileError as e:
+        raise CliError(str(e)) from None
 
 
 def _read_message(name: str) -> bytes:
@@ -184,10 +298,7 @@ def _read_message(name: str) -> bytes:
 
 def run_check(args: argparse.Namespace) -> Verdict:
     config = _check_config(args)
-    try:
-        resolver = build_resolver(config.dns)
-    except ZoneFileError as e:
-        raise CliError(str(e)) from None
+    resolver = _resolver(config.dns)
     install_openssl_rsa()
     message = parse_message(_read_message(args.message), max_headers=config.milter.max_headers)
     transaction = Transaction(
@@ -210,10 +321,7 @@ def format_verdict(verdict: Verdict) -> str:
 
 def run_checkconf(args: argparse.Namespace) -> str:
     config = _load(args.config)
-    try:
-        build_resolver(config.dns)
-    except ZoneFileError as e:
-        raise CliError(str(e)) from None
+    _resolver(config.dns)
     sections = {
         f.name: dataclasses.asdict(getattr(config, f.name))
         for f in dataclasses.fields(config)
@@ -221,6 +329,86 @@ def run_checkconf(args: argparse.Namespace) -> str:
     }
     sections["milter"]["authserv_id"] = config.authserv_id
     return f"{config.path}: OK\n" + json.dumps(sections, indent=2, default=str)
+
+
+def _exists_error(path: Path) -> CliError:
+    return CliError(f"{path}: already exists; authmilter never overwrites it: choose another selector")
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode``; an existing file is an error, never overwritten."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise _exists_error(path) from None
+    except OSError as e:
+        raise CliError(f"{path}: cannot create: {e.strerror}") from None
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        file.write(data)
+
+
+def run_genkey(args: argparse.Namespace) -> str:
+    """``authmilter genkey``: write the key and its DNS record; return what to print."""
+    private_path = args.dir / f"{args.selector}{PRIVATE_KEY_SUFFIX}"
+    record_path = args.dir / f"{args.selector}{DNS_RECORD_SUFFIX}"
+    for path in (private_path, record_path):
+        if path.exists():
+            raise _exists_error(path)
+    pem, key = generate_key(args.key_type, args.bits)
+    _write_new_file(private_path, pem, 0o600)
+    record = zone_file_lines(args.selector, args.domain, key, testing=args.testing)
+    _write_new_file(record_path, record.encode("ascii"), 0o644)
+    key_name = key_record_name(args.selector, args.domain)
+    return "\n".join(
+        [
+            f"wrote {private_path} ({key.description}, mode 0600) and {record_path}",
+            f"publish the record in {record_path} in the DNS zone of {args.domain}, then check it with "
+            "authmilter keys test",
+            "# add to the KeyTable:",
+            f"{key_name} {args.domain}:{args.selector}:{private_path}",
+            "# add to the SigningTable (a refile: pattern):",
+            f"*@{args.domain} {key_name}",
+        ]
+    )
+
+
+def _test_key(entry: KeyEntry, resolver: Resolver) -> tuple[str, bool]:
+    """One KeyTable entry against its DNS record: the line to print and whether it is fine."""
+    if entry.domain == SENDER_DOMAIN:
+        return f"{entry.source}: {entry.name}: skipped: the domain is %, each message's own", True
+    record_name = f"{entry.selector}._domainkey.{entry.domain}"
+    label = f"{entry.source}: {record_name}"
+    if entry.name != record_name:
+        label += f" (key {entry.name})"
+    try:
+        # Loaded with "warn" so the DNS record is checked too; the warning is reported as a problem.
+        key = load_private_key(entry.key_path, entry.algorithm, permissions="warn")
+    except KeyFileError as e:
+        return f"{label}: FAIL: {e}", False
+    answer = resolver.txt(record_name)
+    if answer.status is DnsStatus.TEMPFAIL:
+        check = check_published_key(key, None, answer.reason or "temporary failure")
+    else:
+        check = check_published_key(key, answer.texts if answer.status is DnsStatus.OK else None)
+    problems = (*key.warnings, *check.problems)
+    notes = f" ({'; '.join(check.notes)})" if check.notes else ""
+    if problems:
+        return f"{label}: FAIL: {'; '.join(problems)}{notes}", False
+    return f"{label}: OK{notes}", True
+
+
+def run_keys_test(args: argparse.Namespace) -> tuple[str, bool]:
+    """``authmilter keys test``: one line per KeyTable entry, and whether all are fine."""
+    resolver = _resolver(_dns_settings(_load(args.config).dns, args))
+    try:
+        table = KeyTable.load(str(args.key_table))
+    except TableError as e:
+        raise CliError(str(e)) from None
+    results = [_test_key(entry, resolver) for entry in table]
+    if not results:
+        return f"{args.key_table}: no keys to test", False
+    return "\n".join(line for line, _ in results), all(ok for _, ok in results)
 
 
 def run_daemon(args: argparse.Namespace) -> int:
@@ -242,7 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_daemon(args)
-        if args.command == "check":
+        if args.command == "keys":
+            output, all_ok = run_keys_test(args)
+            print(output)
+            return 0 if all_ok else 1
+        if args.command == "genkey":
+            output = run_genkey(args)
+        elif args.command == "check":
             verdict = run_check(args)
             output = json.dumps(verdict.as_json(), indent=2) if args.json else format_verdict(verdict)
         else:
