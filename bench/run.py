@@ -1,0 +1,400 @@
+"""authmilter's benchmark (issue 3): messages/s end to end and milter CPU per message, in one run.
+
+    sudo .venv/bin/python bench/run.py [--compare] [--messages N] [--sessions N] [--skip-rss]
+
+Brings up the integration harness's private Postfix, the sink and Knot on loopback (see harness.py),
+then for each set-up sends the same DKIM-signed 5-10 KB messages, one per connection with XCLIENT:
+
+- no milter (Postfix's own ceiling on this machine);
+- authmilter (``authmilter run``, one worker per CPU), over a unix socket and over TCP;
+- with ``--compare``: Debian's OpenDKIM (verify) chained with OpenDMARC (SPFSelfValidate), likewise.
+
+messages/s runs from the first connection until the sink holds every accepted message. Milter CPU
+is the utime+stime of the milter's process tree (reaped children included) over that interval,
+divided by the messages. Then 20 concurrent sessions send 10 MB messages through authmilter while
+its tree's RSS is sampled every 50 ms. Every run is bounded in messages and time and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import _paths  # noqa: F401  (puts the harness on sys.path)
+from harness import (
+    AUTHSERV_ID,
+    BenchAuthmilter,
+    BenchPostfix,
+    MilterAddress,
+    SinkProcess,
+    listen_port,
+    machine_busy_seconds,
+    opendkim,
+    opendmarc,
+    start_dns,
+    tree_cpu_seconds,
+    tree_rss_bytes,
+)
+from load import LoadResult, run_load, signed_messages, wire_form
+from postfix import SENDING_CLIENT
+
+from dnsserver import free_port
+from signing import SigningKey, make_message, rsa_key, sign
+
+DOMAIN = "bench.example"
+SELECTOR = "bench"
+MAIL_FROM = f"bob@{DOMAIN}"
+WARM_UP_MESSAGES = 40
+DISTINCT_MESSAGES = 300
+DELIVERY_TIMEOUT = 180.0
+RSS_SAMPLE_INTERVAL = 0.05
+BIG_MESSAGE_BYTES = 10 * 1024 * 1024
+# Issue 3's targets.
+UNIX_SPEED_TARGET = 1.15
+TCP_SPEED_TARGET = 4.0
+CPU_TARGET = 0.75
+RSS_TARGET_MB = 250.0
+
+
+class Milter(Protocol):
+    @property
+    def pids(self) -> list[int]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Measurement:
+    setup: str
+    transport: str
+    load: LoadResult
+    seconds: float  # first connection until the sink holds every accepted message
+    milter_cpu_seconds: float
+    results_seen: str  # which of spf/dkim/dmarc = pass a delivered message carries
+    machine_busy: float  # share of all cores busy meanwhile (Postfix, sink, client, milter, DNS)
+
+    @property
+    def rate(self) -> float:
+        return self.load.accepted / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_message(self) -> float:
+        return self.milter_cpu_seconds * 1e3 / self.load.accepted if self.load.accepted else 0.0
+
+
+@dataclass
+class Bench:
+    """The running servers and the messages; one :meth:`measure` per set-up."""
+
+    workdir: Path
+    postfix: BenchPostfix
+    sink: SinkProcess
+    key: SigningKey
+    payloads: list[bytes]
+    sessions: int
+    messages: int
+
+    def measure(self, setup: str, transport: str, port: int, milters: Sequence[Milter]) -> Measurement:
+        print(f"-- {setup} over {transport}: {self.messages} messages, {self.sessions} sessions", flush=True)
+        with contextlib.ExitStack() as running:
+            for milter in milters:
+                milter.start()
+                running.callback(milter.stop)
+            pids = [pid for milter in milters for pid in milter.pids]
+            # Warm-up: workers spawned, DNS answers cached where the milter caches.
+            self._send(port, WARM_UP_MESSAGES, self.sessions)
+            self.sink.clear()
+            cpu_before, machine_before = tree_cpu_seconds(pids), machine_busy_seconds()
+            started = time.perf_counter()
+            load = self._send(port, self.messages, self.sessions)
+            seconds = time.perf_counter() - started
+            cpu = tree_cpu_seconds(pids) - cpu_before
+            machine_after = machine_busy_seconds()
+            busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
+            seen = _results_seen(self.sink.any_message())
+            self.sink.clear()
+        measurement = Measurement(setup, transport, load, seconds, cpu, seen, busy)
+        print(f"   {_line(measurement)}\n   {load.latency_summary()}", flush=True)
+        return measurement
+
+    def _send(self, port: int, count: int, sessions: int) -> LoadResult:
+        """Send and wait until the sink holds every accepted message."""
+        before = self.sink.count()
+        load = run_load(
+            self.postfix.host, port, self.payloads, mail_from=MAIL_FROM, sessions=sessions, count=count
+        )
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while self.sink.count() - before < load.accepted:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {self.sink.count() - before} of {load.accepted} messages delivered")
+            time.sleep(0.01)
+        return load
+
+
+def _results_seen(message: bytes) -> str:
+    """The passing methods in the A-R fields with our authserv-id (proves the milters did the job)."""
+    header = message.partition(b"\r\n\r\n")[0].replace(b"\r\n\t", b" ").replace(b"\r\n ", b" ")
+    fields = [
+        line
+        for line in header.split(b"\r\n")
+        if line.lower().startswith(b"authentication-results:") and AUTHSERV_ID.encode() in line
+    ]
+    text = b" ".join(fields).decode(errors="replace")
+    return " ".join(f"{m}=pass" for m in ("spf", "dkim", "dmarc") if f"{m}=pass" in text) or "none"
+
+
+def _line(m: Measurement) -> str:
+    refused = f", refused {dict(m.load.refused)}" if m.load.refused else ""
+    return (
+        f"{m.load.accepted} accepted in {m.seconds:.2f} s = {m.rate:.0f} msg/s; milter CPU "
+        f"{m.cpu_ms_per_message:.2f} ms/msg; machine {m.machine_busy:.0%} busy; "
+        f"client CPU {m.load.client_cpu_seconds / m.seconds:.0%} of a core; "
+        f"results: {m.results_seen}{refused}"
+    )
+
+
+def peak_rss(
+    bench: Bench, port: int, milter: BenchAuthmilter, sessions: int, rounds: int
+) -> tuple[float, LoadResult]:
+    """Peak RSS (MB) of authmilter's tree while ``sessions`` connections each send 10 MB messages."""
+    big = make_message(f"Bob <{MAIL_FROM}>", subject="Ten megabytes", body=_big_body(BIG_MESSAGE_BYTES))
+    payload = wire_form(sign(big, bench.key, DOMAIN, SELECTOR))
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, tree_rss_bytes(milter.pids))
+            time.sleep(RSS_SAMPLE_INTERVAL)
+
+    milter.start()
+    try:
+        idle = tree_rss_bytes(milter.pids)
+        sampler = threading.Thread(target=sample, name="rss-sampler")
+        sampler.start()
+        try:
+            load = run_load(
+                bench.postfix.host,
+                port,
+                [payload],
+                mail_from=MAIL_FROM,
+                sessions=sessions,
+                count=sessions * rounds,
+            )
+        finally:
+            stop.set()
+            sampler.join()
+    finally:
+        milter.stop()
+    print(
+        f"   idle RSS {idle / 2**20:.0f} MB; {load.accepted} accepted, refused {dict(load.refused)}; "
+        f"{load.latency_summary()}",
+        flush=True,
+    )
+    return peak / 2**20, load
+
+
+def _big_body(size: int) -> str:
+    line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd\r\n"
+    return line * (size // len(line) + 1)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--messages", type=int, default=3000, help="messages per set-up (default 3000)")
+    parser.add_argument("--sessions", type=int, default=10, help="concurrent SMTP sessions (default 10)")
+    parser.add_argument("--compare", action="store_true", help="also OpenDKIM + OpenDMARC")
+    parser.add_argument("--transports", default="unix,tcp", help="unix,tcp (default both)")
+    parser.add_argument("--workers", type=int, default=0, help="authmilter workers (default 0: one per CPU)")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 10 MB peak-RSS run")
+    parser.add_argument("--rss-sessions", type=int, default=20)
+    parser.add_argument("--rss-rounds", type=int, default=2, help="10 MB messages per session (default 2)")
+    parser.add_argument("--log-level", default="warning", help="authmilter's log level (default warning)")
+    parser.add_argument("--queue-dir", default="", help="folder for Postfix's queue (e.g. /dev/shm)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.transports = [t for t in args.transports.split(",") if t]
+    if any(t not in ("unix", "tcp") for t in args.transports):
+        parser.error("--transports takes unix and/or tcp")
+    if args.messages < 1 or args.sessions < 1:
+        parser.error("--messages and --sessions must be at least 1")
+    return args
+
+
+def _verdict(name: str, value: float, target: float, at_least: bool) -> str:
+    met = value >= target if at_least else value <= target
+    relation = ">=" if at_least else "<="
+    return f"  {name}: {value:.2f} (target {relation} {target}) {'MET' if met else 'NOT MET'}"
+
+
+def report(results: list[Measurement], rss_mb: float | None, rss_sessions: int) -> None:
+    by_key = {(m.setup, m.transport): m for m in results}
+    ceiling = by_key.get(("no milter", "-"))
+    print("\n== results ==")
+    print(
+        f"{'set-up':<28}{'transport':<10}{'msg/s':>8}{'of ceiling':>12}{'milter CPU ms/msg':>20}"
+        f"{'end-of-data p50/p90 ms':>25}"
+    )
+    for m in results:
+        share = f"{m.rate / ceiling.rate:.0%}" if ceiling and ceiling.rate else "-"
+        latency = (
+            f"{m.load.percentile(m.load.data_latencies, 0.5) * 1e3:.1f}/"
+            f"{m.load.percentile(m.load.data_latencies, 0.9) * 1e3:.1f}"
+        )
+        cpu = f"{m.cpu_ms_per_message:.2f}" if m.setup != "no milter" else "-"
+        print(f"{m.setup:<28}{m.transport:<10}{m.rate:>8.0f}{share:>12}{cpu:>20}{latency:>25}")
+    print("\n== targets (issue 3) ==")
+    for transport, speed_target in (("unix", UNIX_SPEED_TARGET), ("tcp", TCP_SPEED_TARGET)):
+        ours, theirs = by_key.get(("authmilter", transport)), by_key.get(("opendkim+opendmarc", transport))
+        if ours is None or theirs is None or not theirs.rate or not theirs.cpu_ms_per_message:
+            continue
+        print(
+            _verdict(
+                f"msg/s authmilter / OpenDKIM+OpenDMARC over {transport}",
+                ours.rate / theirs.rate,
+                speed_target,
+                at_least=True,
+            )
+        )
+        print(
+            _verdict(
+                f"milter CPU/msg authmilter / OpenDKIM+OpenDMARC over {transport}",
+                ours.cpu_ms_per_message / theirs.cpu_ms_per_message,
+                CPU_TARGET,
+                at_least=False,
+            )
+        )
+    if rss_mb is not None:
+        print(
+            _verdict(
+                f"authmilter peak RSS (MB), {rss_sessions} sessions of 10 MB",
+                rss_mb,
+                RSS_TARGET_MB,
+                at_least=False,
+            )
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.queue_dir:
+        # PostfixInstance makes its ROOT (queue included) under the default temporary folder.
+        tempfile.tempdir = args.queue_dir
+    workdir = Path(tempfile.mkdtemp(prefix="authmilter-bench-"))
+    workdir.chmod(0o755)
+    print(f"work directory {workdir}", flush=True)
+    results: list[Measurement] = []
+    rss_mb: float | None = None
+    try:
+        with contextlib.ExitStack() as servers:
+            key = rsa_key(2048)
+            dns = start_dns(workdir / "dns", DOMAIN, SENDING_CLIENT.address, key, SELECTOR)
+            servers.callback(dns.stop)
+            sink = SinkProcess(workdir / "sink", free_port("127.0.0.1"), workdir / "sink.log")
+            sink.start()
+            servers.callback(sink.stop)
+            postfix, setups = _postfix(workdir, sink.port, args)
+            servers.callback(lambda: (postfix.stop(), postfix.remove()))
+            postfix.start()
+            payloads = signed_messages(
+                min(args.messages, DISTINCT_MESSAGES), key, DOMAIN, SELECTOR, (5 * 1024, 10 * 1024)
+            )
+            bench = Bench(workdir, postfix, sink, key, payloads, args.sessions, args.messages)
+            results.append(bench.measure("no milter", "-", postfix.bare_smtp_port, []))
+            for setup, transport, port, milters in setups:
+                results.append(bench.measure(setup, transport, port, milters()))
+            if not args.skip_rss:
+                print(
+                    f"-- authmilter peak RSS: {args.rss_sessions} sessions x {args.rss_rounds} x 10 MB",
+                    flush=True,
+                )
+                address = MilterAddress(path=workdir / "sockets" / "authmilter-rss.sock")
+                port = next(p for p, m in postfix.milter_ports.items() if m.endswith("authmilter-rss.sock"))
+                rss_mb, _ = peak_rss(
+                    bench,
+                    port,
+                    BenchAuthmilter(workdir / "authmilter-rss", address, args.workers),
+                    args.rss_sessions,
+                    args.rss_rounds,
+                )
+                print(f"   peak RSS {rss_mb:.0f} MB", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report(results, rss_mb, args.rss_sessions)
+    return 0
+
+
+def _postfix(
+    workdir: Path, sink_port: int, args: argparse.Namespace
+) -> tuple[BenchPostfix, list[tuple[str, str, int, Callable[[], list[Milter]]]]]:
+    """The Postfix instance with one smtpd port per set-up, and the set-ups to run in order."""
+    postfix = BenchPostfix(
+        workdir / "postfix-log",
+        sink_port=sink_port,
+        smtp_port=free_port("127.0.0.1"),
+        bare_smtp_port=free_port("127.0.0.1"),
+    )
+    sockets = workdir / "sockets"
+    sockets.mkdir(mode=0o755)
+    sockets.chmod(0o1777)
+    setups: list[tuple[str, str, int, Callable[[], list[Milter]]]] = []
+
+    def address(name: str, transport: str) -> MilterAddress:
+        if transport == "unix":
+            return MilterAddress(path=sockets / f"{name}-{transport}.sock")
+        return MilterAddress(port=listen_port())
+
+    for transport in args.transports:
+        ours = address("authmilter", transport)
+        port = free_port("127.0.0.1")
+        postfix.milter_ports[port] = ours.postfix
+        setups.append(
+            (
+                "authmilter",
+                transport,
+                port,
+                lambda a=ours, t=transport: [
+                    BenchAuthmilter(workdir / f"authmilter-{t}", a, args.workers, args.log_level)
+                ],
+            )
+        )
+        if args.compare:
+            dkim_address, dmarc_address = address("opendkim", transport), address("opendmarc", transport)
+            port = free_port("127.0.0.1")
+            postfix.milter_ports[port] = f"{dkim_address.postfix},{dmarc_address.postfix}"
+            setups.append(
+                (
+                    "opendkim+opendmarc",
+                    transport,
+                    port,
+                    lambda d=dkim_address, m=dmarc_address, t=transport: [
+                        opendkim(workdir / f"opendkim-{t}", d),
+                        opendmarc(workdir / f"opendmarc-{t}", m),
+                    ],
+                )
+            )
+    rss = MilterAddress(path=sockets / "authmilter-rss.sock")
+    postfix.milter_ports[free_port("127.0.0.1")] = rss.postfix
+    return postfix, setups
+
+
+if __name__ == "__main__":
+    sys.exit(main())
