@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
 BENCH_APT_PACKAGES := opendkim opendkim-tools opendmarc
 
-.PHONY: run test lint bench deps apt bench-apt clean
+.PHONY: run test lint bench test-docker deps apt bench-apt clean
 
 # Starts the milter on the embedded default config (inet:8891@127.0.0.1, verify only); Ctrl-C stops it.
 run: deps
@@ -22,13 +22,18 @@ test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: deps
-	$(BIN)/ruff check milter tests bench
+	$(BIN)/ruff check milter tests bench docker
 	$(BIN)/mypy milter/authmilter
 
 # Not a test: brings up loopback Postfix + Knot + sink and measures authmilter against no milter and
 # OpenDKIM + OpenDMARC (bench/README.md). About 3 minutes; the queue on tmpfs keeps fsync out of it.
 bench: deps bench-apt
 	$(BIN)/python bench/run.py --compare --queue-dir /dev/shm
+
+# The integration suite against the containerised set-up (docker/README.md); not part of `make test`.
+# Root; podman with runc; builds a base image with debootstrap once (cached), then about 30 s a run.
+test-docker: deps
+	docker/test-docker.sh
 
 deps: $(VENV)/.installed
 
