@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 from pathlib import Path
 
 import pytest
 
 from authmilter.actions import FailureAction
 from authmilter.config import SECTIONS, ConfigError, default_config, load_config, parse_config
+from authmilter.keys import generate_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,3 +126,169 @@ def test_authserv_id_defaults_to_host_name() -> None:
 
     assert default_config().authserv_id == socket.gethostname()
     assert parse_config("[milter]\nauthserv_id = 'mx.example'\n", "x.toml").authserv_id == "mx.example"
+
+
+# --- [milter] internal_hosts and [signing] ---------------------------------------------------------
+
+
+def test_internal_hosts_as_a_list_in_opendkim_syntax() -> None:
+    config = parse_config(
+        "[milter]\ninternal_hosts = ['10.0.0.0/8', '!10.9.0.0/16', '.corp.example', '2001:db8::/32']\n",
+        "/etc/authmilter.toml",
+    )
+    hosts = config.internal_hosts
+    assert hosts.contains("10.1.2.3") and not hosts.contains("10.9.1.1") and not hosts.contains("127.0.0.1")
+    assert hosts.contains("203.0.113.5", "mail.corp.example") and hosts.contains("2001:db8::25")
+    entry = hosts.match("10.9.1.1")
+    assert entry is not None and entry.source == "/etc/authmilter.toml:[milter].internal_hosts:2"
+    assert default_config().internal_hosts.contains("::1")
+    assert not parse_config("[milter]\ninternal_hosts = []\n", "x.toml").internal_hosts.contains("127.0.0.1")
+
+
+@pytest.mark.parametrize("prefix", ["", "refile:"])
+def test_internal_hosts_from_a_dataset_file(tmp_path: Path, prefix: str) -> None:
+    (tmp_path / "TrustedHosts").write_text(
+        "# ours\n192.0.2.0/24\n*.relay.example\n" if prefix else "192.0.2.0/24\n"
+    )
+    config = parse_config(
+        f"[milter]\ninternal_hosts = '{prefix}TrustedHosts'\n", tmp_path / "authmilter.toml"
+    )
+    assert config.milter.internal_hosts == f"{prefix}{tmp_path / 'TrustedHosts'}"
+    assert config.internal_hosts.contains("192.0.2.7")
+    assert config.internal_hosts.contains("198.51.100.1", "mx.relay.example") is bool(prefix)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("['10.0.0.0/33']", "authmilter.toml:3: [milter] internal_hosts: /etc/authmilter.toml:[milter]"
+         ".internal_hosts:1: '10.0.0.0/33' is not a valid IP address"),
+        ("['10.0.0.1/8']", "has host bits set"),
+        ("'/nonexistent/hosts'", ":3: [milter] internal_hosts: /nonexistent/hosts: cannot read"),
+        ("''", "empty file name"),
+        ("[1]", "expected a list of hosts"),
+    ],
+)  # fmt: skip
+def test_internal_hosts_errors(value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[milter]\n\ninternal_hosts = {value}\n", "/etc/authmilter.toml")
+    assert message in str(info.value)
+
+
+def test_signing_settings_are_converted() -> None:
+    config = parse_config(
+        "[signing]\ncanonicalization = 'simple/relaxed'\nheaders = ['From', 'Subject', 'X-Custom']\n"
+        "oversign_headers = ['From']\nexpire_after = 604800\nsign_daemon_names = ['submission']\n"
+        "key_permissions = 'warn'\nsigning_domain = 'sender'\nmultiple_signatures = true\n",
+        "/etc/authmilter.toml",
+    )
+    signing = config.signing
+    assert signing.headers == ("from", "subject", "x-custom") and signing.oversign_headers == ("from",)
+    assert (signing.canonicalization, signing.expire_after, signing.sign_daemon_names) == (
+        "simple/relaxed",
+        604800,
+        ("submission",),
+    )
+    assert (signing.key_permissions, signing.signing_domain, signing.multiple_signatures) == (
+        "warn",
+        "sender",
+        True,
+    )
+    assert config.signing_table is None  # no tables: nothing signs
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("canonicalization = 'relaxed'", ":2: [signing] canonicalization: 'relaxed' is not one of"),
+        (
+            "key_permissions = 'maybe'",
+            ":2: [signing] key_permissions: 'maybe' is not one of: ignore, refuse, warn",
+        ),
+        ("signing_domain = 'to'", ":2: [signing] signing_domain: 'to' is not one of: envelope, from, sender"),
+        ("expire_after = -1", ":2: [signing] expire_after: -1 is out of range"),
+        ("headers = ['Subject']", ":2: [signing] headers: the list must include From"),
+        ("headers = ['From', 'Received']", "'Received' must not be signed"),
+        ("oversign_headers = ['Authentication-Results']", "'Authentication-Results' must not be signed"),
+        ("headers = ['From', 'a b']", "'a b' is not a header field name"),
+        ("sign_daemon_names = ['']", "empty daemon name"),
+        (
+            "key_table = 'KeyTable'",
+            ":2: [signing] key_table: signing_table is not set",
+        ),
+    ],
+)
+def test_signing_errors_name_file_line_and_problem(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f"[signing]\n{text}\n", "/etc/authmilter.toml")
+    assert str(info.value).startswith("/etc/authmilter.toml")
+    assert message in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def key_pems() -> dict[str, bytes]:
+    return {kind: generate_key(kind)[0] for kind in ("rsa", "ed25519")}
+
+
+def write_tables(
+    folder: Path, key_pems: dict[str, bytes], key_table: str, signing_table: str, mode: int = 0o600
+) -> Path:
+    for kind, pem in key_pems.items():
+        (folder / f"{kind}.private").write_bytes(pem)
+        (folder / f"{kind}.private").chmod(mode)
+    (folder / "KeyTable").write_text(key_table)
+    (folder / "SigningTable").write_text(signing_table)
+    config = folder / "authmilter.toml"
+    config.write_text("[signing]\nkey_table = 'KeyTable'\nsigning_table = 'refile:SigningTable'\n")
+    return config
+
+
+KEYS = "rsa example.com:rsa:./rsa.private\ned example.com:ed:./ed25519.private:ed25519-sha256\n"
+
+
+def test_tables_are_loaded_and_keys_checked(tmp_path: Path, key_pems: dict[str, bytes]) -> None:
+    config = load_config(write_tables(tmp_path, key_pems, KEYS, "*@example.com rsa\n*@example.com ed\n"))
+    assert config.signing.key_table == str(tmp_path / "KeyTable")
+    assert config.signing.signing_table == f"refile:{tmp_path / 'SigningTable'}"
+    table = config.signing_table
+    assert table is not None and table.refile and len(table) == 2 and len(table.key_table) == 2
+    assert "PRIVATE" not in repr(config.signing) and not any(
+        isinstance(v, bytes) for v in vars(config.signing).values()
+    )
+
+
+@pytest.mark.parametrize(
+    ("key_table", "signing_table", "message"),
+    [
+        ("rsa example.com:rsa\n", "*@example.com rsa\n",
+         ":2: [signing] key_table: {d}/KeyTable:1: 'example.com:rsa' lacks a field"),
+        (KEYS, "*@example.com rsa\n*@example.com nokey\n",
+         ":3: [signing] signing_table: {d}/SigningTable:2: key name 'nokey'"),
+        ("rsa example.com:rsa:./rsa.private:ed25519-sha256\n", "* rsa\n",
+         ":2: [signing] key_table: {d}/KeyTable:1: key rsa: {d}/rsa.private: the algorithm is ed25519"),
+        ("rsa example.com:rsa:./missing.private\n", "* rsa\n",
+         ":2: [signing] key_table: {d}/KeyTable:1: key rsa: {d}/missing.private: cannot read"),
+    ],
+)  # fmt: skip
+def test_table_and_key_errors_name_file_and_line(
+    tmp_path: Path, key_pems: dict[str, bytes], key_table: str, signing_table: str, message: str
+) -> None:
+    config = write_tables(tmp_path, key_pems, key_table, signing_table)
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert str(info.value).startswith(f"{config}{message.format(d=tmp_path)}")
+
+
+def test_readable_key_refused_or_warned(
+    tmp_path: Path, key_pems: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_tables(tmp_path, key_pems, KEYS, "* rsa\n", mode=0o644)
+    with pytest.raises(ConfigError, match=r"KeyTable:1: key rsa: .*group or others may read"):
+        load_config(config)
+    config.write_text(config.read_text() + "key_permissions = 'warn'\n")
+    with caplog.at_level(logging.WARNING, logger="authmilter.config"):
+        assert load_config(config).signing_table is not None
+    assert [r.getMessage().split(": ")[1] for r in caplog.records] == ["key rsa", "key ed"]
+    config.write_text(config.read_text().replace("'warn'", "'ignore'"))
+    caplog.clear()
+    assert load_config(config).signing_table is not None and not caplog.records

@@ -12,7 +12,6 @@ at 0 = top), so the tests check the resulting header block, not just the calls.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import json
 import logging
 import re
@@ -31,7 +30,10 @@ from Milter import testctx
 from authmilter import dkim_rsa
 from authmilter.actions import FailureAction
 from authmilter.config import Config, default_config
+from authmilter.dkim_sign import SigningSettings
+from authmilter.dkim_verify import DkimSettings, verify_dkim
 from authmilter.history import HistorySettings, read_history
+from authmilter.keys import KeyFileError
 from authmilter.milter_app import (
     ACTIONS,
     MAX_RECIPIENTS,
@@ -382,33 +384,179 @@ def test_dns_temperror_gets_451(connect: Connect) -> None:
     assert ctx.changes == []
 
 
-# --- messages not verified ------------------------------------------------------------------------
+# --- outbound mail: signed, not verified ---------------------------------------------------------
 
 
 FORGED = f"{A_R}: {AUTHSERV_ID}; dmarc=pass header.from=sender.example\r\n"
+SIG = "DKIM-Signature"
 
 
-def test_internal_host_is_skipped_but_forged_ar_still_deleted(
-    connect: Connect, zone_files: list[Path], caplog: pytest.LogCaptureFixture
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> SigningSettings:
+    """KeyTable and SigningTable signing sender.example mail with rsa1 and ed1 (both published)."""
+    folder = tmp_path_factory.mktemp("tables")
+    for name, key in keys.items():
+        path = folder / f"{name}.private"
+        path.write_bytes(key.private)
+        path.chmod(0o600)
+    (folder / "KeyTable").write_text(
+        f"rsa sender.example:rsa1:{folder}/rsa.private\ned sender.example:ed1:{folder}/ed.private\n"
+    )
+    (folder / "SigningTable").write_text("*@sender.example rsa\n*@sender.example ed\n")
+    return SigningSettings(
+        key_table=str(folder / "KeyTable"),
+        signing_table=f"refile:{folder / 'SigningTable'}",
+        multiple_signatures=True,
+        sign_daemon_names=("submission",),
+    )
+
+
+def signing_config(settings: SigningSettings, **milter: Any) -> Config:
+    return dataclasses.replace(make_config(**milter), signing=settings)
+
+
+def delivered(ctx: MtaCtx, raw: bytes) -> bytes:
+    """The message as the MTA writes it after the milter's changes (CRLF, "Name: value")."""
+    head = "".join(f"{name}: {value}".replace("\n", "\r\n") + "\r\n" for name, value in ctx.headers)
+    return head.encode("latin-1") + b"\r\n" + raw.split(b"\r\n\r\n", 1)[1]
+
+
+def assert_signed_twice(ctx: MtaCtx, raw: bytes, zone_files: list[Path]) -> None:
+    """RSA on top, then Ed25519; both verify on the delivered message; no A-R of ours."""
+    added = [change for change in ctx.changes if change[0] == "add"]
+    assert [(name, index) for _, name, _, index in added] == [(SIG, 0), (SIG, 0)]
+    signatures = [value for name, value in ctx.headers if name == SIG]
+    assert [re.search(r"a=([a-z0-9-]+)", v).group(1) for v in signatures] == [  # type: ignore[union-attr]
+        "rsa-sha256",
+        "ed25519-sha256",
+    ]
+    assert ctx.headers[0][0] == SIG and our_ar(ctx) == []
+    assert all("\r" not in value for value in signatures)
+    results = verify_dkim(delivered(ctx, raw), Resolver(ZoneFileSource(zone_files)), DkimSettings())
+    assert [(r.result, r.selector) for r in results] == [(AuthResult.PASS, "rsa1"), (AuthResult.PASS, "ed1")]
+
+
+def test_internal_host_is_signed_not_verified_and_forged_ar_deleted_first(
+    connect: Connect,
+    zone_files: list[Path],
+    signing: SigningSettings,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     resolver = Resolver(ScriptedSource(zone_files))
-    config = make_config(internal_hosts=(ipaddress.ip_network("10.0.0.0/8"),))
+    config = signing_config(signing, internal_hosts=("10.0.0.0/8",))
     ctx = connect(config=config, resolver=resolver, ip="10.1.2.3")
     ctx.macros[Milter.M_EOM] = {"i": "INT1"}
+    raw = make_message(extra_headers=FORGED)
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        assert ctx.send(make_message(extra_headers=FORGED)) == Milter.ACCEPT
-    assert ctx.changes == [("change", A_R, 1, "")]
+        assert ctx.send(raw) == Milter.ACCEPT
+    # The forged A-R goes first: the signatures are made for, and added to, the final header set.
+    assert ctx.changes[0] == ("change", A_R, 1, "")
+    assert not any(name == A_R for name, _ in ctx.headers)
+    assert_signed_twice(ctx, raw, zone_files)
     assert resolver.queries == 0  # not verified at all
-    assert "queue_id=INT1 client=10.1.2.3 from=sender.example skipped: internal host" in caplog.text
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith(
+        "queue_id=INT1 client=10.1.2.3 from=sender.example outbound: internal host "
+        "(10.0.0.0/8 at <defaults>:[milter].internal_hosts:1); signed for bob@sender.example: "
+        "d=sender.example s=rsa1 ("
+    )
+    assert "signatures=2 action=accept" in line
 
 
-def test_authenticated_client_is_skipped(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+def test_authenticated_client_is_signed(
+    connect: Connect, zone_files: list[Path], signing: SigningSettings, canonicalization: str
+) -> None:
+    settings = dataclasses.replace(signing, canonicalization=canonicalization)
+    ctx = connect(config=signing_config(settings), ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_type}": "PLAIN", "{auth_authen}": "bob"}
+    raw = make_message()
+    assert ctx.send(raw) == Milter.ACCEPT  # not rejected: outbound mail is not judged by DMARC
+    assert_signed_twice(ctx, raw, zone_files)
+
+
+@pytest.mark.parametrize("daemon, signed", [("submission", True), ("smtpd", False)])
+def test_daemon_name_decides(
+    connect: Connect, zone_files: list[Path], signing: SigningSettings, daemon: str, signed: bool
+) -> None:
+    ctx = connect(
+        config=signing_config(signing), ip=OUTSIDE_IP, macros={Milter.M_CONNECT: {"{daemon_name}": daemon}}
+    )
+    raw = make_message()
+    if signed:
+        assert ctx.send(raw) == Milter.ACCEPT
+        assert_signed_twice(ctx, raw, zone_files)
+    else:  # verified like any inbound mail: DMARC p=reject, spoofed from outside
+        assert ctx.send(raw) == Milter.REJECT
+
+
+def test_outside_mail_is_verified_not_signed(
+    connect: Connect, signed: Callable[..., bytes], signing: SigningSettings
+) -> None:
+    ctx = connect(config=signing_config(signing))
+    assert ctx.send(signed()) == Milter.ACCEPT
+    assert [c[1] for c in ctx.changes] == [A_R]
+    assert "dmarc=pass" in our_ar(ctx)[0]
+    assert [name for name, _ in ctx.headers].count(SIG) == 1  # the sender's own, nothing added
+
+
+def test_outbound_without_a_table_entry_passes_unsigned_saying_why(
+    connect: Connect, signing: SigningSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = connect(config=signing_config(signing), ip="127.0.0.1")
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert (
+            ctx.send(make_message(from_header="olga@other.example"), mail_from="olga@other.example")
+            == Milter.ACCEPT
+        )
+    assert ctx.changes == []
+    assert "not signed: no SigningTable entry for olga@other.example (tried 2 patterns against" in caplog.text
+    assert "signatures=0 action=accept" in caplog.text
+
+
+def test_internal_hosts_by_verified_name_and_exclusion(
+    connect: Connect, signing: SigningSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = signing_config(signing, internal_hosts=(".sender.example", "!bad.sender.example"))
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        inside = connect(config=config, ip=OUTSIDE_IP, hostname="mx.sender.example")
+    assert "client=203.0.113.5 name=mx.sender.example internal_hosts: .sender.example at " in caplog.text
+    assert inside.send(make_message()) == Milter.ACCEPT
+    assert [name for name, _ in inside.headers[:2]] == [SIG, SIG]
+    excluded = connect(config=config, ip=OUTSIDE_IP, hostname="bad.sender.example")
+    assert excluded.send(make_message()) == Milter.REJECT
+    unverified = connect(config=config, ip=OUTSIDE_IP, hostname="[203.0.113.5]")  # no PTR name
+    assert unverified.send(make_message()) == Milter.REJECT
+
+
+def test_unreadable_key_tempfails_rather_than_send_unsigned(
+    connect: Connect, tmp_path: Path, keys: dict[str, SigningKey]
+) -> None:
+    key = tmp_path / "rsa.private"
+    key.write_bytes(keys["rsa"].private)
+    key.chmod(0o600)
+    (tmp_path / "KeyTable").write_text(f"rsa sender.example:rsa1:{key}\n")
+    (tmp_path / "SigningTable").write_text("sender.example rsa\n")
+    settings = SigningSettings(
+        key_table=str(tmp_path / "KeyTable"), signing_table=str(tmp_path / "SigningTable")
+    )
+    config = signing_config(settings)
+    assert config.signing_table is not None  # valid when loaded
+    key.unlink()
+    ctx = connect(config=config, ip="127.0.0.1")
+    assert ctx.send(make_message()) == Milter.TEMPFAIL
+    assert ctx.reply[:2] == ("451", "4.3.0")
+    with pytest.raises(KeyFileError, match="cannot read the key file"):
+        build_runtime(config)
+
+
+def test_authenticated_client_is_not_verified(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
     ctx = connect(ip=OUTSIDE_IP)
     ctx.macros[Milter.M_ENVFROM] = {"{auth_type}": "PLAIN", "{auth_authen}": "bob"}
     with caplog.at_level(logging.INFO, logger=LOGGER):
         assert ctx.send(make_message(extra_headers=FORGED)) == Milter.ACCEPT
     assert ctx.changes == [("change", A_R, 1, "")]
-    assert "skipped: authenticated as bob " in caplog.text
+    assert "outbound: authenticated as bob; not signed: no signing tables configured" in caplog.text
 
 
 def test_authenticated_client_verified_when_configured(connect: Connect) -> None:

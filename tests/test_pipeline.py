@@ -11,9 +11,18 @@ import dns.rdatatype
 import pytest
 
 from authmilter.config import Config, default_config
+from authmilter.dkim_sign import SigningSettings
+from authmilter.keys import KeyCache
 from authmilter.message import parse_message
 from authmilter.model import Action, AuthResult, Verdict
-from authmilter.pipeline import Connection, Transaction, evaluate
+from authmilter.pipeline import (
+    Connection,
+    Transaction,
+    evaluate,
+    match_internal_host,
+    outbound_reason,
+    sign_transaction,
+)
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
 
@@ -175,3 +184,118 @@ def test_several_from_fields_reject(resolver: Resolver) -> None:
 def test_empty_message(resolver: Resolver, tmp_path: Path) -> None:
     verdict = run(b"", resolver)
     assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PERMERROR
+
+
+# --- outbound mail: the direction, and signing ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def signing_config(tmp_path_factory: pytest.TempPathFactory, key: SigningKey) -> Config:
+    folder = tmp_path_factory.mktemp("tables")
+    (folder / "s1.private").write_bytes(key.private)
+    (folder / "s1.private").chmod(0o600)
+    (folder / "KeyTable").write_text(f"s1 sender.example:s1:{folder}/s1.private\n")
+    (folder / "SigningTable").write_text("sender.example s1\n")
+    signing = SigningSettings(
+        key_table=str(folder / "KeyTable"),
+        signing_table=str(folder / "SigningTable"),
+        sign_daemon_names=("submission",),
+    )
+    return dataclasses.replace(CONFIG, signing=signing)
+
+
+def outbound(connection: Connection, raw: bytes = b"") -> Transaction:
+    message = parse_message(raw or make_message(extra_headers=FORGED_AR))
+    return Transaction(connection=connection, mail_from="bob@sender.example", recipients=(), message=message)
+
+
+FORGED_AR = "Authentication-Results: mx.receiver.example; dmarc=pass\r\n"
+LOOPBACK = Connection(client_ip="", helo="", internal_host=match_internal_host("", "", CONFIG))
+
+
+def outside(macros: dict[str, str]) -> Connection:
+    return Connection("203.0.113.9", "mx.sender.example", macros=macros)
+
+
+@pytest.mark.parametrize(
+    ("connection", "why"),
+    [
+        (LOOPBACK, "internal host (127.0.0.1 at <default>:1)"),
+        (outside({"{auth_authen}": "bob", "{auth_type}": "PLAIN"}), "authenticated as bob"),
+        (outside({"{auth_type}": "EXTERNAL"}), "authenticated as an unnamed user (EXTERNAL)"),
+        (outside({"{daemon_name}": "submission"}), "daemon_name submission"),
+    ],
+)  # fmt: skip
+def test_outbound_mail_is_signed_not_verified(
+    resolver: Resolver, signing_config: Config, connection: Connection, why: str
+) -> None:
+    before = resolver.queries
+    verdict = evaluate(outbound(connection), resolver, signing_config, now=1_790_000_000)
+    assert verdict.outbound and verdict.action is Action.ACCEPT
+    assert verdict.reason.startswith(
+        f"outbound: {why}; signed for bob@sender.example: d=sender.example s=s1 ("
+    )
+    assert (verdict.spf, verdict.dkim, verdict.dmarc, verdict.authentication_results) == (None, (), None, "")
+    assert verdict.forged_authentication_results == (1,)
+    [signature] = verdict.signatures
+    assert "t=1790000000;" in signature.replace("\n ", "")
+    assert resolver.queries == before  # nothing verified
+
+
+def test_inbound_when_nothing_says_outbound(resolver: Resolver, signing_config: Config) -> None:
+    matched = Connection("127.0.0.1", "h", internal_host=match_internal_host("127.0.0.1", "", CONFIG))
+    assert outbound_reason(matched, signing_config).startswith("internal host")
+    for connection in (
+        Connection("203.0.113.9", "h", macros={"{daemon_name}": "smtpd"}),
+        Connection("127.0.0.1", "h"),  # no match recorded: check builds connections like this
+    ):
+        assert outbound_reason(connection, signing_config) == ""
+        assert not evaluate(outbound(connection), resolver, signing_config).outbound
+    authenticated = Connection("203.0.113.9", "h", macros={"{auth_authen}": "bob"})
+    config = dataclasses.replace(
+        signing_config, milter=dataclasses.replace(signing_config.milter, skip_authenticated=False)
+    )
+    assert outbound_reason(authenticated, config) == ""
+
+
+def test_outbound_without_entry_is_unsigned_with_the_reason(
+    resolver: Resolver, signing_config: Config
+) -> None:
+    raw = make_message(from_header="olga@other.example")
+    verdict = evaluate(outbound(LOOPBACK, raw), resolver, signing_config)
+    assert verdict.signatures == () and verdict.action is Action.ACCEPT
+    assert verdict.reason.endswith(
+        "not signed: no SigningTable entry for olga@other.example (tried keys olga@other.example, "
+        "other.example, olga@.example, .example, olga@*, *)"
+    )
+    several = evaluate(
+        outbound(LOOPBACK, b"From: a@sender.example\r\nFrom: b@sender.example\r\n\r\nx\r\n"),
+        resolver,
+        signing_config,
+    )
+    assert (
+        several.signatures == ()
+        and "no from address to sign for: From: 2 From header fields" in several.reason
+    )
+
+
+def test_sign_transaction_shares_the_path_and_a_lost_key_is_an_internal_error(
+    resolver: Resolver, signing_config: Config, tmp_path: Path, key: SigningKey
+) -> None:
+    outcome = sign_transaction(outbound(Connection("", "")), signing_config, KeyCache(), now=1_790_000_000)
+    assert len(outcome.signatures) == 1 and outcome.reason.startswith("signed for bob@sender.example")
+    (tmp_path / "k.private").write_bytes(key.private)
+    (tmp_path / "k.private").chmod(0o600)
+    (tmp_path / "KeyTable").write_text(f"s1 sender.example:s1:{tmp_path}/k.private\n")
+    (tmp_path / "SigningTable").write_text("* s1\n")
+    signing = dataclasses.replace(
+        signing_config.signing,
+        key_table=str(tmp_path / "KeyTable"),
+        signing_table=str(tmp_path / "SigningTable"),
+    )
+    config = dataclasses.replace(signing_config, signing=signing)
+    assert config.signing_table is not None
+    (tmp_path / "k.private").chmod(0o644)  # now refused: others may read it
+    verdict = evaluate(outbound(LOOPBACK), resolver, config)
+    assert verdict.action is Action.TEMPFAIL and verdict.signatures == ()
+    assert verdict.forged_authentication_results == (1,)

@@ -2,7 +2,8 @@
 
 Three layers, as in aiosmtpd's main.py: ``_parser()`` only builds the parser, ``parse_args()``
 does every cross-check through ``parser.error``, ``main(argv)`` acts. Exit status: 0 when the
-command did its job (for ``check``: a verdict was printed, whatever it says), 1 when a file or the
+command did its job (for ``check``: a verdict was printed, whatever it says; for ``sign``: the
+message was printed, signed or not, and why goes to standard error), 1 when a file or the
 configuration is unusable (for ``keys test``: also when a key or its DNS record has a problem), 2 for
 a usage error.
 """
@@ -36,7 +37,7 @@ from authmilter.keys import (
 )
 from authmilter.message import parse_message
 from authmilter.model import Verdict
-from authmilter.pipeline import Connection, Transaction, evaluate
+from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.resolver import DnsSettings, DnsStatus, Resolver, ZoneFileError, build_resolver
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
@@ -105,9 +106,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
 
+    _add_sign_parser(commands)
     _add_genkey_parser(commands)
     _add_keys_parser(commands)
     return parser
+
+
+def _add_sign_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sign = commands.add_parser(
+        "sign",
+        help="sign one message as the milter signs outbound mail, and print it",
+        description="Print the message with the DKIM-Signature fields the milter would add to it as "
+        "outbound mail (same code path), so a table change can be tried before a reload. The tables "
+        "come from the config's [signing] section, or from --key-table and --signing-table, which "
+        "override it. What was signed, or why nothing was, goes to standard error.",
+    )
+    sign.add_argument(
+        "message", metavar="MESSAGE", help="the message file (RFC 5322), or - for standard input"
+    )
+    sign.add_argument("--config", type=Path, help="the config file ([signing] and its tables)")
+    sign.add_argument("--key-table", type=Path, help="the KeyTable to use instead of the config's")
+    sign.add_argument(
+        "--signing-table",
+        help="the SigningTable to use instead of the config's (refile:PATH for * patterns)",
+    )
+    sign.add_argument(
+        "--mail-from", default="", help='the envelope sender, for [signing] signing_domain = "envelope"'
+    )
 
 
 def _add_dns_options(command: argparse.ArgumentParser) -> None:
@@ -205,10 +230,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--client-ip: '{args.client_ip}' is not an IPv4 or IPv6 address")
         _check_dns_options(parser, args)
     if args.command == "keys":
-        # The config has no KeyTable setting yet, so the file must be named here.
-        if args.key_table is None:
-            parser.error("keys test: --key-table FILE is required")
+        if args.key_table is None and args.config is None:
+            parser.error(
+                "keys test: --key-table FILE is required (or --config FILE with [signing] key_table)"
+            )
         _check_dns_options(parser, args)
+    if args.command == "sign":
+        if (args.key_table is None) != (args.signing_table is None):
+            parser.error("sign: give --key-table and --signing-table together")
+        if args.key_table is None and args.config is None:
+            parser.error("sign: give --config FILE, or --key-table FILE and --signing-table FILE")
     if args.command == "genkey":
         _check_genkey_options(parser, args)
     if args.command == "run" and args.config is None:
@@ -319,6 +350,47 @@ def format_verdict(verdict: Verdict) -> str:
     return "\n".join(lines)
 
 
+def _sign_config(args: argparse.Namespace) -> Config:
+    """The config, with --key-table and --signing-table on top, its tables and keys checked."""
+    config = _load(args.config)
+    if args.key_table is not None:
+        refile = args.signing_table.startswith("refile:")
+        table = Path(args.signing_table.removeprefix("refile:")).absolute()
+        signing = dataclasses.replace(
+            config.signing,
+            key_table=str(args.key_table.absolute()),
+            signing_table=("refile:" if refile else "") + str(table),
+        )
+        config = dataclasses.replace(config, signing=signing)
+    try:
+        if config.signing_table is None:
+            raise CliError(f"{config.path}: no [signing] key_table and signing_table: nothing signs")
+    except ConfigError as e:
+        raise CliError(str(e)) from None
+    return config
+
+
+def run_sign(args: argparse.Namespace) -> tuple[bytes, SigningOutcome]:
+    """``authmilter sign``: the message with its signatures, and what was signed or why not."""
+    config = _sign_config(args)
+    install_openssl_rsa()
+    raw = _read_message(args.message)
+    transaction = Transaction(
+        connection=Connection(client_ip="", helo=""),
+        mail_from=args.mail_from.strip().removeprefix("<").removesuffix(">"),
+        recipients=(),
+        message=parse_message(raw, max_headers=config.milter.max_headers),
+    )
+    try:
+        outcome = sign_transaction(transaction, config)
+    except KeyFileError as e:
+        raise CliError(str(e)) from None
+    # The message goes out as it came in; the new fields use its line ending (the MTA uses CRLF).
+    newline = "\r\n" if b"\r\n" in raw or b"\n" not in raw else "\n"
+    fields = "".join(f"DKIM-Signature: {v}".replace("\n", newline) + newline for v in outcome.signatures)
+    return fields.encode("ascii") + raw, outcome
+
+
 def run_checkconf(args: argparse.Namespace) -> str:
     config = _load(args.config)
     _resolver(config.dns)
@@ -400,14 +472,18 @@ def _test_key(entry: KeyEntry, resolver: Resolver) -> tuple[str, bool]:
 
 def run_keys_test(args: argparse.Namespace) -> tuple[str, bool]:
     """``authmilter keys test``: one line per KeyTable entry, and whether all are fine."""
-    resolver = _resolver(_dns_settings(_load(args.config).dns, args))
+    config = _load(args.config)
+    resolver = _resolver(_dns_settings(config.dns, args))
+    key_table = str(args.key_table) if args.key_table is not None else config.signing.key_table
+    if not key_table:
+        raise CliError(f"{config.path}: no [signing] key_table; give --key-table FILE")
     try:
-        table = KeyTable.load(str(args.key_table))
+        table = KeyTable.load(key_table)
     except TableError as e:
         raise CliError(str(e)) from None
     results = [_test_key(entry, resolver) for entry in table]
     if not results:
-        return f"{args.key_table}: no keys to test", False
+        return f"{key_table}: no keys to test", False
     return "\n".join(line for line, _ in results), all(ok for _, ok in results)
 
 
@@ -434,6 +510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             output, all_ok = run_keys_test(args)
             print(output)
             return 0 if all_ok else 1
+        if args.command == "sign":
+            signed, outcome = run_sign(args)
+            sys.stdout.buffer.write(signed)
+            sys.stdout.flush()
+            print(f"authmilter: {outcome.reason}", file=sys.stderr)
+            return 0
         if args.command == "genkey":
             output = run_genkey(args)
         elif args.command == "check":

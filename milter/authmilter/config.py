@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -25,15 +26,38 @@ from typing import Any
 
 from authmilter.actions import ALLOWED_FAILURE_ACTIONS, FailureAction, PolicySettings
 from authmilter.authresults import sanitize_authserv_id
+from authmilter.dkim_sign import (
+    CANONICALIZATIONS,
+    SIGNING_DOMAIN_SOURCES,
+    SigningSettings,
+    check_header_names,
+)
 from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
 from authmilter.history import HistorySettings
+from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
 from authmilter.resolver import DnsSettings
 from authmilter.spf_check import SpfSettings
+from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostSet, KeyTable, SigningTable, TableError
+
+log = logging.getLogger(__name__)
+
+# What an empty config gives for [milter] internal_hosts (tables.DEFAULT_INTERNAL_HOSTS).
+DEFAULT_INTERNAL_HOST_ENTRIES = ("127.0.0.1", "::1")
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message says where (file:line) and what is wrong."""
+
+
+class _SettingError(ConfigError):
+    """A setting whose value (a file it names) is unusable; parse_config adds the line."""
+
+    def __init__(self, path: str, section: str, key: str, problem: str) -> None:
+        super().__init__(f"{path}: [{section}] {key}: {problem}")
+        self.section = section
+        self.key = key
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -51,8 +75,12 @@ class MilterSettings:
         body_memory_limit: body bytes kept in memory; beyond, the body is spooled to a temporary file.
         quarantine: how quarantine is applied: "hold" (the MTA's hold queue, via the milter
             quarantine action) or "header" (an X-Authmilter-Quarantine header is added).
-        internal_hosts: client networks whose mail is not verified (it is outbound mail).
-        skip_authenticated: do not verify mail from SASL-authenticated clients.
+        internal_hosts: the clients whose mail is outbound (signed, not verified), in OpenDKIM's
+            dataset syntax: a list of entries (addresses, CIDR networks, host names, ``.domain``,
+            ``!`` exclusions), or the path of a dataset file (``refile:`` allowed). The parsed set
+            is ``Config.internal_hosts``.
+        skip_authenticated: mail from SASL-authenticated clients is outbound too (signed, not
+            verified); false: it is verified like inbound mail.
     """
 
     socket: str = "inet:8891@127.0.0.1"
@@ -64,10 +92,7 @@ class MilterSettings:
     max_headers: int = 1000
     body_memory_limit: int = 1048576
     quarantine: str = "hold"
-    internal_hosts: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-        ipaddress.ip_network("127.0.0.1/32"),
-        ipaddress.ip_network("::1/128"),
-    )
+    internal_hosts: tuple[str, ...] | str = DEFAULT_INTERNAL_HOST_ENTRIES
     skip_authenticated: bool = True
 
 
@@ -97,6 +122,36 @@ class Config:
     dmarc: DmarcSettings = field(default_factory=DmarcSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     history: HistorySettings = field(default_factory=HistorySettings)
+    signing: SigningSettings = field(default_factory=SigningSettings)
+
+    @functools.cached_property
+    def internal_hosts(self) -> HostSet:
+        """``[milter] internal_hosts`` parsed (read, for a file); checked once by parse_config.
+
+        Raises:
+            ConfigError: an invalid entry, or an unreadable dataset file.
+        """
+        spec = self.milter.internal_hosts
+        try:
+            if isinstance(spec, str):
+                return HostSet.load(spec)
+            if spec == DEFAULT_INTERNAL_HOST_ENTRIES:
+                return DEFAULT_INTERNAL_HOSTS
+            return HostSet.parse(spec, f"{self.path}:[milter].internal_hosts")
+        except TableError as e:
+            raise _SettingError(self.path, "milter", "internal_hosts", str(e)) from None
+
+    @functools.cached_property
+    def signing_table(self) -> SigningTable | None:
+        """The SigningTable (with its KeyTable), every key file checked; None without signing.
+
+        Keys are loaded here only to check them (type, size, permissions; a "warn" is logged);
+        the Config keeps paths, never key material: each worker loads its own (keys.KeyCache).
+
+        Raises:
+            ConfigError: a table or key is unusable; the message names the table's file and line.
+        """
+        return _load_signing_table(self.signing, self.path)
 
     @functools.cached_property
     def authserv_id(self) -> str:
@@ -118,6 +173,7 @@ SECTIONS: dict[str, type[Any]] = {
     "dmarc": DmarcSettings,
     "policy": PolicySettings,
     "history": HistorySettings,
+    "signing": SigningSettings,
 }
 
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
@@ -134,6 +190,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("dkim", "min_rsa_bits"): (1024, 16384),
     ("dkim", "timeout"): (0.1, 60),
     ("dmarc", "max_tree_walk"): (1, 8),
+    ("signing", "expire_after"): (0, 10 * 366 * 86400),
 }
 
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
@@ -143,10 +200,15 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("log", "level"): frozenset({"debug", "info", "warning", "error"}),
     ("log", "syslog_facility"): frozenset({"mail", "daemon", "user", *(f"local{i}" for i in range(8))}),
     **{("policy", k): frozenset(a.value for a in v) for k, v in ALLOWED_FAILURE_ACTIONS.items()},
+    ("signing", "key_permissions"): frozenset(PERMISSION_POLICIES),
+    ("signing", "signing_domain"): frozenset(SIGNING_DOMAIN_SOURCES),
+    ("signing", "canonicalization"): frozenset(CANONICALIZATIONS),
 }
 
 # Keys whose values are file names: relative names are taken from the config file's folder.
 PATH_KEYS = {("dns", "zone_files"), ("dmarc", "psl_file")}
+# OpenDKIM dataset names ("refile:PATH", "file:PATH" or PATH): made absolute, read by the loaders.
+DATASET_KEYS = {("signing", "key_table"), ("signing", "signing_table")}
 
 
 def default_config() -> Config:
@@ -186,7 +248,16 @@ def parse_config(text: str, path: str | Path) -> Config:
         if not isinstance(table, dict):
             raise ConfigError(f"{_where(path, text, name, None)}{name} must be a [table]")
         sections[name] = _build_section(name, table, path, text)
-    return Config(path=str(path), **sections)
+    config = Config(path=str(path), **sections)
+    try:
+        # Read the datasets, tables and keys now (cached on the Config), so that a bad one
+        # refuses the (re)load instead of failing messages.
+        _ = config.internal_hosts, config.signing_table
+    except _SettingError as e:
+        raise ConfigError(
+            f"{_where(path, text, e.section, e.key)}[{e.section}] {e.key}: {e.problem}"
+        ) from None
+    return config
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -220,6 +291,9 @@ def _build_section(name: str, table: Mapping[str, Any], path: Path, text: str) -
         if key not in known:
             raise ConfigError(f"{where}unknown key '{key}' in [{name}] (known: {', '.join(sorted(known))})")
         try:
+            if (name, key) == ("milter", "internal_hosts"):
+                values[key] = _host_list(raw, path)
+                continue
             value = _convert(hints[key], raw)
             values[key] = _check_value(name, key, value, path)
         except (TypeError, ValueError) as e:
@@ -310,7 +384,77 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         return sanitize_authserv_id(value)
     if (section, key) == ("policy", "never_reject_domains"):
         return tuple(d.lower().rstrip(".") for d in value)
+    if (section, key) in DATASET_KEYS:
+        return _dataset_path(value, path)
+    if (section, key) in (("signing", "headers"), ("signing", "oversign_headers")):
+        return check_header_names(value, require_from=key == "headers")
+    if (section, key) == ("signing", "sign_daemon_names") and not all(value):
+        raise ValueError("empty daemon name")
     return value
+
+
+def _host_list(raw: Any, path: Path) -> tuple[str, ...] | str:
+    """``internal_hosts``: a list of dataset entries, or a dataset file's name (made absolute)."""
+    if isinstance(raw, str):
+        if not raw:
+            raise ValueError("empty file name; write [] for no internal hosts")
+        return _dataset_path(raw, path)
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise TypeError(
+            'expected a list of hosts, networks and .domains (e.g. ["127.0.0.1", "10.0.0.0/8"]) '
+            "or the name of a dataset file"
+        )
+    return tuple(raw)
+
+
+def _dataset_path(value: str, path: Path) -> str:
+    """An OpenDKIM dataset name with its file made absolute (from the config file's folder)."""
+    if not value:
+        return value
+    prefix = next((p for p in ("refile:", "file:") if value.startswith(p)), "")
+    name = value[len(prefix) :]
+    if not name:
+        raise ValueError(f"'{value}' names no file")
+    candidate = Path(name)
+    return prefix + str(candidate if candidate.is_absolute() else path.parent / candidate)
+
+
+def _load_signing_table(settings: SigningSettings, config_path: str) -> SigningTable | None:
+    """The tables of ``[signing]``, and every KeyTable key loaded once to check it."""
+    if bool(settings.key_table) != bool(settings.signing_table):
+        given, missing = (
+            ("key_table", "signing_table") if settings.key_table else ("signing_table", "key_table")
+        )
+        problem = f"{missing} is not set: set key_table and signing_table, or neither"
+        raise _SettingError(config_path, "signing", given, problem)
+    if not settings.key_table:
+        return None
+    try:
+        key_table = KeyTable.load(settings.key_table)
+    except TableError as e:
+        raise _SettingError(config_path, "signing", "key_table", str(e)) from None
+    try:
+        signing_table = SigningTable.load(settings.signing_table, key_table)
+    except TableError as e:
+        raise _SettingError(config_path, "signing", "signing_table", str(e)) from None
+    _check_keys(key_table, settings.key_permissions, config_path)
+    return signing_table
+
+
+def _check_keys(key_table: KeyTable, permissions: str, config_path: str) -> None:
+    checked: set[tuple[str, str | None]] = set()
+    for entry in key_table:
+        if (entry.key_path, entry.algorithm) in checked:
+            continue
+        checked.add((entry.key_path, entry.algorithm))
+        try:
+            key = load_private_key(entry.key_path, entry.algorithm, permissions=permissions)
+        except KeyFileError as e:
+            raise _SettingError(
+                config_path, "signing", "key_table", f"{entry.source}: key {entry.name}: {e}"
+            ) from None
+        for warning in key.warnings:
+            log.warning("%s: key %s: %s", entry.source, entry.name, warning)
 
 
 def _check_socket(value: str) -> None:

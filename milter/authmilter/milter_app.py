@@ -2,8 +2,9 @@
 
 It gathers what the MTA tells, builds one :class:`~authmilter.pipeline.Transaction` per message,
 calls ``pipeline.evaluate`` at end of message and applies the :class:`~authmilter.model.Verdict`.
-It decides nothing of its own, beyond what only the edge can know: whether the client is an internal
-host or authenticated (those messages are not verified), and that one of its own callbacks failed.
+It decides nothing of its own, beyond what only the edge can know: which ``internal_hosts`` entry
+matches the client (at connect, put into the Connection), and that one of its own callbacks failed.
+Whether a message is inbound (verified) or outbound (signed) is the pipeline's decision.
 
 Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
 
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, Protocol
 
 import Milter
@@ -39,7 +40,9 @@ from authmilter.authresults import (
     render_authentication_results,
 )
 from authmilter.config import Config
+from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
+from authmilter.keys import KeyCache
 from authmilter.message import (
     HeaderCollector,
     MessageHeaders,
@@ -48,8 +51,9 @@ from authmilter.message import (
     parse_from,
 )
 from authmilter.model import Action, Verdict
-from authmilter.pipeline import Connection, Transaction, evaluate
+from authmilter.pipeline import Connection, Transaction, evaluate, match_internal_host
 from authmilter.resolver import Resolver, build_resolver
+from authmilter.tables import HostEntry
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,6 @@ MAX_QUARANTINE_REASON = 200
 CONNECT_MACROS = ("j", "{daemon_name}")
 MAIL_MACROS = ("{auth_type}", "{auth_authen}")
 QUEUE_ID_MACRO = "i"
-# A local submission (Postfix non_smtpd_milters, no client address) is judged as loopback for the
-# internal-hosts check, as OpenDKIM does.
-LOCAL_SUBMISSION_ADDRESS = ipaddress.ip_address("127.0.0.1")
 
 _MILTER_CODES = {
     Action.ACCEPT: Milter.ACCEPT,
@@ -146,11 +147,17 @@ class HistorySink(Protocol):
 
 @dataclass(frozen=True)
 class Runtime:
-    """What a worker needs, built once per worker (and again after a reload)."""
+    """What a worker needs, built once per worker (and again after a reload).
+
+    A reload starts new workers with the new config, and one worker handles a message from MAIL
+    FROM to its end, so a message is signed wholly with the old tables and keys or wholly with
+    the new ones.
+    """
 
     config: Config
     resolver: Resolver
     history: HistorySink | None
+    keys: KeyCache = field(default_factory=KeyCache)
 
 
 class HistoryRecorder:
@@ -187,17 +194,23 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
             (no history when that is empty).
 
     Returns:
-        The runtime: config, the resolver it describes, the history sink.
+        The runtime: config, the resolver it describes, the history sink, and the worker's
+        signing keys (loaded here, once, so no message waits for a key file).
 
     Raises:
         ZoneFileError: a configured zone file is unreadable or invalid.
         HistoryError: the history file cannot be opened.
+        KeyFileError: a KeyTable key became unusable since the configuration was checked.
     """
     resolver = build_resolver(config.dns)
-    dkim_rsa.install()
+    dkim_rsa.install()  # RSA signing and verifying through OpenSSL
+    keys = KeyCache()
+    if config.signing_table is not None:
+        for entry in config.signing_table.key_table:
+            keys.get(entry.key_path, entry.algorithm, config.signing.key_permissions)
     if history is None and config.history.path:
         history = HistoryRecorder(HistoryWriter(config.history.path), config)
-    return Runtime(config, resolver, history)
+    return Runtime(config, resolver, history, keys)
 
 
 def serve(connection: str, runtime: Runtime, timeout: int = 600) -> None:
@@ -251,7 +264,6 @@ class _Message:
         self.connection = Connection(client_ip="", helo="")
         self.mail_from = ""
         self.queue_id = ""
-        self.skip_reason = ""
         self.recipients: list[str] = []
         # Header block, then body: the whole message is read back in one piece at end of message.
         self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
@@ -279,7 +291,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._config = runtime.config
         self._client_ip = ""
         self._client_name = ""
-        self._internal = False
+        self._internal_host: HostEntry | None = None
         self._helo = ""
         self._connect_macros: dict[str, str] = {}
         # Why a callback failed (the exception's type), for the connection or the current message.
@@ -319,7 +331,15 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._client_ip = client_ip_from(family, hostaddr)
         self._client_name = _ptr_name(hostname)
         self._connect_macros = self._macros(CONNECT_MACROS)
-        self._internal = self._is_internal(self._client_ip)
+        self._internal_host = match_internal_host(self._client_ip, self._client_name, self._config)
+        if log.isEnabledFor(logging.DEBUG):
+            entry = self._internal_host
+            log.debug(
+                "client=%s name=%s internal_hosts: %s",
+                _log_value(self._client_ip),
+                _log_value(self._client_name),
+                "no entry" if entry is None else f"{entry.text} at {entry.source}",
+            )
 
     @_gathers
     def hello(self, hostname: str) -> None:
@@ -338,12 +358,11 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             helo=self._helo,
             client_name=self._client_name,
             macros={**self._connect_macros, **auth_macros},
+            internal_host=self._internal_host,
         )
-        message.skip_reason = self._skip_reason(auth_macros.get("{auth_authen}", ""))
-        if not message.skip_reason:  # a skipped message is not verified: its body is not needed
-            # Open across callbacks, so no `with`: _reset_message closes it (eom, abort, close).
-            limit = self._config.milter.body_memory_limit
-            message.spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115
+        # Open across callbacks, so no `with`: _reset_message closes it (eom, abort, close).
+        limit = self._config.milter.body_memory_limit
+        message.spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115
 
     @_gathers
     def envrcpt(self, recipient: str, *params: str) -> None:
@@ -397,31 +416,13 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         message.queue_id = self._macro(QUEUE_ID_MACRO) or message.queue_id
         if self._connection_failure or self._message_failure:
             return self._end_failed_message(started)
-        if message.skip_reason:
-            return self._end_skipped_message(message, started)
         transaction = self._transaction(message)
-        verdict = evaluate(transaction, self._runtime.resolver, self._config)
+        verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
         code = self._apply(verdict)
         if verdict.dmarc is not None:
             self._record_history(verdict, transaction)
         self._log_verdict(message, verdict, _from_domains(transaction.message.headers), started)
         return code
-
-    def _end_skipped_message(self, message: _Message, started: float) -> int:
-        headers = self._headers(message)
-        # Forged A-R are hostile whatever the source (RFC 8601 §5): delete them here too.
-        self._delete_authentication_results(
-            find_forged_authentication_results(headers, self._config.authserv_id)
-        )
-        log.info(
-            "queue_id=%s client=%s from=%s skipped: %s action=accept ms=%.1f",
-            _log_value(message.queue_id),
-            _log_value(message.connection.client_ip),
-            _log_value(_from_domains(headers)),
-            _log_value(message.skip_reason),
-            _elapsed_ms(started),
-        )
-        return int(Milter.ACCEPT)
 
     def _end_failed_message(self, started: float) -> int:
         reason = self._connection_failure or self._message_failure
@@ -464,7 +465,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         headers = self._headers(message)
         spool = self._start_body(message)
         if spool is None:
-            raise RuntimeError("message to verify has no body spool")
+            raise RuntimeError("message has no body spool")
         spool.seek(0)
         raw = spool.read()  # header block and body in one piece: the only copy of the message
         return Transaction(
@@ -483,10 +484,15 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             if verdict.reply is not None:
                 self.setreply(verdict.reply.code, verdict.reply.enhanced, verdict.reply.text)
             return int(_MILTER_CODES[verdict.action])
-        # Delete before inserting ours: inserting an A-R first would shift the indices.
+        # Delete before inserting ours: inserting an A-R first would shift the indices. Forged A-R
+        # are hostile whatever the direction (RFC 8601 §5), so outbound mail loses them too.
         self._delete_authentication_results(verdict.forged_authentication_results)
-        # RFC 8601 §4: above the MTA's own Received, so index 0 (smfi_insheader).
-        self.addheader(HEADER_NAME, verdict.authentication_results, 0)
+        if verdict.authentication_results:  # none on outbound mail: we did not verify it
+            # RFC 8601 §4: above the MTA's own Received, so index 0 (smfi_insheader).
+            self.addheader(HEADER_NAME, verdict.authentication_results, 0)
+        # Each at the top (RFC 6376 §5.6: prepended), the last first, so the first ends on top.
+        for signature in reversed(verdict.signatures):
+            self.addheader(SIGNATURE_HEADER, signature, 0)
         if verdict.action is Action.QUARANTINE:
             self._quarantine(verdict.reason)
         return int(Milter.ACCEPT)
@@ -578,18 +584,20 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
         return {name: value for name in names if (value := self._macro(name))}
 
-    def _is_internal(self, client_ip: str) -> bool:
-        address = ipaddress.ip_address(client_ip) if client_ip else LOCAL_SUBMISSION_ADDRESS
-        return any(address in network for network in self._config.milter.internal_hosts)
-
-    def _skip_reason(self, authenticated_user: str) -> str:
-        if self._internal:
-            return "internal host"
-        if authenticated_user and self._config.milter.skip_authenticated:
-            return f"authenticated as {authenticated_user}"
-        return ""
-
     def _log_verdict(self, message: _Message, verdict: Verdict, from_domains: str, started: float) -> None:
+        if verdict.outbound:
+            # OpenDKIM's LogWhy at INFO: why it is outbound, and what was signed or why not.
+            log.info(
+                "queue_id=%s client=%s from=%s %s signatures=%d action=%s ms=%.1f",
+                _log_value(message.queue_id),
+                _log_value(message.connection.client_ip),
+                _log_value(from_domains),
+                _log_value(verdict.reason),
+                len(verdict.signatures),
+                verdict.action.value,
+                _elapsed_ms(started),
+            )
+            return
         dkim = ",".join(f"{d.result.value}:{d.domain or '-'}" for d in verdict.dkim) or "none"
         log.info(
             "queue_id=%s client=%s from=%s spf=%s dkim=%s dmarc=%s action=%s ms=%.1f",

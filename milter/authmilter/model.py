@@ -173,6 +173,9 @@ class Verdict:
         reason: why the action was chosen, for the log.
         authentication_results: our Authentication-Results header value.
         forged_authentication_results: indices of A-R fields to delete, highest first.
+        outbound: the message is outbound mail (internal host, SASL-authenticated, or a signing
+            daemon_name): it was not verified, and ``authentication_results`` is empty.
+        signatures: DKIM-Signature values to add (without the name), the first on top.
     """
 
     spf: SpfResult | None
@@ -184,6 +187,8 @@ class Verdict:
     reason: str
     authentication_results: str
     forged_authentication_results: tuple[int, ...] = ()
+    outbound: bool = False
+    signatures: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The stable, documented JSON form (docs/verdict-json.md)."""

@@ -1,28 +1,45 @@
 """The order of the checks and the one place a verdict is made.
 
-``evaluate()`` runs SPF (MAIL FROM, then HELO), DKIM verification, DMARC over both, the local
-policy (actions.py), and renders our Authentication-Results. It does no I/O of its own: DNS goes
-through the resolver passed in. The milter adapter and ``authmilter check`` both build a
-:class:`Transaction` and call it, so every decision can be tested without a socket.
+``evaluate()`` first decides the direction (:func:`outbound_reason`). Inbound mail gets SPF
+(MAIL FROM, then HELO), DKIM verification, DMARC over both, the local policy (actions.py), and
+our Authentication-Results. Outbound mail (an internal host, a SASL-authenticated client, a
+signing ``{daemon_name}``) is not verified and gets no Authentication-Results; it is signed when the
+SigningTable has an entry for it (:func:`sign_transaction`, which ``authmilter sign`` calls too).
+Forged Authentication-Results are listed for deletion in both directions (RFC 8601 §5).
+
+Nothing here does I/O of its own: DNS goes through the resolver passed in, private keys through
+the key cache passed in. The milter adapter and the CLI both build a :class:`Transaction` and call
+this module, so every decision can be tested without a socket.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from authmilter.actions import decide_action, internal_error_decision
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
 from authmilter.config import Config
+from authmilter.dkim_sign import KeyProvider, SigningError, plan_signatures, sign_message, signing_address
 from authmilter.dkim_verify import verify_dkim
 from authmilter.dmarc import evaluate_dmarc, from_header_error
+from authmilter.keys import KeyCache, PrivateKey
 from authmilter.message import ParsedMessage, parse_from
-from authmilter.model import DkimResult, DmarcVerdict, SpfResult, Verdict
+from authmilter.model import Action, DkimResult, DmarcVerdict, SpfResult, Verdict
 from authmilter.resolver import Resolver
 from authmilter.spf_check import check_helo, check_mail_from
+from authmilter.tables import HostEntry, KeyEntry
 
 log = logging.getLogger(__name__)
+
+# A local submission (Postfix non_smtpd_milters, no client address) is judged as loopback for the
+# internal-hosts check, as OpenDKIM does.
+LOCAL_SUBMISSION_ADDRESS = "127.0.0.1"
+# The macros that say the client authenticated with SASL (Postfix sends them at MAIL FROM).
+AUTH_MACROS = ("{auth_authen}", "{auth_type}")
+DAEMON_NAME_MACRO = "{daemon_name}"
 
 
 @dataclass(frozen=True)
@@ -34,12 +51,15 @@ class Connection:
         helo: the HELO/EHLO name.
         client_name: the verified PTR name the MTA found ("" or "unknown" when none).
         macros: milter macros of interest (``{daemon_name}``, ``{auth_type}``, ``j`` ...).
+        internal_host: the ``[milter] internal_hosts`` entry that decided for this client
+            (:func:`match_internal_host`; check ``included``), or None: no entry covers it.
     """
 
     client_ip: str
     helo: str
     client_name: str = ""
     macros: Mapping[str, str] = field(default_factory=dict)
+    internal_host: HostEntry | None = None
 
 
 @dataclass(frozen=True)
@@ -53,13 +73,129 @@ class Transaction:
     queue_id: str = ""
 
 
-def evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Verdict:
-    """Check one message and decide what to do with it.
+@dataclass(frozen=True)
+class SigningOutcome:
+    """What signing one message gave.
 
-    Never raises: an internal failure becomes a verdict with the configured failure action
-    (tempfail by default), logged with the queue id and traceback.
+    Attributes:
+        signatures: DKIM-Signature values (without the name), the first on top.
+        reason: for the log: what was signed (``d=example.com s=sel``...), or why nothing was.
+    """
+
+    signatures: tuple[str, ...]
+    reason: str
+
+
+def match_internal_host(client_ip: str, client_name: str, config: Config) -> HostEntry | None:
+    """The ``[milter] internal_hosts`` entry deciding for a client (the connect-time match).
+
+    Args:
+        client_ip: the client address ("" for a local submission, judged as 127.0.0.1).
+        client_name: the client name the MTA verified, or "".
+        config: the configuration.
+
+    Returns:
+        The most specific entry covering the client (check ``included``: a ``!`` entry excludes),
+        or None.
+    """
+    return config.internal_hosts.match(client_ip or LOCAL_SUBMISSION_ADDRESS, client_name)
+
+
+def outbound_reason(connection: Connection, config: Config) -> str:
+    """Why mail on this connection is outbound (signed, not verified), or "" for inbound mail.
+
+    Args:
+        connection: the client, with its internal-hosts match and macros.
+        config: ``skip_authenticated`` and ``[signing] sign_daemon_names``.
+
+    Returns:
+        e.g. ``"internal host (10.0.0.0/8 at /etc/authmilter/hosts:3)"``,
+        ``"authenticated as bob"`` or ``"daemon_name submission"``; "" when inbound.
+    """
+    entry = connection.internal_host
+    if entry is not None and entry.included:
+        return f"internal host ({entry.text} at {entry.source})"
+    macros = connection.macros
+    if config.milter.skip_authenticated and any(macros.get(name) for name in AUTH_MACROS):
+        who = macros.get("{auth_authen}") or f"an unnamed user ({macros.get('{auth_type}')})"
+        return f"authenticated as {who}"
+    daemon = macros.get(DAEMON_NAME_MACRO, "")
+    if daemon and daemon in config.signing.sign_daemon_names:
+        return f"daemon_name {daemon}"
+    return ""
+
+
+def sign_transaction(
+    transaction: Transaction, config: Config, keys: KeyCache | None = None, now: float | None = None
+) -> SigningOutcome:
+    """Sign one outbound message as the SigningTable says (the daemon and ``authmilter sign``).
+
+    Args:
+        transaction: the message and its envelope.
+        config: ``[signing]`` and its tables.
+        keys: the worker's key cache; None loads the keys for this call only.
+        now: the signing time (t=) in Unix seconds; None = the clock.
+
+    Returns:
+        The signatures, and what was signed or why nothing was (no table entry, no usable From,
+        a header block dkimpy cannot parse).
+
+    Raises:
+        KeyFileError: a key file became unusable since the configuration was loaded (our fault:
+            the caller applies the internal-error action rather than send the mail unsigned).
+    """
+    message = transaction.message
+    settings = config.signing
+    if message.headers.truncated:
+        return SigningOutcome((), "not signed: too many header fields to sign reliably")
+    address, problem = signing_address(message.headers, transaction.mail_from, settings.signing_domain)
+    if problem:
+        return SigningOutcome((), f"not signed: no {settings.signing_domain} address to sign for: {problem}")
+    plan = plan_signatures(config.signing_table, address, settings.multiple_signatures)
+    if not plan.signers:
+        return SigningOutcome((), f"not signed: {plan.reason}")
+    provider = _key_provider(keys or KeyCache(), settings.key_permissions)
+    signed_at = time.time() if now is None else now
+    try:
+        signatures = sign_message(message.raw, plan.signers, provider, settings, signed_at)
+    except SigningError as e:
+        return SigningOutcome((), f"not signed: {e}")
+    made = ", ".join(f"d={s.domain} s={s.selector} ({s.rule.source})" for s in plan.signers)
+    return SigningOutcome(signatures, f"signed for {address}: {made}")
+
+
+def _key_provider(cache: KeyCache, permissions: str) -> KeyProvider:
+    def key_of(entry: KeyEntry) -> PrivateKey:
+        return cache.get(entry.key_path, entry.algorithm, permissions)
+
+    return key_of
+
+
+def evaluate(
+    transaction: Transaction,
+    resolver: Resolver,
+    config: Config,
+    keys: KeyCache | None = None,
+    now: float | None = None,
+) -> Verdict:
+    """Check (inbound) or sign (outbound) one message and decide what to do with it.
+
+    Args:
+        transaction: the message, its envelope and connection.
+        resolver: the only way to DNS.
+        config: the configuration.
+        keys: the worker's key cache, for outbound mail; None loads keys for this call only.
+        now: the signing time for outbound mail; None = the clock.
+
+    Returns:
+        The verdict. Never raises: an internal failure (a key file gone unreadable included)
+        becomes a verdict with the configured failure action (tempfail by default), logged with
+        the queue id and traceback.
     """
     try:
+        why_outbound = outbound_reason(transaction.connection, config)
+        if why_outbound:
+            return _evaluate_outbound(transaction, config, why_outbound, keys, now)
         return _evaluate(transaction, resolver, config)
     except Exception as e:
         log.exception(
@@ -86,6 +222,28 @@ def evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Ve
             authentication_results=render_authentication_results(config.authserv_id, None, None, (), None),
             forged_authentication_results=forged,
         )
+
+
+def _evaluate_outbound(
+    transaction: Transaction, config: Config, why: str, keys: KeyCache | None, now: float | None
+) -> Verdict:
+    # Forged A-R are found first and deleted by the adapter before it adds the signatures; they are
+    # never in h= (config.py refuses it), so the signatures cover the header set as delivered.
+    forged = find_forged_authentication_results(transaction.message.headers, config.authserv_id)
+    outcome = sign_transaction(transaction, config, keys, now)
+    return Verdict(
+        spf=None,
+        helo=None,
+        dkim=(),
+        dmarc=None,
+        action=Action.ACCEPT,
+        reply=None,
+        reason=f"outbound: {why}; {outcome.reason}",
+        authentication_results="",
+        forged_authentication_results=forged,
+        outbound=True,
+        signatures=outcome.signatures,
+    )
 
 
 def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Verdict:
