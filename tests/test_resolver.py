@@ -514,3 +514,78 @@ def test_bad_record_type_never_raises(cache_zone: ZoneFileSource, rdtype: str | 
     resolver = Resolver(cache_zone)
     assert resolver.query("a.cache.example", rdtype).status is NXDOMAIN  # type: ignore[arg-type]
     assert resolver.queries == 0
+
+
+# --- Derived values (Resolver.derived) ----------------------------------------------------------
+
+
+def _texts_of(resolver: Resolver, *labels: str) -> tuple[str, ...]:
+    return tuple(text for label in labels for text in resolver.txt(f"{label}.cache.example").texts)
+
+
+def test_derived_value_is_kept_until_its_first_answer_expires(cache_zone: ZoneFileSource) -> None:
+    clock = FakeClock()
+    resolver = Resolver(cache_zone, clock=clock)
+    computed: list[int] = []
+
+    def compute() -> tuple[str, ...]:
+        computed.append(1)
+        return _texts_of(resolver, "a", "forever")
+
+    assert resolver.derived("both", compute) == ("a", "capped")
+    clock.now += 299  # "a" has TTL 300, "forever" is capped at a day
+    assert resolver.derived("both", compute) == ("a", "capped")
+    assert len(computed) == 1
+    clock.now += 2
+    resolver.derived("both", compute)
+    assert len(computed) == 2
+
+
+def test_derived_value_that_saw_a_tempfail_is_not_kept(cache_zone: ZoneFileSource) -> None:
+    resolver = Resolver(cache_zone, clock=FakeClock())
+    computed: list[int] = []
+
+    def compute() -> str:
+        computed.append(1)
+        return str(resolver.txt("loop1.cache.example").status)
+
+    resolver.derived("loop", compute)
+    resolver.derived("loop", compute)
+    assert len(computed) == 2
+
+
+def test_derived_value_refused_by_keep_is_not_kept(cache_zone: ZoneFileSource) -> None:
+    resolver = Resolver(cache_zone, clock=FakeClock())
+    computed: list[int] = []
+
+    def compute() -> tuple[str, ...]:
+        computed.append(1)
+        return _texts_of(resolver, "a")
+
+    for _ in range(2):
+        resolver.derived("a", compute, keep=lambda value: False)
+    assert len(computed) == 2
+
+
+def test_nested_derived_value_shortens_the_outer_one(cache_zone: ZoneFileSource) -> None:
+    clock = FakeClock()
+    resolver = Resolver(cache_zone, clock=clock)
+    inner = lambda: _texts_of(resolver, "a")  # noqa: E731
+    resolver.derived("inner", inner)  # kept; the outer computation below only gets the kept value
+    outer_runs: list[int] = []
+
+    def outer() -> tuple[str, ...]:
+        outer_runs.append(1)
+        return resolver.derived("inner", inner) + _texts_of(resolver, "forever")
+
+    clock.now += 200
+    resolver.derived("outer", outer)
+    clock.now += 101  # past the inner value's expiry (300 s after it was computed)
+    resolver.derived("outer", outer)
+    assert len(outer_runs) == 2
+
+
+def test_invalid_name_is_not_answered_from_a_similar_cached_name(cache_zone: ZoneFileSource) -> None:
+    resolver = Resolver(cache_zone, clock=FakeClock())
+    assert resolver.txt("a\\.").status is NXDOMAIN  # valid: one label "a." outside every zone
+    assert resolver.txt("a\\").reason.startswith("invalid name")  # a dangling escape

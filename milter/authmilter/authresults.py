@@ -20,9 +20,11 @@ Decisions:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from encodings.idna import ToASCII
+from functools import lru_cache
+from typing import Any
 
 import authres
 import authres.core
@@ -45,6 +47,8 @@ MAX_INCOMING_LENGTH = 2048
 MAX_INCOMING_FIELDS = 32
 # RFC 5322 §2.1.1: lines SHOULD be no more than 78 characters.
 FOLD_WIDTH = 78
+# Rendered resinfo kept per result: a few hundred bytes each.
+CLAUSE_CACHE_SIZE = 1024
 _FOLD = "\n\t"
 
 # RFC 2045 §5.1 token characters plus "/" and "=" (base64 in header.b, RFC 6008), which only
@@ -111,6 +115,7 @@ def sanitize_property_value(value: str) -> str:
     return f"{clean_local[:room].rstrip('.')}@{clean_domain}"
 
 
+@lru_cache(maxsize=16)  # called per message with the one configured id
 def sanitize_authserv_id(value: str) -> str:
     """Check and normalise our authserv-id (RFC 8601 §2.5: a hostname is recommended).
 
@@ -195,24 +200,40 @@ def _dmarc_clause(dmarc: DmarcVerdict) -> _Clause:
     return _Clause("dmarc", dmarc.result, comment, _properties(("header", "from", dmarc.from_domain)))
 
 
-def _clauses(
+_Entry = tuple[Callable[[Any], _Clause], SpfResult | DkimResult | DmarcVerdict | None]
+
+
+def _no_signature_clause(_: None) -> _Clause:
+    return _Clause("dkim", AuthResult.NONE, "", [])
+
+
+def _entries(
     spf: SpfResult | None,
     helo: SpfResult | None,
     dkim: Sequence[DkimResult],
     dmarc: DmarcVerdict | None,
-) -> list[_Clause]:
-    clauses = []
+) -> list[_Entry]:
+    """What each resinfo is made from: its clause builder and its result, in header order."""
+    entries: list[_Entry] = []
     if spf is not None:
-        clauses.append(_spf_clause(spf))
+        entries.append((_spf_clause, spf))
     if helo is not None:
-        clauses.append(_helo_clause(helo))
+        entries.append((_helo_clause, helo))
     if dkim:
-        clauses.extend(_dkim_clause(result) for result in dkim)
-    elif clauses or dmarc is not None:
-        clauses.append(_Clause("dkim", AuthResult.NONE, "", []))
+        entries.extend((_dkim_clause, result) for result in dkim)
+    elif entries or dmarc is not None:
+        entries.append((_no_signature_clause, None))
     if dmarc is not None:
-        clauses.append(_dmarc_clause(dmarc))
-    return clauses
+        entries.append((_dmarc_clause, dmarc))
+    return entries
+
+
+@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
+def _rendered_clause(entry: _Entry, last: bool) -> str:
+    # Results are frozen values and rendering is pure: the same SPF, HELO and DMARC results recur
+    # message after message, and sanitizing and folding them costs as much as a DNS cache hit.
+    build, result = entry
+    return _fold_clause(build(result).pieces(), last)
 
 
 def _fold_clause(pieces: list[str], last: bool) -> str:
@@ -255,10 +276,10 @@ def render_authentication_results(
         ValueError: the authserv-id is not a hostname (configuration must catch this first).
     """
     server = sanitize_authserv_id(authserv_id)
-    clauses = _clauses(spf, helo, dkim, dmarc)
-    if not clauses:
+    entries = _entries(spf, helo, dkim, dmarc)
+    if not entries:
         return str(authres.AuthenticationResultsHeader(authserv_id=server).header_value())
-    folded = [_fold_clause(clause.pieces(), last=i == len(clauses) - 1) for i, clause in enumerate(clauses)]
+    folded = [_rendered_clause(entry, last=i == len(entries) - 1) for i, entry in enumerate(entries)]
     return _FOLD.join([server + ";", *folded])
 
 

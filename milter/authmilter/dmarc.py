@@ -290,6 +290,12 @@ def _walk_targets(domain: str, max_queries: int) -> list[str]:
 
 
 def _tree_walk(domain: str, resolver: Resolver, max_queries: int) -> _Walk:
+    # A walk reads nothing but DNS: kept while the answers it read are cached (a walk that ended
+    # in a DNS failure is not kept).
+    return resolver.derived(("dmarc-walk", domain, max_queries), lambda: _walk(domain, resolver, max_queries))
+
+
+def _walk(domain: str, resolver: Resolver, max_queries: int) -> _Walk:
     found: list[_Found] = []
     for target in _walk_targets(domain, max_queries):
         try:

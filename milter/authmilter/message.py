@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from encodings.idna import ToASCII, ToUnicode
+from functools import lru_cache
 from typing import NamedTuple
 
 # Far above what real mail carries (a few dozen fields; long Received chains stay in the
@@ -44,6 +45,8 @@ KEY_FIELDS = frozenset({"from", "authentication-results"})
 MAX_FROM_LENGTH = 8192
 # Each From domain costs DMARC lookups (RFC 9989 §4.4 evaluates every author domain).
 MAX_FROM_MAILBOXES = 32
+# From values up to this length are cached once parsed (1024 of them: at most 512 KB).
+MAX_CACHED_FROM_LENGTH = 512
 
 # RFC 5322 §3.6.8: field-name = 1*ftext, ftext = %d33-57 / %d59-126; §4.5.3 (obsolete syntax)
 # allows WSP between the name and the colon.
@@ -393,8 +396,18 @@ def parse_from(headers: MessageHeaders) -> FromAuthors:
         return FromAuthors(error="no From header field")
     if len(fields) > 1:
         return FromAuthors(error=f"{len(fields)} From header fields")
+    value = fields[0].value
+    if len(value) <= MAX_CACHED_FROM_LENGTH:
+        return _authors_of(value)
+    return _authors_of.__wrapped__(value)
+
+
+@lru_cache(maxsize=1024)
+def _authors_of(value: str) -> FromAuthors:
+    # Pure in the field value; the same From recurs message after message (and the milter asks
+    # twice per message: DMARC and the log line), so short values are parsed once.
     try:
-        addresses, domains = _parse_mailbox_list(fields[0].value)
+        addresses, domains = _parse_mailbox_list(value)
     except _FromError as exc:
         return FromAuthors(error=str(exc))
     return FromAuthors(tuple(addresses), tuple(dict.fromkeys(domains)))

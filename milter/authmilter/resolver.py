@@ -13,15 +13,16 @@ Sources:
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import dns.exception
 import dns.message
@@ -228,6 +229,49 @@ class ZoneFileSource:
         return tempfail(f"CNAME chain longer than {MAX_CNAME_CHAIN} at {name}")
 
 
+T = TypeVar("T")
+# The record types the checks ask for by name, resolved once (RdataType.make costs a lookup chain).
+_RDTYPES: dict[str, dns.rdatatype.RdataType] = {
+    name: dns.rdatatype.RdataType.make(name) for name in ("A", "AAAA", "MX", "PTR", "TXT", "SPF")
+}
+
+
+def _cache_key(name: str | dns.name.Name) -> str:
+    """The name as cache key: absolute and, for ASCII, lower case (RFC 4343: names compare
+    case-blind in ASCII only). Two spellings of one name (a non-ASCII case) may get two entries;
+    that costs a lookup, never a wrong answer.
+
+    Raises:
+        dns.exception.DNSException, ValueError, UnicodeError: a name with escapes that cannot be
+            a DNS name (only escaped text is parsed here: "a\\" must not look like "a\\.").
+    """
+    if isinstance(name, dns.name.Name):
+        text = name.to_text()
+    elif "\\" in name:
+        text = dns.name.from_text(name).to_text()
+    else:
+        text = name
+    if text.isascii():
+        text = text.lower()
+    return text if text.endswith(".") else text + "."
+
+
+def _always(value: object) -> bool:
+    return True
+
+
+class _Usage:
+    """What the DNS answers read by one derived computation allow: when it expires, if at all."""
+
+    def __init__(self) -> None:
+        self.expires = math.inf
+        self.tempfail = False
+
+    def add(self, expires: float, tempfail: bool) -> None:
+        self.expires = min(self.expires, expires)
+        self.tempfail = self.tempfail or tempfail
+
+
 class Resolver:
     """The resolver all checks share: one source behind a TTL-honouring LRU cache.
 
@@ -249,35 +293,95 @@ class Resolver:
         self.source = source
         self._cache_size = cache_size
         self._clock = clock
-        self._cache: OrderedDict[tuple[dns.name.Name, int], tuple[float, DnsAnswer]] = OrderedDict()
+        # Keyed by the name's text (see _cache_key), not by dns.name.Name: a hit then costs no
+        # parsing, and hashing and comparing Name objects cost more than the rest of a hit.
+        self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
+        self._derived: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
         self._lock = threading.Lock()
+        self._tracking = threading.local()
         self.queries = 0
 
     def query(self, name: str | dns.name.Name, rdtype: str | dns.rdatatype.RdataType) -> DnsAnswer:
         """Look up ``name``/``rdtype``; never raises for a DNS outcome or a malformed name."""
         try:
-            qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
-            qtype = dns.rdatatype.RdataType.make(rdtype)
+            qtype = _RDTYPES.get(rdtype) if isinstance(rdtype, str) else None
+            if qtype is None:
+                qtype = dns.rdatatype.RdataType.make(rdtype)
+        except (dns.exception.DNSException, ValueError) as e:
+            return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid type: {e}")
+        try:
+            key = (_cache_key(name), int(qtype))
         except (dns.exception.DNSException, ValueError, UnicodeError) as e:
-            # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
             return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
-        key = (qname, int(qtype))
         now = self._clock()
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None and hit[0] > now:
                 self._cache.move_to_end(key)
+                self._used(hit[0], hit[1])
                 return hit[1]
+        try:
+            qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
+        except (dns.exception.DNSException, ValueError, UnicodeError) as e:
+            # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
+            return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
         self.queries += 1
         answer = self.source.lookup(qname, qtype)
+        expires = now + min(answer.ttl, MAX_CACHE_TTL)
+        self._used(expires, answer)
         if answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0:
-            ttl = min(answer.ttl, MAX_CACHE_TTL)
             with self._lock:
-                self._cache[key] = (now + ttl, answer)
+                self._cache[key] = (expires, answer)
                 self._cache.move_to_end(key)
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
         return answer
+
+    def derived(self, key: Hashable, compute: Callable[[], T], keep: Callable[[T], bool] = _always) -> T:
+        """A value computed only from DNS answers, kept as long as every answer it used.
+
+        A check whose outcome depends on nothing but its arguments and DNS (an SPF result for one
+        client, sender and HELO; a DMARC tree walk) is computed once and then reused until the
+        first of the answers it read expires (so never longer than the DNS cache would keep them),
+        instead of re-running the same parsing and evaluation over the same cached answers.
+        A computation that saw a TEMPFAIL is not kept, so a retry asks again.
+
+        Args:
+            key: what identifies the computation and all its inputs other than DNS answers; it
+                must name the computation too (e.g. ``("spf", ip, sender, helo)``).
+            compute: computes the value, asking this resolver for every DNS answer it needs.
+            keep: whether a computed value may be kept (e.g. not a result of a time-out).
+
+        Returns:
+            The value, fresh or kept.
+        """
+        now = self._clock()
+        with self._lock:
+            hit = self._derived.get(key)
+            if hit is not None and hit[0] > now:
+                self._derived.move_to_end(key)
+                self._used(hit[0], None)
+                return hit[1]  # type: ignore[return-value]  # stored by this method for this key
+        outer = getattr(self._tracking, "usage", None)
+        usage = self._tracking.usage = _Usage()
+        try:
+            value = compute()
+        finally:
+            self._tracking.usage = outer
+        if outer is not None:  # a derived value used inside another lasts no longer than its parts
+            outer.add(usage.expires, usage.tempfail)
+        if not usage.tempfail and usage.expires > now and self._cache_size > 0 and keep(value):
+            with self._lock:
+                self._derived[key] = (usage.expires, value)
+                self._derived.move_to_end(key)
+                while len(self._derived) > self._cache_size:
+                    self._derived.popitem(last=False)
+        return value
+
+    def _used(self, expires: float, answer: DnsAnswer | None) -> None:
+        usage: _Usage | None = getattr(self._tracking, "usage", None)
+        if usage is not None:
+            usage.add(expires, answer is not None and answer.status is DnsStatus.TEMPFAIL)
 
     def txt(self, name: str | dns.name.Name) -> DnsAnswer:
         return self.query(name, dns.rdatatype.TXT)

@@ -144,6 +144,25 @@ def _evaluate(
     if ascii_domain is None:
         # RFC 7208 §4.3: malformed or not multi-label => "none"; §2.3 for HELO address literals.
         return _none(domain, local, scope, f"{domain!r} is not a checkable domain name")
+    # The result depends on these and on DNS answers only (pyspf reads no clock and no other
+    # state), so the resolver may hand back the one computed while those answers are still cached.
+    key = ("spf", scope, client_ip, local, ascii_domain, helo, settings.timeout)
+    return resolver.derived(
+        key,
+        lambda: _check(client_ip, helo, local, ascii_domain, scope, resolver, settings),
+        keep=lambda result: result.result is not AuthResult.TEMPERROR,  # e.g. out of time
+    )
+
+
+def _check(
+    client_ip: str,
+    helo: str,
+    local: str,
+    ascii_domain: str,
+    scope: SpfScope,
+    resolver: Resolver,
+    settings: SpfSettings,
+) -> SpfResult:
     identity = f"{local}@{ascii_domain}"
     deadline = time.monotonic() + settings.timeout
     try:
