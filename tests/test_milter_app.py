@@ -27,7 +27,7 @@ import Milter
 import pytest
 from Milter import testctx
 
-from authmilter import dkim_rsa
+from authmilter import dkim_rsa, milter_app
 from authmilter.actions import FailureAction
 from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
@@ -823,6 +823,37 @@ def test_large_body_is_spooled_to_disk_and_verified(
     [spool] = RecordingSpool.made
     assert spool.rolled_over is on_disk
     assert spool.closed
+
+
+class RecordingGate:
+    """Stands in for the large-message semaphore: counts who passed through it."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+
+    def __enter__(self) -> None:
+        self.entered += 1
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("body_size, gated", [(1000, False), (300_000, True)])
+def test_only_large_messages_wait_for_the_large_message_gate(
+    connect: Connect,
+    signed: Callable[..., bytes],
+    monkeypatch: pytest.MonkeyPatch,
+    body_size: int,
+    gated: bool,
+) -> None:
+    gate = RecordingGate()
+    monkeypatch.setattr(milter_app, "_large_messages", gate)
+    ctx = connect(config=make_config(body_memory_limit=65536))
+    line = "All work and no play makes Jack a dull boy.\r\n"
+    assert ctx.send(signed(body=line * (body_size // len(line)))) == Milter.ACCEPT
+    assert "dkim=pass" in our_ar(ctx)[0]
+    assert gate.entered == (1 if gated else 0)
+    assert milter_app.LARGE_MESSAGE_CONCURRENCY >= 1
 
 
 def test_headers_past_the_limit_keep_from_fields_and_say_when_one_was_dropped(connect: Connect) -> None:

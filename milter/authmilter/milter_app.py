@@ -19,6 +19,7 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
@@ -128,6 +129,12 @@ class _MessageCounter:
 
 
 _messages = _MessageCounter()
+
+# Checking a message needs it whole in memory (dkimpy verifies from bytes, with canonical copies):
+# at most this many messages larger than body_memory_limit are checked at once per worker, so
+# many concurrent large messages wait their turn instead of exhausting memory.
+LARGE_MESSAGE_CONCURRENCY = 2
+_large_messages = threading.BoundedSemaphore(LARGE_MESSAGE_CONCURRENCY)
 
 
 def message_counts() -> MessageCounts:
@@ -416,12 +423,15 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         message.queue_id = self._macro(QUEUE_ID_MACRO) or message.queue_id
         if self._connection_failure or self._message_failure:
             return self._end_failed_message(started)
-        transaction = self._transaction(message)
-        verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
+        large = message.spool is not None and message.spool.tell() > self._config.milter.body_memory_limit
+        with _large_messages if large else contextlib.nullcontext():
+            transaction = self._transaction(message)
+            verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
         code = self._apply(verdict)
         if verdict.dmarc is not None:
             self._record_history(verdict, transaction)
-        self._log_verdict(message, verdict, _from_domains(transaction.message.headers), started)
+        if log.isEnabledFor(logging.INFO):  # the line costs more than its check at level warning
+            self._log_verdict(message, verdict, _from_domains(transaction.message.headers), started)
         return code
 
     def _end_failed_message(self, started: float) -> int:
