@@ -133,7 +133,7 @@ _messages = _MessageCounter()
 # Checking a message needs it whole in memory (dkimpy verifies from bytes, with canonical copies):
 # at most this many messages larger than body_memory_limit are checked at once per worker, so
 # many concurrent large messages wait their turn instead of exhausting memory.
-LARGE_MESSAGE_CONCURRENCY = 2
+LARGE_MESSAGE_CONCURRENCY = 1
 _large_messages = threading.BoundedSemaphore(LARGE_MESSAGE_CONCURRENCY)
 
 
