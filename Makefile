@@ -5,12 +5,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= conf/authmilter.toml
 # knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
-# unit's test; postfix: the private MTA of tests/integration (its system service is disabled below).
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix
+# unit's test; postfix: the private MTA of tests/integration; opendkim: the independent DKIM
+# verifier and signer of the interoperability tests (system services disabled below).
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
-BENCH_APT_PACKAGES := opendkim opendkim-tools opendmarc
+BENCH_APT_PACKAGES := opendmarc
 
 .PHONY: run test lint bench test-docker deps apt bench-apt clean
 
@@ -56,10 +57,12 @@ apt:
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop knot.service || true
 	@$(SUDO) systemctl disable postfix.service >/dev/null 2>&1 || true
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postfix.service || true
+	@$(SUDO) systemctl disable opendkim.service >/dev/null 2>&1 || true
+	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop opendkim.service || true
 
 bench-apt:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BENCH_APT_PACKAGES)"
-	@$(SUDO) systemctl disable opendkim.service opendmarc.service >/dev/null 2>&1 || true
+	@$(SUDO) systemctl disable opendmarc.service >/dev/null 2>&1 || true
 
 $(VENV)/.installed: pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)

@@ -1,0 +1,320 @@
+"""Signing through the real Postfix (issue 4): outbound mail gets RSA and Ed25519 signatures.
+
+The session's authmilter is switched to a config with ``[signing]`` (keys from ``authmilter genkey``,
+its KeyTable and SigningTable lines, ``multiple_signatures = true``) by SIGHUP for this module and
+switched back at its end. Its ``internal_hosts`` is the default, 127.0.0.1 and ::1, so:
+
+- a message Postfix receives from 127.0.0.1 itself (no XCLIENT) is outbound: signed, not verified;
+- a message whose client claims an outside address with XCLIENT is inbound: verified, not signed;
+- a SASL-authenticated client (the ``{auth_authen}`` macro, sent with tests/milterclient.py straight
+  to authmilter: no SASL backend is needed) and a ``{daemon_name}`` in ``sign_daemon_names`` are
+  outbound too.
+
+Delivered signatures are checked by dkimpy (key records from the Knot server through our resolver)
+and by OpenDKIM (tests/opendkim.py), so they must survive Postfix's delivery byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import authres
+import dkim
+import pytest
+from postfix import SPOOFING_CLIENT, AuthmilterProcess, Mta
+from sink import DeliveredMessage
+
+from authmilter.resolver import NameserverSource, Resolver
+from dnsserver import AuthoritativeDns
+from milterclient import MessageResult, check_message
+from opendkim import DkimResult, OpenDkim, OpenDkimError, key_records
+from signing import make_message, zone_txt
+
+DOMAIN = "pf-outbound.example"
+SENDER = f"bob@{DOMAIN}"
+RSA_SELECTOR = "rsa2026"
+ED_SELECTOR = "ed2026"
+OUR_AUTHSERV_ID = "mx.receiver.example"
+SUBMISSION_DAEMON = "submission"
+RELOAD_TIMEOUT = 20.0
+# What survives an SMTP round trip only if nothing rewrites the message: a folded header, trailing
+# whitespace, a lone dot (dot-stuffed on the wire, RFC 5321 §4.5.2) and "From " at a line start.
+BODY = "Hi Alice,  \r\n\r\n.\r\nFrom the outbound side\r\n\twith a tab\t\r\n"
+FOLDED = "Cc: Carol <carol@receiver.example>,\r\n\tDave <dave@receiver.example>\r\n"
+
+
+@dataclass(frozen=True)
+class SigningSite:
+    """The signing domain: its zone on the Knot server, and the config text that signs for it."""
+
+    zone: Path
+    config: str
+
+
+def run_cli(*argv: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "authmilter", *argv], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    return done.stdout
+
+
+def line_after(output: str, comment: str) -> str:
+    lines = output.splitlines()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith(comment)) + 1]
+
+
+def outbound_message(subject: str) -> bytes:
+    return make_message(f"Bob <{SENDER}>", subject=subject, body=BODY, extra_headers=FOLDED)
+
+
+def message_id(message: bytes) -> str:
+    found = re.search(rb"^Message-ID: *(<[^>]+>)", message, re.MULTILINE | re.IGNORECASE)
+    assert found is not None
+    return found.group(1).decode()
+
+
+def send_from_loopback(mta: Mta, subject: str) -> DeliveredMessage:
+    """Send as 127.0.0.1 itself (no XCLIENT) and return the delivered copy."""
+    message = outbound_message(subject)
+    outcome = mta.send(message, mail_from=SENDER, client=None)
+    assert outcome.accepted, outcome
+    return mta.delivered(message_id(message))
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = RELOAD_TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.3)
+    return False
+
+
+@pytest.fixture(scope="module")
+def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory) -> SigningSite:
+    """Keys made by genkey, its table lines, its zone-file records published on the Knot server."""
+    folder = tmp_path_factory.mktemp("signing-keys")
+    key_lines, signing_lines, records = [], [], []
+    for kind, selector in (("rsa", RSA_SELECTOR), ("ed25519", ED_SELECTOR)):
+        output = run_cli(
+            "genkey", "--domain", DOMAIN, "--selector", selector, "--type", kind, "--dir", str(folder)
+        )
+        key_lines.append(line_after(output, "# add to the KeyTable"))
+        signing_lines.append(line_after(output, "# add to the SigningTable"))
+        records.append((folder / f"{selector}.txt").read_text())
+    (folder / "KeyTable").write_text("\n".join(key_lines) + "\n")
+    (folder / "SigningTable").write_text("\n".join(signing_lines) + "\n")
+    # SPF allows the harness's claimed outside client, so inbound mail from it passes DMARC by SPF.
+    zone = dns_server.add_zone(
+        DOMAIN,
+        f'@ TXT {zone_txt("v=spf1 ip4:203.0.113.5 -all")}\n_dmarc TXT "v=DMARC1; p=reject"\n'
+        + "".join(records),
+    )
+    dns_server.reload()
+    config = (
+        "[signing]\n"
+        f'key_table = "{folder / "KeyTable"}"\n'
+        f'signing_table = "refile:{folder / "SigningTable"}"\n'
+        "multiple_signatures = true\n"
+        f'sign_daemon_names = ["{SUBMISSION_DAEMON}"]\n'
+    )
+    return SigningSite(zone, config)
+
+
+@pytest.fixture(scope="module")
+def signing_milter(
+    request: pytest.FixtureRequest, mta: Mta, site: SigningSite
+) -> Iterator[AuthmilterProcess]:
+    """The session's authmilter, reloaded with the signing config for this module, then restored."""
+    if os.environ.get("AUTHMILTER_SMTP"):
+        pytest.skip("AUTHMILTER_SMTP is set: the authmilter process is not ours to reconfigure")
+    process: AuthmilterProcess = request.getfixturevalue("authmilter")
+    process.write_config(extra=site.config)
+    process.signal(signal.SIGHUP)
+    try:
+        assert _eventually(
+            lambda: bool(send_from_loopback(mta, "reloaded?").header_values("DKIM-Signature"))
+        ), "loopback mail was never signed after the reload"
+        yield process
+    finally:
+        process.write_config()
+        process.signal(signal.SIGHUP)
+        assert _eventually(
+            lambda: not send_from_loopback(mta, "restored?").header_values("DKIM-Signature")
+        ), "the config without [signing] did not come back"
+
+
+@pytest.fixture(scope="module")
+def opendkim(site: SigningSite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenDkim]:
+    try:
+        with OpenDkim(tmp_path_factory.mktemp("opendkim"), public_keys=key_records([site.zone])) as verifier:
+            yield verifier
+    except OpenDkimError as e:
+        raise pytest.fail.Exception(str(e), pytrace=False) from None
+
+
+def knot_dnsfunc(dns_server: AuthoritativeDns) -> Callable[..., bytes]:
+    """dkimpy's ``dnsfunc`` through our resolver, asking the session's Knot server."""
+    resolver = Resolver(NameserverSource(["127.0.0.1"], port=dns_server.port, timeout=2.0))
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        texts = resolver.txt(name.decode()).texts
+        return texts[0].encode() if texts else b""
+
+    return lookup
+
+
+def dkimpy_verdicts(message: bytes, dns_server: AuthoritativeDns, count: int) -> list[bool]:
+    verdicts = []
+    for index in range(count):
+        try:
+            verdicts.append(bool(dkim.DKIM(message).verify(idx=index, dnsfunc=knot_dnsfunc(dns_server))))
+        except dkim.DKIMException:
+            verdicts.append(False)
+    return verdicts
+
+
+def signature_summary(values: list[str]) -> list[tuple[str, str, str]]:
+    """(a=, s=, d=) of each unfolded DKIM-Signature value, sorted."""
+    summary = []
+    for value in values:
+        tags = dict(part.strip().split("=", 1) for part in value.split(";") if "=" in part)
+        summary.append((tags["a"], tags["s"].replace(" ", ""), tags["d"]))
+    return sorted(summary)
+
+
+BOTH_SIGNATURES = [("ed25519-sha256", ED_SELECTOR, DOMAIN), ("rsa-sha256", RSA_SELECTOR, DOMAIN)]
+
+
+def both_pass() -> list[DkimResult]:
+    return [
+        DkimResult("pass", DOMAIN, ED_SELECTOR, "ed25519-sha256"),
+        DkimResult("pass", DOMAIN, RSA_SELECTOR, "rsa-sha256"),
+    ]
+
+
+def our_results(delivered: DeliveredMessage) -> list[str]:
+    return [
+        v for v in delivered.header_values("Authentication-Results") if v.startswith(f"{OUR_AUTHSERV_ID};")
+    ]
+
+
+# --- through Postfix ----------------------------------------------------------------------------------
+
+
+def test_loopback_mail_is_delivered_with_rsa_and_ed25519_signatures_that_verify(
+    signing_milter: AuthmilterProcess, mta: Mta, dns_server: AuthoritativeDns, opendkim: OpenDkim
+) -> None:
+    delivered = send_from_loopback(mta, "outbound from loopback")
+    signatures = delivered.header_values("DKIM-Signature")
+    assert signature_summary(signatures) == BOTH_SIGNATURES, signatures
+    # Outbound mail is signed, not verified: no Authentication-Results of ours.
+    assert our_results(delivered) == [], delivered.header_values("Authentication-Results")
+    assert dkimpy_verdicts(delivered.data, dns_server, 2) == [True, True]
+    assert sorted(opendkim.verify(delivered.data)) == both_pass()
+
+
+def test_mail_from_an_outside_address_is_verified_not_signed(
+    signing_milter: AuthmilterProcess, mta: Mta
+) -> None:
+    """From the signing domain, but over XCLIENT from outside: inbound, so checked and left unsigned."""
+    message = outbound_message("inbound from outside")
+    outcome = mta.send(message, mail_from=SENDER)
+    assert outcome.accepted, outcome
+    delivered = mta.delivered(message_id(message))
+    assert delivered.header_values("DKIM-Signature") == []
+    ours = our_results(delivered)
+    assert len(ours) == 1, ours
+    results = {(r.method, r.result) for r in authres.AuthenticationResultsHeader.parse_value(ours[0]).results}
+    assert {("spf", "pass"), ("dkim", "none"), ("dmarc", "pass")} <= results, ours[0]
+
+
+def test_spoofed_outside_mail_from_the_signing_domain_is_still_rejected(
+    signing_milter: AuthmilterProcess, mta: Mta
+) -> None:
+    """Being in the SigningTable does not make a domain's inbound mail outbound."""
+    message = outbound_message("spoofed from outside")
+    outcome = mta.send(message, mail_from=SENDER, client=SPOOFING_CLIENT)
+    assert outcome.code == 550, outcome
+    assert mta.sink.find(message_id(message)) == []
+
+
+# --- straight to authmilter with the milter protocol -----------------------------------------------
+
+
+def milter_signatures(result: MessageResult) -> list[str]:
+    return [
+        m.value
+        for m in result.modifications
+        if m.kind in ("insheader", "addheader") and m.name.lower() == "dkim-signature"
+    ]
+
+
+def with_signatures(message: bytes, signatures: list[str]) -> bytes:
+    """The message as an MTA writes it after the milter's insertions (``Name: value``, CRLF)."""
+    fields = b"".join(
+        b"DKIM-Signature: " + v.lstrip(" ").replace("\r\n", "\n").replace("\n", "\r\n").encode() + b"\r\n"
+        for v in signatures
+    )
+    return fields + message
+
+
+@pytest.mark.parametrize(
+    ("mail_macros", "connect_macros"),
+    [
+        ({"{auth_authen}": "bob", "{auth_type}": "PLAIN"}, {}),
+        ({}, {"{daemon_name}": SUBMISSION_DAEMON}),
+    ],
+    ids=["sasl-authenticated", "submission-daemon"],
+)
+def test_authenticated_or_submission_mail_from_outside_is_signed_not_verified(
+    signing_milter: AuthmilterProcess,
+    dns_server: AuthoritativeDns,
+    opendkim: OpenDkim,
+    mail_macros: dict[str, str],
+    connect_macros: dict[str, str],
+) -> None:
+    # From an address SPF fails and p=reject: verified, this message would be rejected.
+    message = outbound_message("submitted")
+    address = f"inet:{signing_milter.milter_port}@{signing_milter.host}"
+    result = check_message(
+        address,
+        message,
+        client_ip=SPOOFING_CLIENT.address,
+        client_name=SPOOFING_CLIENT.name,
+        mail_from=SENDER,
+        mail_macros=mail_macros,
+        connect_macros=connect_macros,
+    )
+    assert (result.stage, result.response.kind) == ("eom", "accept"), result
+    signatures = milter_signatures(result)
+    assert signature_summary([" ".join(s.split()) for s in signatures]) == BOTH_SIGNATURES, signatures
+    assert not [m for m in result.modifications if m.name.lower() == "authentication-results"], result
+    signed = with_signatures(message, signatures)
+    assert dkimpy_verdicts(signed, dns_server, 2) == [True, True]
+    assert sorted(opendkim.verify(signed)) == both_pass()
+
+
+def test_the_same_client_without_authentication_is_verified_and_rejected(
+    signing_milter: AuthmilterProcess,
+) -> None:
+    """The control for the test above: without the macro the message is inbound and fails DMARC."""
+    result = check_message(
+        f"inet:{signing_milter.milter_port}@{signing_milter.host}",
+        outbound_message("not submitted"),
+        client_ip=SPOOFING_CLIENT.address,
+        client_name=SPOOFING_CLIENT.name,
+        mail_from=SENDER,
+    )
+    assert result.response.kind in ("replycode", "reject"), result
+    assert result.response.code in ("", "550"), result
+    assert milter_signatures(result) == []
