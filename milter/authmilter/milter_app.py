@@ -37,8 +37,6 @@ from authmilter import dkim_rsa
 from authmilter.actions import internal_error_decision
 from authmilter.authresults import (
     HEADER_NAME,
-    find_forged_authentication_results,
-    render_authentication_results,
 )
 from authmilter.config import Config
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
@@ -52,7 +50,7 @@ from authmilter.message import (
     parse_from,
 )
 from authmilter.model import Action, Verdict
-from authmilter.pipeline import Connection, Transaction, evaluate, match_internal_host
+from authmilter.pipeline import Connection, Transaction, evaluate, failure_verdict, match_internal_host
 from authmilter.resolver import Resolver, build_resolver
 from authmilter.tables import HostEntry
 
@@ -441,22 +439,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             # The failure came while applying a verdict: its header changes are sent, send no more.
             return int(_MILTER_CODES[decision.action])
         try:
-            forged = find_forged_authentication_results(
-                self._headers(self._message), self._config.authserv_id
-            )
-            verdict = Verdict(
-                spf=None,
-                helo=None,
-                dkim=(),
-                dmarc=None,
-                action=decision.action,
-                reply=decision.reply,
-                reason=decision.reason,
-                authentication_results=render_authentication_results(
-                    self._config.authserv_id, None, None, (), None
-                ),
-                forged_authentication_results=forged,
-            )
+            verdict = failure_verdict(reason, self._headers(self._message), self._config, self._queue_id())
             code = self._apply(verdict)
         except Exception:
             log.exception("queue_id=%s cannot apply the failure action", _log_value(self._queue_id()))

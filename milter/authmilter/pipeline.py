@@ -26,7 +26,7 @@ from authmilter.dkim_sign import KeyProvider, SigningError, plan_signatures, sig
 from authmilter.dkim_verify import verify_dkim
 from authmilter.dmarc import evaluate_dmarc, from_header_error
 from authmilter.keys import KeyCache, PrivateKey
-from authmilter.message import ParsedMessage, parse_from
+from authmilter.message import MessageHeaders, ParsedMessage, parse_from
 from authmilter.model import Action, DkimResult, DmarcVerdict, SpfResult, Verdict
 from authmilter.resolver import Resolver
 from authmilter.spf_check import check_helo, check_mail_from
@@ -204,24 +204,32 @@ def evaluate(
             transaction.connection.client_ip or "-",
             e,
         )
-        decision = internal_error_decision(type(e).__name__, config.policy)
-        try:
-            # Forged A-R are hostile whatever else failed; with internal_error = "accept" they must go.
-            forged = find_forged_authentication_results(transaction.message.headers, config.authserv_id)
-        except Exception:
-            log.exception("queue_id=%s cannot inspect Authentication-Results", transaction.queue_id or "-")
-            forged = ()
-        return Verdict(
-            spf=None,
-            helo=None,
-            dkim=(),
-            dmarc=None,
-            action=decision.action,
-            reply=decision.reply,
-            reason=decision.reason,
-            authentication_results=render_authentication_results(config.authserv_id, None, None, (), None),
-            forged_authentication_results=forged,
-        )
+        return failure_verdict(type(e).__name__, transaction.message.headers, config, transaction.queue_id)
+
+
+def failure_verdict(reason: str, headers: MessageHeaders, config: Config, queue_id: str = "") -> Verdict:
+    """The verdict when checking a message failed: the configured failure action (actions.py).
+
+    Forged A-R are listed all the same: they are hostile whatever else failed, and with
+    ``internal_error = "accept"`` they must still go.
+    """
+    decision = internal_error_decision(reason, config.policy)
+    try:
+        forged = find_forged_authentication_results(headers, config.authserv_id)
+    except Exception:
+        log.exception("queue_id=%s cannot inspect Authentication-Results", queue_id or "-")
+        forged = ()
+    return Verdict(
+        spf=None,
+        helo=None,
+        dkim=(),
+        dmarc=None,
+        action=decision.action,
+        reply=decision.reply,
+        reason=decision.reason,
+        authentication_results=render_authentication_results(config.authserv_id, None, None, (), None),
+        forged_authentication_results=forged,
+    )
 
 
 def _evaluate_outbound(
