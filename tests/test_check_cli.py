@@ -349,3 +349,30 @@ def test_dns_outage_tempfails(tmp_path: Path) -> None:
     assert verdict["dmarc"]["result"] == "temperror"  # type: ignore[index]
     assert verdict["action"] == "tempfail"
     assert verdict["smtp_reply"]["code"] == "451"  # type: ignore[index]
+
+
+def test_checkconf_prints_the_effective_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["checkconf", "--config", str(ROOT / "conf" / "authmilter.toml")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{ROOT / 'conf' / 'authmilter.toml'}: OK")
+    settings = json.loads(out.split("\n", 1)[1])
+    assert settings["dmarc"]["org_domain"] == "treewalk" and settings["milter"]["authserv_id"]
+
+
+def test_checkconf_names_file_and_line_of_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dkim]\nmax_signatures = 0\n")
+    assert main(["checkconf", "--config", str(bad)]) == 1
+    assert f"{bad}:2: [dkim] max_signatures" in capsys.readouterr().err
+
+
+def test_checkconf_defaults_to_the_daemons_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import authmilter.cli
+
+    monkeypatch.setattr(authmilter.cli, "DEFAULT_CONFIG", tmp_path / "missing.toml")
+    with pytest.raises(SystemExit) as info:
+        parse_args(["checkconf"])
+    assert info.value.code == 2
+    (tmp_path / "present.toml").write_text("")
+    monkeypatch.setattr(authmilter.cli, "DEFAULT_CONFIG", tmp_path / "present.toml")
+    assert parse_args(["checkconf"]).config == tmp_path / "present.toml"

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         help="validate a config file and print the effective settings",
         description="Validate a config file (and the zone files it names) and print the effective settings.",
     )
-    checkconf.add_argument("--config", type=Path, default=Path("conf/authmilter.toml"))
+    checkconf.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
 
     run = commands.add_parser(
         "run",
@@ -242,7 +242,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("sign: give --config FILE, or --key-table FILE and --signing-table FILE")
     if args.command == "genkey":
         _check_genkey_options(parser, args)
-    if args.command == "run" and args.config is None:
+    # The daemon and the check of its config read the same file by default.
+    if args.command in ("run", "checkconf") and args.config is None:
         if not DEFAULT_CONFIG.is_file():
             parser.error(f"no --config given and {DEFAULT_CONFIG} does not exist")
         args.config = DEFAULT_CONFIG
