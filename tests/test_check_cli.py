@@ -359,7 +359,9 @@ def test_checkconf_prints_the_effective_settings(capsys: pytest.CaptureFixture[s
     assert settings["dmarc"]["org_domain"] == "treewalk" and settings["milter"]["authserv_id"]
 
 
-def test_checkconf_names_file_and_line_of_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_checkconf_names_file_and_line_of_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[dkim]\nmax_signatures = 0\n")
     assert main(["checkconf", "--config", str(bad)]) == 1
