@@ -310,6 +310,24 @@ def test_cache_reuses_an_unchanged_key_and_rereads_a_changed_one(
     assert cache.get(path, None, "refuse").algorithm == "ed25519-sha256"
 
 
+def test_snapshot_cache_keeps_the_loaded_key_until_replaced_whole(
+    rsa1024: rsa.RSAPrivateKey, ed_key: ed25519.Ed25519PrivateKey, write_key: Callable[..., str]
+) -> None:
+    """The daemon's cache: a key file edited or removed after start changes nothing (SIGHUP does)."""
+    cache = KeyCache(follow_changes=False)
+    path = write_key(pem(rsa1024))
+    first = cache.get(path, None, "refuse")
+    Path(path).write_bytes(b"-----BEGIN PRIVATE KEY-----\nhalf writ")  # an edit in progress
+    os.utime(path, ns=(0, 1))
+    assert cache.get(path, None, "refuse") is first
+    os.unlink(path)
+    assert cache.get(path, None, "refuse") is first
+    assert (
+        KeyCache(follow_changes=False).get(write_key(pem(ed_key)), None, "refuse").algorithm
+        == "ed25519-sha256"
+    )
+
+
 def test_cache_notices_a_chmod_and_does_not_cache_errors(
     ed_key: ed25519.Ed25519PrivateKey, write_key: Callable[..., str]
 ) -> None:

@@ -252,16 +252,19 @@ def _file_stamp(path: str) -> _FileStamp | None:
 
 
 class KeyCache:
-    """Keys loaded once per worker, re-read when their file changes.
+    """Keys loaded once, reused; errors are not cached. Thread-safe.
 
-    A key is reused while its file keeps the same inode, size, mtime and ctime, so a reload
-    (SIGHUP) re-reads only the keys that were edited, replaced or chmod-ed. Errors are not cached.
-    Thread-safe.
+    Args:
+        follow_changes: re-read a key whose file changed (inode, size, mtime or ctime), for
+            one-shot tools. The daemon passes False: a worker signs with the keys it loaded at
+            start, so keys change only on SIGHUP (fresh workers), all at once, and a key file
+            rewritten in place is never read half-written.
     """
 
-    def __init__(self) -> None:
-        self._keys: dict[tuple[str, str | None, str], tuple[_FileStamp, PrivateKey]] = {}
+    def __init__(self, follow_changes: bool = True) -> None:
+        self._keys: dict[tuple[str, str | None, str], tuple[_FileStamp | None, PrivateKey]] = {}
         self._lock = threading.Lock()
+        self._follow_changes = follow_changes
 
     def get(self, path: str, algorithm: str | None, permissions: str) -> PrivateKey:
         """The key at ``path``, from the cache when the file has not changed.
@@ -276,13 +279,15 @@ class KeyCache:
             KeyFileError: as :func:`load_private_key`.
         """
         entry = (path, algorithm, permissions)
-        stamp = _file_stamp(path)
         with self._lock:
             cached = self._keys.get(entry)
+        if cached is not None and not self._follow_changes:
+            return cached[1]
+        stamp = _file_stamp(path)
         if cached is not None and stamp is not None and cached[0] == stamp:
             return cached[1]
         key = load_private_key(path, algorithm, permissions=permissions)
-        if stamp is not None:
+        if stamp is not None or not self._follow_changes:
             with self._lock:
                 self._keys[entry] = (stamp, key)
         return key

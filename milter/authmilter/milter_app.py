@@ -209,7 +209,7 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
     """
     resolver = build_resolver(config.dns)
     dkim_rsa.install()  # RSA signing and verifying through OpenSSL
-    keys = KeyCache()
+    keys = KeyCache(follow_changes=False)  # keys change on SIGHUP only, all at once
     if config.signing_table is not None:
         for entry in config.signing_table.key_table:
             keys.get(entry.key_path, entry.algorithm, config.signing.key_permissions)
