@@ -264,17 +264,25 @@ class SinkProcess:
             entry.unlink(missing_ok=True)
 
     def any_message(self) -> bytes:
-        for entry in sorted(self.directory.glob("*.msg")):
-            return entry.read_bytes().partition(b"\n")[2]
-        return b""
+        sample = self.sample(1)
+        return sample[0] if sample else b""
+
+    def sample(self, count: int) -> list[bytes]:
+        """Up to ``count`` delivered messages, without the sink's envelope line."""
+        entries = sorted(self.directory.glob("*.msg"))[:count]
+        return [entry.read_bytes().partition(b"\n")[2] for entry in entries]
 
     def stop(self) -> None:
         if self._process is not None:
             stop_process(self._process)
 
 
-def start_dns(workdir: Path, domain: str, client_ip: str, key: SigningKey, selector: str) -> AuthoritativeDns:
+def start_dns(
+    workdir: Path, domain: str, client_ip: str, key: SigningKey, selector: str, extra_records: str = ""
+) -> AuthoritativeDns:
     """Knot on DNS_HOST:53 serving ``domain``: SPF for ``client_ip``, the DKIM key, DMARC p=reject.
+
+    ``extra_records`` are more zone-file lines for ``domain`` (the signing run's key records).
 
     Raises:
         HarnessError: port 53 of DNS_HOST is taken.
@@ -286,14 +294,13 @@ def start_dns(workdir: Path, domain: str, client_ip: str, key: SigningKey, selec
             raise HarnessError(f"{DNS_HOST}:{DNS_PORT} is taken ({e}); the benchmark's DNS needs it") from e
     dns = AuthoritativeDns(workdir)
     dns.host, dns.port = DNS_HOST, DNS_PORT
-    dns.add_zone(
-        domain,
-        f"""
-        @ TXT {zone_txt(f"v=spf1 ip4:{client_ip} -all")}
-        {selector}._domainkey TXT {zone_txt(key.txt_record())}
-        _dmarc TXT {zone_txt("v=DMARC1; p=reject")}
-        """,
-    )
+    records = [
+        f"@ TXT {zone_txt(f'v=spf1 ip4:{client_ip} -all')}",
+        f"{selector}._domainkey TXT {zone_txt(key.txt_record())}",
+        f"_dmarc TXT {zone_txt('v=DMARC1; p=reject')}",
+        extra_records,
+    ]
+    dns.add_zone(domain, "\n".join(records))
     # RFC 9989's tree walk also asks the parent (_dmarc.example); it must get NXDOMAIN, not REFUSED.
     dns.add_zone("example", "")
     dns.start()
@@ -321,16 +328,25 @@ class BenchAuthmilter(AuthmilterProcess):
         workdir: a directory this process owns.
         address: where it listens.
         workers: worker processes (0: one per CPU, the shipped default).
+        log_level: its ``[log] level``.
+        extra: more config sections, appended (the signing run's ``[signing]``).
     """
 
     def __init__(
-        self, workdir: Path, address: MilterAddress, workers: int = 0, log_level: str = "warning"
+        self,
+        workdir: Path,
+        address: MilterAddress,
+        workers: int = 0,
+        log_level: str = "warning",
+        extra: str = "",
     ) -> None:
         super().__init__(workdir, milter_port=address.port, dns_port=DNS_PORT, workers=workers)
         self.address = address
         self.log_level = log_level
+        self.extra = extra
 
     def write_config(self, *, authserv_id: str = AUTHSERV_ID, extra: str = "") -> None:
+        extra = extra or self.extra
         # Postfix's smtpd runs as user postfix: the group lets it connect to the unix socket.
         self.config_path.write_text(
             f"""# Written by bench/harness.py.

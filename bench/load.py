@@ -4,7 +4,8 @@ smtplib would do, but its per-command Python work is a visible share of two core
 messages a second, so the client keeps each connection minimal: one write per command, MAIL, RCPT
 and DATA pipelined (RFC 2920; Postfix offers PIPELINING), and the message bytes dot-stuffed and
 terminated ahead of time. Each message still takes its own connection, with XCLIENT claiming an
-outside client address (the harness's :data:`postfix.SENDING_CLIENT`) so SPF really runs.
+outside client address (the harness's :data:`postfix.SENDING_CLIENT`) so SPF really runs, or, for the
+signing run, an internal one (127.0.0.1) so the milters sign.
 """
 
 from __future__ import annotations
@@ -102,13 +103,34 @@ def signed_messages(
     Returns:
         the DATA payloads, ready to send.
     """
+    return [
+        wire_form(sign(message, key, domain, selector)) for message in _messages(count, domain, sizes, seed)
+    ]
+
+
+def unsigned_messages(count: int, domain: str, sizes: tuple[int, int], seed: int = 1) -> list[bytes]:
+    """``count`` distinct messages from bob@``domain`` without signature, in wire form (the signing run).
+
+    Args:
+        count: how many.
+        domain: the From domain (the one the SigningTable names).
+        sizes: the range of body sizes in bytes; each message draws one.
+        seed: for the random text (the same messages on every run).
+
+    Returns:
+        the DATA payloads, ready to send.
+    """
+    return [wire_form(message) for message in _messages(count, domain, sizes, seed)]
+
+
+def _messages(count: int, domain: str, sizes: tuple[int, int], seed: int) -> list[bytes]:
     rng = random.Random(seed)
-    rendered = []
-    for number in range(count):
-        body = _body(rng.randint(*sizes), rng)
-        message = make_message(f"Bob <bob@{domain}>", subject=f"Benchmark message {number}", body=body)
-        rendered.append(wire_form(sign(message, key, domain, selector)))
-    return rendered
+    return [
+        make_message(
+            f"Bob <bob@{domain}>", subject=f"Benchmark message {number}", body=_body(rng.randint(*sizes), rng)
+        )
+        for number in range(count)
+    ]
 
 
 @dataclass
@@ -219,7 +241,14 @@ def send_one(
 
 
 def run_load(
-    host: str, port: int, payloads: Sequence[bytes], *, mail_from: str, sessions: int, count: int
+    host: str,
+    port: int,
+    payloads: Sequence[bytes],
+    *,
+    mail_from: str,
+    sessions: int,
+    count: int,
+    client: Client = SENDING_CLIENT,
 ) -> LoadResult:
     """Send ``count`` messages (cycling through ``payloads``) over ``sessions`` concurrent connections.
 
@@ -229,6 +258,7 @@ def run_load(
         mail_from: the envelope sender.
         sessions: client threads, each with one connection at a time.
         count: messages in total.
+        client: whom XCLIENT claims (an internal address makes the milters sign).
 
     Returns:
         what was accepted and refused, the wall time and the client's own CPU time.
@@ -244,7 +274,7 @@ def run_load(
             if number >= count:
                 return
             try:
-                data_wait, whole = send_one(host, port, payloads[number % len(payloads)], mail_from)
+                data_wait, whole = send_one(host, port, payloads[number % len(payloads)], mail_from, client)
             except Refused as e:
                 outcome = f"{e.stage} {e.code}"
             except OSError as e:

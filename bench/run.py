@@ -9,6 +9,10 @@ then for each set-up sends the same DKIM-signed 5-10 KB messages, one per connec
 - authmilter (``authmilter run``, one worker per CPU), over a unix socket and over TCP;
 - with ``--compare``: Debian's OpenDKIM (verify) chained with OpenDMARC (SPFSelfValidate), likewise.
 
+With ``--signing`` (issue 4; sign_bench.py) the set-ups are instead authmilter signing with RSA-2048,
+OpenDKIM signing with the same key, and authmilter signing with RSA + Ed25519, over unix sockets,
+for unsigned messages from an internal client address (XCLIENT ADDR=127.0.0.1).
+
 messages/s runs from the first connection until the sink holds every accepted message. Milter CPU
 is the utime+stime of the milter's process tree (reaped children included) over that interval,
 divided by the messages. Then 20 concurrent sessions send 10 MB messages through authmilter while
@@ -44,8 +48,9 @@ from harness import (
     tree_cpu_seconds,
     tree_rss_bytes,
 )
-from load import LoadResult, run_load, signed_messages, wire_form
-from postfix import SENDING_CLIENT
+from load import LoadResult, run_load, signed_messages, unsigned_messages, wire_form
+from postfix import SENDING_CLIENT, Client
+from sign_bench import SigningKeys, make_keys, signing_setups
 
 from dnsserver import free_port
 from signing import SigningKey, make_message, rsa_key, sign
@@ -62,7 +67,12 @@ BIG_MESSAGE_BYTES = 10 * 1024 * 1024
 UNIX_SPEED_TARGET = 1.15
 TCP_SPEED_TARGET = 4.0
 CPU_TARGET = 0.75
+# Issue 4's: authmilter ÷ OpenDKIM signing with the same RSA key.
+SIGNING_SPEED_TARGET = 1.0
+SIGNING_CPU_TARGET = 1.0
 RSS_TARGET_MB = 250.0
+# The signing run's client: inside both milters' internal hosts, so they sign (and do not verify).
+INTERNAL_CLIENT = Client(address="127.0.0.1", name="localhost", helo="client.bench.example")
 
 
 class Milter(Protocol):
@@ -104,8 +114,20 @@ class Bench:
     payloads: list[bytes]
     sessions: int
     messages: int
+    client: Client = SENDING_CLIENT
 
-    def measure(self, setup: str, transport: str, port: int, milters: Sequence[Milter]) -> Measurement:
+    def measure(
+        self,
+        setup: str,
+        transport: str,
+        port: int,
+        milters: Sequence[Milter],
+        check: Callable[[SinkProcess], str] | None = None,
+    ) -> Measurement:
+        """Warm up, send the load, and return its rate and milter CPU.
+
+        ``check`` says what the delivered messages show (default: which A-R results pass).
+        """
         print(f"-- {setup} over {transport}: {self.messages} messages, {self.sessions} sessions", flush=True)
         with contextlib.ExitStack() as running:
             for milter in milters:
@@ -122,7 +144,7 @@ class Bench:
             cpu = tree_cpu_seconds(pids) - cpu_before
             machine_after = machine_busy_seconds()
             busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
-            seen = _results_seen(self.sink.any_message())
+            seen = check(self.sink) if check else _results_seen(self.sink.any_message())
             self.sink.clear()
         measurement = Measurement(setup, transport, load, seconds, cpu, seen, busy)
         print(f"   {_line(measurement)}\n   {load.latency_summary()}", flush=True)
@@ -132,7 +154,13 @@ class Bench:
         """Send and wait until the sink holds every accepted message."""
         before = self.sink.count()
         load = run_load(
-            self.postfix.host, port, self.payloads, mail_from=MAIL_FROM, sessions=sessions, count=count
+            self.postfix.host,
+            port,
+            self.payloads,
+            mail_from=MAIL_FROM,
+            sessions=sessions,
+            count=count,
+            client=self.client,
         )
         deadline = time.monotonic() + DELIVERY_TIMEOUT
         while self.sink.count() - before < load.accepted:
@@ -216,6 +244,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--messages", type=int, default=3000, help="messages per set-up (default 3000)")
     parser.add_argument("--sessions", type=int, default=10, help="concurrent SMTP sessions (default 10)")
     parser.add_argument("--compare", action="store_true", help="also OpenDKIM + OpenDMARC")
+    parser.add_argument(
+        "--signing",
+        action="store_true",
+        help="the signing run instead: authmilter and OpenDKIM signing (unix)",
+    )
     parser.add_argument("--transports", default="unix,tcp", help="unix,tcp (default both)")
     parser.add_argument("--workers", type=int, default=0, help="authmilter workers (default 0: one per CPU)")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 10 MB peak-RSS run")
@@ -235,6 +268,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--transports takes unix and/or tcp")
     if args.messages < 1 or args.sessions < 1:
         parser.error("--messages and --sessions must be at least 1")
+    if args.signing:
+        args.skip_rss = True
     return args
 
 
@@ -260,7 +295,8 @@ def report(results: list[Measurement], rss_mb: float | None, rss_sessions: int) 
         )
         cpu = f"{m.cpu_ms_per_message:.2f}" if m.setup != "no milter" else "-"
         print(f"{m.setup:<28}{m.transport:<10}{m.rate:>8.0f}{share:>12}{cpu:>20}{latency:>25}")
-    print("\n== targets (issue 3) ==")
+    if any(m.setup == "opendkim+opendmarc" for m in results):
+        print("\n== targets (issue 3) ==")
     for transport, speed_target in (("unix", UNIX_SPEED_TARGET), ("tcp", TCP_SPEED_TARGET)):
         ours, theirs = by_key.get(("authmilter", transport)), by_key.get(("opendkim+opendmarc", transport))
         if ours is None or theirs is None or not theirs.rate or not theirs.cpu_ms_per_message:
@@ -281,6 +317,7 @@ def report(results: list[Measurement], rss_mb: float | None, rss_sessions: int) 
                 at_least=False,
             )
         )
+    _signing_verdicts(by_key)
     if rss_mb is not None:
         print(
             _verdict(
@@ -290,6 +327,35 @@ def report(results: list[Measurement], rss_mb: float | None, rss_sessions: int) 
                 at_least=False,
             )
         )
+
+
+def _signing_verdicts(by_key: dict[tuple[str, str], Measurement]) -> None:
+    ours, theirs = by_key.get(("authmilter sign RSA", "unix")), by_key.get(("opendkim sign RSA", "unix"))
+    if ours is None or theirs is None or not theirs.rate or not theirs.cpu_ms_per_message:
+        return
+    print("\n== targets (issue 4, signing with the same RSA-2048 key, unix) ==")
+    print(
+        _verdict("msg/s authmilter / OpenDKIM", ours.rate / theirs.rate, SIGNING_SPEED_TARGET, at_least=True)
+    )
+    print(
+        _verdict(
+            "milter CPU/msg authmilter / OpenDKIM",
+            ours.cpu_ms_per_message / theirs.cpu_ms_per_message,
+            SIGNING_CPU_TARGET,
+            at_least=False,
+        )
+    )
+    dual = by_key.get(("authmilter sign RSA+Ed25519", "unix"))
+    if dual is not None and ours.rate and ours.cpu_ms_per_message:
+        print(
+            f"  RSA+Ed25519 dual / RSA only (authmilter): msg/s {dual.rate / ours.rate:.2f}, "
+            f"CPU/msg {dual.cpu_ms_per_message / ours.cpu_ms_per_message:.2f}; "
+            f"dual / OpenDKIM RSA: msg/s {dual.rate / theirs.rate:.2f}, "
+            f"CPU/msg {dual.cpu_ms_per_message / theirs.cpu_ms_per_message:.2f}"
+        )
+    for m in by_key.values():
+        if m.setup.endswith(("RSA", "Ed25519")):
+            print(f"  signatures, {m.setup}: {m.results_seen}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -305,21 +371,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as servers:
             key = rsa_key(2048)
-            dns = start_dns(workdir / "dns", DOMAIN, SENDING_CLIENT.address, key, SELECTOR)
+            signing_keys = make_keys(workdir / "keys", DOMAIN) if args.signing else None
+            extra_records = signing_keys.zone_lines(DOMAIN) if signing_keys else ""
+            dns = start_dns(workdir / "dns", DOMAIN, SENDING_CLIENT.address, key, SELECTOR, extra_records)
             servers.callback(dns.stop)
             sink = SinkProcess(workdir / "sink", free_port("127.0.0.1"), workdir / "sink.log")
             sink.start()
             servers.callback(sink.stop)
-            postfix, setups = _postfix(workdir, sink.port, args)
-            servers.callback(lambda: (postfix.stop(), postfix.remove()))
+            postfix, setups = _postfix(workdir, sink.port, args, signing_keys)
+            servers.callback(postfix.remove)
+            servers.callback(postfix.stop)  # first: the stack unwinds last in, first out
             postfix.start()
-            payloads = signed_messages(
-                min(args.messages, DISTINCT_MESSAGES), key, DOMAIN, SELECTOR, (5 * 1024, 10 * 1024)
-            )
-            bench = Bench(workdir, postfix, sink, key, payloads, args.sessions, args.messages)
+            distinct, sizes = min(args.messages, DISTINCT_MESSAGES), (5 * 1024, 10 * 1024)
+            if args.signing:
+                payloads = unsigned_messages(distinct, DOMAIN, sizes)
+            else:
+                payloads = signed_messages(distinct, key, DOMAIN, SELECTOR, sizes)
+            client = INTERNAL_CLIENT if args.signing else SENDING_CLIENT
+            bench = Bench(workdir, postfix, sink, key, payloads, args.sessions, args.messages, client)
             results.append(bench.measure("no milter", "-", postfix.bare_smtp_port, []))
-            for setup, transport, port, milters in setups:
-                results.append(bench.measure(setup, transport, port, milters()))
+            for setup, transport, port, milters, check in setups:
+                results.append(bench.measure(setup, transport, port, milters(), check))
             if not args.skip_rss:
                 print(
                     f"-- authmilter peak RSS: {args.rss_sessions} sessions x {args.rss_rounds} x 10 MB",
@@ -342,9 +414,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+Setup = tuple[str, str, int, Callable[[], Sequence[Milter]], Callable[[SinkProcess], str] | None]
+
+
 def _postfix(
-    workdir: Path, sink_port: int, args: argparse.Namespace
-) -> tuple[BenchPostfix, list[tuple[str, str, int, Callable[[], list[Milter]]]]]:
+    workdir: Path, sink_port: int, args: argparse.Namespace, signing_keys: SigningKeys | None
+) -> tuple[BenchPostfix, list[Setup]]:
     """The Postfix instance with one smtpd port per set-up, and the set-ups to run in order."""
     postfix = BenchPostfix(
         workdir / "postfix-log",
@@ -355,7 +430,12 @@ def _postfix(
     sockets = workdir / "sockets"
     sockets.mkdir(mode=0o755)
     sockets.chmod(0o1777)
-    setups: list[tuple[str, str, int, Callable[[], list[Milter]]]] = []
+    if signing_keys is not None:
+        signers = signing_setups(
+            postfix.milter_ports, sockets, workdir, signing_keys, args.workers, args.log_level
+        )
+        return postfix, list(signers)
+    setups: list[Setup] = []
 
     def address(name: str, transport: str) -> MilterAddress:
         if transport == "unix":
@@ -374,6 +454,7 @@ def _postfix(
                 lambda a=ours, t=transport: [
                     BenchAuthmilter(workdir / f"authmilter-{t}", a, args.workers, args.log_level)
                 ],
+                None,
             )
         )
         if args.compare:
@@ -389,6 +470,7 @@ def _postfix(
                         opendkim(workdir / f"opendkim-{t}", d),
                         opendmarc(workdir / f"opendmarc-{t}", m),
                     ],
+                    None,
                 )
             )
     rss = MilterAddress(path=sockets / "authmilter-rss.sock")
