@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import random
 import time
 from dataclasses import dataclass
 
@@ -74,3 +75,41 @@ def sign(message: bytes, key: SigningKey, domain: str, selector: str, **kwargs: 
         **kwargs,
     )
     return bytes(signature) + message
+
+
+def small_rsa_key(bits: int = 768) -> rsa.RSAPrivateKey:
+    """An RSA key below cryptography's 1024-bit generation floor (for RFC 8301 refusal tests).
+
+    Built from primes found here with Miller-Rabin; seeded by ``bits``, so repeatable.
+    """
+    rng = random.Random(bits)
+
+    def probably_prime(n: int) -> bool:
+        d, r = n - 1, 0
+        while d % 2 == 0:
+            d, r = d // 2, r + 1
+        for _ in range(20):
+            x = pow(rng.randrange(2, n - 1), d, n)
+            if x in (1, n - 1):
+                continue
+            for _ in range(r - 1):
+                x = pow(x, 2, n)
+                if x == n - 1:
+                    break
+            else:
+                return False
+        return True
+
+    def prime(size: int) -> int:
+        while True:
+            candidate = rng.getrandbits(size) | (3 << (size - 2)) | 1
+            if (candidate - 1) % 65537 and probably_prime(candidate):
+                return candidate
+
+    p, q = prime(bits // 2), prime(bits // 2)
+    d = pow(65537, -1, (p - 1) * (q - 1))
+    public = rsa.RSAPublicNumbers(65537, p * q)
+    numbers = rsa.RSAPrivateNumbers(
+        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q), public
+    )
+    return numbers.private_key()

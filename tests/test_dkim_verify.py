@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
+from signing import small_rsa_key
 
 DOMAIN = "example.org"
 NOW = 1_700_000_000
@@ -37,41 +37,6 @@ SIGNED = (b"from", b"to", b"subject", b"date", b"message-id")
 
 
 # --- keys ------------------------------------------------------------------------------------
-
-
-def _probably_prime(n: int) -> bool:
-    # Miller-Rabin with random bases: cryptography refuses to generate RSA keys under 1024 bits.
-    if n % 2 == 0:
-        return False
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for _ in range(32):
-        x = pow(secrets.randbelow(n - 3) + 2, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def _prime(bits: int) -> int:
-    while True:
-        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
-        if (candidate - 1) % 65537 and _probably_prime(candidate):
-            return candidate
-
-
-def _small_rsa_key(bits: int) -> rsa.RSAPrivateKey:
-    p, q = _prime(bits // 2), _prime(bits // 2)
-    e = 65537
-    d = pow(e, -1, (p - 1) * (q - 1))
-    public = rsa.RSAPublicNumbers(e, p * q)
-    return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), pow(q, -1, p), public).private_key()
 
 
 @dataclass(frozen=True)
@@ -111,7 +76,7 @@ def keys() -> dict[str, Key]:
     return {
         "rsa2048": rsa_key(rsa.generate_private_key(65537, 2048)),
         "rsa1024": rsa_key(rsa.generate_private_key(65537, 1024)),
-        "rsa768": rsa_key(_small_rsa_key(768)),
+        "rsa768": rsa_key(small_rsa_key(768)),
         "ed25519": ed25519_key(),
     }
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import os
-import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ from authmilter.keys import (
     load_private_key,
     zone_file_lines,
 )
-from signing import make_message
+from signing import make_message, small_rsa_key
 
 NO_ENCRYPTION = serialization.NoEncryption()
 
@@ -76,41 +75,6 @@ def spki_b64(key: rsa.RSAPrivateKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return base64.b64encode(der).decode()
-
-
-def small_rsa_key(bits: int = 768) -> rsa.RSAPrivateKey:
-    """An RSA key below cryptography's 1024-bit generation floor, built from primes found here."""
-    rng = random.Random(bits)
-
-    def probably_prime(n: int) -> bool:
-        d, r = n - 1, 0
-        while d % 2 == 0:
-            d, r = d // 2, r + 1
-        for _ in range(20):
-            x = pow(rng.randrange(2, n - 1), d, n)
-            if x in (1, n - 1):
-                continue
-            for _ in range(r - 1):
-                x = pow(x, 2, n)
-                if x == n - 1:
-                    break
-            else:
-                return False
-        return True
-
-    def prime(size: int) -> int:
-        while True:
-            candidate = rng.getrandbits(size) | (3 << (size - 2)) | 1
-            if (candidate - 1) % 65537 and probably_prime(candidate):
-                return candidate
-
-    p, q = prime(bits // 2), prime(bits // 2)
-    d = pow(65537, -1, (p - 1) * (q - 1))
-    public = rsa.RSAPublicNumbers(65537, p * q)
-    numbers = rsa.RSAPrivateNumbers(
-        p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q), rsa.rsa_crt_iqmp(p, q), public
-    )
-    return numbers.private_key()
 
 
 def dkimpy_round_trip(key: PrivateKey) -> bool:
