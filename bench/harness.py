@@ -21,7 +21,6 @@ import contextlib
 import os
 import pwd
 import random
-import signal
 import socket
 import struct
 import subprocess
@@ -50,6 +49,7 @@ from postfix import (
 )
 
 from dnsserver import AuthoritativeDns
+from processes import stop_process
 from signing import SigningKey, zone_txt
 
 DNS_HOST = "127.0.53.1"
@@ -274,7 +274,7 @@ class SinkProcess:
 
     def stop(self) -> None:
         if self._process is not None:
-            stop_process(self._process)
+            stop_process(self._process, STOP_TIMEOUT)
 
 
 def start_dns(
@@ -305,17 +305,6 @@ def start_dns(
     dns.add_zone("example", "")
     dns.start()
     return dns
-
-
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 # --- the milters ------------------------------------------------------------------------------------
@@ -450,7 +439,7 @@ class DebianMilter:
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is not None:
-            stop_process(process)
+            stop_process(process, STOP_TIMEOUT)
         if self.address.path is not None:
             with contextlib.suppress(OSError):
                 self.address.path.unlink()

@@ -26,6 +26,8 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 
+from processes import stop_process
+
 # Long enough for a loaded CI machine, short enough that a broken zone fails a run quickly.
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
@@ -283,14 +285,8 @@ template:
 
     def _terminate(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT)
 
     def _wait_until_served(self, log_start: int) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

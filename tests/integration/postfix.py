@@ -36,6 +36,7 @@ from pathlib import Path
 
 from sink import DeliveredMessage, MessageStore
 
+from processes import stop_process
 from signing import SigningKey
 
 # Bounded waits: long enough for a loaded CI machine, short enough to fail a broken set-up quickly.
@@ -546,12 +547,7 @@ class AuthmilterProcess:
         if process is None or process.poll() is not None:
             return
         workers = children_of(process.pid)
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, STOP_TIMEOUT)
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
