@@ -204,8 +204,11 @@ class MilterClient:
         self.negotiated: Negotiated | None = None
 
     @classmethod
-    def connect(cls, address: str, timeout: float = 10.0) -> MilterClient:
-        """Open a connection to ``address`` (a libmilter connection string)."""
+    def connect(cls, address: str, timeout: float = 10.0, nagle: bool = False) -> MilterClient:
+        """Open a connection to ``address`` (a libmilter connection string).
+
+        ``nagle=True`` keeps Nagle's algorithm on a TCP connection, as Postfix's milter client does.
+        """
         family, sockaddr = parse_address(address)
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -214,7 +217,7 @@ class MilterClient:
         except OSError:
             sock.close()
             raise
-        if family != socket.AF_UNIX:
+        if family != socket.AF_UNIX and not nagle:
             # The MTA side of Nagle: without it a small packet waits for the milter's delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(sock)

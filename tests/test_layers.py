@@ -26,6 +26,7 @@ RANKS = {
     "pipeline": 4,
     "cli": 5,
     "milter_app": 5,
+    "quickack": 5,
     "supervisor": 5,
     "__main__": 5,
 }

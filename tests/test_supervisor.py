@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import grp
+import itertools
 import logging
 import os
 import re
@@ -459,26 +460,67 @@ def _pidfd_getfd(pid: int, fd: int) -> int:
         os.close(pidfd)
 
 
+@contextlib.contextmanager
+def worker_side(daemon: Daemon, client: MilterClient) -> Iterator[socket.socket]:
+    """The worker's socket of a TCP milter connection (a duplicate, taken with pidfd_getfd)."""
+    ours = client.sock.getsockname()
+    for worker in daemon.workers():
+        for entry in Path(f"/proc/{worker}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if not os.readlink(entry).startswith("socket:"):
+                    continue
+                try:
+                    duplicate = _pidfd_getfd(worker, int(entry.name))
+                except PermissionError:
+                    pytest.skip("pidfd_getfd is not permitted here (ptrace restrictions)")
+                accepted = socket.socket(fileno=duplicate)
+                if accepted.family == socket.AF_INET and accepted.getpeername() == ours:
+                    with accepted:
+                        yield accepted
+                    return
+                accepted.close()
+    raise AssertionError(f"no worker holds the other end of {ours}")
+
+
 def test_workers_accept_connections_with_nodelay(start_daemon: Callable[..., Daemon]) -> None:
     daemon = start_daemon()
     daemon.notification("READY=1")
     with MilterClient.connect(daemon.socket) as client:
         client.negotiate()  # answered: a worker has accepted the connection
-        ours = client.sock.getsockname()
-        found = []
-        for worker in daemon.workers():
-            for entry in Path(f"/proc/{worker}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if not os.readlink(entry).startswith("socket:"):
-                        continue
-                    try:
-                        duplicate = _pidfd_getfd(worker, int(entry.name))
-                    except PermissionError:
-                        pytest.skip("pidfd_getfd is not permitted here (ptrace restrictions)")
-                    with socket.socket(fileno=duplicate) as accepted:
-                        if accepted.family == socket.AF_INET and accepted.getpeername() == ours:
-                            found.append(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-        assert found == [1], "the worker's side of our connection has Nagle off"
+        with worker_side(daemon, client) as accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1, "Nagle is off"
+
+
+def delayed_acks() -> int:
+    """TcpExt DelayedACKs of this network namespace: ACKs the kernel sent only when its delayed-ACK
+    timer (40 ms or more) ran out, with nothing to piggyback them on."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    names, values = next((n, v) for n, v in itertools.pairwise(lines) if n[0] == "TcpExt:" == v[0])
+    return int(values[names.index("DelayedACKs")])
+
+
+def test_workers_acknowledge_a_nagle_mta_promptly_over_tcp(start_daemon: Callable[..., Daemon]) -> None:
+    """Postfix writes to a milter with Nagle on and awaits no reply before end of message, so its
+    second write waits for our ACK of the first, which the kernel delays after each reply of ours
+    (quickack.py). The workers acknowledge at once: no delayed-ACK timer runs out per message."""
+    daemon = start_daemon()
+    daemon.notification("READY=1")
+    messages = 8
+    with MilterClient.connect(daemon.socket, nagle=True) as client:
+        client.negotiate()
+        before = delayed_acks()
+        client.connect_info("mx.sender.example", AUTHORISED_IP)
+        client.helo("mx.sender.example")
+        for _ in range(messages):
+            client.mail("bob@sender.example")  # MAIL goes out; RCPT and the rest wait for its ACK
+            client.rcpt("alice@receiver.example")
+            client.header("From", "Bob <bob@sender.example>")
+            client.body(b"Hello.\r\n")
+            _, response = client.end_of_message({"i": "QUICKACK"})
+            assert response.kind in ("accept", "replycode"), response
+        late = delayed_acks() - before
+    # Without prompt ACKs every message waits for at least one timer (measured: 8 or more of 8).
+    assert late < messages / 2, f"{late} ACKs came late for {messages} messages"
 
 
 def test_a_killed_worker_is_replaced(start_daemon: Callable[..., Daemon]) -> None:

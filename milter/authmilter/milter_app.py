@@ -51,6 +51,7 @@ from authmilter.message import (
 )
 from authmilter.model import Action, Verdict
 from authmilter.pipeline import Connection, Transaction, evaluate, failure_verdict, match_internal_host
+from authmilter.quickack import QuickAck
 from authmilter.resolver import Resolver, build_resolver
 from authmilter.tables import HostEntry
 
@@ -226,7 +227,7 @@ def serve(connection: str, runtime: Runtime, timeout: int = 600) -> None:
         runtime: what every connection uses.
         timeout: seconds libmilter waits on the MTA before giving up a connection.
     """
-    Milter.factory = functools.partial(AuthMilter, runtime)
+    Milter.factory = functools.partial(AuthMilter, runtime, QuickAck.for_listener(connection))
     Milter.set_flags(ACTIONS)
     Milter.runmilter(MILTER_NAME, connection, timeout)
 
@@ -286,9 +287,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     Args:
         runtime: the worker's config, resolver and history sink.
+        quickack: prompt TCP acknowledgements for the listener (quickack.py); off by default.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, quickack: QuickAck | None = None) -> None:
         # pymilter makes one object per milter connection and calls close() once at its end.
         _messages.opened()
         self._open = True
@@ -305,6 +307,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         # Header changes were sent for the current message: a failure after that must not resend them.
         self._modifying = False
         self._message: _Message | None = None
+        self._quickack = quickack or QuickAck(None)
+        self._ack_fd: int | None = None
 
     # --- negotiation -------------------------------------------------------------------------
 
@@ -333,6 +337,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     @_gathers
     def connect(self, hostname: str, family: int, hostaddr: object) -> None:
+        # Our negotiation reply made the connection "interactive": acknowledge what the MTA sends
+        # from here on promptly, or its Nagle algorithm stalls each message ~40 ms (quickack.py).
+        self._ack_fd = self._quickack.connection_fd(self._ctx)
+        self._quickack.acknowledge(self._ack_fd)
         self._client_ip = client_ip_from(family, hostaddr)
         self._client_name = _ptr_name(hostname)
         self._connect_macros = self._macros(CONNECT_MACROS)
@@ -352,6 +360,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     @_gathers
     def envfrom(self, mail_from: str, *params: str) -> None:
+        self._quickack.acknowledge(self._ack_fd)  # our reply to the previous message, as at connect
         self._reset_message()
         message = self._message = _Message(self._config.milter.max_headers)
         _messages.started()  # first, so a stopping worker waits for this message
@@ -382,6 +391,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     @_gathers
     def body(self, chunk: bytes) -> None:
+        self._quickack.acknowledge(self._ack_fd)  # the MTA may hold the next chunk for our ACK
         spool = self._start_body(self._current_message())
         if spool is not None:
             spool.write(chunk)
