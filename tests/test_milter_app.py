@@ -591,6 +591,7 @@ def test_ipv6_client(connect: Connect, caplog: pytest.LogCaptureFixture, ip: str
         (socket.AF_INET, ("192.0.2.1", 25), "192.0.2.1"),
         (socket.AF_INET6, ("2001:DB8::1", 25, 0, 0), "2001:db8::1"),
         (socket.AF_INET6, ("fe80::1%eth0", 25, 0, 2), "fe80::1"),
+        (socket.AF_INET6, ("::FFFF:192.0.2.1", 25, 0, 0), "192.0.2.1"),  # RFC 4291 §2.5.5.2
         (socket.AF_INET, "192.0.2.1", "192.0.2.1"),
         (socket.AF_UNIX, "/run/sock", ""),
         (socket.AF_INET, None, ""),

@@ -75,8 +75,9 @@ class HeaderField:
 
     def __post_init__(self) -> None:
         # Texts are latin-1 decodings of bytes; anything else cannot be written back faithfully.
-        self.name.encode("latin-1")
-        self.value.encode("latin-1")
+        if not (self.name.isascii() and self.value.isascii()):  # ASCII: the common, cheap case
+            self.name.encode("latin-1")
+            self.value.encode("latin-1")
         if self.index < 1:
             raise ValueError(f"header index must be 1-based, got {self.index}")
 
@@ -165,11 +166,14 @@ class HeaderCollector:
                 its leading whitespace; otherwise the MTA ate one space and it is put back.
         """
         name = _wire_text(raw_name).rstrip(" \t")
-        if not self.keeps(name):  # a field that is not kept needs no decoding
-            self.add_text(name, "")
+        key = name.lower()
+        if not self._keeps(key):  # a field that is not kept needs no decoding
+            self._count(key, kept=False)
             return
-        value = _BARE_LF_TEXT.sub("\r\n", _wire_text(raw_value))
-        self.add_text(name, value if leading_space_included else " " + value)
+        value = _wire_text(raw_value)
+        if "\n" in value:  # folded: most fields are not, and the regex costs more than this test
+            value = _BARE_LF_TEXT.sub("\r\n", value)
+        self._append(name, key, value if leading_space_included else " " + value)
 
     def keeps(self, name: str) -> bool:
         """Whether the next field, with this name, will be kept.
@@ -180,9 +184,7 @@ class HeaderCollector:
         Returns:
             True below the limit, and past it for KEY_FIELDS while there is room.
         """
-        if self._seen < self._max_headers:
-            return True
-        return name.lower() in KEY_FIELDS and len(self._fields) < 2 * self._max_headers
+        return self._keeps(name.lower())
 
     def add_text(self, name: str, value: str) -> None:
         """Add one field already in this module's representation (see the module docstring).
@@ -193,17 +195,30 @@ class HeaderCollector:
                 not kept (``keeps(name)`` is False).
         """
         key = name.lower()
-        keep = self.keeps(name)
+        if self._keeps(key):
+            self._append(name, key, value)
+        else:
+            self._count(key, kept=False)
+
+    def _keeps(self, key: str) -> bool:
+        if self._seen < self._max_headers:
+            return True
+        return key in KEY_FIELDS and len(self._fields) < 2 * self._max_headers
+
+    def _append(self, name: str, key: str, value: str) -> None:
+        self._fields.append(HeaderField(name, value, self._count(key, kept=True)))
+
+    def _count(self, key: str, kept: bool) -> int:
+        """Count a field; returns its 1-based index among fields of that name."""
         self._seen += 1
         # Past the limit only key fields can still be kept, so only their count matters.
-        if not keep and key not in KEY_FIELDS:
-            return
+        if not kept and key not in KEY_FIELDS:
+            return 0
         index = self._counts.get(key, 0) + 1
         self._counts[key] = index
-        if keep:
-            self._fields.append(HeaderField(name, value, index))
-        else:
+        if not kept:
             self._key_fields_dropped = True
+        return index
 
     def result(self) -> MessageHeaders:
         """The headers so far.
@@ -283,6 +298,8 @@ def _wire_text(text: str | bytes) -> str:
     """
     if isinstance(text, bytes):
         return text.decode("latin-1")
+    if text.isascii():  # the same text either way (header names always)
+        return text
     try:
         return text.encode("utf-8", "surrogateescape").decode("latin-1")
     except UnicodeEncodeError:  # a lone surrogate pymilter never produces

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import logging
 import socket
 import tempfile
@@ -53,7 +52,7 @@ from authmilter.model import Action, Verdict
 from authmilter.pipeline import Connection, Transaction, evaluate, failure_verdict, match_internal_host
 from authmilter.quickack import QuickAck
 from authmilter.resolver import Resolver, build_resolver
-from authmilter.tables import HostEntry
+from authmilter.tables import IPV4_MAPPED_PREFIX, HostEntry, packed_client_ip
 
 log = logging.getLogger(__name__)
 
@@ -98,33 +97,32 @@ class MessageCounts:
 
 
 class _MessageCounter:
-    # libmilter serves connections from several threads at once, hence the lock.
+    # libmilter serves connections from several threads at once, hence the lock; plain ints, as
+    # every connection changes them several times.
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts = MessageCounts(0, 0, 0)
-
-    def _change(self, connections: int = 0, in_progress: int = 0, ended: int = 0) -> None:
-        with self._lock:
-            old = self._counts
-            self._counts = MessageCounts(
-                old.connections + connections, old.in_progress + in_progress, old.ended + ended
-            )
+        self._connections = self._in_progress = self._ended = 0
 
     def opened(self) -> None:
-        self._change(connections=1)
+        with self._lock:
+            self._connections += 1
 
     def closed(self) -> None:
-        self._change(connections=-1)
+        with self._lock:
+            self._connections -= 1
 
     def started(self) -> None:
-        self._change(in_progress=1)
+        with self._lock:
+            self._in_progress += 1
 
     def ended(self) -> None:
-        self._change(in_progress=-1, ended=1)
+        with self._lock:
+            self._in_progress -= 1
+            self._ended += 1
 
     def counts(self) -> MessageCounts:
         with self._lock:
-            return self._counts
+            return MessageCounts(self._connections, self._in_progress, self._ended)
 
 
 _messages = _MessageCounter()
@@ -645,13 +643,12 @@ def client_ip_from(family: int, hostaddr: object) -> str:
     text = hostaddr[0] if isinstance(hostaddr, tuple) and hostaddr else hostaddr
     if not isinstance(text, str):
         return ""
-    try:
-        address = ipaddress.ip_address(text.partition("%")[0])  # no zone index (RFC 4007 §11)
-    except ValueError:
+    packed = packed_client_ip(text)
+    if packed is None:
         return ""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    if packed[:12] == IPV4_MAPPED_PREFIX:
+        packed = packed[12:]
+    return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
 def strip_angle_brackets(path: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -661,6 +662,8 @@ class HostSet:
         return len(self._names) + len(self._networks)
 
     def _match_name(self, hostname: str) -> HostEntry | None:
+        if not self._names:
+            return None
         name = hostname.strip().lower().rstrip(".")
         if not name or name == "unknown" or name.startswith("[") or len(name) > 253:
             return None
@@ -669,17 +672,17 @@ class HostSet:
         return next((self._names[c] for c in candidates if c in self._names), None)
 
     def _match_ip(self, ip: str) -> HostEntry | None:
-        address = _parse_client_ip(ip)
-        if address is None:
+        packed = packed_client_ip(ip)
+        if packed is None:
             return None
-        found = self._longest_prefix(address)
-        if found is None and isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            found = self._longest_prefix(address.ipv4_mapped)
+        found = self._longest_prefix(packed)
+        if found is None and packed[:12] == IPV4_MAPPED_PREFIX:  # RFC 4291 §2.5.5.2
+            found = self._longest_prefix(packed[12:])
         return found
 
-    def _longest_prefix(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> HostEntry | None:
-        bits = int(address)
-        for host_bits, networks in self._prefixes[address.version]:
+    def _longest_prefix(self, packed: bytes) -> HostEntry | None:
+        bits = int.from_bytes(packed, "big")
+        for host_bits, networks in self._prefixes[4 if len(packed) == 4 else 6]:
             found = networks.get(bits >> host_bits)
             if found is not None:
                 return found
@@ -729,12 +732,25 @@ def _parse_network(source: str, text: str) -> Network:
         raise TableError(source, f"'{text}' is not a valid IP address or CIDR network ({e})") from e
 
 
-def _parse_client_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"  # RFC 4291 §2.5.5.2
+
+
+def packed_client_ip(ip: str) -> bytes | None:
+    """The 4 or 16 bytes of a client address (inet_pton: every connection needs it, and the
+    ipaddress module costs ten times more).
+
+    Args:
+        ip: the address as text; brackets, an ``IPv6:`` tag and a zone index are allowed.
+
+    Returns:
+        The packed address, or None when ``ip`` is not an IPv4 or IPv6 address.
+    """
     text = ip.strip().removeprefix("[").removesuffix("]")
     text = text[5:] if text.lower().startswith("ipv6:") else text
+    text = text.partition("%")[0]  # no zone index (RFC 4007 §11)
     try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
+        return socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text)
+    except (OSError, ValueError):
         return None
 
 
