@@ -1,9 +1,11 @@
-"""dkim_rsa: OpenSSL-backed RSA gives exactly dkimpy's pure-Python results."""
+"""dkim_rsa: OpenSSL-backed RSA and the faster b= pattern give exactly dkimpy's own results."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import random
+import re
 import time
 from collections.abc import Iterator
 
@@ -40,6 +42,7 @@ def pure_python(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """dkimpy as shipped, even if another test installed the adapter."""
     monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
     monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim_rsa.pure_python_verify)
+    monkeypatch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)
     yield
 
 
@@ -48,6 +51,7 @@ def openssl(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The adapter installed; monkeypatch puts dkimpy back afterwards."""
     monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
     monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim.RSASSA_PKCS1_v1_5_verify)
+    monkeypatch.setattr(dkim, "RE_BTAG", dkim.RE_BTAG)
     dkim_rsa.install()
     yield
 
@@ -77,11 +81,94 @@ def test_install_patches_dkimpy_once_and_leaves_dkim_crypto_alone(openssl: None)
     dkim_rsa.install()  # idempotent
     assert dkim.RSASSA_PKCS1_v1_5_sign is dkim_rsa.rsa_sign
     assert dkim.RSASSA_PKCS1_v1_5_verify is dkim_rsa.rsa_verify
+    assert dkim.RE_BTAG is dkim_rsa.B_TAG
     assert dkim.crypto.RSASSA_PKCS1_v1_5_sign is dkim_rsa.pure_python_sign
 
 
 def test_not_installed_means_pure_python(pure_python: None) -> None:
     assert not dkim_rsa.installed()
+
+
+def test_installed_needs_the_b_tag_pattern_too(openssl: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)
+    assert not dkim_rsa.installed()
+
+
+# --- the b= pattern --------------------------------------------------------------------------
+
+
+def test_dkimpy_b_tag_is_the_pattern_replaced() -> None:
+    # If a dkimpy upgrade changes its pattern, B_TAG's equivalence must be shown again.
+    fws = rb"(?:(?:\s*\r?\n)?\s+)?"
+    expected = rb"([;\s]b" + fws + rb"=)(?:" + fws + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?"
+    assert dkim_rsa.dkimpy_b_tag.pattern == expected
+    assert dkim_rsa.dkimpy_b_tag is not dkim_rsa.B_TAG
+
+
+# Whitespace within a line, then folding (or broken line ends); \x0b and \x0c are \s too.
+_WSP = [b"", b"", b" ", b"\t", b"  ", b"\x0b", b"\x0c"]
+_FWS = [*_WSP, b"\r\n ", b"\r\n\t", b"\n ", b"\r\n", b"\n", b"\r", b" \r\n  "]
+_BASE64 = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_TAG_NAMES = [*b"v a c d s h i t l b b bh B bb hb".split(), b""]
+_HOSTILE = [*(bytes([octet]) for octet in b"b=; \t\r\na0+/-:\xff"), b"\r\n", b"b="]
+
+
+def _tag_value(rng: random.Random) -> bytes:
+    chunks = []
+    for _ in range(rng.choice([0, 1, 1, 2, 5])):
+        alphabet = _BASE64 if rng.random() < 0.8 else b"ab=:-.@ \xff"
+        chunks.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12))))
+    return b"".join(rng.choice(_FWS) + chunk for chunk in chunks) + rng.choice(_FWS)
+
+
+def _signature_value(rng: random.Random) -> bytes:
+    """A DKIM-Signature value as dkimpy hashes it: tags, folding, several b= and bh=, endings."""
+    if rng.random() < 0.2:
+        return b"".join(rng.choice(_HOSTILE) for _ in range(rng.randint(0, 30)))
+    tags = [
+        rng.choice(_FWS) + rng.choice(_TAG_NAMES) + rng.choice(_FWS) + b"=" + _tag_value(rng)
+        for _ in range(rng.randint(0, 6))
+    ]
+    value = rng.choice([b";", b"; ", b" ;", b";\r\n\t"]).join(tags)
+    return (
+        rng.choice([b"", b" ", b"\t", b";"])
+        + value
+        + rng.choice([b"", b";", b"\r\n", b"\n", b" \r\n", b"\r\n\r\n"])
+    )
+
+
+def _matches(pattern: re.Pattern[bytes], value: bytes) -> list[tuple[tuple[int, int], bytes]]:
+    return [(match.span(), match.group(1)) for match in pattern.finditer(value)]
+
+
+def test_b_tag_pattern_substitutes_exactly_like_dkimpys() -> None:
+    rng = random.Random(6376)
+    matched = 0
+    for _ in range(12000):
+        value = _signature_value(rng)
+        expected = _matches(dkim_rsa.dkimpy_b_tag, value)
+        assert _matches(dkim_rsa.B_TAG, value) == expected, value
+        assert dkim_rsa.B_TAG.sub(rb"\1", value) == dkim_rsa.dkimpy_b_tag.sub(rb"\1", value), value
+        matched += bool(expected)
+    assert matched > 3000  # the generator reaches b= tags, not only values without one
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b" v=1; a=rsa-sha256; b=abc/+d\r\n e==; bh=xyz=\r\n",
+        b"b=abc; b=def",  # no delimiter before the first b=
+        b" b=abc\r\n",
+        b" b=abc \r\n",  # space before the final CRLF: the CRLF stays
+        b" b=\r\n",
+        b";b =\r\n abc;b\t=de\r\n\r\n",
+        b" b=ab-cd; bh=x",
+        b";b=" + b"A" * 5000 + b"\r\n",
+    ],
+)
+def test_b_tag_pattern_on_chosen_values(value: bytes) -> None:
+    assert _matches(dkim_rsa.B_TAG, value) == _matches(dkim_rsa.dkimpy_b_tag, value)
+    assert dkim_rsa.B_TAG.sub(rb"\1", value) == dkim_rsa.dkimpy_b_tag.sub(rb"\1", value)
 
 
 # --- byte-identical signatures ---------------------------------------------------------------
@@ -99,10 +186,12 @@ def test_signatures_are_byte_identical(
     pem = _pem(key)
     with monkeypatch.context() as patch:
         patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
+        patch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)
         reference = _sign(pem, algorithm, canonicalize)
     with monkeypatch.context() as patch:
         patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
         patch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim.RSASSA_PKCS1_v1_5_verify)
+        patch.setattr(dkim, "RE_BTAG", dkim.RE_BTAG)
         dkim_rsa.install()
         adapted = _sign(pem, algorithm, canonicalize)
     assert adapted == reference

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import random
+import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
+from dkim.util import InvalidTagValueList, parse_tag_value
 
+from authmilter import dkim_verify
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
@@ -532,3 +536,161 @@ def test_unparseable_header_section_names_the_signature(tmp_path: Path, keys: di
     result = only(verify_dkim(broken, resolver_for(tmp_path, {}), SETTINGS))
     assert (result.result, result.domain, result.selector) == (AuthResult.PERMERROR, DOMAIN, "sel")
     assert result.reason.startswith("message header not parseable")
+
+
+# --- the CRLF parse beside dkimpy's ------------------------------------------------------------
+
+_FIELD_NAMES = [b"From", b"To", b"DKIM-Signature"]
+_ODD_FIELD_NAMES = [b"X-a_b.c!~", b"Subject ", b"From x", b":", b"\xff", b"N\x7fme", b""]
+_LINE_BREAKS = [b"\r\n"] * 40 + [b"\n", b"\r", b"\r\r\n"]
+
+
+def _generated_message(rng: random.Random) -> bytes:
+    """Header fields (some odd), folding, junk lines, separators and bodies of every line ending."""
+    lines = []
+    for _ in range(rng.randint(0, 6)):
+        if rng.random() < 0.05:
+            lines.append(rng.choice([b"junk line", b"From alice@example.org", b" orphan", b""]))
+            continue
+        name = rng.choice(_ODD_FIELD_NAMES if rng.random() < 0.1 else _FIELD_NAMES)
+        value = rng.choice([b"", b" v", b"\tv:w", b" a=b; b=c", b" \x80\r x"])
+        value += b"".join(
+            rng.choice(_LINE_BREAKS) + rng.choice([b" ", b"\t"]) + b"more" for _ in range(rng.randint(0, 2))
+        )
+        lines.append(name + b":" + value)
+    head = b"".join(line + rng.choice(_LINE_BREAKS) for line in lines)
+    separator = rng.choice([b"\r\n"] * 12 + [b"\n", b"", b"\r\n\n"])
+    body = b"".join(
+        rng.choice([b"text", b"", b" ", b"\r"]) + rng.choice(_LINE_BREAKS) for _ in range(rng.randint(0, 4))
+    )
+    return (b"\r\n" if rng.random() < 0.05 else b"") + head + separator + body
+
+
+def test_crlf_split_gives_what_rfc822_parse_gives() -> None:
+    rng = random.Random(5322)
+    taken = 0
+    for _ in range(5000):
+        message = _generated_message(rng)
+        split = dkim_verify._split_crlf(message)
+        if split is not None:
+            # rfc822_parse raising here fails the test too: the shortcut must refuse such input.
+            assert split == dkim.rfc822_parse(message), message
+            taken += 1
+    assert 1500 < taken < 4000  # both the shortcut and the fallback are exercised
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"From alice@example.org\r\nFrom: a\r\n\r\nbody\r\n",  # mbox line: dkimpy skips it
+        b"Subject : x\r\nFrom: a\r\n\r\n",  # dkimpy refuses the space before the colon
+        b"::x\r\n\r\n",  # dkimpy reads a field named ":"
+        b"From: a\nTo: b\r\n\r\nbody\r\n",  # bare LF in the header block
+        b"From: a\r\n\r\nline\nline\r\n",  # bare LF in the body
+        b"From: a\r\n\r\n\nbody\r\n",  # the body starts with a bare LF
+        b"\r\nFrom: a\r\n\r\nbody\r\n",  # empty header block
+        b"From: a\r\nno header here\r\n\r\nbody\r\n",
+        b"From: a\r\nbody without a blank line\r\n",
+        b" folded: first\r\n\r\n",
+    ],
+    ids=[
+        "mbox-from",
+        "space-before-colon",
+        "colon-name",
+        "lf-head",
+        "lf-body",
+        "lf-body-start",
+        "leading-crlf",
+        "junk-line",
+        "no-separator",
+        "leading-fold",
+    ],
+)
+def test_crlf_split_leaves_other_messages_to_dkimpy(message: bytes) -> None:
+    assert dkim_verify._split_crlf(message) is None
+
+
+def test_crlf_split_of_a_signed_message() -> None:
+    signature = b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=abc\r\n def=\r\n"
+    split = dkim_verify._split_crlf(signature + MESSAGE)
+    assert split == dkim.rfc822_parse(signature + MESSAGE)
+    assert split is not None and split[0][0] == [
+        b"DKIM-Signature",
+        b" v=1; a=rsa-sha256;\r\n\tb=abc\r\n def=\r\n",
+    ]
+    assert split[1] == b"Hello Bob,\r\nthe numbers are attached.\r\n"
+
+
+def test_results_match_dkimpys_own_parse(
+    tmp_path: Path, keys: dict[str, Key], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rsa_signed = sign(MESSAGE, keys["rsa2048"])
+    messages = [
+        rsa_signed,
+        sign(rsa_signed, keys["ed25519"], selector="ed"),
+        rsa_signed.replace(b"Hello", b"Hullo"),
+        rsa_signed.replace(b"Subject: quarterly", b"Subject: yearly"),
+        sign(MESSAGE, keys["rsa2048"], length=True) + b"appended\r\n",
+        sign(MESSAGE, keys["rsa2048"], canonicalize=(b"simple", b"simple")),
+        sign(MESSAGE.replace(b"\r\n\r\n", b"\r\n\r\n\r\n\r\n"), keys["rsa2048"]),
+        sign(MESSAGE.replace(b"Subject:", b"Subject:\r\n\t"), keys["rsa2048"]),
+        sign(MESSAGE, keys["rsa2048"]).replace(b"\r\n", b"\n"),
+        sign(MESSAGE + b"\r", keys["rsa2048"]),
+        b"From: a@example.org\r\n" + rsa_signed,
+    ]
+    messages += [_generated_message(random.Random(seed)) + rsa_signed for seed in range(50)]
+    resolver = resolver_for(
+        tmp_path, {key_name(): [keys["rsa2048"].record], key_name("ed"): [keys["ed25519"].record]}
+    )
+    now = time.time()  # dkim.sign() writes t= from the clock
+    fast = [verify_dkim(message, resolver, SETTINGS, now=now) for message in messages]
+    monkeypatch.setattr(dkim_verify, "_split_crlf", lambda message: None)
+    assert [verify_dkim(message, resolver, SETTINGS, now=now) for message in messages] == fast
+    assert {result.result for results in fast for result in results} >= {AuthResult.PASS, AuthResult.FAIL}
+
+
+# --- faster equivalents of dkimpy's helpers ------------------------------------------------------
+
+
+def _parse_outcome(parse: Callable[[bytes], dict[bytes, bytes]], value: bytes) -> object:
+    try:
+        return parse(value)
+    except InvalidTagValueList as e:
+        return type(e), e.args
+
+
+_WHITESPACE = [b"", b"", b" ", b"\t", b"\r\n ", b"\x0b", b"\x0c"]
+_TAG_NAMES = [b"v", b"a", b"bh", b"B", b"x_1", b"h", b"h", b"", b"_x", b"1a", b"\xe9", b"x y"]
+
+
+def _tag_list_value(rng: random.Random) -> bytes:
+    """Tag lists, mostly well formed, with odd names, duplicates, stray '=' and ';', whitespace."""
+    specs = []
+    for _ in range(rng.randint(0, 5)):
+        name = rng.choice(_TAG_NAMES) if rng.random() < 0.1 else rng.choice(_TAG_NAMES[:5])
+        equals = rng.choice([b"=", b"=", b"=", b"==", b""])
+        value = bytes(rng.choice(b"ab1=: \t\xe9") for _ in range(rng.randint(0, 6)))
+        spec = rng.choice(_WHITESPACE) + name + rng.choice(_WHITESPACE) + equals + rng.choice(_WHITESPACE)
+        specs.append(spec + value + rng.choice(_WHITESPACE))
+    return b";".join(specs) + rng.choice([b"", b"", b";", b";;", b"; "])
+
+
+def test_tag_list_parses_and_fails_exactly_like_dkimpy() -> None:
+    rng = random.Random(6376)
+    parsed = 0
+    for _ in range(20000):
+        value = _tag_list_value(rng)
+        expected = _parse_outcome(parse_tag_value, value)
+        assert _parse_outcome(dkim_verify._tag_list, value) == expected, value
+        parsed += isinstance(expected, dict) and len(expected) > 1
+    assert 2000 < parsed < 18000  # both outcomes are exercised
+
+
+def test_header_b_drops_whitespace_like_the_regex() -> None:
+    rng = random.Random(6008)
+    for _ in range(2000):
+        b_value = bytes(
+            rng.choice(b"AZaz09+/= \t\r\n\x0b\x0c\x1c\x85\xa0") for _ in range(rng.randint(0, 20))
+        )
+        result = dkim_verify._result(AuthResult.PASS, {b"b": b_value})
+        assert result.header_b == re.sub(rb"\s+", b"", b_value)[:8].decode("utf-8", "replace"), b_value

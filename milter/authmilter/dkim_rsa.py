@@ -2,14 +2,20 @@
 
 Why: dkimpy 1.1.8 does RSASSA-PKCS1-v1_5 (RFC 8017 §8.2) with Python's ``pow()``: about 8 ms per
 RSA-2048 signature, on the milter's critical path for every signed message. OpenSSL does the same
-operation in well under a millisecond.
+operation in well under a millisecond. And its regex that empties the ``b=`` value before the
+signature header is hashed (RFC 6376 §3.7) takes about 0.1 ms per signature, on the same path.
 
 What is patched (by :func:`install`, once, at start; idempotent and thread-safe):
 - ``dkim.RSASSA_PKCS1_v1_5_sign`` and ``dkim.RSASSA_PKCS1_v1_5_verify``: the names ``dkim/__init__.py``
   imported from ``dkim.crypto`` and calls in ``DomainSigner.gen_header`` (signing, DKIM and ARC) and
-  ``DomainSigner.verify_sig_process`` (verifying). Nothing else: dkimpy still parses keys
-  (``parse_pem_private_key`` / ``parse_public_key`` return dicts of integers), canonicalizes and hashes.
-  ``dkim.crypto`` itself is left alone, so its functions stay the pure-Python reference.
+  ``DomainSigner.verify_sig_process`` (verifying).
+- ``dkim.RE_BTAG``: the module global ``hash_headers``, ``hash_headers_ed25519`` and
+  ``DomainSigner.gen_header`` read at each call, replaced by :data:`B_TAG`, which makes the same
+  substitutions (see there) in a tenth of the time.
+
+Nothing else: dkimpy still parses keys (``parse_pem_private_key`` / ``parse_public_key`` return dicts
+of integers), canonicalizes and hashes. ``dkim.crypto`` itself is left alone, so its functions stay
+the pure-Python reference.
 
 Behaviour is byte-identical: PKCS#1 v1.5 signatures are deterministic, so for the same key and digest
 OpenSSL and dkimpy produce the same bytes (``tests/test_dkim_rsa.py`` checks whole DKIM-Signature
@@ -27,6 +33,7 @@ by the dict's identity. Public keys come from DNS, so their cache is bounded too
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -53,6 +60,17 @@ _DIGEST_INFO_LENGTH = {"sha1": 35, "sha256": 51}
 # dkimpy's pure-Python functions, kept for fallback (a private key OpenSSL refuses) and for tests.
 pure_python_sign: Callable[[Any, Mapping[str, int]], bytes] = dkim.crypto.RSASSA_PKCS1_v1_5_sign
 pure_python_verify: Callable[[Any, bytes, Mapping[str, int]], bool] = dkim.crypto.RSASSA_PKCS1_v1_5_verify
+
+# dkimpy's b= pattern is ``([;\s]b FWS =)(?: FWS [a-zA-Z0-9+/=])*(?:\r?\n\Z)?`` with
+# FWS = ``(?:(?:\s*\r?\n)?\s+)?``: nested optional groups the engine re-enters for every base64
+# character. As a language FWS is just ``\s*`` (CR and LF are \s), so this pattern matches where
+# dkimpy's does, with the same group 1 (the whitespace up to "=" is forced) and the same end: the
+# last base64 character of the run of whitespace and base64 after "=" (both take every
+# "whitespace then base64 character" step they can), then an optional final line break. Same
+# matches, so the same sub() result; tests/test_dkim_rsa.py compares both on generated values.
+B_TAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
+# dkimpy's own, kept for tests.
+dkimpy_b_tag: re.Pattern[bytes] = dkim.RE_BTAG
 
 _install_lock = threading.Lock()
 
@@ -155,15 +173,21 @@ def rsa_verify(hash: HashLike, signature: bytes, public_key: Mapping[str, int]) 
 
 
 def install() -> None:
-    """Route dkimpy's RSA signing and verification through OpenSSL. Idempotent, thread-safe.
+    """Route dkimpy's RSA signing and verification through OpenSSL and give it :data:`B_TAG`.
 
-    Call once at start (the pipeline does); until then dkimpy works unchanged, only slower.
+    Idempotent, thread-safe. Call once at start (the pipeline does); until then dkimpy works
+    unchanged, only slower.
     """
     with _install_lock:
         dkim.RSASSA_PKCS1_v1_5_sign = rsa_sign
         dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify
+        dkim.RE_BTAG = B_TAG
 
 
 def installed() -> bool:
-    """True when dkimpy currently uses this module's functions."""
-    return dkim.RSASSA_PKCS1_v1_5_sign is rsa_sign and dkim.RSASSA_PKCS1_v1_5_verify is rsa_verify
+    """True when dkimpy currently uses this module's functions and pattern."""
+    return (
+        dkim.RSASSA_PKCS1_v1_5_sign is rsa_sign
+        and dkim.RSASSA_PKCS1_v1_5_verify is rsa_verify
+        and dkim.RE_BTAG is B_TAG
+    )

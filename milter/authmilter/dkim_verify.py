@@ -4,7 +4,8 @@ dkimpy does the canonicalization, hashing and the signature arithmetic; this mod
 because dkimpy's ``DKIM.verify()`` answers only True/False (or an exception), reads ``time.time()``
 inside and turns every key problem into False. So, per signature, in RFC 6376 §6.1 order:
 
-1. §6.1.1, validate the signature header: dkimpy's tag parser and ``validate_signature_fields``
+1. §6.1.1, validate the signature header: dkimpy's tag-list rules (``_tag_list``: the same results
+   as its ``parse_tag_value``, faster) and ``validate_signature_fields``
    (with ``t=``/``x=`` taken out and checked here against ``now``, so tests and replays can freeze
    time without touching ``time.time``), plus the rules dkimpy skips: From must be signed, no
    rsa-sha1 (RFC 8301 §3.1).
@@ -30,7 +31,7 @@ from typing import Any
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
-from dkim.util import InvalidTagValueList, parse_tag_value
+from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsStatus, Resolver
@@ -131,23 +132,46 @@ def _result(
         algorithm=_text(tags.get(b"a", b"")),
         reason=_short(reason),
         # RFC 6008: header.b is a prefix of b= (FWS removed) long enough to tell signatures apart.
-        header_b=_text(re.sub(rb"\s+", b"", tags.get(b"b", b""))[:8]),
+        # bytes.split() cuts at the same ASCII whitespace as the regex \s, in a tenth of the time.
+        header_b=_text(b"".join(tags.get(b"b", b"").split())[:8]),
         identity=_text(tags.get(b"i", b"")),
         testing=testing,
     )
 
 
+def _tag_list(value: bytes) -> dict[bytes, bytes]:
+    """RFC 6376 §3.2 tag list: ``dkim.util.parse_tag_value``'s result and exceptions, faster.
+
+    dkimpy tests each tag name with a module-level ``re.match``, whose pattern cache lookup costs
+    more than the test: all its pattern asks is an ASCII letter first, which is what
+    ``bytes.isalpha()`` answers for one byte.
+    """
+    tags: dict[bytes, bytes] = {}
+    specs = value.strip().split(b";")
+    if not specs[-1]:  # trailing semicolons are valid
+        specs.pop()
+    for spec in specs:
+        name, equals, tag_value = spec.partition(b"=")
+        name = name.strip()
+        if not equals or not name[:1].isalpha():
+            raise InvalidTagSpec(spec)
+        if name in tags:
+            raise DuplicateTag(name)
+        tags[name] = tag_value.strip()
+    return tags
+
+
 def _parse_signature(value: bytes) -> dict[bytes, bytes]:
     """RFC 6376 §3.2 tag list of one DKIM-Signature; raises _Stop(permerror) when unreadable."""
     try:
-        tags: dict[bytes, bytes] = parse_tag_value(value)
+        tags = _tag_list(value)
     except InvalidTagValueList as e:
         raise _Stop(AuthResult.PERMERROR, f"signature not parseable: {e!r}") from e
     return tags
 
 
-def _check_signature(tags: dict[bytes, bytes], now: float) -> None:
-    """RFC 6376 §6.1.1 and RFC 8301 §3.1; raises _Stop for a signature that cannot pass."""
+def _check_signature(tags: dict[bytes, bytes], now: float) -> list[bytes]:
+    """RFC 6376 §6.1.1 and RFC 8301 §3.1; returns the signed field names, raises _Stop."""
     missing = [tag.decode() for tag in _REQUIRED_TAGS if tag not in tags]
     if missing:
         raise _Stop(AuthResult.PERMERROR, f"signature missing required tag {', '.join(missing)}=")
@@ -161,10 +185,12 @@ def _check_signature(tags: dict[bytes, bytes], now: float) -> None:
     if tags[b"a"] == b"rsa-sha1":
         # RFC 8301 §3.1: verifiers MUST NOT consider rsa-sha1 signatures valid.
         raise _Stop(AuthResult.FAIL, "rsa-sha1 not accepted (RFC 8301)")
-    if b"from" not in _signed_header_names(tags):
+    signed = _signed_header_names(tags)
+    if b"from" not in signed:
         # RFC 6376 §5.4 (From MUST be signed) and §6.1.1: PERMFAIL (From field not signed).
         raise _Stop(AuthResult.PERMERROR, "From field not signed")
     _check_times(tags, now)
+    return signed
 
 
 def _signed_header_names(tags: dict[bytes, bytes]) -> list[bytes]:
@@ -246,7 +272,7 @@ def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, setting
 def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSettings) -> _Key:
     """RFC 6376 §3.6.1 and §6.1.2 steps 5-8 for one key record; raises _Stop."""
     try:
-        key_tags: dict[bytes, bytes] = parse_tag_value(record.encode("utf-8"))
+        key_tags = _tag_list(record.encode("utf-8"))
     except InvalidTagValueList as e:
         raise _Stop(AuthResult.PERMERROR, f"key syntax error: {e!r}") from e
     _check_key_tags(key_tags, tags)
@@ -300,13 +326,18 @@ def _colon_list(value: bytes | None) -> set[bytes]:
     return {item.strip().lower() for item in value.split(b":") if item.strip()}
 
 
-def _compute(verifier: dkim.DKIM, header: tuple[bytes, bytes], tags: dict[bytes, bytes], key: _Key) -> str:
+def _compute(
+    verifier: dkim.DKIM,
+    header: tuple[bytes, bytes],
+    tags: dict[bytes, bytes],
+    signed: list[bytes],
+    key: _Key,
+) -> str:
     """RFC 6376 §6.1.3 with dkimpy; returns the reason to note on a pass, raises _Stop otherwise."""
     verifier.pk, verifier.keysize, verifier.ktag = key.pk, key.bits, key.ktag
     verifier.seqtlsrpt = False  # s= was checked in _check_key_tags
     verifier.signature_fields = tags
     verifier.domain, verifier.selector = tags[b"d"], tags[b"s"]
-    signed = _signed_header_names(tags)
     verifier.include_headers = tuple(signed)
     all_headers = verifier.headers
     # dkimpy canonicalizes every header field before picking the signed ones (RFC 6376 §5.4.2);
@@ -354,18 +385,20 @@ def _verify_one(
     settings: DkimSettings,
     now: float,
 ) -> DkimResult:
-    tags = _lenient_tags(header[1])
+    tags: dict[bytes, bytes] | None = None
     testing = False
     try:
         tags = _parse_signature(header[1])
-        _check_signature(tags, now)
+        signed = _check_signature(tags, now)
         key = _fetch_key(tags, resolver, settings)
         testing = key.testing
-        note = _compute(verifier, header, tags, key)
+        note = _compute(verifier, header, tags, signed, key)
     except _Stop as stop:
-        return _result(stop.result, tags, stop.reason, testing)
+        # Only a signature that does not parse strictly needs its lenient reading, to be named.
+        return _result(stop.result, _lenient_tags(header[1]) if tags is None else tags, stop.reason, testing)
     except Exception as e:
         # dkimpy on hostile input can raise nearly anything; it is this signature's problem only.
+        tags = _lenient_tags(header[1]) if tags is None else tags
         logger.warning("DKIM signature d=%r s=%r: unexpected %r", tags.get(b"d"), tags.get(b"s"), e)
         return _result(AuthResult.PERMERROR, tags, f"verification error: {type(e).__name__}", testing)
     return _result(AuthResult.PASS, tags, note, testing)
@@ -392,18 +425,44 @@ def _signature_headers_of_unparseable(message: bytes) -> list[bytes]:
     return values
 
 
+# One header field as dkimpy's rfc822_parse reads it, when every line ends in CRLF: at the start of
+# a line, the name up to the first colon, then the rest of the line and each continuation line
+# (RFC 5322 §2.2.3), CRLF kept. Anchored and possessive so hostile input costs linear time.
+_FIELD = re.compile(rb"^([\x21-\x39\x3b-\x7e]++):([^\n]*\r\n(?:[ \t][^\n]*\r\n)*)", re.MULTILINE)
+
+
+def _split_crlf(message: bytes) -> tuple[list[list[bytes]], bytes] | None:
+    """What ``dkim.rfc822_parse`` returns, for a message with CRLF line ends only; else None.
+
+    rfc822_parse splits the whole message into lines with a regex, matches each header line with
+    another and joins the body lines again; this gets the same from three C-level passes.
+    """
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head_length = end + 2
+    fields = _FIELD.findall(message, 0, head_length)
+    # The fields are found left to right without overlap, so they cover the header block only when
+    # every line in it is a field or a continuation ending in CRLF: then rfc822_parse splits it
+    # the same way, with no "From " line to skip and nothing to refuse.
+    if sum(len(name) + 1 + len(value) for name, value in fields) != head_length:
+        return None
+    body_start = end + 4
+    # rfc822_parse splits the body on CRLF or bare LF and joins it with CRLF: without a bare LF
+    # that gives back the bytes as they are.
+    if message.count(b"\n", body_start) != message.count(b"\r\n", body_start):
+        return None
+    return [[name, value] for name, value in fields], message[body_start:]
+
+
 def _parsed(message: bytes, settings: DkimSettings) -> dkim.DKIM:
     """dkimpy's verifier over the message; raises what dkimpy raises for a header it refuses."""
     verifier = dkim.DKIM(b"", logger=_dkimpy_logger, minkey=settings.min_rsa_bits)
-    end = message.find(b"\r\n\r\n")
-    if end < 0 or message.startswith(b"\r\n") or message.count(b"\n") != message.count(b"\r\n"):
-        # dkimpy splits on CRLF or bare LF and rebuilds the body with CRLF (rfc822_parse).
+    split = _split_crlf(message)
+    if split is None:
         verifier.set_message(message)
-        return verifier
-    # CRLF throughout (what the MTA sends): rfc822_parse would split the whole body into lines and
-    # join them again, giving the same bytes; parse the header block only and take the body as is.
-    verifier.headers, _ = dkim.rfc822_parse(message[: end + 2])
-    verifier.body = message[end + 4 :]
+    else:
+        verifier.headers, verifier.body = split
     return verifier
 
 
