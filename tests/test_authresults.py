@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import authres
 import pytest
@@ -134,6 +135,22 @@ def test_lines_are_folded_within_78_characters() -> None:
     assert all(len(line) <= 78 for line in lines)
     assert all(line.startswith("\t") for line in lines[1:])
     assert "\r" not in value  # the milter adds CR itself
+
+
+def test_signatures_that_differ_only_in_header_b_each_get_their_own() -> None:
+    # header.b is rendered per message, the rest of the clause is kept: b must never be reused,
+    # and it still counts when folding (with the ";" of a clause that is not the last).
+    signature = DkimResult(AuthResult.PASS, "a.example", "s", "rsa-sha256", header_b="abcdEFGH")
+    last = "\tdkim=pass header.d=a.example header.s=s header.a=rsa-sha256 header.b=abcdEFGH"
+    head = "mx.example;\n\tdkim=pass header.d=a.example header.s=s header.a=rsa-sha256"
+    for header_b, first in [
+        ("abcdEFGH", "\n\theader.b=abcdEFGH;"),
+        ("zy/x+VUT", '\n\theader.b="zy/x+VUT";'),
+        ("", ";"),
+    ]:
+        other = replace(signature, header_b=header_b)
+        value = render_authentication_results("mx.example", None, None, [other, signature], None)
+        assert value == f"{head}{first}\n{last}"
 
 
 # --- round trip through authres ---------------------------------------------------------------

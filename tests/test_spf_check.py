@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,14 @@ import spf
 
 from authmilter.model import AuthResult, SpfResult, SpfScope
 from authmilter.resolver import DnsAnswer, DnsSource, Resolver, ZoneFileSource, tempfail
-from authmilter.spf_check import SpfSettings, check_helo, check_mail_from
+from authmilter.spf_check import (
+    MAX_LABEL_LENGTH,
+    MAX_NAME_LENGTH,
+    SpfSettings,
+    _checkable_domain,
+    check_helo,
+    check_mail_from,
+)
 
 SETTINGS = SpfSettings()
 GOOD_IP = "192.0.2.1"
@@ -275,6 +283,53 @@ def test_junk_sender_domain_gives_none(resolver: Resolver, sender: str) -> None:
     got = mfrom(resolver, sender)
     assert (got.result, got.scope) == (AuthResult.NONE, SpfScope.MFROM), got.explanation
     assert resolver.queries == 0, "a malformed domain is judged without asking DNS"
+
+
+def _checkable_domain_by_codec(domain: str) -> str | None:
+    """The domain check as it was before ASCII names skipped the codec: the reference."""
+    name = domain[:-1] if domain.endswith(".") else domain
+    if not name or name.startswith("["):
+        return None
+    try:
+        ascii_name = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
+    labels = ascii_name.split(".")
+    if len(labels) < 2 or len(ascii_name) > MAX_NAME_LENGTH:
+        return None
+    if not all("!" <= c <= "~" for c in ascii_name):
+        return None
+    if any(not 0 < len(label) <= MAX_LABEL_LENGTH for label in labels):
+        return None
+    return ascii_name
+
+
+def _generated_domains(rng: random.Random, count: int) -> list[str]:
+    # Names near every boundary: empty, 63/64-character and 253/254-character names, single
+    # labels, trailing and doubled dots, upper case, controls, spaces, DEL, "[", U-labels,
+    # IDNA's other dots (U+3002, U+FF0E) and a character nameprep maps to nothing (U+00AD).
+    pieces = [*"aZ0-_. \t\x00\x7f~![]%\xe9\xdf\u3002\uff0e\xad\udcff", "..", "xn--", "XN--bcher-kva"]
+    names = []
+    for _ in range(count):
+        labels = []
+        for _ in range(rng.choice([1, 2, 2, 3, 4, 5])):
+            size = rng.choice([0, 1, 2, 5, 5, 9, 62, 63, 64])
+            labels.append("".join(rng.choice(pieces) if rng.random() < 0.05 else "a" for _ in range(size)))
+        name = ".".join(labels) + rng.choice(["", "", ".", ".."])
+        names.append(name.upper() if rng.random() < 0.1 else name)
+    names += ["a" * 63 + "." + "b" * 63 + "." + "c" * 63 + "." + "d" * n for n in (60, 61, 62, 63)]
+    return names
+
+
+def test_checkable_domain_agrees_with_the_idna_codec() -> None:
+    # ASCII names skip Python's "idna" codec; over generated and hostile names, the answer must be
+    # what the codec path gives.
+    names = _generated_domains(random.Random(7208), 5000)
+    results = [(name.isascii(), _checkable_domain(name) is not None) for name in names]
+    for ascii_name, valid in [(True, True), (True, False), (False, True), (False, False)]:
+        assert results.count((ascii_name, valid)) > 100, "every path is exercised"
+    for name in names:
+        assert _checkable_domain(name) == _checkable_domain_by_codec(name), repr(name)
 
 
 @pytest.mark.parametrize("local", ["us\xe9r", "us\udcffer", "a b", "%{l}", "x" * 300, "\x00", "postmaster%%"])

@@ -153,58 +153,76 @@ def _properties(*pairs: tuple[str, str, str]) -> list[authres.core.Authenticatio
     return out
 
 
-class _Clause:
-    """One resinfo: ``method=result (comment)`` followed by its properties."""
-
-    def __init__(
-        self,
-        method: str,
-        result: AuthResult,
-        comment: str,
-        properties: list[authres.core.AuthenticationResultProperty],
-    ) -> None:
-        self.head = authres.core.AuthenticationResult(
-            method, result=result.value, result_comment=_sanitize_comment(comment) or None
-        )
-        self.properties = properties
-
-    def pieces(self) -> list[str]:
-        return [str(self.head), *(str(prop) for prop in self.properties)]
+def _clause_pieces(
+    method: str,
+    result: AuthResult,
+    comment: str,
+    properties: list[authres.core.AuthenticationResultProperty],
+) -> list[str]:
+    """One resinfo, ``method=result (comment)`` followed by its properties, in unfolded pieces."""
+    head = authres.core.AuthenticationResult(
+        method, result=result.value, result_comment=_sanitize_comment(comment) or None
+    )
+    return [str(head), *(str(prop) for prop in properties)]
 
 
-def _spf_clause(spf: SpfResult) -> _Clause:
+# Results are frozen values and rendering is pure: the same SPF, HELO and DMARC results recur
+# message after message, and sanitizing and folding them costs as much as a DNS cache hit. A DKIM
+# signature recurs too, except for its header.b, which is new in every message.
+
+
+@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
+def _spf_clause(spf: SpfResult, last: bool) -> str:
     # RFC 8601 §2.7.2: smtp.mailfrom carries the MAIL FROM identity checked.
-    return _Clause("spf", spf.result, "", _properties(("smtp", "mailfrom", spf.identity or spf.domain)))
+    properties = _properties(("smtp", "mailfrom", spf.identity or spf.domain))
+    return _fold_clause(_clause_pieces("spf", spf.result, "", properties), last)
 
 
-def _helo_clause(helo: SpfResult) -> _Clause:
-    return _Clause("spf", helo.result, "", _properties(("smtp", "helo", helo.domain)))
+@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
+def _helo_clause(helo: SpfResult, last: bool) -> str:
+    properties = _properties(("smtp", "helo", helo.domain))
+    return _fold_clause(_clause_pieces("spf", helo.result, "", properties), last)
 
 
-def _dkim_clause(dkim: DkimResult) -> _Clause:
+def _dkim_clause(dkim: DkimResult, last: bool) -> str:
     # RFC 8601 §2.7.1 (header.d, header.i), RFC 6008 (header.b, last: authres only reads a
     # quoted value when a ";" or the end follows), header.s/header.a as registered by RFC 8601 §6.
-    notes = [dkim.reason, "test mode" if dkim.testing else ""]
-    props = _properties(
-        ("header", "d", dkim.domain),
-        ("header", "i", dkim.identity),
-        ("header", "s", dkim.selector),
-        ("header", "a", dkim.algorithm),
-        ("header", "b", dkim.header_b),
+    # header.b differs in every message, so only the pieces before it are cached.
+    header_b = _properties(("header", "b", dkim.header_b))
+    pieces = _dkim_pieces(
+        dkim.result, dkim.reason, dkim.testing, dkim.domain, dkim.identity, dkim.selector, dkim.algorithm
     )
-    return _Clause("dkim", dkim.result, ", ".join(note for note in notes if note), props)
+    return _fold_clause([*pieces, *(str(prop) for prop in header_b)], last)
 
 
-def _dmarc_clause(dmarc: DmarcVerdict) -> _Clause:
+@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
+def _dkim_pieces(
+    result: AuthResult, reason: str, testing: bool, domain: str, identity: str, selector: str, algorithm: str
+) -> tuple[str, ...]:
+    notes = [reason, "test mode" if testing else ""]
+    props = _properties(
+        ("header", "d", domain),
+        ("header", "i", identity),
+        ("header", "s", selector),
+        ("header", "a", algorithm),
+    )
+    return tuple(_clause_pieces("dkim", result, ", ".join(note for note in notes if note), props))
+
+
+@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
+def _dmarc_clause(dmarc: DmarcVerdict, last: bool) -> str:
     comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
-    return _Clause("dmarc", dmarc.result, comment, _properties(("header", "from", dmarc.from_domain)))
+    properties = _properties(("header", "from", dmarc.from_domain))
+    return _fold_clause(_clause_pieces("dmarc", dmarc.result, comment, properties), last)
 
 
-_Entry = tuple[Callable[[Any], _Clause], SpfResult | DkimResult | DmarcVerdict | None]
+@lru_cache(maxsize=2)
+def _no_signature_clause(_: None, last: bool) -> str:
+    return _fold_clause(_clause_pieces("dkim", AuthResult.NONE, "", []), last)
 
 
-def _no_signature_clause(_: None) -> _Clause:
-    return _Clause("dkim", AuthResult.NONE, "", [])
+# A resinfo's renderer (given the result and whether it is the last resinfo) and its result.
+_Entry = tuple[Callable[[Any, bool], str], SpfResult | DkimResult | DmarcVerdict | None]
 
 
 def _entries(
@@ -213,7 +231,7 @@ def _entries(
     dkim: Sequence[DkimResult],
     dmarc: DmarcVerdict | None,
 ) -> list[_Entry]:
-    """What each resinfo is made from: its clause builder and its result, in header order."""
+    """What each resinfo is made from: its renderer and its result, in header order."""
     entries: list[_Entry] = []
     if spf is not None:
         entries.append((_spf_clause, spf))
@@ -228,15 +246,7 @@ def _entries(
     return entries
 
 
-@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _rendered_clause(entry: _Entry, last: bool) -> str:
-    # Results are frozen values and rendering is pure: the same SPF, HELO and DMARC results recur
-    # message after message, and sanitizing and folding them costs as much as a DNS cache hit.
-    build, result = entry
-    return _fold_clause(build(result).pieces(), last)
-
-
-def _fold_clause(pieces: list[str], last: bool) -> str:
+def _fold_clause(pieces: Sequence[str], last: bool) -> str:
     """One resinfo on its own line, folded between pieces past FOLD_WIDTH."""
     if not last:
         pieces = [*pieces[:-1], pieces[-1] + ";"]
@@ -279,7 +289,8 @@ def render_authentication_results(
     entries = _entries(spf, helo, dkim, dmarc)
     if not entries:
         return str(authres.AuthenticationResultsHeader(authserv_id=server).header_value())
-    folded = [_rendered_clause(entry, last=i == len(entries) - 1) for i, entry in enumerate(entries)]
+    last = len(entries) - 1
+    folded = [render(result, i == last) for i, (render, result) in enumerate(entries)]
     return _FOLD.join([server + ";", *folded])
 
 

@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from publicsuffixlist import PublicSuffixList
 
@@ -71,6 +72,10 @@ MAX_SIGNATURES_CHECKED = 10
 # RFC 1035 §2.3.4 limits.
 MAX_DOMAIN_LENGTH = 253
 MAX_LABEL_LENGTH = 63
+# _normalize keeps this many names, each of at most MAX_CACHED_DOMAIN_LENGTH characters: the
+# names are attacker-chosen, so the cache holds a few MB at most.
+DOMAIN_CACHE_SIZE = 4096
+MAX_CACHED_DOMAIN_LENGTH = 4 * MAX_DOMAIN_LENGTH
 
 _POLICIES = {d.value: d for d in Disposition}
 # §4.8: tag names are 1*ALPHA.
@@ -222,6 +227,17 @@ def _failure_options(value: str | None) -> str:
 
 def _normalize(domain: str) -> str | None:
     """Lower-case A-label form without the trailing dot, or None if it cannot be a DNS name."""
+    # Longer values are rare and not kept. They are not all invalid (leading spaces, characters
+    # nameprep maps to nothing), so they are still normalised.
+    if len(domain) <= MAX_CACHED_DOMAIN_LENGTH:
+        return _normalized(domain)
+    return _normalized.__wrapped__(domain)
+
+
+@lru_cache(maxsize=DOMAIN_CACHE_SIZE)
+def _normalized(domain: str) -> str | None:
+    # Pure in the name; each evaluation asks for the same From, SPF and DKIM domains several
+    # times, and they recur message after message.
     name = domain.strip()
     name = name[:-1] if name.endswith(".") else name
     labels = [_a_label(label) for label in name.split(".")]
@@ -386,8 +402,7 @@ def organizational_domain(domain: str, resolver: Resolver, settings: DmarcSettin
 # Policy discovery (§4.10.1; RFC 7489 §6.6.3 in psl mode)
 
 
-@dataclass(frozen=True)
-class _Policy:
+class _Policy(NamedTuple):
     record: DmarcRecord
     policy_domain: str
     org_domain: str
@@ -466,12 +481,14 @@ def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: 
     return orgs.of(identifier) == author_org
 
 
-@dataclass(frozen=True)
-class _Alignment:
+class _Alignment(NamedTuple):
     spf: bool
     dkim: bool
     unknown: str  # why an alignment check could not finish ("" when every check finished)
-    reason: str
+    reason: str  # why nothing aligned ("" when something did)
+
+
+_NOT_CHECKED = _Alignment(spf=False, dkim=False, unknown="", reason="")
 
 
 def _spf_identifier(spf: SpfResult | None) -> str | None:
@@ -488,10 +505,12 @@ def _check_alignment(
     dkim: Sequence[DkimResult],
     orgs: _OrgDomains,
 ) -> _Alignment:
-    record, unknown, notes = found.record, "", []
+    record, unknown = found.record, ""
 
-    def check(identifier: str, strict: bool) -> bool:
+    def check(identifier: str | None, strict: bool) -> bool:
         nonlocal unknown
+        if identifier is None:
+            return False
         try:
             return _aligned(identifier, author, strict, found.org_domain, orgs)
         except _TempFail as e:
@@ -499,24 +518,36 @@ def _check_alignment(
             return False
 
     spf_domain = _spf_identifier(spf)
-    spf_ok = spf_domain is not None and check(spf_domain, record.aspf_strict)
+    signatures = dkim[:MAX_SIGNATURES_CHECKED]
+    dkim_domains = [_normalize(s.domain) if s.result is AuthResult.PASS else None for s in signatures]
+    spf_ok = check(spf_domain, record.aspf_strict)
+    dkim_ok = any(check(domain, record.adkim_strict) for domain in dkim_domains)
+    if spf_ok or dkim_ok:
+        return _Alignment(spf_ok, dkim_ok, unknown, reason="")
+    reason = _misalignment(author, record, spf, spf_domain, signatures, dkim_domains)
+    return _Alignment(spf_ok, dkim_ok, unknown, reason)
+
+
+def _misalignment(
+    author: str,
+    record: DmarcRecord,
+    spf: SpfResult | None,
+    spf_domain: str | None,
+    signatures: Sequence[DkimResult],
+    dkim_domains: Sequence[str | None],
+) -> str:
+    """Why nothing aligned, naming every identifier (only a failure needs the words)."""
     if spf is None:
-        notes.append("no spf result")
+        notes = ["no spf result"]
     elif spf_domain is None:
-        notes.append(f"spf={spf.result} for {spf.domain or 'no domain'}")
-    elif not spf_ok:
-        notes.append(f"spf=pass for {spf_domain} not aligned with {author}")
-    dkim_ok = False
-    for signature in dkim[:MAX_SIGNATURES_CHECKED]:
-        d = _normalize(signature.domain) if signature.result is AuthResult.PASS else None
-        if d is not None and check(d, record.adkim_strict):
-            dkim_ok = True
-            break
-        notes.append(_dkim_note(signature, d, author))
-    if not dkim:
+        notes = [f"spf={spf.result} for {spf.domain or 'no domain'}"]
+    else:
+        notes = [f"spf=pass for {spf_domain} not aligned with {author}"]
+    notes += [_dkim_note(s, d, author) for s, d in zip(signatures, dkim_domains, strict=True)]
+    if not signatures:
         notes.append("no dkim signature")
     mode = f"aspf={'s' if record.aspf_strict else 'r'}, adkim={'s' if record.adkim_strict else 'r'}"
-    return _Alignment(spf_ok, dkim_ok, unknown, f"no aligned SPF or DKIM ({mode}): " + ", ".join(notes))
+    return f"no aligned SPF or DKIM ({mode}): " + ", ".join(notes)
 
 
 def _dkim_note(signature: DkimResult, domain: str | None, author: str) -> str:
@@ -529,7 +560,7 @@ def _dkim_note(signature: DkimResult, domain: str | None, author: str) -> str:
 # Evaluation
 
 
-def from_header_error(reason: str) -> DmarcVerdict:
+def from_header_error(reason: str, from_domains: tuple[str, ...] = ()) -> DmarcVerdict:
     """The verdict for a message whose From gives no usable Author Domain (RFC 9989 §5.3.1).
 
     evaluate_dmarc() returns it too, for a From domain that is not a domain name and for a From
@@ -537,11 +568,12 @@ def from_header_error(reason: str) -> DmarcVerdict:
 
     Args:
         reason: what is wrong (no From, several From fields, an address without a domain...).
+        from_domains: the From domains, when there are any.
 
     Returns:
         A ``permerror`` verdict with disposition none and no ``from_domain``.
     """
-    return DmarcVerdict(result=AuthResult.PERMERROR, reason=reason)
+    return DmarcVerdict(result=AuthResult.PERMERROR, reason=reason, from_domains=from_domains)
 
 
 def evaluate_dmarc(
@@ -566,56 +598,93 @@ def evaluate_dmarc(
     domains = tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
     if not domains:
         return from_header_error("no RFC5322.From domain")
-    verdicts = [_evaluate_one(d, spf, dkim, resolver, settings) for d in domains[:MAX_AUTHOR_DOMAINS]]
+    verdicts = [
+        _evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains[:MAX_AUTHOR_DOMAINS]
+    ]
     worst = max(verdicts, key=_severity)
     if len(domains) > MAX_AUTHOR_DOMAINS and worst.result is not AuthResult.FAIL:
         # §11.5: "If not all Author Domains are processed, then the DMARC evaluation is incomplete."
-        worst = from_header_error(f"more than {MAX_AUTHOR_DOMAINS} From domains; evaluation incomplete")
-    return replace(worst, from_domains=domains)
+        return from_header_error(
+            f"more than {MAX_AUTHOR_DOMAINS} From domains; evaluation incomplete", domains
+        )
+    return worst
+
+
+# Order for several From domains (§11.5: "apply the most strict policy"): a reject or a quarantine
+# first, then a result we could not finish, then the rest. A pass or none only stands for the
+# message when every domain got it, so it ranks lowest.
+_DISPOSITION_SEVERITY = {Disposition.REJECT: 10, Disposition.QUARANTINE: 9}
+_RESULT_SEVERITY = {
+    AuthResult.TEMPERROR: 8,
+    AuthResult.FAIL: 7,
+    AuthResult.PERMERROR: 6,
+    AuthResult.NONE: 5,
+    AuthResult.PASS: 4,
+}
 
 
 def _severity(verdict: DmarcVerdict) -> int:
-    """Order for several From domains (§11.5: "apply the most strict policy"): a reject or a
-    quarantine first, then a result we could not finish, then the rest. A pass or none only
-    stands for the message when every domain got it, so it ranks lowest."""
-    if verdict.disposition is not Disposition.NONE:
-        return 10 if verdict.disposition is Disposition.REJECT else 9
-    return {
-        AuthResult.TEMPERROR: 8,
-        AuthResult.FAIL: 7,
-        AuthResult.PERMERROR: 6,
-        AuthResult.NONE: 5,
-        AuthResult.PASS: 4,
-    }.get(verdict.result, 0)
+    return _DISPOSITION_SEVERITY.get(verdict.disposition) or _RESULT_SEVERITY.get(verdict.result, 0)
+
+
+class _Outcome(NamedTuple):
+    """What the published policy and the alignment checks decide (the rest of a verdict)."""
+
+    result: AuthResult
+    reason: str
+    policy: Disposition | None = None
+    disposition: Disposition = Disposition.NONE
 
 
 def _evaluate_one(
     author: str,
+    from_domains: tuple[str, ...],
     spf: SpfResult | None,
     dkim: Sequence[DkimResult],
     resolver: Resolver,
     settings: DmarcSettings,
 ) -> DmarcVerdict:
     if _normalize(author) != author:
-        return from_header_error(f"From domain {author!r} is not a domain name")
+        return from_header_error(f"From domain {author!r} is not a domain name", from_domains)
     orgs = _OrgDomains(resolver, settings)
-    base = DmarcVerdict(AuthResult.NONE, from_domain=author)
     try:
         found = _discover(author, resolver, settings, orgs)
     except _TempFail as e:
-        return replace(base, result=AuthResult.TEMPERROR, reason=str(e))
+        return DmarcVerdict(
+            AuthResult.TEMPERROR, from_domain=author, reason=str(e), from_domains=from_domains
+        )
     if found is None:
         # §4.10.1: no record -> "Mail Receivers MUST NOT apply the DMARC mechanism".
-        return replace(base, org_domain=_own_org(author, orgs), reason=f"no DMARC record for {author}")
-    base = replace(base, policy_domain=found.policy_domain, org_domain=found.org_domain, record=found.record)
+        return DmarcVerdict(
+            AuthResult.NONE,
+            from_domain=author,
+            org_domain=_own_org(author, orgs),
+            reason=f"no DMARC record for {author}",
+            from_domains=from_domains,
+        )
     if found.record.policy is None:
-        return replace(
-            base,
-            reason=f"record at _dmarc.{found.policy_domain} has no valid p= and no rua= "
+        alignment = _NOT_CHECKED
+        outcome = _Outcome(
+            AuthResult.NONE,
+            f"record at _dmarc.{found.policy_domain} has no valid p= and no rua= "
             "(RFC 9989 §4.10.1): not applied",
         )
-    alignment = _check_alignment(author, found, spf, dkim, orgs)
-    return _apply(author, found, found.record.policy, base, alignment, resolver)
+    else:
+        alignment = _check_alignment(author, found, spf, dkim, orgs)
+        outcome = _apply(author, found, found.record.policy, alignment, resolver)
+    return DmarcVerdict(
+        outcome.result,
+        from_domain=author,
+        policy_domain=found.policy_domain,
+        org_domain=found.org_domain,
+        policy=outcome.policy,
+        disposition=outcome.disposition,
+        spf_aligned=alignment.spf,
+        dkim_aligned=alignment.dkim,
+        record=found.record,
+        reason=outcome.reason,
+        from_domains=from_domains,
+    )
 
 
 def _own_org(author: str, orgs: _OrgDomains) -> str:
@@ -629,31 +698,23 @@ def _apply(
     author: str,
     found: _Policy,
     published: Disposition,
-    base: DmarcVerdict,
     alignment: _Alignment,
     resolver: Resolver,
-) -> DmarcVerdict:
+) -> _Outcome:
     passed = alignment.spf or alignment.dkim
-    aligned = replace(base, spf_aligned=alignment.spf, dkim_aligned=alignment.dkim)
     try:
         policy, tag = _applicable_policy(author, found, published, resolver)
     except _TempFail as e:
         if not passed:
-            return replace(aligned, result=AuthResult.TEMPERROR, reason=str(e))
+            return _Outcome(AuthResult.TEMPERROR, str(e))
         # A pass does not depend on which policy applies; report the one for an existing domain.
         policy, tag = _existing_subdomain_policy(found.record, published)
     source = f"{tag}={policy} at _dmarc.{found.policy_domain}"
     if passed:
         via = " and ".join(name for name, ok in (("SPF", alignment.spf), ("DKIM", alignment.dkim)) if ok)
-        return replace(aligned, result=AuthResult.PASS, policy=policy, reason=f"aligned {via} ({source})")
+        return _Outcome(AuthResult.PASS, f"aligned {via} ({source})", policy)
     if alignment.unknown:
-        return replace(aligned, result=AuthResult.TEMPERROR, policy=policy, reason=alignment.unknown)
+        return _Outcome(AuthResult.TEMPERROR, alignment.unknown, policy)
     disposition = _ONE_LEVEL_DOWN[policy] if found.record.testing else policy
     testing = f"; t=y, so {disposition}" if found.record.testing and policy is not Disposition.NONE else ""
-    return replace(
-        aligned,
-        result=AuthResult.FAIL,
-        policy=policy,
-        disposition=disposition,
-        reason=f"{alignment.reason} ({source}{testing})",
-    )
+    return _Outcome(AuthResult.FAIL, f"{alignment.reason} ({source}{testing})", policy, disposition)

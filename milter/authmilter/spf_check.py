@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import dns.rdata
@@ -27,6 +29,13 @@ log = logging.getLogger(__name__)
 # RFC 1035 §2.3.4: labels of 1..63 octets, names of at most 253 characters in text form.
 MAX_LABEL_LENGTH = 63
 MAX_NAME_LENGTH = 253
+# §4.3 multi-label, RFC 1035 §2.3.4 labels of 1..63 octets. DNS labels may hold any octet, but no
+# mail domain holds controls or spaces (RFC 5321 §4.1.2): printable ASCII ("!" to "~") but ".".
+_LABEL = rf"[!-\-/-~]{{1,{MAX_LABEL_LENGTH}}}"
+_MULTI_LABEL_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
+# Client addresses recur (a handful of clients send most mail); parsing one costs more than the
+# rest of a check whose result the resolver has kept.
+ADDRESS_CACHE_SIZE = 1024
 
 # pyspf's result words, including the pre-RFC 4408 names it still knows, mapped to RFC 7208 §2.6.
 _RESULT_WORDS: dict[str, AuthResult] = {
@@ -135,9 +144,7 @@ def _evaluate(
 ) -> SpfResult:
     if not settings.enabled:
         return _none(domain, local, scope, "SPF checking disabled")
-    try:
-        ipaddress.ip_address(client_ip)
-    except ValueError:
+    if not _is_ip_address(client_ip):
         # Not the sender's fault and nothing to authorize: no result rather than an error.
         return _none(domain, local, scope, f"client address {client_ip!r} is not an IP address")
     ascii_domain = _checkable_domain(domain)
@@ -152,6 +159,15 @@ def _evaluate(
         lambda: _check(client_ip, helo, local, ascii_domain, scope, resolver, settings),
         keep=lambda result: result.result is not AuthResult.TEMPERROR,  # e.g. out of time
     )
+
+
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _check(
@@ -205,20 +221,20 @@ def _checkable_domain(domain: str) -> str | None:
     name = domain[:-1] if domain.endswith(".") else domain
     if not name or name.startswith("["):
         return None
-    try:
-        # Python's "idna" codec (IDNA 2003 ToASCII) also rejects empty and over-long labels.
-        ascii_name = name.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-    labels = ascii_name.split(".")
-    if len(labels) < 2 or len(ascii_name) > MAX_NAME_LENGTH:
-        return None
-    # DNS labels may hold any octet, but no mail domain holds controls or spaces (RFC 5321 §4.1.2).
-    if not all("!" <= c <= "~" for c in ascii_name):
-        return None
-    if any(not 0 < len(label) <= MAX_LABEL_LENGTH for label in labels):
+    # Python's "idna" codec returns an ASCII name unchanged once its label lengths pass, which
+    # _MULTI_LABEL_NAME checks anyway: only a name with U-labels needs the codec.
+    ascii_name = name if name.isascii() else _a_labels(name)
+    if ascii_name is None or len(ascii_name) > MAX_NAME_LENGTH or not _MULTI_LABEL_NAME.fullmatch(ascii_name):
         return None
     return ascii_name
+
+
+def _a_labels(name: str) -> str | None:
+    # IDNA 2003 ToASCII, which also rejects empty and over-long labels.
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def _pyspf_value(rdata: dns.rdata.Rdata) -> Any:
