@@ -40,20 +40,27 @@ def key(request: pytest.FixtureRequest) -> rsa.RSAPrivateKey:
 @pytest.fixture
 def pure_python(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """dkimpy as shipped, even if another test installed the adapter."""
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim_rsa.pure_python_verify)
-    monkeypatch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)
+    as_shipped(monkeypatch)
     yield
 
 
 @pytest.fixture
 def openssl(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The adapter installed; monkeypatch puts dkimpy back afterwards."""
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim.RSASSA_PKCS1_v1_5_verify)
-    monkeypatch.setattr(dkim, "RE_BTAG", dkim.RE_BTAG)
-    dkim_rsa.install()
+    installed_here(monkeypatch)
     yield
+
+
+def as_shipped(patch: pytest.MonkeyPatch) -> None:
+    for module, name, _, original in dkim_rsa.PATCHES:
+        patch.setattr(module, name, original)
+
+
+def installed_here(patch: pytest.MonkeyPatch) -> None:
+    """install(), undone by ``patch`` at its end."""
+    for module, name, _, _ in dkim_rsa.PATCHES:
+        patch.setattr(module, name, getattr(module, name))
+    dkim_rsa.install()
 
 
 def _sign(pem: bytes, algorithm: bytes, canonicalize: tuple[bytes, bytes]) -> bytes:
@@ -89,9 +96,35 @@ def test_not_installed_means_pure_python(pure_python: None) -> None:
     assert not dkim_rsa.installed()
 
 
-def test_installed_needs_the_b_tag_pattern_too(openssl: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)
+@pytest.mark.parametrize("patched", range(len(dkim_rsa.PATCHES)))
+def test_installed_needs_every_patch(openssl: None, monkeypatch: pytest.MonkeyPatch, patched: int) -> None:
+    module, name, _, original = dkim_rsa.PATCHES[patched]
+    monkeypatch.setattr(module, name, original)
     assert not dkim_rsa.installed()
+
+
+# --- the canonicalization helpers ---------------------------------------------------------------
+
+CANONICALIZATION_SAMPLES = [
+    b"",
+    b"plain text\r\n",
+    b"two  spaces\tand a tab \r\nnext \t \r\n\r\n",
+    b"folded:\r\n continuation\n bare LF\r\n",
+    b" \t\t ",
+    b"\r\n\r\n",
+    b"trailing tab\t\r\n",
+    b"no line end  ",
+]
+
+
+@pytest.mark.parametrize("index", range(3, len(dkim_rsa.PATCHES)))
+def test_canonicalization_helpers_give_dkimpys_results(index: int) -> None:
+    _, name, ours, original = dkim_rsa.PATCHES[index]
+    assert callable(ours) and callable(original) and ours is not original
+    rng = random.Random(index)
+    generated = [bytes(rng.choice(b" \t\r\nab") for _ in range(rng.randrange(40))) for _ in range(3000)]
+    for sample in [*CANONICALIZATION_SAMPLES, *generated]:
+        assert ours(sample) == original(sample), (name, sample)
 
 
 # --- the b= pattern --------------------------------------------------------------------------
@@ -185,14 +218,10 @@ def test_signatures_are_byte_identical(
     monkeypatch.setattr(time, "time", lambda: FROZEN)  # dkim.sign writes t= from the clock
     pem = _pem(key)
     with monkeypatch.context() as patch:
-        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
-        patch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)
+        as_shipped(patch)
         reference = _sign(pem, algorithm, canonicalize)
     with monkeypatch.context() as patch:
-        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim.RSASSA_PKCS1_v1_5_sign)
-        patch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim.RSASSA_PKCS1_v1_5_verify)
-        patch.setattr(dkim, "RE_BTAG", dkim.RE_BTAG)
-        dkim_rsa.install()
+        installed_here(patch)
         adapted = _sign(pem, algorithm, canonicalize)
     assert adapted == reference
     assert b"b=" in adapted and b"t=1700000000" in adapted

@@ -207,9 +207,8 @@ def test_stalwart_every_signature_passes(
     tmp_path: Path, name: str, rsa: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     records, message = stalwart_case(_require(STALWART / name))
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", dkim_rsa.pure_python_sign)
-    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_verify", dkim_rsa.pure_python_verify)
-    monkeypatch.setattr(dkim, "RE_BTAG", dkim_rsa.dkimpy_b_tag)  # dkimpy as shipped, unless installed
+    for module, attribute, _, original in dkim_rsa.PATCHES:  # dkimpy as shipped, unless installed
+        monkeypatch.setattr(module, attribute, original)
     if rsa == "openssl":
         dkim_rsa.install()  # the pipeline's setting: results must not change
     # The frozen instant comes only through now=; a clock far in the future must not matter.
