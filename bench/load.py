@@ -147,6 +147,18 @@ class LoadResult:
     data_latencies: list[float] = field(default_factory=list)
     session_latencies: list[float] = field(default_factory=list)
 
+    def merged(self, other: LoadResult) -> LoadResult:
+        """Both runs as one (the rounds of one set-up)."""
+        return LoadResult(
+            self.sent + other.sent,
+            self.accepted + other.accepted,
+            self.refused + other.refused,
+            self.seconds + other.seconds,
+            self.client_cpu_seconds + other.client_cpu_seconds,
+            self.data_latencies + other.data_latencies,
+            self.session_latencies + other.session_latencies,
+        )
+
     def percentile(self, values: Sequence[float], q: float) -> float:
         if not values:
             return 0.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import shutil
 import sys
 import tempfile
@@ -94,6 +95,20 @@ class Measurement:
     results_seen: str  # which of spf/dkim/dmarc = pass a delivered message carries
     machine_busy: float  # share of all cores busy meanwhile (Postfix, sink, client, milter, DNS)
 
+    def merged(self, other: Measurement) -> Measurement:
+        """Two rounds of the same set-up as one: totals, so the rate is messages over seconds."""
+        busy_seconds = self.machine_busy * self.seconds + other.machine_busy * other.seconds
+        seconds = self.seconds + other.seconds
+        return Measurement(
+            self.setup,
+            self.transport,
+            self.load.merged(other.load),
+            seconds,
+            self.milter_cpu_seconds + other.milter_cpu_seconds,
+            self.results_seen if self.results_seen == other.results_seen else "differs between rounds",
+            busy_seconds / seconds if seconds else 0.0,
+        )
+
     @property
     def rate(self) -> float:
         return self.load.accepted / self.seconds if self.seconds else 0.0
@@ -113,8 +128,9 @@ class Bench:
     key: SigningKey
     payloads: list[bytes]
     sessions: int
-    messages: int
+    messages: int  # per measure(): per set-up and round
     client: Client = SENDING_CLIENT
+    round_note: str = ""
 
     def measure(
         self,
@@ -128,7 +144,8 @@ class Bench:
 
         ``check`` says what the delivered messages show (default: which A-R results pass).
         """
-        print(f"-- {setup} over {transport}: {self.messages} messages, {self.sessions} sessions", flush=True)
+        what = f"{self.messages} messages, {self.sessions} sessions{self.round_note}"
+        print(f"-- {setup} over {transport}: {what}", flush=True)
         with contextlib.ExitStack() as running:
             for milter in milters:
                 milter.start()
@@ -242,6 +259,9 @@ def _big_body(size: int) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=3000, help="messages per set-up (default 3000)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of interleaved set-ups sharing the messages (default 3)"
+    )
     parser.add_argument("--sessions", type=int, default=10, help="concurrent SMTP sessions (default 10)")
     parser.add_argument("--compare", action="store_true", help="also OpenDKIM + OpenDMARC")
     parser.add_argument(
@@ -266,8 +286,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.transports = [t for t in args.transports.split(",") if t]
     if any(t not in ("unix", "tcp") for t in args.transports):
         parser.error("--transports takes unix and/or tcp")
-    if args.messages < 1 or args.sessions < 1:
-        parser.error("--messages and --sessions must be at least 1")
+    if args.messages < 1 or args.sessions < 1 or args.rounds < 1:
+        parser.error("--messages, --sessions and --rounds must be at least 1")
     if args.signing:
         args.skip_rss = True
     return args
@@ -388,10 +408,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 payloads = signed_messages(distinct, key, DOMAIN, SELECTOR, sizes)
             client = INTERNAL_CLIENT if args.signing else SENDING_CLIENT
-            bench = Bench(workdir, postfix, sink, key, payloads, args.sessions, args.messages, client)
-            results.append(bench.measure("no milter", "-", postfix.bare_smtp_port, []))
-            for setup, transport, port, milters, check in setups:
-                results.append(bench.measure(setup, transport, port, milters(), check))
+            per_round = -(-args.messages // args.rounds)
+            bench = Bench(workdir, postfix, sink, key, payloads, args.sessions, per_round, client)
+            # Rounds interleave the set-ups, so a machine that speeds up or slows down during the
+            # run (shared hosts do) moves every set-up alike and the ratios stay fair.
+            rounds: list[list[Measurement]] = []
+            for number in range(1, args.rounds + 1):
+                bench.round_note = f" (round {number} of {args.rounds})" if args.rounds > 1 else ""
+                measured = [bench.measure("no milter", "-", postfix.bare_smtp_port, [])]
+                for setup, transport, port, milters, check in setups:
+                    measured.append(bench.measure(setup, transport, port, milters(), check))
+                rounds.append(measured)
+            results = [functools.reduce(Measurement.merged, same) for same in zip(*rounds, strict=True)]
             if not args.skip_rss:
                 print(
                     f"-- authmilter peak RSS: {args.rss_sessions} sessions x {args.rss_rounds} x 10 MB",
