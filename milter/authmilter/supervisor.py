@@ -41,6 +41,7 @@ does, is libmilter's immediate stop: run the unit with KillMode=mixed.)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import grp
 import logging
 import logging.handlers
@@ -316,9 +317,34 @@ def serve_worker(listener: socket.socket, config: Config, ready: Callable[[], No
 
     Returns when libmilter stops (not on a graceful stop, which ends the process: see above).
     """
+    return_large_buffers()
     runtime = build_runtime(config)
     ready()
     serve(f"fd:{listener.fileno()}", runtime)
+
+
+# glibc mallopt(3) parameters.
+_M_MMAP_THRESHOLD = -3
+LARGE_BUFFER_BYTES = 1024 * 1024
+
+
+def return_large_buffers() -> bool:
+    """Make glibc give every buffer of 1 MiB or more back to the system when it is freed.
+
+    Why: by default glibc raises its mmap threshold to the size of the largest block freed (up to
+    32 MiB), after which a 10 MB message's copies come from the heap of whichever of libmilter's
+    threads checked it, and stay there: the peak RSS of 20 concurrent 10 MB messages varied from
+    170 to 250 MB between runs (bench/). A fixed threshold (which also turns the dynamic one off)
+    keeps memory to what messages in progress use. Small allocations are unaffected.
+
+    Returns:
+        True when glibc took the setting (False elsewhere, e.g. musl: nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BUFFER_BYTES))
+    except (OSError, AttributeError):
+        return False
 
 
 def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
