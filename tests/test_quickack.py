@@ -35,9 +35,9 @@ def test_a_tcp_listener_turns_it_on_for_its_port(tcp_listener: socket.socket) ->
     assert tcp_listener.fileno() >= 0, "the descriptor looked at is never closed"
 
 
-@pytest.mark.parametrize("connection", ["inet:8891@127.0.0.1", "inet6:8891@[::1]"])
-def test_inet_connection_strings_name_the_port(connection: str) -> None:
-    assert QuickAck.for_listener(connection).enabled
+@pytest.mark.parametrize("connection", ["inet:8891@127.0.0.1", "inet6:8891@[::1]", "fd:"])
+def test_sockets_libmilter_opens_itself_are_left_alone(connection: str) -> None:
+    assert not QuickAck.for_listener(connection).enabled
 
 
 def test_unix_sockets_and_other_descriptors_turn_it_off(tmp_path: Path) -> None:

@@ -60,21 +60,17 @@ class QuickAck:
 
     @classmethod
     def for_listener(cls, connection: str) -> QuickAck:
-        """The policy for libmilter's connection string (``fd:N``, ``inet:PORT@HOST``, ``unix:PATH``).
+        """The policy for libmilter's connection string.
 
         Args:
-            connection: what the worker hands libmilter.
+            connection: what the worker hands libmilter: ``fd:N``, the supervisor's listening
+                socket. Any other string is a socket libmilter opens itself: left alone.
 
         Returns:
             An enabled QuickAck for a TCP listener on Linux, a disabled one otherwise.
         """
-        kind, _, rest = connection.partition(":")
-        port: int | None = None
-        if kind == "fd" and rest.isdigit():
-            port = _tcp_port_of(int(rest))
-        elif kind in ("inet", "inet6"):
-            text = rest.partition("@")[0]
-            port = int(text) if text.isdigit() else None
+        kind, _, fd = connection.partition(":")
+        port = _tcp_port_of(int(fd)) if kind == "fd" and fd.isdigit() else None
         return cls(port if os.uname().sysname == "Linux" else None)
 
     def connection_fd(self, context: object) -> int | None:
