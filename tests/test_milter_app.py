@@ -32,6 +32,7 @@ from authmilter.actions import FailureAction
 from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
 from authmilter.dkim_verify import DkimSettings, verify_dkim
+from authmilter.dmarc import DmarcSettings, organizational_domain
 from authmilter.history import HistorySettings, read_history
 from authmilter.keys import KeyFileError
 from authmilter.milter_app import (
@@ -904,6 +905,22 @@ def test_build_runtime(zone_files: list[Path], history: History) -> None:
     assert dkim_rsa.installed()
     with pytest.raises(dataclasses.FrozenInstanceError):
         runtime.history = None  # type: ignore[misc]
+
+
+def test_build_runtime_reads_the_pinned_public_suffix_list(zone_files: list[Path], tmp_path: Path) -> None:
+    """The list is read when the worker starts: a later edit waits for a reload, a lost file stops it."""
+    pinned = tmp_path / "psl.dat"
+    pinned.write_text("com\nfoo.com\n", encoding="utf-8")  # foo.com is a public suffix here
+    dns = DnsSettings(zone_files=tuple(map(str, zone_files)))
+    config = dataclasses.replace(
+        make_config(), dns=dns, dmarc=DmarcSettings(org_domain="psl", psl_file=str(pinned))
+    )
+    runtime = build_runtime(config)
+    pinned.write_text("com\n", encoding="utf-8")
+    assert organizational_domain("a.b.foo.com", runtime.resolver, config.dmarc) == "b.foo.com"
+    gone = DmarcSettings(org_domain="psl", psl_file=str(tmp_path / "gone.dat"))
+    with pytest.raises(FileNotFoundError, match=r"gone\.dat"):
+        build_runtime(dataclasses.replace(config, dmarc=gone))
 
 
 def test_serve_registers_factory_and_flags(monkeypatch: pytest.MonkeyPatch, zone_files: list[Path]) -> None:

@@ -337,10 +337,23 @@ def _org_from_walk(start: str, walk: _Walk) -> str:
     return start  # "If this process does not determine the Organizational Domain..."
 
 
+def load_public_suffix_list(settings: DmarcSettings) -> None:
+    """Read the Public Suffix List now when ``org_domain = "psl"``, not on the first message.
+
+    A worker calls this at start-up, so a pinned list that became unreadable since the config was
+    checked stops the worker with the reason instead of failing messages.
+
+    Raises:
+        OSError: the pinned ``psl_file`` cannot be read.
+        UnicodeDecodeError: it is not UTF-8 text.
+    """
+    if settings.org_domain == "psl":
+        _public_suffix_list(settings.psl_file)
+
+
 @lru_cache(maxsize=8)
 def _public_suffix_list(psl_file: str | None) -> PublicSuffixList:
-    # Loaded once per file and process; config.py may call organizational_domain() at start-up
-    # to read (and check) a pinned list before the first message.
+    # Loaded once per file and process (load_public_suffix_list, at worker start-up).
     if psl_file is None:
         return PublicSuffixList()
     with open(psl_file, encoding="utf-8") as source:

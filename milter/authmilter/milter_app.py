@@ -39,6 +39,7 @@ from authmilter.authresults import (
 )
 from authmilter.config import Config
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
+from authmilter.dmarc import load_public_suffix_list
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
 from authmilter.keys import KeyCache
 from authmilter.message import (
@@ -205,8 +206,10 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
         ZoneFileError: a configured zone file is unreadable or invalid.
         HistoryError: the history file cannot be opened.
         KeyFileError: a KeyTable key became unusable since the configuration was checked.
+        OSError: the pinned Public Suffix List became unreadable since then.
     """
     resolver = build_resolver(config.dns)
+    load_public_suffix_list(config.dmarc)  # ~10,000 rules: parsed here, not on the first message
     dkim_rsa.install()  # RSA signing and verifying through OpenSSL
     keys = KeyCache(follow_changes=False)  # keys change on SIGHUP only, all at once
     if config.signing_table is not None:
