@@ -62,8 +62,10 @@ def _transaction(signed: bytes) -> Transaction:
     parsed = parse_message(received + signed)
     collector = HeaderCollector()
     for field in parsed.headers.fields:
-        # What pymilter hands over: one leading space eaten, continuation lines joined by LF.
-        collector.add(field.name, field.value.encode("latin-1")[1:].replace(b"\r\n", b"\n"))
+        # What pymilter hands over from Postfix (SMFIP_HDR_LEADSPC): the value as sent after the
+        # colon, continuation lines joined by LF.
+        value = field.value.encode("latin-1").replace(b"\r\n", b"\n")
+        collector.add(field.name, value, leading_space_included=True)
     headers = collector.result()
     head = assemble_message(headers, b"")
     raw = head + parsed.raw[parsed.body_offset :]

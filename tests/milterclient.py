@@ -3,7 +3,10 @@
 It speaks what Postfix and Sendmail speak to a milter: option negotiation, the SMTP stages with
 their macros, headers, body chunks, end of message, and it collects the milter's modification
 actions and its final response. It honours what the milter negotiates: stages the milter does not
-want (``SMFIP_NO*``) are not sent, and stages it will not answer (``SMFIP_NR_*``) are not waited for.
+want (``SMFIP_NO*``) are not sent, stages it will not answer (``SMFIP_NR_*``) are not waited for,
+and header values keep the whitespace after the colon only with ``SMFIP_HDR_LEADSPC``, as in
+Postfix's milter8.c (without it one space is dropped from the fields sent and added to the fields
+the milter adds).
 
 Wire format (libmilter's mfdef.h; Sendmail's doc/MILTER protocol notes): every packet is a 32-bit
 big-endian length, one command byte, then the data; strings are NUL-terminated.
@@ -68,6 +71,9 @@ _STAGES: dict[str, tuple[bytes, int, int]] = {
     "body": (b"B", SMFIP_NOBODY, SMFIP_NR_BODY),
 }
 
+# Modifications whose value is a header field's (what follows "Name:").
+HEADER_CHANGES = frozenset({"addheader", "insheader", "chgheader"})
+
 # Replies that end a stage (everything else before them is a modification or progress).
 FINAL_REPLIES = {
     b"a": "accept",
@@ -114,6 +120,11 @@ class Negotiated:
     def replies(self, stage: str) -> bool:
         return not self.protocol & _STAGES[stage][2]
 
+    @property
+    def leading_space(self) -> bool:
+        """SMFIP_HDR_LEADSPC: header values as they are after the colon, both ways."""
+        return bool(self.protocol & SMFIP_HDR_LEADSPC)
+
 
 @dataclass(frozen=True)
 class Modification:
@@ -123,7 +134,9 @@ class Modification:
         kind: ``addheader``, ``insheader``, ``chgheader``, ``quarantine``, ``addrcpt``, ...
         index: the header index for insheader/chgheader (1-based occurrence for chgheader).
         name: the header name, or the recipient/sender for envelope changes.
-        value: the header value, the quarantine reason, or raw data for the rest.
+        value: for a header field, what the MTA writes after the colon (the space it adds without
+            SMFIP_HDR_LEADSPC included, so ``name + ":" + value`` is the field); the quarantine
+            reason, or raw data for the rest.
     """
 
     kind: str
@@ -272,14 +285,19 @@ class MilterClient:
 
     def _stage(self, stage: str, data: bytes, macros: Mapping[str, str] | None = None) -> Response | None:
         """Send one stage; returns its response, or None when not sent or not answered."""
-        if self.negotiated is None:
-            raise MilterProtocolError("negotiate() first")
+        agreed = self._agreed
         command = _STAGES[stage][0]
         self._macros(command, macros)
-        if not self.negotiated.sends(stage):
+        if not agreed.sends(stage):
             return None
         self.send(command, data)
-        return self._final() if self.negotiated.replies(stage) else None
+        return self._final() if agreed.replies(stage) else None
+
+    @property
+    def _agreed(self) -> Negotiated:
+        if self.negotiated is None:
+            raise MilterProtocolError("negotiate() first")
+        return self.negotiated
 
     # --- stages ----------------------------------------------------------------------------
 
@@ -347,12 +365,19 @@ class MilterClient:
             if command == PROGRESS:
                 continue
             if command in MODIFICATIONS:
-                modifications.append(_modification(command, data))
+                modifications.append(self._as_written(_modification(command, data)))
                 continue
             if command in FINAL_REPLIES:
                 text = data.rstrip(b"\0").decode("utf-8", "replace") if command == b"y" else ""
                 return tuple(modifications), Response(FINAL_REPLIES[command], text)
             raise MilterProtocolError(f"unexpected reply {command!r} at end of message")
+
+    def _as_written(self, change: Modification) -> Modification:
+        # Postfix milter8.c (MILTER8_HDR_SPACE): a space after the colon unless HDR_LEADSPC; an
+        # empty chgheader value deletes the field.
+        if change.kind in HEADER_CHANGES and change.value and not self._agreed.leading_space:
+            return Modification(change.kind, change.index, change.name, " " + change.value)
+        return change
 
     def abort(self) -> None:
         """SMFIC_ABORT: the transaction ends without a message (never answered)."""
@@ -377,7 +402,7 @@ class MilterClient:
         An early answer (e.g. accept at MAIL for an authenticated client) ends the transaction
         as it ends an MTA's: the rest is not sent and an abort resets the milter.
         """
-        headers, body = split_message(message)
+        headers, body = split_message(message, self._agreed.leading_space)
         Step = Callable[[], Response | None]
         steps: list[tuple[str, Step]] = [("mail", lambda: self.mail(mail_from, macros=mail_macros))]
         steps += [("rcpt", lambda r=r: self.rcpt(r)) for r in recipients]
@@ -409,11 +434,11 @@ def _modification(command: bytes, data: bytes) -> Modification:
     return Modification(kind, None, strings[0] if strings else "", " ".join(strings[1:]))
 
 
-def split_message(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
+def split_message(message: bytes, leading_space: bool = False) -> tuple[list[tuple[str, str]], bytes]:
     """A raw message → ([(name, value)] as an MTA sends them, body with CRLF line ends).
 
-    Values lose the one space after the colon (as without SMFIP_HDR_LEADSPC) and keep their
-    folding with LF line breaks, which is what libmilter hands to ``xxfi_header``.
+    Values keep their folding with LF line breaks, which is what libmilter hands to ``xxfi_header``,
+    and lose the one space after the colon unless ``leading_space`` (SMFIP_HDR_LEADSPC).
     """
     normalised = message.replace(b"\r\n", b"\n")
     head, sep, body = normalised.partition(b"\n\n")
@@ -427,7 +452,7 @@ def split_message(message: bytes) -> tuple[list[tuple[str, str]], bytes]:
             headers[-1] = (name, f"{value}\n{text}")
         elif ":" in text:
             name, _, value = text.partition(":")
-            headers.append((name, value[1:] if value.startswith(" ") else value))
+            headers.append((name, value if leading_space or not value.startswith(" ") else value[1:]))
     return headers, body.replace(b"\n", b"\r\n")
 
 

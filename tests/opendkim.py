@@ -30,7 +30,7 @@ import authres
 import dns.rdatatype
 import dns.zone
 
-from milterclient import ALL_PROTOCOL, SMFIP_HDR_LEADSPC, MessageResult, MilterClient, MilterProtocolError
+from milterclient import MessageResult, MilterClient, MilterProtocolError
 
 READY_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -41,9 +41,6 @@ PR_SET_PDEATHSIG = 1
 AUTHSERV_ID = "opendkim.test"
 OUTSIDE_CLIENT = "192.0.2.10"
 INTERNAL_CLIENT = "127.0.0.1"
-# Offered without SMFIP_HDR_LEADSPC: tests/milterclient.py sends header values without their leading
-# space, which a milter that negotiated HDR_LEADSPC would read as "Name:value" (and sign so).
-PROTOCOL = ALL_PROTOCOL & ~SMFIP_HDR_LEADSPC
 
 
 class OpenDkimError(RuntimeError):
@@ -243,7 +240,7 @@ class OpenDkim:
 
     def _transaction(self, message: bytes, client_ip: str) -> MessageResult:
         with MilterClient.connect(self.address) as client:
-            client.negotiate(protocol=PROTOCOL)
+            client.negotiate()
             client.connect_info("client.example", client_ip, 25, socket.AF_INET, {"j": "mx.example"})
             client.helo("client.example")
             result = client.send_message(message, "bob@sender.example", ["alice@receiver.example"])

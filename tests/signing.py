@@ -63,6 +63,14 @@ def make_message(
     ).encode()
 
 
+def with_tight_fields(message: bytes) -> bytes:
+    """Subject and To written with no space after the colon ("Subject:x", "To:<TAB>x"): legal
+    (RFC 5322 §2.2), and what ``simple`` header canonicalization (RFC 6376 §3.4.1) must see as is."""
+    head, separator, body = message.partition(b"\r\n\r\n")
+    head = head.replace(b"\r\nSubject: ", b"\r\nSubject:").replace(b"\r\nTo: ", b"\r\nTo:\t")
+    return head + separator + body
+
+
 def sign(message: bytes, key: SigningKey, domain: str, selector: str, **kwargs: object) -> bytes:
     """The message with a DKIM-Signature from dkimpy prepended."""
     signature = dkim.sign(

@@ -50,7 +50,7 @@ from authmilter.milter_app import (
 from authmilter.model import AuthResult, Verdict
 from authmilter.pipeline import Transaction
 from authmilter.resolver import DnsAnswer, DnsSettings, Resolver, ZoneFileSource, tempfail
-from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, zone_txt
+from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, with_tight_fields, zone_txt
 
 AUTHSERV_ID = "mx.receiver.example"
 INSIDE_IP = "192.0.2.10"  # allowed by sender.example's SPF record
@@ -60,15 +60,18 @@ DNS_DOWN = dns.name.from_text("dnsdown.example.")
 RESOLVER_BUG = dns.name.from_text("bug.example.")
 A_R = "Authentication-Results"
 # Everything libmilter 1.0.1 can offer.
-MTA_OFFER = (Milter.CURR_ACTS, 0x1FFFFF, 0, 0)
+MTA_OFFER = (Milter.CURR_ACTS, 0x1FFFFF, 0, 0)  # Postfix 3.7: every step, SMFIP_HDR_LEADSPC too
+# An MTA without SMFIP_HDR_LEADSPC (it drops one space after each colon and adds one to new fields).
+OLD_MTA_OFFER = (Milter.CURR_ACTS, 0x1FFFFF & ~Milter.P_HDR_LEADSPC, 0, 0)
 LOGGER = "authmilter.milter_app"
 
 
 # --- the MTA's side -------------------------------------------------------------------------------
 
 
-def mta_fields(raw: bytes) -> list[tuple[str, bytes]]:
-    """Header fields as Postfix passes them to a milter: one space after the colon eaten, folds as LF."""
+def mta_fields(raw: bytes, leading_space: bool = False) -> list[tuple[str, bytes]]:
+    """Header fields as Postfix passes them to a milter, folds as LF: with SMFIP_HDR_LEADSPC
+    (``leading_space``) as they are after the colon, else with one space after the colon eaten."""
     head = raw.split(b"\r\n\r\n", 1)[0]
     fields: list[tuple[str, bytes]] = []
     for line in head.split(b"\r\n"):
@@ -76,7 +79,7 @@ def mta_fields(raw: bytes) -> list[tuple[str, bytes]]:
             fields[-1] = (fields[-1][0], fields[-1][1] + b"\n" + line)
         else:
             name, _, value = line.partition(b":")
-            fields.append((name.decode().rstrip(" \t"), value.removeprefix(b" ")))
+            fields.append((name.decode().rstrip(" \t"), value if leading_space else value.removeprefix(b" ")))
     return fields
 
 
@@ -113,6 +116,11 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
 
     def addheader(self, field: str, value: str, idx: int) -> None:
         assert self._body is not None, "addheader outside eom"
+        if self.leading_space:
+            # The MTA adds no space after the colon: the milter must have put it there. Recorded
+            # without it, as an MTA without the extension would show the value.
+            assert value.startswith(" "), f"{field}:{value!r} would have no space after the colon"
+            value = value[1:]
         self.changes.append(("add", field, value, idx))
         self.headers.insert(len(self.headers) if idx < 0 else idx, (field, value))
 
@@ -130,6 +138,11 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
     def quarantine(self, reason: str) -> None:
         assert self._body is not None, "quarantine outside eom"
         self.changes.append(("quarantine", reason))
+
+    @property
+    def leading_space(self) -> bool:
+        """SMFIP_HDR_LEADSPC was negotiated."""
+        return bool(self._protocol & Milter.P_HDR_LEADSPC)
 
     # the MTA's moves
 
@@ -169,8 +182,8 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
         for rcpt in rcpts:
             assert self.app.envrcpt_bytes(f"<{rcpt}>".encode()) == Milter.NOREPLY
         self._stage = Milter.M_DATA
-        fields = mta_fields(raw)
-        self.headers = [(name, value.decode("latin-1")) for name, value in fields]
+        fields = mta_fields(raw, self.leading_space)
+        self.headers = [(name, value.decode("latin-1")) for name, value in mta_fields(raw)]
         for name, value in fields:
             assert self.app.header_bytes(name, value) == Milter.NOREPLY
 
@@ -257,18 +270,20 @@ def history() -> History:
 
 @pytest.fixture
 def connect(zone_files: list[Path], history: History, monkeypatch: pytest.MonkeyPatch) -> Iterator[Connect]:
-    """Open a connection: ``connect(config=, resolver=, macros=, ip=, family=...)``, as serve() would."""
+    """Open a connection as serve() would: ``connect(config=, resolver=, macros=, offer=, ip=, ...)``."""
 
     def open_connection(
         config: Config | None = None,
         resolver: Resolver | None = None,
         macros: dict[int, dict[str, str]] | None = None,
+        offer: tuple[int, int, int, int] = MTA_OFFER,
         **kw: Any,
     ) -> MtaCtx:
         runtime = Runtime(config or make_config(), resolver or Resolver(ScriptedSource(zone_files)), history)
         monkeypatch.setattr(Milter, "factory", lambda: AuthMilter(runtime))
         ctx = MtaCtx()
         ctx.macros = macros or {}
+        ctx.offer = offer
         ctx.connect(**kw)
         return ctx
 
@@ -301,9 +316,21 @@ def test_negotiates_only_the_actions_and_steps_it_uses(connect: Connect) -> None
     assert protocol & no_reply == no_reply
     assert protocol & skipped == skipped
     needed = Milter.P_NOCONNECT | Milter.P_NOHELO | Milter.P_NOMAIL | Milter.P_NORCPT
-    unused = Milter.P_SKIP | Milter.P_HDR_LEADSPC | Milter.P_RCPT_REJ | Milter.P_NR_EOH | Milter.P_NR_DATA
+    unused = Milter.P_SKIP | Milter.P_RCPT_REJ | Milter.P_NR_EOH | Milter.P_NR_DATA
     assert protocol & (needed | Milter.P_NOHDRS | Milter.P_NOBODY | unused) == 0
+    assert protocol & Milter.P_HDR_LEADSPC  # header values as sent (see milter_app's docstring)
     assert ctx._opts[2:] == [0, 0]
+
+
+def test_header_values_reach_dkim_as_sent(connect: Connect, keys: dict[str, SigningKey]) -> None:
+    """With SMFIP_HDR_LEADSPC, "Subject:tight" and "To:<TAB>..." stay as they are, so a signature
+    with ``simple`` header canonicalization (RFC 6376 §3.4.1) over them verifies."""
+    simple = (b"simple", b"simple")
+    raw = sign(with_tight_fields(make_message()), keys["rsa"], "sender.example", "rsa1", canonicalize=simple)
+    ctx = connect(ip=OUTSIDE_IP)
+    assert ctx.send(raw) == Milter.ACCEPT
+    [ours] = our_ar(ctx)
+    assert "dkim=pass header.d=sender.example" in ours, ours
 
 
 def test_header_and_body_callbacks_give_no_reply(connect: Connect, signed: Callable[..., bytes]) -> None:
@@ -316,11 +343,13 @@ def test_header_and_body_callbacks_give_no_reply(connect: Connect, signed: Calla
 # --- verdicts applied -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("offer", [MTA_OFFER, OLD_MTA_OFFER], ids=["leadspc", "no-leadspc"])
 @pytest.mark.parametrize("key", ["rsa", "ed"])
 def test_signed_message_is_accepted_with_our_ar_on_top(
-    connect: Connect, signed: Callable[..., bytes], key: str
+    connect: Connect, signed: Callable[..., bytes], key: str, offer: tuple[int, int, int, int]
 ) -> None:
-    ctx = connect()
+    ctx = connect(offer=offer)
+    assert ctx.leading_space == (offer == MTA_OFFER)
     assert ctx.send(signed(key)) == Milter.ACCEPT
     [(kind, name, value, index)] = ctx.changes
     assert (kind, name, index) == ("add", A_R, 0)

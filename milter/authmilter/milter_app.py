@@ -13,6 +13,10 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
   end of message, the one place a decision is made.
 - Callbacks we do not define (``data``, ``eoh``, ``unknown``) are switched off, and only the
   actions we use are asked for: add/insert headers, change (delete) headers, quarantine.
+- Header values arrive as sent (``SMFIP_HDR_LEADSPC``, when the MTA offers it, as Postfix and
+  Sendmail 8.14+ do): otherwise the MTA drops one space after each colon and "Subject:x" could not
+  be told from "Subject: x", which DKIM's ``simple`` header canonicalization (RFC 6376 §3.4.1)
+  must. Then the MTA adds no space to the fields we add either: :meth:`AuthMilter._field_value`.
 - The body is spooled: in memory up to ``[milter] body_memory_limit``, then in a temporary file,
   so many large concurrent messages do not exhaust memory.
 """
@@ -61,6 +65,8 @@ MILTER_NAME = "authmilter"
 # The only actions we take (smfi_register flags and negotiation): insert our A-R and the quarantine
 # header, delete forged A-R (smfi_chgheader with an empty value), hold the message.
 ACTIONS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
+# Protocol extensions pymilter leaves off by default that we take when offered (see the top).
+EXTENSIONS = Milter.P_HDR_LEADSPC
 # Recipients kept per message (history rows need the envelope-to domain, not thousands of them).
 # RFC 5321 §4.5.3.1.8 asks servers to take at least 100; Postfix's smtpd_recipient_limit is 1000.
 MAX_RECIPIENTS = 1000
@@ -310,6 +316,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._message: _Message | None = None
         self._quickack = quickack or QuickAck(None)
         self._ack_fd: int | None = None
+        # SMFIP_HDR_LEADSPC was negotiated: header values keep the whitespace after the colon.
+        self._leading_space = False
 
     # --- negotiation -------------------------------------------------------------------------
 
@@ -327,7 +335,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             # protocol_mask() comes from the @noreply/@nocallback marks on the callbacks; SKIP is a
             # reply we never give.
             self._actions = offered_actions & ACTIONS
-            self._protocol = offered_protocol & ~self.protocol_mask() & ~Milter.P_SKIP
+            self._protocol = offered_protocol & ~(self.protocol_mask() & ~EXTENSIONS) & ~Milter.P_SKIP
+            self._leading_space = bool(self._protocol & Milter.P_HDR_LEADSPC)
             opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
         except Exception:
             log.exception("cannot negotiate with the MTA (offer %r)", opts)
@@ -388,7 +397,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     @_header_values_as_bytes
     @_gathers
     def header(self, name: str, value: bytes) -> None:
-        self._current_message().headers.add(name, value)
+        self._current_message().headers.add(name, value, leading_space_included=self._leading_space)
 
     @_gathers
     def body(self, chunk: bytes) -> None:
@@ -493,13 +502,22 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._delete_authentication_results(verdict.forged_authentication_results)
         if verdict.authentication_results:  # none on outbound mail: we did not verify it
             # RFC 8601 §4: above the MTA's own Received, so index 0 (smfi_insheader).
-            self.addheader(HEADER_NAME, verdict.authentication_results, 0)
+            self.addheader(HEADER_NAME, self._field_value(verdict.authentication_results), 0)
         # Each at the top (RFC 6376 §5.6: prepended), the last first, so the first ends on top.
         for signature in reversed(verdict.signatures):
-            self.addheader(SIGNATURE_HEADER, signature, 0)
+            self.addheader(SIGNATURE_HEADER, self._field_value(signature), 0)
         if verdict.action is Action.QUARANTINE:
             self._quarantine(verdict.reason)
         return int(Milter.ACCEPT)
+
+    def _field_value(self, value: str) -> str:
+        """A value for a field we add, with the one space after the colon that readers expect.
+
+        The MTA puts it there itself unless SMFIP_HDR_LEADSPC was negotiated (Postfix milter8.c);
+        a DKIM-Signature was signed with it (dkimpy), so under ``simple`` header canonicalization
+        it must be there.
+        """
+        return " " + value if self._leading_space else value
 
     def _delete_authentication_results(self, indices: tuple[int, ...]) -> None:
         # The indices come highest first: deleting the last first keeps the others valid
@@ -513,7 +531,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if self._config.milter.quarantine == "hold":
             self.quarantine(text)
         else:
-            self.addheader(QUARANTINE_HEADER, text)
+            self.addheader(QUARANTINE_HEADER, self._field_value(text))
 
     def _record_history(self, verdict: Verdict, transaction: Transaction) -> None:
         history = self._runtime.history

@@ -32,7 +32,7 @@ from postfix import (
 from sink import DeliveredMessage
 
 from dnsserver import AuthoritativeDns
-from signing import make_message, sign
+from signing import make_message, sign, with_tight_fields
 
 OUR_AUTHSERV_ID = "mx.receiver.example"
 # Long enough for a loaded CI machine; a milter that missed a reload or respawn fails after it.
@@ -136,6 +136,26 @@ def test_signed_message_from_reject_domain_is_delivered_with_passing_results(
     # RFC 8601 §4: our A-R goes above the MTA's own Received (the adapter inserts at index 0).
     assert delivered.header_names()[0] == "Authentication-Results", delivered.header_names()
     assert "mx.receiver.example" in delivered.header_values("Received")[0]
+
+
+def test_header_fields_reach_the_dkim_check_as_sent(mta: Mta, senders: Senders) -> None:
+    """``simple`` header canonicalization (RFC 6376 §3.4.1) needs every field byte for byte.
+
+    Without SMFIP_HDR_LEADSPC Postfix drops one space after each colon and the milter must guess it
+    back: "Subject:tight" and "To:<TAB>..." would come back as "Subject: tight" and "To: <TAB>...",
+    and the signature over them would fail. Our own fields keep their one space after the colon.
+    """
+    sender = senders.reject
+    message = with_tight_fields(make_message(f"Bob <{sender.address}>", subject="tight"))
+    message = sign(message, sender.rsa, sender.domain, "rsa", canonicalize=(b"simple", b"simple"))
+    outcome = mta.send(message, mail_from=sender.address)
+    assert outcome.accepted, outcome
+    delivered = mta.delivered(message_id(message))
+    clauses = our_results(delivered)
+    assert result_of(clauses, "dkim", header_d=sender.domain, header_s="rsa") == ["pass"], clauses
+    ours = f"Authentication-Results: {OUR_AUTHSERV_ID};".encode()
+    assert delivered.data.startswith(ours), delivered.data[:80]
+    assert re.search(rb"^Subject:tight\r?$", delivered.data, re.MULTILINE), delivered.data[:600]
 
 
 def test_spoofed_message_from_reject_domain_gets_550_at_end_of_data(mta: Mta, senders: Senders) -> None:

@@ -260,9 +260,9 @@ def milter_signatures(result: MessageResult) -> list[str]:
 
 
 def with_signatures(message: bytes, signatures: list[str]) -> bytes:
-    """The message as an MTA writes it after the milter's insertions (``Name: value``, CRLF)."""
+    """The message as an MTA writes it after the milter's insertions (``Name:`` + value, CRLF)."""
     fields = b"".join(
-        b"DKIM-Signature: " + v.lstrip(" ").replace("\r\n", "\n").replace("\n", "\r\n").encode() + b"\r\n"
+        b"DKIM-Signature:" + v.replace("\r\n", "\n").replace("\n", "\r\n").encode() + b"\r\n"
         for v in signatures
     )
     return fields + message
