@@ -316,8 +316,6 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._message: _Message | None = None
         self._quickack = quickack or QuickAck(None)
         self._ack_fd: int | None = None
-        # SMFIP_HDR_LEADSPC was negotiated: header values keep the whitespace after the colon.
-        self._leading_space = False
 
     # --- negotiation -------------------------------------------------------------------------
 
@@ -336,12 +334,16 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             # reply we never give.
             self._actions = offered_actions & ACTIONS
             self._protocol = offered_protocol & ~(self.protocol_mask() & ~EXTENSIONS) & ~Milter.P_SKIP
-            self._leading_space = bool(self._protocol & Milter.P_HDR_LEADSPC)
             opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
         except Exception:
             log.exception("cannot negotiate with the MTA (offer %r)", opts)
             return int(Milter.ALL_OPTS)
         return int(Milter.CONTINUE)
+
+    @property
+    def _leading_space(self) -> bool:
+        """SMFIP_HDR_LEADSPC was negotiated: header values keep the whitespace after the colon."""
+        return bool(self._protocol & Milter.P_HDR_LEADSPC)
 
     # --- gathering ---------------------------------------------------------------------------
 
