@@ -452,7 +452,10 @@ def split_message(message: bytes, leading_space: bool = False) -> tuple[list[tup
             headers[-1] = (name, f"{value}\n{text}")
         elif ":" in text:
             name, _, value = text.partition(":")
-            headers.append((name, value if leading_space or not value.startswith(" ") else value[1:]))
+            # Postfix passes the name without the whitespace before the colon (milter8_header).
+            if not leading_space:
+                value = value.removeprefix(" ")  # one space, never a tab, as Postfix drops it
+            headers.append((name.rstrip(" \t"), value))
     return headers, body.replace(b"\n", b"\r\n")
 
 

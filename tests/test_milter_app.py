@@ -50,6 +50,7 @@ from authmilter.milter_app import (
 from authmilter.model import AuthResult, Verdict
 from authmilter.pipeline import Transaction
 from authmilter.resolver import DnsAnswer, DnsSettings, Resolver, ZoneFileSource, tempfail
+from milterclient import split_message
 from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, with_tight_fields, zone_txt
 
 AUTHSERV_ID = "mx.receiver.example"
@@ -70,17 +71,9 @@ LOGGER = "authmilter.milter_app"
 
 
 def mta_fields(raw: bytes, leading_space: bool = False) -> list[tuple[str, bytes]]:
-    """Header fields as Postfix passes them to a milter, folds as LF: with SMFIP_HDR_LEADSPC
-    (``leading_space``) as they are after the colon, else with one space after the colon eaten."""
-    head = raw.split(b"\r\n\r\n", 1)[0]
-    fields: list[tuple[str, bytes]] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            fields[-1] = (fields[-1][0], fields[-1][1] + b"\n" + line)
-        else:
-            name, _, value = line.partition(b":")
-            fields.append((name.decode().rstrip(" \t"), value if leading_space else value.removeprefix(b" ")))
-    return fields
+    """Header fields as Postfix passes them to a milter (milterclient.split_message), values as bytes."""
+    fields, _ = split_message(raw, leading_space)
+    return [(name, value.encode("utf-8", "surrogateescape")) for name, value in fields]
 
 
 class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
