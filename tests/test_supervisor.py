@@ -605,6 +605,13 @@ def test_sighup_with_a_valid_config_starts_fresh_workers_on_the_same_socket(
     daemon.notification("RELOADING=1")
     assert "configuration reloaded" not in daemon.log()
     daemon.notification("READY=1")
+    # Ready means reloaded: from now on no old worker takes a connection (systemctl reload has
+    # returned, and the administrator expects the new settings). Connect at once, before anything
+    # else can give the old workers time to stop accepting.
+    sessions = [open_session(daemon.socket) for _ in range(8)]
+    for session in sessions:
+        result = finish_transaction(start_message(session))
+        assert authentication_results_id(result) == "new.receiver.example"
     daemon.wait_log("configuration reloaded: serving")
 
     def fresh() -> set[int] | None:

@@ -20,7 +20,9 @@ libmilter instance whose threads serve connections. The supervisor
 
 The supervisor runs no threads: one ``poll()`` loop, with signals delivered through a wakeup pipe.
 Each worker has a socketpair to it: the worker sends "ready", the supervisor sends "stop" (or
-goes away, which also means stop).
+goes away, which also means stop), and the stopping worker answers "closed" once it no longer
+accepts. A reload is announced (log line, READY=1 to systemd) only when every old worker has
+said "closed" or exited: from then on each new connection meets the new configuration.
 
 A graceful stop is not libmilter's smfi_stop(): Debian builds libmilter with its worker pool
 (_FFR_WORKERS_POOL), whose controller and worker threads quit as soon as a stop is flagged, so
@@ -73,8 +75,9 @@ READY_TIMEOUT = 60.0
 LISTEN_BACKLOG = socket.SOMAXCONN
 # Seconds between checks while a stopping worker waits for its messages to end.
 SESSION_POLL = 0.1
-# The control socketpair's messages.
+# The control socketpair's messages. From the worker: READY, then CLOSED once it has stopped accepting.
 READY = b"R"
+CLOSED = b"C"
 # Stop: drain the messages in progress; an SMTP session still open gets the MTA's default
 # action for its next message (Postfix does not reconnect a milter within a session, milter8.c).
 STOP = b"S"
@@ -360,6 +363,8 @@ def _stop_when_asked(control: socket.socket, listener: socket.socket) -> None:
     main = threading.main_thread().ident
     if main is not None:
         signal.pthread_kill(main, WAKE_SIGNAL)
+    with contextlib.suppress(OSError):  # the supervisor may be gone: it does not need to know then
+        control.sendall(CLOSED)
     # libmilter sends the end-of-message reply after the callback has returned, i.e. after the
     # message counts as ended: exit only when nothing started or ended for a whole interval.
     previous = None
@@ -390,6 +395,7 @@ class Worker:
     control: socket.socket | None  # None once the worker has closed it
     started: float
     ready: bool = False
+    accepting: bool = True  # False once it has said CLOSED
     stopping: bool = False
     kill_at: float | None = None  # while stopping: SIGKILL at this time (None once killed)
 
@@ -428,6 +434,8 @@ class Supervisor:
         self.generation = 0  # the generation that serves (0: none yet)
         self.last_generation = 0
         self.pending: tuple[int, Config, float] | None = None  # (generation, config, ready deadline)
+        # The status to announce once no worker of an older generation accepts any more.
+        self.handover: str | None = None
         self.respawn_at: list[float] = []
         self.backoff = BACKOFF_FIRST
         self.stopping = False
@@ -554,9 +562,14 @@ class Supervisor:
         if not received:  # the worker exited; SIGCHLD does the rest
             self._forget_control(worker)
             return
-        worker.ready = True
-        log.debug("worker %d ready", worker.pid)
-        self._promote_if_ready()
+        if READY in received:
+            worker.ready = True
+            log.debug("worker %d ready", worker.pid)
+            self._promote_if_ready()
+        if CLOSED in received:
+            worker.accepting = False
+            log.debug("worker %d no longer accepts connections", worker.pid)
+            self._announce_after_handover()
 
     def _forget_control(self, worker: Worker) -> None:
         if worker.control is not None:
@@ -576,6 +589,7 @@ class Supervisor:
             if worker is not None:
                 self._forget_control(worker)
                 self._worker_exited(worker, status)
+                self._announce_after_handover()
 
     def _worker_exited(self, worker: Worker, status: int) -> None:
         how = _describe_status(status)
@@ -626,8 +640,22 @@ class Supervisor:
             if worker.generation != generation:
                 self._retire(worker, config.milter.shutdown_timeout, RETIRE)
         status = f"serving {config.milter.socket} with {len(workers)} workers, config {config.path}"
-        log.info("%s%s", "" if first else "configuration reloaded: ", status)
-        notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+        self.handover = status if first else f"configuration reloaded: {status}"
+        self._announce_after_handover()
+
+    def _announce_after_handover(self) -> None:
+        """Say "ready" once the serving generation is the only one that accepts connections.
+
+        An old worker accepts until its control thread has replaced the listening descriptor
+        (it says CLOSED then), or it exits (killed at the latest after shutdown_timeout).
+        """
+        if self.handover is None:
+            return
+        if any(w.accepting for w in self.workers.values() if w.generation < self.generation):
+            return
+        log.info("%s", self.handover)
+        notify("READY=1", f"STATUS={self.handover}", f"MAINPID={os.getpid()}")
+        self.handover = None
 
     def _discard_pending(self) -> None:
         if self.pending is not None:
@@ -673,6 +701,7 @@ class Supervisor:
             return
         self.stopping = True
         self.pending = None
+        self.handover = None
         self.respawn_at.clear()
         notify("STOPPING=1")
         timeout = self.config.milter.shutdown_timeout
