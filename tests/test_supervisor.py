@@ -369,6 +369,19 @@ class Daemon:
                 return message
         raise AssertionError(f"no {assignment} from the daemon; got {self.received}\n{self.log()}")
 
+    def notifications_so_far(self, wait: float) -> list[str]:
+        """Every datagram that arrives within ``wait`` seconds (kept in ``received`` too)."""
+        deadline = time.monotonic() + wait
+        arrived = []
+        while (left := deadline - time.monotonic()) > 0:
+            self.notifications.settimeout(left)
+            try:
+                arrived.append(self.notifications.recv(4096).decode())
+            except TimeoutError:
+                break
+        self.received.extend(arrived)
+        return arrived
+
     def workers(self) -> set[int]:
         return children(self.pid)
 
@@ -636,6 +649,34 @@ def test_sighup_with_a_valid_config_starts_fresh_workers_on_the_same_socket(
     assert authentication_results_id(next_message) == "old.receiver.example"
     wait_for(lambda: not (daemon.workers() & old_workers), "the old workers to exit")
     assert daemon.workers() == new_workers
+
+
+def test_a_reload_is_ready_only_when_no_old_worker_accepts_any_more(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon(authserv_id="old.receiver.example")
+    daemon.notification("READY=1")
+    old_workers = sorted(daemon.workers())
+    # Frozen, the old workers can neither stop accepting nor say so.
+    for pid in old_workers:
+        os.kill(pid, signal.SIGSTOP)
+    daemon.write_config("new.receiver.example")
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.notification("RELOADING=1")
+    result = check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP)
+    assert authentication_results_id(result) == "new.receiver.example", "the new workers serve"
+
+    def ready(arrived: list[str]) -> bool:
+        return any("READY=1" in message.split("\n") for message in arrived)
+
+    assert not ready(daemon.notifications_so_far(1.0)), "an old worker may still take a connection"
+    os.kill(old_workers[0], signal.SIGCONT)  # it stops accepting and says so, then exits
+    wait_for(lambda: old_workers[0] not in daemon.workers(), "the first old worker to exit")
+    assert not ready(daemon.notifications_so_far(0.5)), "the second old worker may still take one"
+    assert "configuration reloaded" not in daemon.log()
+    os.kill(old_workers[1], signal.SIGKILL)  # an exit counts as well
+    daemon.notification("READY=1")
+    daemon.wait_log("configuration reloaded: serving")
 
 
 def test_sighup_with_a_broken_config_keeps_the_running_workers(start_daemon: Callable[..., Daemon]) -> None:
