@@ -359,13 +359,8 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
-            self.notifications.settimeout(0.2)
-            try:
-                message = self.notifications.recv(4096).decode()
-            except TimeoutError:
-                continue
-            self.received.append(message)
-            if assignment in message.split("\n"):
+            message = self._receive(0.2)
+            if message is not None and assignment in message.split("\n"):
                 return message
         raise AssertionError(f"no {assignment} from the daemon; got {self.received}\n{self.log()}")
 
@@ -373,14 +368,19 @@ class Daemon:
         """Every datagram that arrives within ``wait`` seconds (kept in ``received`` too)."""
         deadline = time.monotonic() + wait
         arrived = []
-        while (left := deadline - time.monotonic()) > 0:
-            self.notifications.settimeout(left)
-            try:
-                arrived.append(self.notifications.recv(4096).decode())
-            except TimeoutError:
-                break
-        self.received.extend(arrived)
+        while (left := deadline - time.monotonic()) > 0 and (message := self._receive(left)) is not None:
+            arrived.append(message)
         return arrived
+
+    def _receive(self, timeout: float) -> str | None:
+        """The next datagram within ``timeout`` seconds, appended to ``received``; None if none came."""
+        self.notifications.settimeout(timeout)
+        try:
+            message = self.notifications.recv(4096).decode()
+        except TimeoutError:
+            return None
+        self.received.append(message)
+        return message
 
     def workers(self) -> set[int]:
         return children(self.pid)
