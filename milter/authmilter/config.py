@@ -69,6 +69,9 @@ class MilterSettings:
         socket_mode: permissions of a unix socket, octal text (e.g. "0660").
         socket_group: group of a unix socket (e.g. "postfix"); empty = the daemon's group.
         workers: worker processes; 0 = one per CPU.
+        max_connections: MTA connections one worker serves at once (an MTA holds one per SMTP
+            session); beyond it, and beyond what the descriptor limit allows, a new connection is
+            closed at once so that the MTA applies its milter_default_action.
         shutdown_timeout: seconds in-flight messages get to finish on SIGTERM.
         authserv_id: the name in our Authentication-Results (RFC 8601 §2.5); empty = this host's name.
         max_headers: header fields kept per message; more are dropped and the message is still checked.
@@ -87,6 +90,7 @@ class MilterSettings:
     socket_mode: str = "0660"
     socket_group: str = ""
     workers: int = 0
+    max_connections: int = 4096
     shutdown_timeout: float = 30.0
     authserv_id: str = ""
     max_headers: int = 1000
@@ -180,6 +184,7 @@ SECTIONS: dict[str, type[Any]] = {
 RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("milter", "max_headers"): (10, 100000),
     ("milter", "workers"): (0, 64),
+    ("milter", "max_connections"): (1, 1_000_000),
     ("milter", "shutdown_timeout"): (1, 600),
     ("milter", "body_memory_limit"): (65536, 1 << 30),
     ("dns", "port"): (1, 65535),

@@ -336,8 +336,13 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
 class HistoryWriter:
     """Appends records to the history file; safe across threads and forked worker processes."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, open_now: bool = True) -> None:
         """Open (create) the file now, so a bad path shows at start-up.
+
+        Args:
+            path: the history file.
+            open_now: False: open it at the first append instead (each append that cannot open
+                it raises HistoryError).
 
         Raises:
             HistoryError: the file cannot be opened or created.
@@ -346,7 +351,8 @@ class HistoryWriter:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pid = 0
-        self._fd = self._open()
+        if open_now:
+            self._fd = self._open()
 
     @property
     def path(self) -> str:

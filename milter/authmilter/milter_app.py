@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import resource
 import socket
 import tempfile
 import threading
@@ -42,6 +44,13 @@ from authmilter.authresults import (
     HEADER_NAME,
 )
 from authmilter.config import Config
+from authmilter.connection_socket import (
+    ListenerIdentity,
+    connection_descriptor,
+    inherited_listener,
+    listener_identity,
+    shut_down,
+)
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
 from authmilter.dmarc import load_public_suffix_list
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
@@ -110,9 +119,10 @@ class _MessageCounter:
         self._lock = threading.Lock()
         self._connections = self._in_progress = self._ended = 0
 
-    def opened(self) -> None:
+    def opened(self) -> int:
         with self._lock:
             self._connections += 1
+            return self._connections
 
     def closed(self) -> None:
         with self._lock:
@@ -210,7 +220,6 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
 
     Raises:
         ZoneFileError: a configured zone file is unreadable or invalid.
-        HistoryError: the history file cannot be opened.
         KeyFileError: a KeyTable key became unusable since the configuration was checked.
         OSError: the pinned Public Suffix List became unreadable since then.
     """
@@ -222,21 +231,145 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
         for entry in config.signing_table.key_table:
             keys.get(entry.key_path, entry.algorithm, config.signing.key_permissions)
     if history is None and config.history.path:
-        history = HistoryRecorder(HistoryWriter(config.history.path), config)
+        history = HistoryRecorder(_history_writer(config.history.path), config)
     return Runtime(config, resolver, history, keys)
 
 
-def serve(connection: str, runtime: Runtime, timeout: int = 600) -> None:
+def _history_writer(path: str) -> HistoryWriter:
+    """The history file's writer; one that cannot open the file now tries again at each record.
+
+    A lost history line never changes what happens to a message (docs/history-schema.md), so an
+    unusable history file is no reason to stop checking mail: it is logged here, and with each
+    lost record.
+    """
+    try:
+        return HistoryWriter(path)
+    except HistoryError as e:
+        log.error("%s; mail is checked as usual, its history records are lost until it can be opened", e)
+        return HistoryWriter(path, open_now=False)
+
+
+def serve(
+    connection: str, runtime: Runtime, timeout: int = 600, ready: Callable[[], None] | None = None
+) -> None:
     """Serve the milter protocol until libmilter stops (SIGTERM, ``Milter.stop()``).
 
     Args:
         connection: libmilter's connection string (``fd:N``, ``unix:PATH``, ``inet:PORT@HOST``).
         runtime: what every connection uses.
         timeout: seconds libmilter waits on the MTA before giving up a connection.
+        ready: called (from another thread) once libmilter serves the socket; never if it fails
+            to start.
     """
-    Milter.factory = functools.partial(AuthMilter, runtime, QuickAck.for_listener(connection))
+    gate = ConnectionGate.for_listener(connection, runtime.config.milter.max_connections)
+    Milter.factory = functools.partial(AuthMilter, runtime, QuickAck.for_listener(connection), gate)
     Milter.set_flags(ACTIONS)
+    if ready is not None:
+        _call_when_serving(ready)
     Milter.runmilter(MILTER_NAME, connection, timeout)
+
+
+# smfi_main starts a signal thread (mi_control_startup) and then, in Debian's build with
+# _FFR_WORKERS_POOL, its worker pool (mi_pool_controller_init: a controller and pool threads):
+# the last steps before its accept loop that can fail. Two threads more than before smfi_main
+# therefore mean libmilter is serving the socket.
+LIBMILTER_STARTUP_THREADS = 2
+STARTUP_POLL = 0.005
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _call_when_serving(ready: Callable[[], None]) -> None:
+    """Call ``ready`` from a thread of its own once libmilter has started its threads."""
+    before = _thread_count() + 1  # this watcher
+
+    def watch() -> None:
+        while _thread_count() < before + LIBMILTER_STARTUP_THREADS:
+            time.sleep(STARTUP_POLL)
+        ready()
+
+    threading.Thread(target=watch, name="ready", daemon=True).start()
+
+
+# Descriptors a worker keeps for itself (listener, control socket, log, history file, DNS
+# queries) before connections count; each connection needs one for its socket and may hold a
+# second at the same time (a spooled body, a DNS query).
+RESERVED_DESCRIPTORS = 64
+DESCRIPTORS_PER_CONNECTION = 2
+# The "no room" warning is logged at most once per this many seconds, with the count refused.
+REFUSAL_LOG_INTERVAL = 60.0
+
+
+def connection_cap(configured: int) -> int:
+    """``[milter] max_connections``, lowered to what this process's descriptor limit leaves room for.
+
+    Without that, a worker at its descriptor limit leaves new connections in the kernel's accept
+    queue unanswered until the MTA's milter timeout, and logs nothing.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return min(configured, max(1, (soft - RESERVED_DESCRIPTORS) // DESCRIPTORS_PER_CONNECTION))
+
+
+class ConnectionGate:
+    """Closes, at once, the connections a worker has no room for.
+
+    The MTA then sees the milter connection closed and applies its ``milter_default_action`` to
+    that SMTP session straight away (Postfix: tempfail by default), instead of waiting for its
+    milter timeout.
+
+    Args:
+        identity: the listening socket's identity (connection_socket.py); None when unknown,
+            and then connections over the cap are served after all (never left unanswered).
+        cap: the most connections this worker serves at once.
+    """
+
+    def __init__(self, identity: ListenerIdentity | None, cap: int) -> None:
+        self.identity = identity
+        self.cap = cap
+        self._lock = threading.Lock()
+        self._refused = 0
+        self._logged_at: float | None = None
+
+    @classmethod
+    def for_listener(cls, connection: str, configured: int) -> ConnectionGate:
+        """The gate for libmilter's connection string and ``[milter] max_connections``."""
+        fd = inherited_listener(connection)
+        return cls(listener_identity(fd) if fd is not None else None, connection_cap(configured))
+
+    def admits(self, open_connections: int) -> bool:
+        return open_connections <= self.cap
+
+    def refuse(self, context: object, open_connections: int) -> bool:
+        """Close the connection behind ``context``; say so in the log at most once per interval.
+
+        Returns:
+            True when it was closed; False when its socket could not be found (it is served then).
+        """
+        fd = connection_descriptor(context, self.identity)
+        closed = fd is not None and shut_down(fd)
+        with self._lock:
+            self._refused += 1
+            now = time.monotonic()
+            if self._logged_at is not None and now - self._logged_at < REFUSAL_LOG_INTERVAL:
+                return closed
+            refused, self._refused, self._logged_at = self._refused, 0, now
+        log.warning(
+            "worker %d has no room for more MTA connections (%d open, limit %d: [milter] "
+            "max_connections and the descriptor limit): %d %s; raise max_connections, workers "
+            "or LimitNOFILE=",
+            os.getpid(),
+            open_connections - 1,
+            self.cap,
+            refused,
+            "closed at once, the MTA applies its milter_default_action"
+            if closed
+            else "served all the same (their socket could not be found)",
+        )
+        return closed
 
 
 P = ParamSpec("P")
@@ -295,11 +428,16 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     Args:
         runtime: the worker's config, resolver and history sink.
         quickack: prompt TCP acknowledgements for the listener (quickack.py); off by default.
+        gate: closes connections beyond this worker's room (``[milter] max_connections``);
+            None: no limit.
     """
 
-    def __init__(self, runtime: Runtime, quickack: QuickAck | None = None) -> None:
+    def __init__(
+        self, runtime: Runtime, quickack: QuickAck | None = None, gate: ConnectionGate | None = None
+    ) -> None:
         # pymilter makes one object per milter connection and calls close() once at its end.
-        _messages.opened()
+        self._open_connections = _messages.opened()
+        self._gate = gate
         self._open = True
         self._runtime = runtime
         self._config = runtime.config
@@ -349,6 +487,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     @_gathers
     def connect(self, hostname: str, family: int, hostaddr: object) -> None:
+        gate, count = self._gate, self._open_connections
+        if gate is not None and not gate.admits(count) and gate.refuse(self._ctx, count):
+            return  # libmilter reads EOF next and ends the connection (close())
         # Our negotiation reply made the connection "interactive": acknowledge what the MTA sends
         # from here on promptly, or its Nagle algorithm stalls each message ~40 ms (quickack.py).
         self._ack_fd = self._quickack.connection_fd(self._ctx)

@@ -13,10 +13,9 @@ README "TCP"). Over unix sockets there is no Nagle and nothing to do.
 which it acknowledges promptly (RFC 1122 §4.2.3.2 allows both); it is not permanent, so it is set
 again where a reply of ours has put the connection back into pingpong mode.
 
-libmilter owns the connection socket and pymilter does not expose it, so the descriptor is read
-from pymilter's context object (``milter_ContextObject.ctx`` → libmilter's ``SMFICTX.ctx_sd``,
-the second member of both) and used only after it proves to be a TCP socket accepted on our own
-listening port; when anything does not match, acknowledgements stay as the kernel does them.
+libmilter owns the connection socket: connection_socket.py finds it, and it is used only when it
+proves to be a TCP socket accepted on our own listening port; when anything does not match,
+acknowledgements stay as the kernel does them.
 """
 
 from __future__ import annotations
@@ -26,19 +25,13 @@ import ctypes.util
 import logging
 import os
 import socket
-import stat
+
+from authmilter.connection_socket import connection_descriptor, inherited_listener, listener_identity
 
 log = logging.getLogger(__name__)
 
 # Linux <netinet/tcp.h>; socket.TCP_QUICKACK exists only where the platform has it.
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
-_POINTER = ctypes.sizeof(ctypes.c_void_p)
-# pymilter's milter.Context (milter_ContextObject): PyObject_HEAD, then SMFICTX *ctx,
-# PyObject *priv, PyThreadState *t.
-_CONTEXT_SIZE = object.__basicsize__ + 3 * _POINTER
-# libmilter's struct smfi_str starts with ctx_id, then socket_t (int) ctx_sd: an unsigned int id in
-# sendmail's current libmilter.h, a pthread_t in Debian's build (seen: the descriptor at offset 8).
-_SD_OFFSETS = (ctypes.sizeof(ctypes.c_uint), ctypes.sizeof(ctypes.c_ulong))
 
 
 class QuickAck:
@@ -69,8 +62,8 @@ class QuickAck:
         Returns:
             An enabled QuickAck for a TCP listener on Linux, a disabled one otherwise.
         """
-        kind, _, fd = connection.partition(":")
-        port = _tcp_port_of(int(fd)) if kind == "fd" and fd.isdigit() else None
+        fd = inherited_listener(connection)
+        port = _tcp_port_of(fd) if fd is not None else None
         return cls(port if os.uname().sysname == "Linux" else None)
 
     def connection_fd(self, context: object) -> int | None:
@@ -82,19 +75,9 @@ class QuickAck:
         Returns:
             The descriptor of a TCP socket accepted on our listening port, or None.
         """
-        if not self.enabled or type(context).__name__ != "Context":
+        if not self.enabled:
             return None
-        if type(context).__basicsize__ != _CONTEXT_SIZE:
-            return None  # another pymilter layout: do not guess
-        smfictx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-        if not smfictx:
-            return None
-        for offset in _SD_OFFSETS:
-            fd = ctypes.c_int.from_address(smfictx + offset).value
-            # Above stdio, and a TCP socket on our port: nothing else in the struct can be that.
-            if fd > 2 and _tcp_port_of(fd) == self._port:
-                return fd
-        return None
+        return connection_descriptor(context, self._port)
 
     def acknowledge(self, fd: int | None) -> None:
         """Send any delayed ACK on ``fd`` now and leave pingpong mode (a no-op for None)."""
@@ -106,21 +89,8 @@ class QuickAck:
 
 def _tcp_port_of(fd: int) -> int | None:
     """The local port of a TCP socket, None for any other descriptor (never closes ``fd``)."""
-    try:
-        if fd < 0 or not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return None
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return None
-    try:
-        if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
-            return None
-        port = sock.getsockname()[1]
-        return port if isinstance(port, int) else None
-    except OSError:
-        return None
-    finally:
-        sock.detach()  # the descriptor stays libmilter's (or the supervisor's)
+    identity = listener_identity(fd)
+    return identity if isinstance(identity, int) else None
 
 
 def _libc() -> ctypes.CDLL | None:

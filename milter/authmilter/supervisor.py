@@ -6,11 +6,20 @@ libmilter instance whose threads serve connections. The supervisor
 - creates the listening socket itself (TCP_NODELAY: without it Nagle's algorithm and the MTA's
   delayed ACK add ~40 ms to every message, since libmilter writes a reply in several pieces;
   O_NONBLOCK: several workers wait on one socket and all but one find nothing to accept);
+- loads everything the workers need (config, zone files, Public Suffix List, signing keys, the
+  history file's writer: the :class:`~authmilter.milter_app.Runtime`) once per start or reload,
+  and forks every worker of that generation, replacements included, from that snapshot: a
+  replacement never depends on files still being as they were (a key file edited or a zone file
+  broken after the reload cannot stop it);
 - forks the workers before any thread exists, and never afterwards from a thread or a callback;
-  each worker builds its resolver and caches after the fork and hands the inherited socket to
-  libmilter as ``fd:N`` (Debian's libmilter carries the "fd passing" patch that adds this
-  connection string to smfi_setconn);
-- reaps a dead worker and starts a new one, with a back-off against crash loops;
+  each worker hands the inherited socket to libmilter as ``fd:N`` (Debian's libmilter carries the
+  "fd passing" patch that adds this connection string to smfi_setconn) and says "ready" once
+  libmilter serves it;
+- reaps a dead worker and starts a new one, with a back-off against crash loops; when
+  ``MAX_FAILED_STARTS`` workers in a row die before serving and none serves, it closes the socket
+  and exits 1, so that systemd restarts it (a socket that nobody serves would make every SMTP
+  session wait out the MTA's milter timeout);
+- raises its soft descriptor limit to the hard one (inherited by the workers);
 - on SIGTERM or SIGINT stops the workers gracefully and kills what is left after
   ``shutdown_timeout``;
 - on SIGHUP reloads the config: a valid one is served by a fresh generation of workers, started
@@ -48,6 +57,7 @@ import grp
 import logging
 import logging.handlers
 import os
+import resource
 import select
 import signal
 import socket
@@ -60,15 +70,21 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from authmilter.config import Config, ConfigError, LogSettings, MilterSettings, load_config
-from authmilter.milter_app import build_runtime, message_counts, serve
+from authmilter.keys import KeyFileError
+from authmilter.milter_app import HistoryRecorder, Runtime, build_runtime, message_counts, serve
+from authmilter.resolver import ZoneFileError
 
 log = logging.getLogger(__name__)
 
-# Respawn back-off: first retry after 0.1 s, doubling up to 10 s; a worker that lived this long
-# was healthy, so its death starts the back-off afresh.
+# Respawn back-off: first retry after 0.1 s, doubling up to 2 s (longer would leave the socket
+# without a worker for that long); a worker that lived this long was healthy, so its death
+# starts the back-off afresh.
 BACKOFF_FIRST = 0.1
-BACKOFF_MAX = 10.0
+BACKOFF_MAX = 2.0
 STABLE_LIFETIME = 10.0
+# Workers in a row that die before serving while no other serves: the supervisor gives up
+# (0.1 + 0.2 + 0.4 + 0.8 s of back-off in between: about 2 s with the socket unserved).
+MAX_FAILED_STARTS = 5
 # How long a new generation of workers may take to build its runtime and report ready.
 READY_TIMEOUT = 60.0
 # The most libmilter queues; the kernel caps it at net.core.somaxconn.
@@ -94,8 +110,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _SEVERITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 _FORMAT = "authmilter[%(process)d]: %(levelname)s %(message)s"
 
-# A worker: (listening socket, its config, a callable to say "ready") → returns when libmilter stops.
-WorkerMain = Callable[[socket.socket, Config, Callable[[], None]], None]
+# A worker: (listening socket, its generation's runtime, a callable to say "ready" once serving)
+# → returns when libmilter stops.
+WorkerMain = Callable[[socket.socket, Runtime, Callable[[], None]], None]
 
 
 class StartupError(Exception):
@@ -315,15 +332,45 @@ def notify(*assignments: str) -> bool:
 # --- the workers -----------------------------------------------------------------------------
 
 
-def serve_worker(listener: socket.socket, config: Config, ready: Callable[[], None]) -> None:
-    """The work of one worker process: build the runtime after the fork, then serve.
+def serve_worker(listener: socket.socket, runtime: Runtime, ready: Callable[[], None]) -> None:
+    """The work of one worker process: serve with the runtime loaded before the fork.
 
     Returns when libmilter stops (not on a graceful stop, which ends the process: see above).
     """
     return_large_buffers()
-    runtime = build_runtime(config)
-    ready()
-    serve(f"fd:{listener.fileno()}", runtime)
+    serve(f"fd:{listener.fileno()}", runtime, ready=ready)
+
+
+def load_runtime(config: Config) -> Runtime:
+    """Load what every worker of a generation uses (milter_app.build_runtime), in the supervisor.
+
+    Raises:
+        StartupError: a zone file, a signing key or the Public Suffix List cannot be used; the
+            message names the file and why.
+    """
+    try:
+        return build_runtime(config)
+    except (ZoneFileError, KeyFileError, OSError) as e:
+        raise StartupError(str(e)) from None
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as nginx and others do; workers inherit it.
+
+    The soft limit is usually 1024, which a worker reaches with about a thousand idle SMTP
+    sessions; the hard limit is the administrator's (systemd: ``LimitNOFILE=``).
+
+    Returns:
+        The soft limit in force afterwards.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, e)
+    return soft
 
 
 # glibc mallopt(3) parameters.
@@ -418,43 +465,48 @@ class Supervisor:
     which replaces the serving one once all its workers are ready.
 
     Args:
-        config: the validated configuration the first workers get.
+        runtime: what the first workers get (:func:`load_runtime`).
         listener: from :func:`open_listener`; it lives as long as the supervisor.
-        worker_main: what a worker process runs after the fork (the place to open per-worker
-            resources such as the history file, so a reload reopens them).
+        worker_main: what a worker process runs after the fork.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
-    def __init__(self, config: Config, listener: Listener, worker_main: WorkerMain = serve_worker) -> None:
-        self.config = config
+    def __init__(self, runtime: Runtime, listener: Listener, worker_main: WorkerMain = serve_worker) -> None:
+        self.runtime = runtime
         self.listener = listener
         self.worker_main = worker_main
         self.workers: dict[int, Worker] = {}
         self.generation = 0  # the generation that serves (0: none yet)
         self.last_generation = 0
-        self.pending: tuple[int, Config, float] | None = None  # (generation, config, ready deadline)
+        self.pending: tuple[int, Runtime, float] | None = None  # (generation, runtime, ready deadline)
         # The status to announce once no worker of an older generation accepts any more.
         self.handover: str | None = None
         self.respawn_at: list[float] = []
         self.backoff = BACKOFF_FIRST
+        self.failed_starts = 0  # workers in a row of the serving generation that died before serving
         self.stopping = False
         self.failed = False
         self.poller = select.poll()
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wakeup_r, select.POLLIN)
 
+    @property
+    def config(self) -> Config:
+        """The configuration of the serving generation (of the first one, until it serves)."""
+        return self.runtime.config
+
     def run(self) -> int:
         """Start the workers and supervise them until stopped.
 
         Returns:
-            0 after a clean stop, 1 when the first workers could not start.
+            0 after a clean stop, 1 when the workers could not start or be kept alive.
         """
         for signum in self.SIGNALS:
             signal.signal(signum, lambda *_: None)  # delivered through the wakeup pipe
         signal.set_wakeup_fd(self.wakeup_w)
         try:
-            self._start_generation(self.config)
+            self._start_generation(self.runtime)
             while not (self.stopping and not self.workers):
                 self._wait_and_handle()
                 self._handle_timers()
@@ -507,11 +559,11 @@ class Supervisor:
         if due:
             self.respawn_at = [t for t in self.respawn_at if t > now]
             for _ in due:
-                self._spawn(self.generation, self.config)
+                self._spawn(self.generation, self.runtime)
 
     # --- workers ---
 
-    def _spawn(self, generation: int, config: Config) -> None:
+    def _spawn(self, generation: int, runtime: Runtime) -> None:
         # fork() copies only the calling thread: a lock held by another thread would stay locked.
         if threading.active_count() != 1:
             raise RuntimeError("refusing to fork: the supervisor must not run threads")
@@ -519,13 +571,13 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:
             ours.close()
-            self._become_worker(config, theirs)
+            self._become_worker(runtime, theirs)
         theirs.close()
         self.workers[pid] = Worker(pid, generation, ours, time.monotonic())
         self.poller.register(ours.fileno(), select.POLLIN)
         log.debug("worker %d started (generation %d)", pid, generation)
 
-    def _become_worker(self, config: Config, control: socket.socket) -> NoReturn:
+    def _become_worker(self, runtime: Runtime, control: socket.socket) -> NoReturn:
         status = 1
         try:
             signal.set_wakeup_fd(-1)
@@ -544,7 +596,7 @@ class Supervisor:
             threading.Thread(
                 target=_stop_when_asked, args=(control, self.listener.sock), name="stop", daemon=True
             ).start()
-            self.worker_main(self.listener.sock, config, lambda: control.sendall(READY))
+            self.worker_main(self.listener.sock, runtime, lambda: control.sendall(READY))
             status = 0
         except BaseException:
             log.exception("worker %d failed", os.getpid())
@@ -564,6 +616,7 @@ class Supervisor:
             return
         if READY in received:
             worker.ready = True
+            self.failed_starts = 0
             log.debug("worker %d ready", worker.pid)
             self._promote_if_ready()
         if CLOSED in received:
@@ -597,6 +650,8 @@ class Supervisor:
             log.info("worker %d stopped (%s)", worker.pid, how)
         elif self.pending is not None and worker.generation == self.pending[0]:
             self._abandon_pending(f"worker {worker.pid} {how}")
+        elif not worker.ready and self._cannot_keep_workers_alive():
+            self._give_up(f"worker {worker.pid} {how}")
         else:
             lived = time.monotonic() - worker.started
             if lived >= STABLE_LIFETIME:
@@ -606,6 +661,26 @@ class Supervisor:
             )
             self.respawn_at.append(time.monotonic() + self.backoff)
             self.backoff = min(self.backoff * 2, BACKOFF_MAX)
+
+    def _cannot_keep_workers_alive(self) -> bool:
+        """Count a worker that died before serving; True when too many did and none serves."""
+        self.failed_starts += 1
+        serving = any(
+            w.ready and not w.stopping for w in self.workers.values() if w.generation == self.generation
+        )
+        return self.failed_starts >= MAX_FAILED_STARTS and not serving
+
+    def _give_up(self, last: str) -> None:
+        log.error(
+            "%d workers in a row exited before serving (the last: %s) and none serves: closing %s and "
+            "exiting with status 1 so that the service manager restarts authmilter; the reason is "
+            "logged above",
+            self.failed_starts,
+            last,
+            self.config.milter.socket,
+        )
+        self.failed = True
+        self._stop("workers cannot be kept alive")
 
     def _retire(self, worker: Worker, timeout: float, request: bytes = STOP) -> None:
         """Ask a worker to stop gracefully (STOP or RETIRE); it is killed after ``timeout`` seconds."""
@@ -618,22 +693,26 @@ class Supervisor:
 
     # --- generations: start, reload, stop ---
 
-    def _start_generation(self, config: Config) -> None:
+    def _start_generation(self, runtime: Runtime) -> None:
         self.last_generation += 1
-        self.pending = (self.last_generation, config, time.monotonic() + READY_TIMEOUT)
-        for _ in range(worker_count(config.milter)):
-            self._spawn(self.last_generation, config)
+        self.pending = (self.last_generation, runtime, time.monotonic() + READY_TIMEOUT)
+        for _ in range(worker_count(runtime.config.milter)):
+            self._spawn(self.last_generation, runtime)
 
     def _promote_if_ready(self) -> None:
         if self.pending is None:
             return
-        generation, config, _ = self.pending
+        generation, runtime, _ = self.pending
+        config = runtime.config
         workers = [w for w in self.workers.values() if w.generation == generation]
         if len(workers) < worker_count(config.milter) or not all(w.ready for w in workers):
             return
         first = self.generation == 0
         self.pending = None
-        self.generation, self.config = generation, config
+        if not first:
+            _release_files(self.runtime)
+        self.generation, self.runtime = generation, runtime
+        self.failed_starts = 0
         self.respawn_at.clear()
         self.backoff = BACKOFF_FIRST
         for worker in self.workers.values():
@@ -659,11 +738,13 @@ class Supervisor:
 
     def _discard_pending(self) -> None:
         if self.pending is not None:
-            generation, config, _ = self.pending
+            generation, runtime, _ = self.pending
             self.pending = None
+            if runtime is not self.runtime:
+                _release_files(runtime)
             for worker in self.workers.values():
                 if worker.generation == generation:
-                    self._retire(worker, config.milter.shutdown_timeout)
+                    self._retire(worker, runtime.config.milter.shutdown_timeout)
 
     def _abandon_pending(self, why: str) -> None:
         self._discard_pending()
@@ -682,7 +763,8 @@ class Supervisor:
         log.info("SIGHUP: reloading %s", self.config.path)
         try:
             config = load_config(self.config.path)
-        except ConfigError as e:
+            runtime = load_runtime(config)
+        except (ConfigError, StartupError) as e:
             log.error("reload refused, the running configuration stays: %s", e)
             notify("READY=1", f"STATUS=reload refused: {e}")
             return
@@ -694,7 +776,7 @@ class Supervisor:
             )
         configure_logging(config.log)
         self._discard_pending()  # a reload during a reload: the newest file wins
-        self._start_generation(config)
+        self._start_generation(runtime)
 
     def _stop(self, why: str) -> None:
         if self.stopping:
@@ -710,20 +792,28 @@ class Supervisor:
             self._retire(worker, timeout)
 
 
+def _release_files(runtime: Runtime) -> None:
+    """Close what a superseded runtime holds open in the supervisor (its history file)."""
+    if isinstance(runtime.history, HistoryRecorder):
+        runtime.history.reopen()
+
+
 def run(config: Config) -> int:
-    """``authmilter run``: log as configured, open the socket, supervise workers until stopped.
+    """``authmilter run``: log as configured, load, open the socket, supervise workers until stopped.
 
     Returns:
-        The exit status: 0 after a clean stop, 1 when the workers could not start.
+        The exit status: 0 after a clean stop, 1 when the workers could not start or be kept alive.
 
     Raises:
-        StartupError: the socket could not be created.
+        StartupError: the runtime could not be loaded or the socket could not be created.
     """
     configure_logging(config.log)
+    raise_descriptor_limit()
+    runtime = load_runtime(config)
     listener = open_listener(config.milter)
     try:
         log.info("listening on %s", config.milter.socket)
-        return Supervisor(config, listener).run()
+        return Supervisor(runtime, listener).run()
     finally:
         listener.close()
 
@@ -733,8 +823,10 @@ __all__ = [
     "StartupError",
     "Supervisor",
     "configure_logging",
+    "load_runtime",
     "notify",
     "open_listener",
+    "raise_descriptor_limit",
     "run",
     "serve_worker",
     "socket_address",
