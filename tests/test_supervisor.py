@@ -10,6 +10,9 @@ import itertools
 import logging
 import os
 import re
+import resource
+import selectors
+import shutil
 import signal
 import socket
 import stat
@@ -31,7 +34,8 @@ from authmilter.supervisor import (
     socket_address,
     worker_count,
 )
-from milterclient import MessageResult, MilterClient, check_message
+from milterclient import MessageResult, MilterClient, MilterProtocolError, check_message
+from signing import rsa_key
 
 ZONE = Path(__file__).resolve().parent / "zones" / "sender.example.zone"
 MESSAGE = (Path(__file__).resolve().parent / "zones" / "message.eml").read_bytes()
@@ -314,13 +318,21 @@ def test_run_on_a_busy_port_exits_1(
 class Daemon:
     """`python -m authmilter run` with its own config, zone file, log and notification socket."""
 
-    def __init__(self, directory: Path, socket_spec: str, authserv_id: str, zone: bytes) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        socket_spec: str,
+        authserv_id: str,
+        zone: bytes,
+        extra: str = "",
+        descriptor_limits: tuple[int, int] | None = None,
+    ) -> None:
         self.directory = directory
         self.socket = socket_spec
         self.config = directory / "authmilter.toml"
         self.zone = directory / "sender.example.zone"
         self.zone.write_bytes(zone)
-        self.write_config(authserv_id)
+        self.write_config(authserv_id, extra)
         self.log_path = directory / "daemon.log"
         self.notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notifications.bind(str(directory / "notify"))
@@ -332,6 +344,7 @@ class Daemon:
                 stdout=log,
                 stderr=log,
                 env=env,
+                preexec_fn=None if descriptor_limits is None else _limit_descriptors(descriptor_limits),
             )
 
     def write_config(self, authserv_id: str, extra: str = "") -> None:
@@ -396,6 +409,10 @@ class Daemon:
         self.notifications.close()
 
 
+def _limit_descriptors(limits: tuple[int, int]) -> Callable[[], None]:
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
 def children(pid: int) -> set[int]:
     found = set()
     for entry in Path("/proc").iterdir():
@@ -416,9 +433,11 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
         socket_spec: str | None = None,
         authserv_id: str = "mx.receiver.example",
         zone: bytes = ZONE.read_bytes(),
+        extra: str = "",
+        descriptor_limits: tuple[int, int] | None = None,
     ) -> Daemon:
         spec = socket_spec or f"inet:{free_port()}@127.0.0.1"
-        daemon = Daemon(tmp_path, spec, authserv_id, zone)
+        daemon = Daemon(tmp_path, spec, authserv_id, zone, extra, descriptor_limits)
         daemons.append(daemon)
         return daemon
 
@@ -759,3 +778,238 @@ def test_a_runtime_that_cannot_be_loaded_makes_run_exit_1(start_daemon: Callable
     assert daemon.process.wait(WAIT) == 1
     assert re.search(r"authmilter: \S+/sender\.example\.zone:\d+: ", daemon.log())
     assert "listening on" not in daemon.log(), "nothing is bound before everything is loaded"
+
+
+# --- never silently dead: respawn from the loaded snapshot, give up loudly (issue 9) ----------
+
+
+def test_a_replacement_worker_serves_from_the_loaded_snapshot_though_its_files_broke(
+    start_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A worker killed after its key file was corrupted and its history folder removed is replaced,
+    and the replacement signs with the key loaded at start and checks mail without history."""
+    key = rsa_key()
+    key_file = tmp_path / "s1.private"
+    key_file.write_bytes(key.private)
+    key_file.chmod(0o600)
+    (tmp_path / "KeyTable").write_text(f"s1._domainkey.sender.example sender.example:s1:{key_file}\n")
+    (tmp_path / "SigningTable").write_text("sender.example s1._domainkey.sender.example\n")
+    history = tmp_path / "history" / "history.jsonl"
+    history.parent.mkdir()
+    daemon = start_daemon(
+        extra=f'internal_hosts = ["127.0.0.1"]\n[history]\npath = "{history}"\n'
+        f'[signing]\nkey_table = "{tmp_path / "KeyTable"}"\nsigning_table = "{tmp_path / "SigningTable"}"\n'
+    )
+    daemon.notification("READY=1")
+    key_file.write_bytes(b"no longer a key\n")
+    shutil.rmtree(history.parent)
+    before = daemon.workers()
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+
+    def replaced() -> set[int] | None:
+        workers = daemon.workers()
+        return workers if len(workers) == 2 and not workers & before else None
+
+    wait_for(replaced, "two new workers")
+    for _ in range(4):  # whichever worker takes them
+        outbound = check_message(daemon.socket, MESSAGE, client_ip="127.0.0.1")
+        assert outbound.response.kind == "accept"
+        signatures = [m for m in outbound.modifications if m.name == "DKIM-Signature"]
+        assert len(signatures) == 1 and "s=s1;" in signatures[0].value.replace(" ", "")
+        inbound = check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP)
+        assert inbound.response.kind == "accept"
+        assert authentication_results_id(inbound) == "mx.receiver.example"
+    daemon.wait_log(r"history record lost: .*history file \S+history\.jsonl: cannot open: No such file")
+
+
+GIVING_UP_SUPERVISOR = """
+import sys, time
+from pathlib import Path
+from authmilter.config import load_config
+from authmilter.supervisor import Supervisor, configure_logging, load_runtime, open_listener
+
+config = load_config(sys.argv[1])
+marker = Path(sys.argv[2])
+configure_logging(config.log)
+
+def worker(listener, runtime, ready):
+    if marker.exists():  # what a worker that cannot start does: fail before serving
+        raise RuntimeError(f"cannot start: {marker} exists")
+    ready()
+    while True:
+        time.sleep(60)
+
+listener = open_listener(config.milter)
+try:
+    sys.exit(Supervisor(load_runtime(config), listener, worker).run())
+finally:
+    listener.close()
+"""
+
+
+def test_workers_that_cannot_be_kept_alive_make_the_supervisor_close_the_socket_and_exit_1(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    config = tmp_path / "authmilter.toml"
+    config.write_text(f'[milter]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 2\n')
+    marker = tmp_path / "broken"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notifications:
+        notifications.bind(str(tmp_path / "notify"))
+        notifications.settimeout(WAIT)
+        log = tmp_path / "supervisor.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-c", GIVING_UP_SUPERVISOR, str(config), str(marker)],
+                stdout=out,
+                stderr=out,
+                env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+            )
+        try:
+            assert "READY=1" in notifications.recv(4096).decode().split("\n")
+            marker.touch()
+            for pid in children(process.pid):
+                os.kill(pid, signal.SIGKILL)
+            assert process.wait(WAIT) == 1, log.read_text()
+        finally:
+            process.kill()
+            process.wait()
+    assert re.search(
+        rf"5 workers in a row exited before serving \(the last: worker \d+ exited with status 1\) and "
+        rf"none serves: closing inet:{port}@127\.0\.0\.1 and exiting with status 1",
+        log.read_text(),
+    ), log.read_text()
+    assert "cannot start:" in log.read_text(), "each worker's reason is logged"
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.1", port), 2):
+        pass
+
+
+SERVE_ON = """
+import os, sys
+from authmilter.config import load_config
+from authmilter.milter_app import build_runtime, serve
+
+try:
+    serve(sys.argv[1], build_runtime(load_config(sys.argv[2])), ready=lambda: print("READY", flush=True))
+except Exception as e:
+    print("FAILED:", e, flush=True)
+"""
+
+
+def test_a_worker_says_ready_only_once_libmilter_serves_the_socket(tmp_path: Path) -> None:
+    config = tmp_path / "authmilter.toml"
+    config.write_text("[milter]\n")
+    with open(os.devnull) as not_a_socket:  # libmilter cannot serve it: smfi_main fails
+        failed = subprocess.run(
+            [sys.executable, "-c", SERVE_ON, f"fd:{not_a_socket.fileno()}", str(config)],
+            pass_fds=(not_a_socket.fileno(),),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+    assert failed.stdout.startswith("FAILED:") and "READY" not in failed.stdout, failed.stdout + failed.stderr
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        serving = subprocess.Popen(
+            [sys.executable, "-c", SERVE_ON, f"fd:{listener.fileno()}", str(config)],
+            pass_fds=(listener.fileno(),),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert serving.stdout is not None
+            assert serving.stdout.readline() == "READY\n"
+            with MilterClient.connect(f"inet:{listener.getsockname()[1]}@127.0.0.1", 5) as client:
+                client.negotiate()  # answered: libmilter serves
+        finally:
+            serving.kill()
+            serving.wait()
+
+
+# --- descriptors: a limit raised, a cap that answers at once (issue 9) -----------------------
+
+
+def descriptor_limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no descriptor limit for {pid}")
+
+
+def open_idle_sessions(address: str, count: int) -> list[MilterClient]:
+    """``count`` SMTP sessions' milter connections, each past the connect event, kept idle."""
+    sessions = []
+    for n in range(count):
+        client = MilterClient.connect(address, 5)
+        sessions.append(client)
+        try:
+            client.negotiate()
+            client.connect_info("mx.sender.example", f"192.0.2.{n % 250 + 1}")
+        except (ConnectionError, MilterProtocolError):
+            pass  # closed by the milter: judged below
+    return sessions
+
+
+def closed_at_once(sessions: list[MilterClient], within: float = 1.5) -> list[bool]:
+    """For each session: closed by the milter within ``within`` seconds (True), or still open."""
+    closed = [False] * len(sessions)
+    with selectors.DefaultSelector() as selector:
+        for n, client in enumerate(sessions):
+            client.sock.setblocking(False)
+            selector.register(client.sock, selectors.EVENT_READ, n)
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                try:
+                    closed[key.data] = sessions[key.data].sock.recv(1) == b""
+                except ConnectionResetError:
+                    closed[key.data] = True
+                selector.unregister(key.fileobj)
+    for client in sessions:
+        client.sock.setblocking(True)
+    return closed
+
+
+def test_connections_beyond_max_connections_are_closed_at_once_and_logged_once(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = start_daemon(extra="max_connections = 3\n")
+    daemon.notification("READY=1")
+    sessions = open_idle_sessions(daemon.socket, 10)
+    try:
+        closed = closed_at_once(sessions)
+        assert closed.count(True) >= 4 and closed.count(False) <= 6, closed
+        for client, was_closed in zip(sessions, closed, strict=True):
+            if not was_closed:
+                client.sock.settimeout(5)
+                client.helo("mx.sender.example")  # an admitted session goes on being served
+    finally:
+        for client in sessions:
+            client.close()
+    refusals = re.findall(r"has no room for more MTA connections \(3 open, limit 3", daemon.log())
+    assert 1 <= len(refusals) <= 2, daemon.log()  # once per worker per minute, not per connection
+    assert "closed at once, the MTA applies its milter_default_action" in daemon.log()
+    wait_for(lambda: check_message(daemon.socket, MESSAGE).response.kind == "accept", "room again")
+
+
+def test_the_descriptor_limit_is_raised_and_never_leaves_a_connection_unanswered(
+    start_daemon: Callable[..., Daemon],
+) -> None:
+    """At a hard limit of 200 descriptors each worker serves (200 - 64) // 2 = 68 connections;
+    every connection beyond is closed at once instead of waiting in the accept queue."""
+    daemon = start_daemon(descriptor_limits=(100, 200))
+    daemon.notification("READY=1")
+    for pid in daemon.workers():
+        assert descriptor_limits(pid) == (200, 200), "the soft limit is raised to the hard one"
+    assert re.search(r"max_connections = 4096 is more than .* at most 68 connections", daemon.log())
+    sessions = open_idle_sessions(daemon.socket, 400)  # more than 2 workers x 200 descriptors
+    try:
+        closed = closed_at_once(sessions)
+    finally:
+        for client in sessions:
+            client.close()
+    assert closed.count(False) <= 2 * 68 and closed.count(True) >= 400 - 2 * 68, closed.count(False)
+    assert "has no room for more MTA connections (68 open, limit 68" in daemon.log()

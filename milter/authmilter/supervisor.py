@@ -71,7 +71,14 @@ from typing import NoReturn
 
 from authmilter.config import Config, ConfigError, LogSettings, MilterSettings, load_config
 from authmilter.keys import KeyFileError
-from authmilter.milter_app import HistoryRecorder, Runtime, build_runtime, message_counts, serve
+from authmilter.milter_app import (
+    HistoryRecorder,
+    Runtime,
+    build_runtime,
+    connection_cap,
+    message_counts,
+    serve,
+)
 from authmilter.resolver import ZoneFileError
 
 log = logging.getLogger(__name__)
@@ -349,9 +356,19 @@ def load_runtime(config: Config) -> Runtime:
             message names the file and why.
     """
     try:
-        return build_runtime(config)
+        runtime = build_runtime(config)
     except (ZoneFileError, KeyFileError, OSError) as e:
         raise StartupError(str(e)) from None
+    configured = config.milter.max_connections
+    if (cap := connection_cap(configured)) < configured:
+        log.warning(
+            "[milter] max_connections = %d is more than the descriptor limit (RLIMIT_NOFILE %d) "
+            "leaves room for: each worker serves at most %d connections; raise LimitNOFILE=",
+            configured,
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            cap,
+        )
+    return runtime
 
 
 def raise_descriptor_limit() -> int:
