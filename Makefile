@@ -15,7 +15,7 @@ BENCH_APT_PACKAGES := opendmarc
 
 .PHONY: run test lint bench test-docker deps apt bench-apt clean
 
-# Starts the milter on the embedded default config (inet:8891@127.0.0.1, verify only); Ctrl-C stops it.
+# Starts the milter on the embedded default config (inet:8990@127.0.0.1, verify only); Ctrl-C stops it.
 run: deps
 	$(BIN)/authmilter run --config $(CONFIG)
 

@@ -94,7 +94,7 @@ def test_files_named_must_be_readable(tmp_path: Path, text: str) -> None:
         ("[policy]\ndmarc_temperror = 'reject'\n", "'reject' is not one of: accept, quarantine, tempfail"),
         ("[policy]\nspf_fail = 'drop'\n", "'drop' is not one of: accept, tempfail, reject, quarantine"),
         ("[spam]\nx = 1\n", ":1: unknown section [spam]"),
-        ("[milter]\nsocket = '8891'\n", ":2: [milter] socket: '8891' is not a milter socket"),
+        ("[milter]\nsocket = '8990'\n", ":2: [milter] socket: '8990' is not a milter socket"),
         ("[milter]\nsocket = 'inet:99999@127.0.0.1'\n", "is not a milter socket"),
         ("[milter]\nsocket = 'unix:relative/sock'\n", "is not a milter socket"),
         ("[milter]\nsocket_mode = '0999'\n", "'0999' is not an octal mode"),

@@ -60,13 +60,13 @@ def free_port() -> int:
 
 
 def test_socket_address_reads_libmilter_connection_strings(tmp_path: Path) -> None:
-    assert socket_address("inet:8891@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8891))
-    assert socket_address("inet6:8891@[::1]") == (socket.AF_INET6, ("::1", 8891))
-    assert socket_address("inet6:8891@::1") == (socket.AF_INET6, ("::1", 8891))
+    assert socket_address("inet:8990@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8990))
+    assert socket_address("inet6:8990@[::1]") == (socket.AF_INET6, ("::1", 8990))
+    assert socket_address("inet6:8990@::1") == (socket.AF_INET6, ("::1", 8990))
     assert socket_address(f"unix:{tmp_path}/s") == (socket.AF_UNIX, f"{tmp_path}/s")
     assert socket_address(f"local:{tmp_path}/s") == (socket.AF_UNIX, f"{tmp_path}/s")
     with pytest.raises(StartupError, match="cannot resolve"):
-        socket_address("inet:8891@no-such-host.invalid")
+        socket_address("inet:8990@no-such-host.invalid")
 
 
 def test_inet_listener_sets_nodelay_nonblocking_and_accepted_sockets_inherit_nodelay() -> None:
