@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import ipaddress
 import logging
 import os
@@ -230,6 +231,16 @@ HOST_LIST_KEYS = {("milter", "internal_hosts"), ("milter", "ignore_hosts")}
 PATH_KEYS = {("dns", "zone_files"), ("dmarc", "psl_file")}
 # OpenDKIM dataset names ("refile:PATH", "file:PATH" or PATH): made absolute, read by the loaders.
 DATASET_KEYS = {("signing", "key_table"), ("signing", "signing_table")}
+
+
+# The embedded default, conf/authmilter.toml, installed with the package under this name (in the
+# source tree a symlink to it, so there is one copy): `authmilter run` without a config file.
+PACKAGED_CONFIG = "authmilter.toml"
+
+
+def packaged_config_path() -> Path:
+    """The default config file installed with the package (verify only, loopback socket)."""
+    return Path(str(importlib.resources.files("authmilter").joinpath(PACKAGED_CONFIG)))
 
 
 def default_config() -> Config:
