@@ -6,21 +6,27 @@ BIN    := $(VENV)/bin
 CONFIG ?= conf/authmilter.toml
 # knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
 # unit's test; postfix: the private MTA of tests/integration; opendkim: the independent DKIM
-# verifier and signer of the interoperability tests (system services disabled below).
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools
+# verifier and signer of the interoperability tests (system services disabled below); groff-base and
+# man-db: the man page's test renders it.
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools groff-base man-db
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
 BENCH_APT_PACKAGES := opendmarc
 
-.PHONY: run test lint bench test-docker deps apt bench-apt clean
+.PHONY: run test lint bench test-docker deps apt bench-apt clean man
 
-# Starts the milter on the embedded default config (inet:8891@127.0.0.1, verify only); Ctrl-C stops it.
+# Starts the milter on the embedded default config (inet:8990@127.0.0.1, verify only); Ctrl-C stops it.
 run: deps
 	$(BIN)/authmilter run --config $(CONFIG)
 
 test: deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# authmilter(8) from the command line's parser and conf/authmilter.toml; tests/test_manpage.py
+# fails when docs/authmilter.8 is not what this makes.
+man: deps
+	$(BIN)/python -m authmilter.manpage > docs/authmilter.8
 
 lint: deps
 	$(BIN)/ruff check milter tests bench docker

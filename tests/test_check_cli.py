@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from authmilter.cli import main, parse_args, parse_nameserver
+from authmilter.config import PACKAGED_CONFIG, packaged_config_path
 from dnsserver import AuthoritativeDns, free_port
 from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, zone_txt
 
@@ -368,13 +370,24 @@ def test_checkconf_names_file_and_line_of_an_error(
     assert f"{bad}:2: [dkim] max_signatures" in capsys.readouterr().err
 
 
+def test_the_default_config_is_packaged_and_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    shipped = (ROOT / "conf" / "authmilter.toml").read_text()
+    # One copy: the package's file is conf/authmilter.toml (a symlink in the source tree), and the
+    # wheel carries it as package data.
+    assert packaged_config_path().read_text() == shipped
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert PACKAGED_CONFIG in package_data["authmilter"]
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--print-default-config"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == shipped
+
+
 def test_checkconf_defaults_to_the_daemons_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import authmilter.cli
 
     monkeypatch.setattr(authmilter.cli, "DEFAULT_CONFIG", tmp_path / "missing.toml")
-    with pytest.raises(SystemExit) as info:
-        parse_args(["checkconf"])
-    assert info.value.code == 2
+    assert parse_args(["checkconf"]).config == packaged_config_path()  # what `run` would use
     (tmp_path / "present.toml").write_text("")
     monkeypatch.setattr(authmilter.cli, "DEFAULT_CONFIG", tmp_path / "present.toml")
     assert parse_args(["checkconf"]).config == tmp_path / "present.toml"

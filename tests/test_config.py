@@ -94,7 +94,7 @@ def test_files_named_must_be_readable(tmp_path: Path, text: str) -> None:
         ("[policy]\ndmarc_temperror = 'reject'\n", "'reject' is not one of: accept, quarantine, tempfail"),
         ("[policy]\nspf_fail = 'drop'\n", "'drop' is not one of: accept, tempfail, reject, quarantine"),
         ("[spam]\nx = 1\n", ":1: unknown section [spam]"),
-        ("[milter]\nsocket = '8891'\n", ":2: [milter] socket: '8891' is not a milter socket"),
+        ("[milter]\nsocket = '8990'\n", ":2: [milter] socket: '8990' is not a milter socket"),
         ("[milter]\nsocket = 'inet:99999@127.0.0.1'\n", "is not a milter socket"),
         ("[milter]\nsocket = 'unix:relative/sock'\n", "is not a milter socket"),
         ("[milter]\nsocket_mode = '0999'\n", "'0999' is not an octal mode"),
@@ -173,6 +173,66 @@ def test_internal_hosts_errors(value: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(f"[milter]\n\ninternal_hosts = {value}\n", "/etc/authmilter.toml")
     assert message in str(info.value)
+
+
+def test_ignore_hosts_as_a_list_or_a_dataset_file(tmp_path: Path) -> None:
+    config = parse_config("[milter]\nignore_hosts = ['192.0.2.0/24', '!192.0.2.9']\n", "x.toml")
+    assert config.ignore_hosts.contains("192.0.2.7") and not config.ignore_hosts.contains("192.0.2.9")
+    assert not default_config().ignore_hosts.contains("127.0.0.1")
+    (tmp_path / "PeerList").write_text("# peers\n.relay.example\n")
+    config = load_config(_write(tmp_path / "authmilter.toml", "[milter]\nignore_hosts = 'PeerList'\n"))
+    assert config.ignore_hosts.contains("198.51.100.1", "mx.relay.example")
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_client_in_ignore_hosts_and_internal_hosts_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    text = "[milter]\ninternal_hosts = ['127.0.0.1', '10.0.0.0/8']\n\nignore_hosts = [\n  '10.9.0.0/16',\n]\n"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "/etc/authmilter.toml")
+    assert str(info.value).startswith(
+        "/etc/authmilter.toml:4: [milter] ignore_hosts: client 10.9.0.0 is in ignore_hosts ('10.9.0.0/16' "
+        "at /etc/authmilter.toml:4) and in internal_hosts ('10.0.0.0/8' at /etc/authmilter.toml:2)"
+    )
+    # From dataset files: each entry's own file and line.
+    _write(tmp_path / "PeerList", "192.0.2.1\n\nrelay.corp.example\n")
+    _write(tmp_path / "TrustedHosts", "127.0.0.1\n.corp.example\n")
+    config = _write(
+        tmp_path / "authmilter.toml", "[milter]\ninternal_hosts = 'TrustedHosts'\nignore_hosts = 'PeerList'\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    assert str(info.value) == (
+        f"{config}:3: [milter] ignore_hosts: client relay.corp.example is in ignore_hosts "
+        f"('relay.corp.example' at {tmp_path}/PeerList:3) and in internal_hosts ('.corp.example' at "
+        f"{tmp_path}/TrustedHosts:2): an ignored client is never processed, an internal one is signed "
+        "as ours; remove it from one of the lists"
+    )
+    # An exclusion keeps the lists apart.
+    apart = "[milter]\ninternal_hosts = ['10.0.0.0/8', '!10.9.0.0/16']\nignore_hosts = ['10.9.0.0/16']\n"
+    assert parse_config(apart, "x").ignore_hosts.contains("10.9.1.1")
+
+
+def test_remove_authserv_ids_are_normalised_host_names() -> None:
+    config = parse_config("[milter]\nremove_authserv_ids = ['MX2.Example.COM.']\n", "x.toml")
+    assert config.milter.remove_authserv_ids == ("mx2.example.com",)
+    with pytest.raises(ConfigError, match=r"x.toml:2: \[milter\] remove_authserv_ids: .*not a hostname"):
+        parse_config("[milter]\nremove_authserv_ids = ['mx; dkim=pass']\n", "x.toml")
+
+
+def test_from_multiple_domains_choices() -> None:
+    config = parse_config("[policy]\nfrom_multiple_domains = 'reject'\n", "x")
+    assert config.policy.from_multiple_domains == "reject"
+    with pytest.raises(ConfigError, match=r"x:2: \[policy\] from_multiple_domains: 'refuse' is not one of"):
+        parse_config("[policy]\nfrom_multiple_domains = 'refuse'\n", "x")
+
+
+def test_default_socket_is_no_usual_milter_port() -> None:
+    # OpenDKIM 8891, OpenDMARC 8892/8893, OpenARC 8894: a trial beside them must be able to bind.
+    assert default_config().milter.socket == "inet:8990@127.0.0.1"
 
 
 def test_signing_settings_are_converted() -> None:

@@ -88,6 +88,7 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
         self._stage: int | None = -1
         self._reply: tuple[str, ...] | None = None
         self.offer = MTA_OFFER
+        self.connect_reply: int | None = None
 
     @property
     def reply(self) -> tuple[str, ...]:
@@ -162,7 +163,11 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
         elif family == socket.AF_INET6:
             hostaddr = (ip, 40000, 0, 0)
         self._stage = Milter.M_CONNECT
-        assert Milter.connect_callback(self, hostname, family, hostaddr) == Milter.NOREPLY
+        self.connect_reply = Milter.connect_callback(self, hostname, family, hostaddr)
+        if self.connect_reply == Milter.ACCEPT:
+            return  # the MTA sends this milter nothing more on this connection (milter8.c)
+        awaited = not self._protocol & Milter.P_NR_CONN
+        assert self.connect_reply == (Milter.CONTINUE if awaited else Milter.NOREPLY)
         self._stage = Milter.M_HELO
         assert self.app.hello(helo) == Milter.NOREPLY
 
@@ -550,6 +555,43 @@ def test_internal_hosts_by_verified_name_and_exclusion(
     assert excluded.send(make_message()) == Milter.REJECT
     unverified = connect(config=config, ip=OUTSIDE_IP, hostname="[203.0.113.5]")  # no PTR name
     assert unverified.send(make_message()) == Milter.REJECT
+
+
+def test_ignored_host_is_accepted_at_connect_and_internal_host_still_signed(
+    connect: Connect, zone_files: list[Path], signing: SigningSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = signing_config(signing, internal_hosts=("10.0.0.0/8",), ignore_hosts=("192.0.2.0/24",))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        ignored = connect(config=config, ip="192.0.2.99")
+    # Accepted at connect, and the MTA was made to wait for that answer: it then leaves the
+    # milter out of the whole connection (no A-R removed or added, no signature, no history).
+    assert ignored.connect_reply == Milter.ACCEPT
+    assert not ignored._protocol & Milter.P_NR_CONN
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.startswith("client=192.0.2.99 name=mx.sender.example ignored (ignore_hosts: 192.0.2.0/24 at ")
+    internal = connect(config=config, ip="10.1.2.3")
+    assert internal.connect_reply == Milter.CONTINUE
+    raw = make_message()
+    assert internal.send(raw) == Milter.ACCEPT
+    assert_signed_twice(internal, raw, zone_files)
+    inbound = connect(config=config, ip=OUTSIDE_IP)
+    assert inbound.connect_reply == Milter.CONTINUE
+    assert inbound.send(make_message()) == Milter.REJECT  # still verified: p=reject, spoofed
+
+
+def test_a_r_of_the_sites_other_authserv_ids_are_removed(
+    connect: Connect, signed: Callable[..., bytes]
+) -> None:
+    config = make_config(remove_authserv_ids=("mx2.receiver.example",))
+    ctx = connect(config=config)
+    raw = signed(
+        extra_headers=f"{A_R}: MX2.Receiver.Example; dmarc=pass header.from=sender.example\r\n"
+        f"{A_R}: other.example; dmarc=pass header.from=sender.example\r\n"
+    )
+    assert ctx.send(raw) == Milter.ACCEPT
+    assert ("change", A_R, 1, "") in ctx.changes
+    kept = [value.split(";")[0] for name, value in ctx.headers if name == A_R]
+    assert kept == [AUTHSERV_ID, "other.example"]
 
 
 def test_unreadable_key_tempfails_rather_than_send_unsigned(

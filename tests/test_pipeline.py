@@ -10,11 +10,13 @@ import dns.name
 import dns.rdatatype
 import pytest
 
+from authmilter.actions import MultipleFromDomains
 from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
+from authmilter.history import Envelope, make_record
 from authmilter.keys import KeyCache
 from authmilter.message import parse_message
-from authmilter.model import Action, AuthResult, Verdict
+from authmilter.model import Action, AuthResult, Disposition, Verdict
 from authmilter.pipeline import (
     Connection,
     Transaction,
@@ -100,6 +102,64 @@ def test_forged_authentication_results_are_listed_highest_index_first(resolver: 
     )
     verdict = run(make_message(extra_headers=extra), resolver)
     assert verdict.forged_authentication_results == (3, 1)
+
+
+def test_authentication_results_of_the_sites_other_ids_are_removed_too(resolver: Resolver) -> None:
+    extra = (
+        "Authentication-Results: MX-Old.Receiver.Example; dmarc=pass header.from=sender.example\r\n"
+        "Authentication-Results: other.example; spf=pass smtp.mailfrom=x@y.example\r\n"
+    )
+    config = dataclasses.replace(
+        CONFIG, milter=dataclasses.replace(CONFIG.milter, remove_authserv_ids=("mx-old.receiver.example",))
+    )
+    assert run(make_message(extra_headers=extra), resolver, config).forged_authentication_results == (1,)
+    assert run(make_message(extra_headers=extra), resolver).forged_authentication_results == ()
+
+
+def with_policy(**settings: object) -> Config:
+    return dataclasses.replace(CONFIG, policy=dataclasses.replace(CONFIG.policy, **settings))
+
+
+def test_trial_mode_header_says_what_was_done_as_the_history_record_does(resolver: Resolver) -> None:
+    # Spoofed sender.example (p=reject) from outside: DMARC asks for reject; enforce = false accepts.
+    verdict = run(make_message(), resolver, with_policy(enforce=False), client_ip="203.0.113.5")
+    assert verdict.action is Action.ACCEPT
+    assert verdict.dmarc is not None and verdict.dmarc.disposition is Disposition.REJECT
+    assert "dmarc=fail (p=reject dis=none, reject not enforced by local configuration)" in " ".join(
+        verdict.authentication_results.split()
+    )
+    envelope = Envelope("203.0.113.5", "bob@sender.example", (), "mx.sender.example", "4XyZ1")
+    record = make_record(verdict, envelope, "mx.receiver.example", 0, "treewalk")
+    assert record["dmarc"]["disposition"] == "reject"  # what the policy asked for
+    assert record["policy_evaluated"]["disposition"] == "none"  # what was done, as dis= says
+    assert record["policy_evaluated"]["reasons"] == [
+        {"type": "local_policy", "comment": "DMARC policy not enforced by local configuration"}
+    ]
+    enforced = run(make_message(), resolver, client_ip="203.0.113.5")
+    assert enforced.action is Action.REJECT
+    assert "dmarc=fail (p=reject dis=reject)" in " ".join(enforced.authentication_results.split())
+
+
+@pytest.mark.parametrize(
+    "from_header, choice, action",
+    [
+        ("bob@sender.example, eve@other.example", "evaluate", Action.ACCEPT),
+        ("bob@sender.example, eve@other.example", "reject", Action.REJECT),
+        ("bob@sender.example, Ann <ann@Sender.Example>", "reject", Action.ACCEPT),
+    ],
+)
+def test_from_field_with_several_domains(
+    resolver: Resolver, from_header: str, choice: str, action: Action
+) -> None:
+    config = with_policy(from_multiple_domains=MultipleFromDomains(choice))
+    verdict = run(make_message(from_header=from_header), resolver, config)
+    assert verdict.action is action
+    if action is Action.REJECT:
+        assert verdict.reply is not None
+        assert str(verdict.reply) == (
+            "550 5.7.1 Rejected by local policy: the From field names authors in different domains; "
+            "send one message per author domain (sender.example, other.example)"
+        )
 
 
 class ExplodingSource:

@@ -35,7 +35,7 @@ def test_a_tcp_listener_turns_it_on_for_its_port(tcp_listener: socket.socket) ->
     assert tcp_listener.fileno() >= 0, "the descriptor looked at is never closed"
 
 
-@pytest.mark.parametrize("connection", ["inet:8891@127.0.0.1", "inet6:8891@[::1]", "fd:"])
+@pytest.mark.parametrize("connection", ["inet:8990@127.0.0.1", "inet6:8990@[::1]", "fd:"])
 def test_sockets_libmilter_opens_itself_are_left_alone(connection: str) -> None:
     assert not QuickAck.for_listener(connection).enabled
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from authmilter import cli
-from authmilter.config import LogSettings, MilterSettings
+from authmilter.config import LogSettings, MilterSettings, load_config, packaged_config_path
 from authmilter.supervisor import (
     StartupError,
     configure_logging,
@@ -36,6 +36,8 @@ from authmilter.supervisor import (
 )
 from milterclient import MessageResult, MilterClient, MilterProtocolError, check_message
 from signing import rsa_key
+
+CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "authmilter.toml"
 
 ZONE = Path(__file__).resolve().parent / "zones" / "sender.example.zone"
 MESSAGE = (Path(__file__).resolve().parent / "zones" / "message.eml").read_bytes()
@@ -64,13 +66,13 @@ def free_port() -> int:
 
 
 def test_socket_address_reads_libmilter_connection_strings(tmp_path: Path) -> None:
-    assert socket_address("inet:8891@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8891))
-    assert socket_address("inet6:8891@[::1]") == (socket.AF_INET6, ("::1", 8891))
-    assert socket_address("inet6:8891@::1") == (socket.AF_INET6, ("::1", 8891))
+    assert socket_address("inet:8990@127.0.0.1") == (socket.AF_INET, ("127.0.0.1", 8990))
+    assert socket_address("inet6:8990@[::1]") == (socket.AF_INET6, ("::1", 8990))
+    assert socket_address("inet6:8990@::1") == (socket.AF_INET6, ("::1", 8990))
     assert socket_address(f"unix:{tmp_path}/s") == (socket.AF_UNIX, f"{tmp_path}/s")
     assert socket_address(f"local:{tmp_path}/s") == (socket.AF_UNIX, f"{tmp_path}/s")
     with pytest.raises(StartupError, match="cannot resolve"):
-        socket_address("inet:8891@no-such-host.invalid")
+        socket_address("inet:8990@no-such-host.invalid")
 
 
 def test_inet_listener_sets_nodelay_nonblocking_and_accepted_sockets_inherit_nodelay() -> None:
@@ -276,14 +278,14 @@ def test_configure_logging_falls_back_to_stderr_and_prefixes_priorities_for_jour
 # --- `authmilter run`: arguments and start-up errors ---------------------------------------------
 
 
-def test_run_needs_a_config_file(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_run_without_a_config_file_uses_the_packaged_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "missing.toml")
-    with pytest.raises(SystemExit) as exit_info:
-        cli.parse_args(["run"])
-    assert exit_info.value.code == 2
-    assert f"no --config given and {tmp_path}/missing.toml does not exist" in capsys.readouterr().err
+    packaged = cli.parse_args(["run"]).config
+    assert packaged == packaged_config_path() and packaged.read_bytes() == CONFIG_FILE.read_bytes()
+    default = load_config(packaged)
+    assert default.milter.socket == "inet:8990@127.0.0.1" and default.signing_table is None  # verify only
     (tmp_path / "present.toml").write_text("")
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "present.toml")
     assert cli.parse_args(["run"]).config == tmp_path / "present.toml"

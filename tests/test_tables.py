@@ -467,3 +467,24 @@ def test_host_list_errors_name_file_and_line(tmp_path: Path, line: str, words: l
     path = write(tmp_path, "TrustedHosts", "127.0.0.1\nlocalhost\n" + line)
     with raises_at(f"{path}:3", *words):
         HostSet.load(path)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        (["10.0.0.0/8"], ["10.9.0.0/16"], ("10.9.0.0", "10.0.0.0/8", "10.9.0.0/16")),
+        (["10.0.0.0/8", "!10.9.0.0/16"], ["10.9.0.0/16"], None),
+        (["10.0.0.0/8", "!10.9.0.0/16"], ["10.8.0.0/15"], ("10.8.0.0", "10.0.0.0/8", "10.8.0.0/15")),
+        (["10.0.0.0/8", "!10.0.0.0/16"], ["10.0.0.0/15"], ("10.1.0.0", "10.0.0.0/8", "10.0.0.0/15")),
+        (["2001:db8::/32"], ["2001:db8:1::7"], ("2001:db8:1::7", "2001:db8::/32", "2001:db8:1::7")),
+        (["192.0.2.1"], ["192.0.2.2", "::1"], None),
+        ([".corp.example", "!bad.corp.example"], ["bad.corp.example"], None),
+        ([".corp.example"], ["mx.corp.example"], ("mx.corp.example", ".corp.example", "mx.corp.example")),
+        ([".corp.example"], [".example"], (".corp.example", ".corp.example", ".example")),
+    ],
+)
+def test_shared_client_of_two_sets(
+    first: list[str], second: list[str], shared: tuple[str, str, str] | None
+) -> None:
+    found = HostSet.parse(first, "a").shared_client(HostSet.parse(second, "b"))
+    assert (found and (found[0], found[1].text, found[2].text)) == shared

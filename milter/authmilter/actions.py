@@ -19,6 +19,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class ReplyName(StrEnum):
     DMARC_REJECT = "dmarc_reject"
     FROM_INVALID = "from_invalid"
+    FROM_MULTIPLE_DOMAINS = "from_multiple_domains"
     SPF_REJECT = "spf_reject"
     DNS_TEMPFAIL = "dns_tempfail"
     INTERNAL_ERROR = "internal_error"
@@ -39,6 +40,12 @@ REPLIES: dict[ReplyName, tuple[str, str, str]] = {
         "550",
         "5.7.1",
         "Rejected: {reason}; a message needs exactly one From header with a domain (RFC 5322 3.6.2)",
+    ),
+    ReplyName.FROM_MULTIPLE_DOMAINS: (
+        "550",
+        "5.7.1",
+        "Rejected by local policy: the From field names authors in different domains; "
+        "send one message per author domain ({domains})",
     ),
     ReplyName.SPF_REJECT: (
         "550",
@@ -86,6 +93,13 @@ class FailureAction(StrEnum):
     QUARANTINE = "quarantine"
 
 
+class MultipleFromDomains(StrEnum):
+    """What to do with one From field whose mailboxes name different domains."""
+
+    EVALUATE = "evaluate"  # RFC 9989 §5.3.1: every Author Domain is evaluated, the strictest wins
+    REJECT = "reject"  # OpenDMARC's RejectMultiValueFrom
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """Local policy on top of the published ones (config section ``[policy]``).
@@ -99,6 +113,9 @@ class PolicySettings:
             behaviour); "accept" leaves SPF to DMARC.
         never_reject_domains: From or policy domains never rejected or quarantined (local override).
         never_reject_networks: client networks never rejected or quarantined.
+        from_multiple_domains: a From field with mailboxes in different domains is evaluated
+            per domain ("evaluate") or rejected ("reject"); several mailboxes of one domain are
+            always evaluated. Applies with ``enforce`` false too, as ``from_error`` does.
     """
 
     enforce: bool = True
@@ -108,6 +125,7 @@ class PolicySettings:
     spf_fail: FailureAction = FailureAction.ACCEPT
     never_reject_domains: tuple[str, ...] = ()
     never_reject_networks: tuple[Network, ...] = ()
+    from_multiple_domains: MultipleFromDomains = MultipleFromDomains.EVALUATE
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,10 @@ def _decide_unchecked(
     spf: SpfResult | None, dmarc: DmarcVerdict | None, settings: PolicySettings
 ) -> Decision:
     if dmarc is not None:
+        if len(dmarc.from_domains) > 1 and settings.from_multiple_domains is MultipleFromDomains.REJECT:
+            domains = ", ".join(dmarc.from_domains)
+            reply = make_reply(ReplyName.FROM_MULTIPLE_DOMAINS, domains=domains)
+            return Decision(Action.REJECT, reply, f"From field with several author domains: {domains}")
         domain = dmarc.from_domain or "the sender"
         if dmarc.result is AuthResult.TEMPERROR:
             return _failure(
@@ -212,6 +234,34 @@ def _decide_unchecked(
             f"spf=fail: {reason}",
         )
     return ACCEPT
+
+
+# What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed
+# message is not delivered yet: nothing was applied.
+_ACTION_DISPOSITION = {
+    Action.ACCEPT: Disposition.NONE,
+    Action.QUARANTINE: Disposition.QUARANTINE,
+    Action.REJECT: Disposition.REJECT,
+    Action.TEMPFAIL: Disposition.NONE,
+}
+
+
+def unenforced_disposition(dmarc: DmarcVerdict | None, action: Action) -> Disposition | None:
+    """What was done instead of the disposition DMARC asked for, when local policy overrode it.
+
+    Args:
+        dmarc: the DMARC verdict.
+        action: the action decided (``[policy] enforce = false`` and the never-reject lists
+            accept where DMARC asks for reject or quarantine).
+
+    Returns:
+        The disposition applied when it differs from the one asked for; None when DMARC asked
+        for nothing or got what it asked.
+    """
+    if dmarc is None or dmarc.disposition is Disposition.NONE:
+        return None
+    applied = _ACTION_DISPOSITION[action]
+    return None if applied is dmarc.disposition else applied
 
 
 def internal_error_decision(reason: str, settings: PolicySettings) -> Decision:

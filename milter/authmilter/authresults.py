@@ -20,10 +20,10 @@ Decisions:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from encodings.idna import ToASCII
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import authres
@@ -32,7 +32,7 @@ import authres.dkim_b
 import authres.dmarc
 
 from authmilter.message import MessageHeaders, unfold
-from authmilter.model import AuthResult, DkimResult, DmarcVerdict, SpfResult
+from authmilter.model import NOT_ENFORCED_NOTE, AuthResult, Disposition, DkimResult, DmarcVerdict, SpfResult
 
 HEADER_NAME = "Authentication-Results"
 # RFC 5321 §4.5.3.1.3: a path is at most 256 octets; nothing we echo is legitimately longer.
@@ -210,8 +210,15 @@ def _dkim_pieces(
 
 
 @lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _dmarc_clause(dmarc: DmarcVerdict, last: bool) -> str:
+def _dmarc_clause(dmarc: DmarcVerdict, last: bool, applied: Disposition | None = None) -> str:
+    # dis= says what was done: when local policy did not apply the disposition DMARC asked for
+    # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
     comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
+    if dmarc.policy and applied is not None and applied is not dmarc.disposition:
+        comment = (
+            f"p={dmarc.policy.value} dis={applied.value}, "
+            f"{dmarc.disposition.value} {NOT_ENFORCED_NOTE}"
+        )
     properties = _properties(("header", "from", dmarc.from_domain))
     return _fold_clause(_clause_pieces("dmarc", dmarc.result, comment, properties), last)
 
@@ -230,6 +237,7 @@ def _entries(
     helo: SpfResult | None,
     dkim: Sequence[DkimResult],
     dmarc: DmarcVerdict | None,
+    applied: Disposition | None,
 ) -> list[_Entry]:
     """What each resinfo is made from: its renderer and its result, in header order."""
     entries: list[_Entry] = []
@@ -242,7 +250,7 @@ def _entries(
     elif entries or dmarc is not None:
         entries.append((_no_signature_clause, None))
     if dmarc is not None:
-        entries.append((_dmarc_clause, dmarc))
+        entries.append((partial(_dmarc_clause, applied=applied), dmarc))
     return entries
 
 
@@ -265,6 +273,7 @@ def render_authentication_results(
     helo: SpfResult | None,
     dkim: Sequence[DkimResult],
     dmarc: DmarcVerdict | None,
+    applied: Disposition | None = None,
 ) -> str:
     """The Authentication-Results value (after the colon) for one message, folded.
 
@@ -278,6 +287,8 @@ def render_authentication_results(
         helo: the HELO result, or None to leave it out.
         dkim: one result per DKIM-Signature.
         dmarc: the DMARC verdict, or None to leave it out.
+        applied: what was done with the message, as a disposition, when that is not what the
+            DMARC verdict asks (actions.unenforced_disposition); None when it is.
 
     Returns:
         The value without the leading space, folded with LF + TAB.
@@ -286,7 +297,7 @@ def render_authentication_results(
         ValueError: the authserv-id is not a hostname (configuration must catch this first).
     """
     server = sanitize_authserv_id(authserv_id)
-    entries = _entries(spf, helo, dkim, dmarc)
+    entries = _entries(spf, helo, dkim, dmarc, applied)
     if not entries:
         return str(authres.AuthenticationResultsHeader(authserv_id=server).header_value())
     last = len(entries) - 1
@@ -304,9 +315,10 @@ class IncomingAuthResults:
     Attributes:
         index: its HeaderField.index among Authentication-Results fields (for smfi_chgheader).
         authserv_id: the authserv-id, lower-cased; "" if the field cannot be parsed.
-        forged: it carries our authserv-id, or cannot be parsed (then it might, to a laxer
-            reader: authentication_milter's Sanitize handler removes those too). Fields past
-            MAX_INCOMING_LENGTH or MAX_INCOMING_FIELDS are not parsed and count as forged.
+        forged: it carries our authserv-id (or one of the site's others we remove), or cannot be
+            parsed (then it might, to a laxer reader: authentication_milter's Sanitize handler
+            removes those too). Fields past MAX_INCOMING_LENGTH or MAX_INCOMING_FIELDS are not
+            parsed and count as forged.
     """
 
     index: int
@@ -329,26 +341,33 @@ def _incoming_authserv_id(value: str) -> str:
 
 
 def inspect_authentication_results(
-    headers: MessageHeaders, authserv_id: str
+    headers: MessageHeaders, authserv_id: str, other_ids: Collection[str] = ()
 ) -> tuple[IncomingAuthResults, ...]:
     """Judge every incoming Authentication-Results field (RFC 8601 §5).
 
     Args:
         headers: the message headers.
         authserv_id: our authserv-id.
+        other_ids: further authserv-ids whose fields are removed like ours (``[milter]
+            remove_authserv_ids``, OpenDKIM's RemoveARFrom), each as :func:`sanitize_authserv_id`
+            returns it.
 
     Returns:
         One entry per field, in message order.
     """
-    ours = sanitize_authserv_id(authserv_id)
+    # Compared lower-cased on both sides: an authserv-id is a host name (RFC 8601 §2.5), and
+    # host names compare case-insensitively.
+    removed = {sanitize_authserv_id(authserv_id), *other_ids}
     found = []
     for position, field in enumerate(headers.get_all(HEADER_NAME)):
         theirs = _incoming_authserv_id(field.value) if position < MAX_INCOMING_FIELDS else ""
-        found.append(IncomingAuthResults(field.index, theirs, forged=not theirs or theirs == ours))
+        found.append(IncomingAuthResults(field.index, theirs, forged=not theirs or theirs in removed))
     return tuple(found)
 
 
-def find_forged_authentication_results(headers: MessageHeaders, authserv_id: str) -> tuple[int, ...]:
+def find_forged_authentication_results(
+    headers: MessageHeaders, authserv_id: str, other_ids: Collection[str] = ()
+) -> tuple[int, ...]:
     """Indices of the Authentication-Results fields to delete (RFC 8601 §5), last first.
 
     Deleting from the last keeps the remaining indices valid; deleting forward shifts them and
@@ -357,9 +376,11 @@ def find_forged_authentication_results(headers: MessageHeaders, authserv_id: str
     Args:
         headers: the message headers.
         authserv_id: our authserv-id.
+        other_ids: further authserv-ids removed like ours (see :func:`inspect_authentication_results`).
 
     Returns:
         ``HeaderField.index`` values of forged fields, in descending order.
     """
-    forged = [entry.index for entry in inspect_authentication_results(headers, authserv_id) if entry.forged]
+    inspected = inspect_authentication_results(headers, authserv_id, other_ids)
+    forged = [entry.index for entry in inspected if entry.forged]
     return tuple(sorted(forged, reverse=True))

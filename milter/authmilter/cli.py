@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from authmilter import __version__
-from authmilter.config import Config, ConfigError, default_config, load_config
+from authmilter.config import Config, ConfigError, default_config, load_config, packaged_config_path
 from authmilter.dkim_rsa import install as install_openssl_rsa
 from authmilter.keys import (
     KEY_TYPES,
@@ -45,8 +45,13 @@ from authmilter.tables import SENDER_DOMAIN, KeyEntry, KeyTable, TableError
 
 log = logging.getLogger("authmilter")
 
-# Where `authmilter run` looks without --config (the Debian package's place for it).
+# Where `authmilter run` looks without --config (the Debian package's place for it); when there is
+# no such file, the packaged default (verify only, loopback) is used.
 DEFAULT_CONFIG = Path("/etc/authmilter/authmilter.toml")
+DEFAULT_CONFIG_HELP = (
+    f"the config file (default: {DEFAULT_CONFIG}, else the packaged default: "
+    "verify only on loopback, see --print-default-config)"
+)
 # What genkey's key file and DNS record file are called, after the selector (as opendkim-genkey).
 PRIVATE_KEY_SUFFIX = ".private"
 DNS_RECORD_SUFFIX = ".txt"
@@ -56,6 +61,28 @@ class CliError(Exception):
     """A problem the user can fix (unreadable file, bad config); printed without a traceback."""
 
 
+class _PrintDefaultConfig(argparse.Action):
+    """``--print-default-config``: like ``--version``, acts and exits before a command is required."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        path = packaged_config_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            parser.exit(1, f"authmilter: {path}: cannot read the packaged default config: {e.strerror}\n")
+        sys.stdout.write(text)
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="authmilter",
@@ -63,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
         "for Postfix and Sendmail.",
     )
     parser.add_argument("--version", action="version", version=f"authmilter {__version__}")
+    parser.add_argument(
+        "--print-default-config",
+        action=_PrintDefaultConfig,
+        help="print the packaged default config file (every key, documented) and exit",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -94,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
         help="validate a config file and print the effective settings",
         description="Validate a config file (and the zone files it names) and print the effective settings.",
     )
-    checkconf.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    checkconf.add_argument("--config", type=Path, help=DEFAULT_CONFIG_HELP)
 
     run = commands.add_parser(
         "run",
@@ -104,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
         "(an invalid one is logged and the running one stays). Readiness goes to systemd "
         "(Type=notify) when $NOTIFY_SOCKET is set.",
     )
-    run.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    run.add_argument("--config", type=Path, help=DEFAULT_CONFIG_HELP)
 
     _add_sign_parser(commands)
     _add_genkey_parser(commands)
@@ -244,9 +276,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         _check_genkey_options(parser, args)
     # The daemon and the check of its config read the same file by default.
     if args.command in ("run", "checkconf") and args.config is None:
-        if not DEFAULT_CONFIG.is_file():
-            parser.error(f"no --config given and {DEFAULT_CONFIG} does not exist")
-        args.config = DEFAULT_CONFIG
+        args.config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else packaged_config_path()
     return args
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.resources
 import ipaddress
 import logging
 import os
@@ -38,7 +39,7 @@ from authmilter.history import HistorySettings
 from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
 from authmilter.resolver import DnsSettings
 from authmilter.spf_check import SpfSettings
-from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostSet, KeyTable, SigningTable, TableError
+from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostEntry, HostSet, KeyTable, SigningTable, TableError
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,15 @@ class MilterSettings:
             is ``Config.internal_hosts``.
         skip_authenticated: mail from SASL-authenticated clients is outbound too (signed, not
             verified); false: it is verified like inbound mail.
+        ignore_hosts: the clients whose connections are accepted without any processing (no
+            verification, no signing, no A-R removal, no history), as OpenDKIM's PeerList and
+            OpenDMARC's IgnoreHosts; same syntax as ``internal_hosts``, parsed into
+            ``Config.ignore_hosts``. A client in both lists is a configuration error.
+        remove_authserv_ids: further authserv-ids (e.g. the site's other hosts) whose incoming
+            Authentication-Results are removed like those with ours (OpenDKIM's RemoveARFrom).
     """
 
-    socket: str = "inet:8891@127.0.0.1"
+    socket: str = "inet:8990@127.0.0.1"
     socket_mode: str = "0660"
     socket_group: str = ""
     workers: int = 0
@@ -98,6 +105,8 @@ class MilterSettings:
     quarantine: str = "hold"
     internal_hosts: tuple[str, ...] | str = DEFAULT_INTERNAL_HOST_ENTRIES
     skip_authenticated: bool = True
+    ignore_hosts: tuple[str, ...] | str = ()
+    remove_authserv_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,15 +144,26 @@ class Config:
         Raises:
             ConfigError: an invalid entry, or an unreadable dataset file.
         """
-        spec = self.milter.internal_hosts
+        if self.milter.internal_hosts == DEFAULT_INTERNAL_HOST_ENTRIES:
+            return DEFAULT_INTERNAL_HOSTS
+        return self._host_set("internal_hosts", self.milter.internal_hosts)
+
+    @functools.cached_property
+    def ignore_hosts(self) -> HostSet:
+        """``[milter] ignore_hosts`` parsed (read, for a file); checked once by parse_config.
+
+        Raises:
+            ConfigError: an invalid entry, or an unreadable dataset file.
+        """
+        return self._host_set("ignore_hosts", self.milter.ignore_hosts)
+
+    def _host_set(self, key: str, spec: tuple[str, ...] | str) -> HostSet:
         try:
             if isinstance(spec, str):
                 return HostSet.load(spec)
-            if spec == DEFAULT_INTERNAL_HOST_ENTRIES:
-                return DEFAULT_INTERNAL_HOSTS
-            return HostSet.parse(spec, f"{self.path}:[milter].internal_hosts")
+            return HostSet.parse(spec, f"{self.path}:[milter].{key}")
         except TableError as e:
-            raise _SettingError(self.path, "milter", "internal_hosts", str(e)) from None
+            raise _SettingError(self.path, "milter", key, str(e)) from None
 
     @functools.cached_property
     def signing_table(self) -> SigningTable | None:
@@ -210,10 +230,22 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("signing", "canonicalization"): frozenset(CANONICALIZATIONS),
 }
 
+# [milter] keys in OpenDKIM's host dataset syntax: a list of entries, or a dataset file's name.
+HOST_LIST_KEYS = {("milter", "internal_hosts"), ("milter", "ignore_hosts")}
 # Keys whose values are file names: relative names are taken from the config file's folder.
 PATH_KEYS = {("dns", "zone_files"), ("dmarc", "psl_file")}
 # OpenDKIM dataset names ("refile:PATH", "file:PATH" or PATH): made absolute, read by the loaders.
 DATASET_KEYS = {("signing", "key_table"), ("signing", "signing_table")}
+
+
+# The embedded default, conf/authmilter.toml, installed with the package under this name (in the
+# source tree a symlink to it, so there is one copy): `authmilter run` without a config file.
+PACKAGED_CONFIG = "authmilter.toml"
+
+
+def packaged_config_path() -> Path:
+    """The default config file installed with the package (verify only, loopback socket)."""
+    return Path(str(importlib.resources.files("authmilter").joinpath(PACKAGED_CONFIG)))
 
 
 def default_config() -> Config:
@@ -257,12 +289,35 @@ def parse_config(text: str, path: str | Path) -> Config:
     try:
         # Read the datasets, tables and keys now (cached on the Config), so that a bad one
         # refuses the (re)load instead of failing messages.
-        _ = config.internal_hosts, config.signing_table
+        _ = config.internal_hosts, config.ignore_hosts, config.signing_table
     except _SettingError as e:
         raise ConfigError(
             f"{_where(path, text, e.section, e.key)}[{e.section}] {e.key}: {e.problem}"
         ) from None
+    _check_host_lists_apart(config, path, text)
     return config
+
+
+def _check_host_lists_apart(config: Config, path: Path, text: str) -> None:
+    """A client in ``ignore_hosts`` and ``internal_hosts`` would be skipped where the other list
+    says sign it: refused, naming the entry of each list (its dataset file's line, or the
+    config file's line of an inline list)."""
+    shared = config.ignore_hosts.shared_client(config.internal_hosts)
+    if shared is None:
+        return
+    client, ignored, internal = shared
+
+    def where(key: str, entry: HostEntry) -> str:
+        if isinstance(getattr(config.milter, key), str):
+            return f"'{entry.text}' at {entry.source}"
+        return f"'{entry.text}' at {path}:{_find_line(text, 'milter', key)}"
+
+    raise ConfigError(
+        f"{_where(path, text, 'milter', 'ignore_hosts')}[milter] ignore_hosts: client {client} is in "
+        f"ignore_hosts ({where('ignore_hosts', ignored)}) and in internal_hosts "
+        f"({where('internal_hosts', internal)}): an ignored client is never processed, an internal "
+        "one is signed as ours; remove it from one of the lists"
+    )
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -296,8 +351,8 @@ def _build_section(name: str, table: Mapping[str, Any], path: Path, text: str) -
         if key not in known:
             raise ConfigError(f"{where}unknown key '{key}' in [{name}] (known: {', '.join(sorted(known))})")
         try:
-            if (name, key) == ("milter", "internal_hosts"):
-                values[key] = _host_list(raw, path)
+            if (name, key) in HOST_LIST_KEYS:
+                values[key] = _host_list(key, raw, path)
                 continue
             value = _convert(hints[key], raw)
             values[key] = _check_value(name, key, value, path)
@@ -387,6 +442,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:
         return sanitize_authserv_id(value)
+    if (section, key) == ("milter", "remove_authserv_ids"):
+        return tuple(sanitize_authserv_id(v) for v in value)
     if (section, key) == ("policy", "never_reject_domains"):
         return tuple(d.lower().rstrip(".") for d in value)
     if (section, key) in DATASET_KEYS:
@@ -398,11 +455,11 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
     return value
 
 
-def _host_list(raw: Any, path: Path) -> tuple[str, ...] | str:
-    """``internal_hosts``: a list of dataset entries, or a dataset file's name (made absolute)."""
+def _host_list(key: str, raw: Any, path: Path) -> tuple[str, ...] | str:
+    """A host list (``HOST_LIST_KEYS``): dataset entries, or a dataset file's name (made absolute)."""
     if isinstance(raw, str):
         if not raw:
-            raise ValueError("empty file name; write [] for no internal hosts")
+            raise ValueError(f"empty file name; write [] for no {key.replace('_', ' ')}")
         return _dataset_path(raw, path)
     if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
         raise TypeError(

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from authmilter.model import (
+    NOT_ENFORCED_NOTE,
     Action,
     AuthResult,
     Disposition,
@@ -266,8 +267,9 @@ def _override_reasons(verdict: Verdict, applied: str) -> list[dict[str, str]]:
     requested = dmarc.disposition.value if dmarc is not None and failed else "none"
     if applied not in (requested, "pass"):
         # never_reject_domains/never_reject_networks, [policy] enforce = false, or a local
-        # reject/quarantine not asked for by DMARC (spf_fail, from_error, dmarc_temperror).
-        comment = verdict.reason or "DMARC policy not enforced by local configuration"
+        # reject/quarantine not asked for by DMARC (spf_fail, from_error, from_multiple_domains,
+        # dmarc_temperror).
+        comment = verdict.reason or f"DMARC policy {NOT_ENFORCED_NOTE}"
         reasons.append({"type": "local_policy", "comment": _clip(comment, MAX_TEXT)})
     return reasons
 

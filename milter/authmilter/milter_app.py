@@ -3,7 +3,8 @@
 It gathers what the MTA tells, builds one :class:`~authmilter.pipeline.Transaction` per message,
 calls ``pipeline.evaluate`` at end of message and applies the :class:`~authmilter.model.Verdict`.
 It decides nothing of its own, beyond what only the edge can know: which ``internal_hosts`` entry
-matches the client (at connect, put into the Connection), and that one of its own callbacks failed.
+matches the client (at connect, put into the Connection), whether an ``ignore_hosts`` client is to
+be left alone (accepted at connect), and that one of its own callbacks failed.
 Whether a message is inbound (verified) or outbound (signed) is the pipeline's decision.
 
 Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
@@ -63,7 +64,14 @@ from authmilter.message import (
     parse_from,
 )
 from authmilter.model import Action, Verdict
-from authmilter.pipeline import Connection, Transaction, evaluate, failure_verdict, match_internal_host
+from authmilter.pipeline import (
+    Connection,
+    Transaction,
+    evaluate,
+    failure_verdict,
+    ignored_host,
+    match_internal_host,
+)
 from authmilter.quickack import QuickAck
 from authmilter.resolver import Resolver, build_resolver
 from authmilter.tables import IPV4_MAPPED_PREFIX, HostEntry, packed_client_ip
@@ -395,6 +403,12 @@ def _gathers(callback: _Gatherer[P]) -> _Callback[P]:
     return noreply
 
 
+def _noreply(callback: _Callback[P]) -> _Callback[P]:
+    """Milter.noreply: NOREPLY when negotiate() left the MTA not waiting for this callback."""
+    noreply: _Callback[P] = Milter.noreply(callback)
+    return noreply
+
+
 def _header_values_as_bytes(callback: _Callback[P]) -> _Callback[P]:
     """Milter.decode("bytes"): header values arrive undecoded; message.py reads them as wire bytes."""
     decoded: _Callback[P] = Milter.decode("bytes")(callback)
@@ -472,6 +486,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             # reply we never give.
             self._actions = offered_actions & ACTIONS
             self._protocol = offered_protocol & ~(self.protocol_mask() & ~EXTENSIONS) & ~Milter.P_SKIP
+            if len(self._config.ignore_hosts):
+                # connect() must be answered to turn an ignored client away (see there).
+                self._protocol &= ~Milter.P_NR_CONN
             opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
         except Exception:
             log.exception("cannot negotiate with the MTA (offer %r)", opts)
@@ -485,11 +502,39 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     # --- gathering ---------------------------------------------------------------------------
 
-    @_gathers
-    def connect(self, hostname: str, family: int, hostaddr: object) -> None:
+    @_noreply
+    def connect(self, hostname: str, family: int, hostaddr: object) -> int:
+        """Gather the client; leave an ``ignore_hosts`` client alone for the whole connection.
+
+        Accepting at connect makes the MTA skip this milter until the connection ends (Postfix
+        milter8.c: MILTER8_STAT_ACCEPT_CON; libmilter: "accept this connection without further
+        filter processing"), as OpenDKIM's PeerList and OpenDMARC's IgnoreHosts do. The MTA waits
+        for this reply only when ``ignore_hosts`` is set (negotiate).
+
+        Returns:
+            Milter.ACCEPT for an ignored client, else Milter.CONTINUE (NOREPLY when not awaited).
+        """
         gate, count = self._gate, self._open_connections
         if gate is not None and not gate.admits(count) and gate.refuse(self._ctx, count):
-            return  # libmilter reads EOF next and ends the connection (close())
+            return int(Milter.CONTINUE)  # libmilter reads EOF next and ends the connection (close())
+        try:
+            self._gather_client(hostname, family, hostaddr)
+            ignored = ignored_host(self._client_ip, self._client_name, self._config)
+        except Exception as exc:
+            self._record_failure("connect", exc)
+            return int(Milter.CONTINUE)
+        if ignored is None:
+            return int(Milter.CONTINUE)
+        log.info(
+            "client=%s name=%s ignored (ignore_hosts: %s at %s): accepted without any processing",
+            _log_value(self._client_ip),
+            _log_value(self._client_name),
+            _log_value(ignored.text),
+            ignored.source,
+        )
+        return int(Milter.ACCEPT)
+
+    def _gather_client(self, hostname: str, family: int, hostaddr: object) -> None:
         # Our negotiation reply made the connection "interactive": acknowledge what the MTA sends
         # from here on promptly, or its Nagle algorithm stalls each message ~40 ms (quickack.py).
         self._ack_fd = self._quickack.connection_fd(self._ctx)

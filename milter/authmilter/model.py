@@ -147,6 +147,11 @@ class DmarcVerdict:
     from_domains: tuple[str, ...] = field(default_factory=tuple)
 
 
+# Why a DMARC disposition was not applied: in the A-R comment and the history record's
+# local_policy reason alike (docs/history-schema.md).
+NOT_ENFORCED_NOTE = "not enforced by local configuration"
+
+
 @dataclass(frozen=True)
 class Reply:
     """An SMTP reply for reject or tempfail: basic code (RFC 5321 §4.2), enhanced code (RFC 3463), text."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from authmilter.actions import decide_action, internal_error_decision
+from authmilter.actions import decide_action, internal_error_decision, unenforced_disposition
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
 from authmilter.config import Config
 from authmilter.dkim_sign import KeyProvider, SigningError, plan_signatures, sign_message, signing_address
@@ -99,6 +99,21 @@ def match_internal_host(client_ip: str, client_name: str, config: Config) -> Hos
         or None.
     """
     return config.internal_hosts.match(client_ip or LOCAL_SUBMISSION_ADDRESS, client_name)
+
+
+def ignored_host(client_ip: str, client_name: str, config: Config) -> HostEntry | None:
+    """The ``[milter] ignore_hosts`` entry that puts a client beyond any processing, or None.
+
+    Args:
+        client_ip: the client address ("" for a local submission, judged as 127.0.0.1).
+        client_name: the client name the MTA verified, or "".
+        config: the configuration.
+
+    Returns:
+        The most specific entry covering the client when it includes it (not a ``!`` entry).
+    """
+    entry = config.ignore_hosts.match(client_ip or LOCAL_SUBMISSION_ADDRESS, client_name)
+    return entry if entry is not None and entry.included else None
 
 
 def outbound_reason(connection: Connection, config: Config) -> str:
@@ -215,7 +230,7 @@ def failure_verdict(reason: str, headers: MessageHeaders, config: Config, queue_
     """
     decision = internal_error_decision(reason, config.policy)
     try:
-        forged = find_forged_authentication_results(headers, config.authserv_id)
+        forged = _removed_authentication_results(headers, config)
     except Exception:
         log.exception("queue_id=%s cannot inspect Authentication-Results", queue_id or "-")
         forged = ()
@@ -232,12 +247,19 @@ def failure_verdict(reason: str, headers: MessageHeaders, config: Config, queue_
     )
 
 
+def _removed_authentication_results(headers: MessageHeaders, config: Config) -> tuple[int, ...]:
+    """The incoming A-R to delete: ours and ``remove_authserv_ids``' (forged, RFC 8601 §5)."""
+    return find_forged_authentication_results(
+        headers, config.authserv_id, config.milter.remove_authserv_ids
+    )
+
+
 def _evaluate_outbound(
     transaction: Transaction, config: Config, why: str, keys: KeyCache | None, now: float | None
 ) -> Verdict:
     # Forged A-R are found first and deleted by the adapter before it adds the signatures; they are
     # never in h= (config.py refuses it), so the signatures cover the header set as delivered.
-    forged = find_forged_authentication_results(transaction.message.headers, config.authserv_id)
+    forged = _removed_authentication_results(transaction.message.headers, config)
     outcome = sign_transaction(transaction, config, keys, now)
     return Verdict(
         spf=None,
@@ -280,8 +302,10 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> V
         action=decision.action,
         reply=decision.reply,
         reason=decision.reason,
-        authentication_results=render_authentication_results(config.authserv_id, spf, helo, dkim, dmarc),
-        forged_authentication_results=find_forged_authentication_results(headers, config.authserv_id),
+        authentication_results=render_authentication_results(
+            config.authserv_id, spf, helo, dkim, dmarc, unenforced_disposition(dmarc, decision.action)
+        ),
+        forged_authentication_results=_removed_authentication_results(headers, config),
     )
 
 

@@ -547,6 +547,8 @@ class HostEntry:
 # Entries are keyed by name or network. OpenDKIM looks up "!x" before "x" at each specificity; we
 # refuse a table holding both (a contradiction), so one entry per key suffices.
 _Entries = dict[_Key, HostEntry]
+# The probe for "any host under .domain" in HostSet.shared_client: no entry can name it.
+_ANY_HOST = "*."
 
 
 class HostSet:
@@ -660,6 +662,47 @@ class HostSet:
 
     def __len__(self) -> int:
         return len(self._names) + len(self._networks)
+
+    def shared_client(self, other: HostSet) -> tuple[str, HostEntry, HostEntry] | None:
+        """A client both sets contain, if any: for a configuration that must keep two lists apart.
+
+        Membership only changes where an entry starts or ends, so one probe per entry boundary (an
+        address) and one per name entry (the name, or a host under a ``.domain``) finds every
+        overlap the entries can express; a name in one set and its address in the other cannot be
+        seen without DNS.
+
+        Args:
+            other: the second set.
+
+        Returns:
+            The client (an address, or a host name), the entry of this set and the entry of
+            ``other`` that include it; None when no client is in both.
+        """
+        for name in self._probe_names(other):
+            mine, theirs = self._match_name(name), other._match_name(name)
+            if mine is not None and theirs is not None and mine.included and theirs.included:
+                client = "." + name[len(_ANY_HOST) :] if name.startswith(_ANY_HOST) else name
+                return (client, mine, theirs)
+        for packed in self._probe_addresses(other):
+            mine, theirs = self._longest_prefix(packed), other._longest_prefix(packed)
+            if mine is not None and theirs is not None and mine.included and theirs.included:
+                return (str(ipaddress.ip_address(packed)), mine, theirs)
+        return None
+
+    def _probe_names(self, other: HostSet) -> list[str]:
+        # A ".domain" entry stands for the hosts under it: probe one no entry names ("*" is never
+        # a label of an entry, so only the ".domain" entries above it decide).
+        keys = {*self._names, *other._names}
+        return sorted(_ANY_HOST + key[1:] if key.startswith(".") else key for key in keys)
+
+    def _probe_addresses(self, other: HostSet) -> list[bytes]:
+        bounds: set[tuple[int, int]] = set()
+        for network in (*self._networks, *other._networks):
+            bounds.add((network.version, int(network.network_address)))
+            after = int(network.broadcast_address) + 1
+            if after < 1 << network.max_prefixlen:
+                bounds.add((network.version, after))
+        return [value.to_bytes(4 if version == 4 else 16, "big") for version, value in sorted(bounds)]
 
     def _match_name(self, hostname: str) -> HostEntry | None:
         if not self._names:

@@ -407,6 +407,7 @@ def authmilter_config(
     workers: int = 2,
     authserv_id: str = "mx.receiver.example",
     extra: str = "",
+    milter: str = "",
 ) -> str:
     """The TOML the integration tests run authmilter with.
 
@@ -416,6 +417,7 @@ def authmilter_config(
         workers: worker processes.
         authserv_id: the id in our Authentication-Results.
         extra: more TOML appended (e.g. a broken line, to test SIGHUP).
+        milter: more ``[milter]`` keys (TOML allows each table once).
     """
     return f"""# Written by tests/integration/postfix.py.
 [milter]
@@ -424,7 +426,7 @@ workers = {workers}
 shutdown_timeout = 5.0
 authserv_id = "{authserv_id}"
 quarantine = "hold"
-
+{milter}
 [log]
 destination = "stderr"
 level = "debug"
@@ -468,7 +470,9 @@ class AuthmilterProcess:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def write_config(self, *, authserv_id: str = "mx.receiver.example", extra: str = "") -> None:
+    def write_config(
+        self, *, authserv_id: str = "mx.receiver.example", extra: str = "", milter: str = ""
+    ) -> None:
         """(Re)write the config file; a running daemon reads it on SIGHUP."""
         self.config_path.write_text(
             authmilter_config(
@@ -477,6 +481,7 @@ class AuthmilterProcess:
                 workers=self.workers,
                 authserv_id=authserv_id,
                 extra=extra,
+                milter=milter,
             ),
             encoding="utf-8",
         )

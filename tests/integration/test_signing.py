@@ -29,7 +29,7 @@ from pathlib import Path
 import authres
 import dkim
 import pytest
-from postfix import SPOOFING_CLIENT, AuthmilterProcess, Mta
+from postfix import SPOOFING_CLIENT, AuthmilterProcess, Client, Mta
 from sink import DeliveredMessage
 
 from authmilter.resolver import NameserverSource, Resolver
@@ -246,6 +246,67 @@ def test_spoofed_outside_mail_from_the_signing_domain_is_still_rejected(
     outcome = mta.send(message, mail_from=SENDER, client=SPOOFING_CLIENT)
     assert outcome.code == 550, outcome
     assert mta.sink.find(message_id(message)) == []
+
+
+IGNORED_CLIENT = Client("192.0.2.9", "peer.relay.example", "peer.relay.example")
+INTERNAL_CLIENT = Client("192.0.2.200", "app.internal.example", "app.internal.example")
+HOST_LISTS = (
+    'internal_hosts = ["127.0.0.1", "::1", "192.0.2.128/25"]\n'
+    'ignore_hosts = ["192.0.2.0/25"]\n'
+)
+
+
+@pytest.fixture
+def ignoring_milter(
+    signing_milter: AuthmilterProcess, mta: Mta, site: SigningSite, tmp_path: Path
+) -> Iterator[Path]:
+    """The signing config plus ignore_hosts and a history file, for one test; then back."""
+    history = tmp_path / "history.jsonl"
+
+    def ignored_mail_accepted() -> bool:
+        return mta.send(outbound_message("ignored?"), mail_from=SENDER, client=IGNORED_CLIENT).accepted
+
+    signing_milter.write_config(milter=HOST_LISTS, extra=f'{site.config}[history]\npath = "{history}"\n')
+    signing_milter.signal(signal.SIGHUP)
+    try:
+        assert _eventually(ignored_mail_accepted), "mail from the ignored client was never accepted"
+        yield history
+    finally:
+        signing_milter.write_config(extra=site.config)
+        signing_milter.signal(signal.SIGHUP)
+        restored = _eventually(lambda: not ignored_mail_accepted())
+        assert restored, "the config without ignore_hosts did not come back"
+
+
+def history_lines(history: Path) -> list[str]:
+    return history.read_text().splitlines() if history.exists() else []
+
+
+def test_ignored_client_gets_no_processing_while_an_internal_one_is_signed(
+    ignoring_milter: Path, mta: Mta
+) -> None:
+    """ignore_hosts (PeerList, IgnoreHosts): accepted at connect, so Postfix leaves the milter out:
+    no verification (a spoof of a p=reject domain passes), no A-R removed or added, no signature,
+    no history line; the same message from an internal host is signed."""
+    forged = f"Authentication-Results: {OUR_AUTHSERV_ID}; dmarc=pass header.from={DOMAIN}\r\n"
+    before = len(history_lines(ignoring_milter))
+    ignored = make_message(f"Bob <{SENDER}>", subject="from a peer", extra_headers=forged)
+    outcome = mta.send(ignored, mail_from=SENDER, client=IGNORED_CLIENT)
+    assert outcome.accepted, outcome
+    delivered = mta.delivered(message_id(ignored))
+    assert delivered.header_values("DKIM-Signature") == []
+    assert [v.split(";")[0] for v in delivered.header_values("Authentication-Results")] == [OUR_AUTHSERV_ID]
+    assert our_results(delivered) == [f"{OUR_AUTHSERV_ID}; dmarc=pass header.from={DOMAIN}"]  # untouched
+    assert len(history_lines(ignoring_milter)) == before
+    internal = outbound_message("from an internal host")
+    assert mta.send(internal, mail_from=SENDER, client=INTERNAL_CLIENT).accepted
+    signed = mta.delivered(message_id(internal))
+    assert signature_summary(signed.header_values("DKIM-Signature")) == BOTH_SIGNATURES
+    # Inbound mail is still verified and recorded.
+    inbound = outbound_message("inbound beside them")
+    assert mta.send(inbound, mail_from=SENDER).accepted
+    assert len(our_results(mta.delivered(message_id(inbound)))) == 1
+    assert _eventually(lambda: len(history_lines(ignoring_milter)) == before + 1)
 
 
 # --- straight to authmilter with the milter protocol -----------------------------------------------
