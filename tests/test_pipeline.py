@@ -23,7 +23,8 @@ from authmilter.pipeline import (
     outbound_reason,
     sign_transaction,
 )
-from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource
+from authmilter.history import Envelope, make_record
+from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
 
 SOA = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
@@ -122,6 +123,39 @@ def test_internal_error_still_lists_forged_authentication_results() -> None:
     forged = "Authentication-Results: mx.receiver.example; dmarc=pass header.from=sender.example\r\n"
     verdict = run(make_message(extra_headers=forged), Resolver(ExplodingSource()))
     assert verdict.forged_authentication_results == (1,)
+
+
+class FailingKeys:
+    """The test zones, but the DKIM key names answer SERVFAIL (a DNS blip at the sender's servers)."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.source = resolver.source
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        if b"_domainkey" in name.labels:
+            return tempfail("SERVFAIL from 192.0.2.53")
+        return self.source.lookup(name, rdtype)
+
+
+def test_an_unreachable_aligned_key_defers_instead_of_rejecting(resolver: Resolver, key: SigningKey) -> None:
+    """RFC 9989 §5.3.2: the only aligned identifier could not be checked; SPF fails: 451, not 550."""
+    signed = sign(make_message(), key, "sender.example", "s1")
+    verdict = run(signed, Resolver(FailingKeys(resolver)), client_ip="203.0.113.9", queue_id="QTEMP")
+    assert [d.result for d in verdict.dkim] == [AuthResult.TEMPERROR]
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.FAIL
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.TEMPERROR
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("451", "4.4.3")
+    assert "dmarc=temperror" in verdict.authentication_results
+    envelope = Envelope("203.0.113.9", "bob@sender.example", ("alice@receiver.example",), "mx", "QTEMP")
+    record = make_record(verdict, envelope, "mx.receiver.example", 0.0, "treewalk")
+    assert (record["dmarc"]["result"], record["action"]) == ("temperror", "tempfail")
+    # A signature that was checked and failed is a permanent answer: the policy applies.
+    tampered = signed.replace(b"Hello", b"Jello")
+    assert tampered != signed
+    rejected = run(tampered, resolver, client_ip="203.0.113.9")
+    assert [d.result for d in rejected.dkim] == [AuthResult.FAIL]
+    assert rejected.action is Action.REJECT and rejected.reply is not None and rejected.reply.code == "550"
 
 
 # --- Bad input: each ends in a defined result, never a traceback. ---
