@@ -697,14 +697,17 @@ def test_duplicate_from_domains_are_evaluated_once(tmp_path: Path) -> None:
     assert verdict.from_domains == ("example.com",)
 
 
-def test_too_many_from_domains(tmp_path: Path) -> None:
-    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+def test_too_many_from_domains_are_refused_before_any_query(tmp_path: Path) -> None:
+    """§11.5: the cap on work comes before the work; a failing first domain changes nothing."""
+    resolver, recorder = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
     many = [f"d{i}.example" for i in range(MAX_AUTHOR_DOMAINS + 1)]
-    incomplete = evaluate(resolver, many)
-    assert (incomplete.result, incomplete.from_domain) == (AuthResult.PERMERROR, "")
-    assert len(incomplete.from_domains) == len(many)
-    failing_first = evaluate(resolver, ["example.com", *many])
-    assert (failing_first.result, failing_first.disposition) == (AuthResult.FAIL, Disposition.REJECT)
+    for authors in (many, ["example.com", *many]):
+        incomplete = evaluate(resolver, authors)
+        assert (incomplete.result, incomplete.from_domain) == (AuthResult.PERMERROR, "")
+        assert len(incomplete.from_domains) == len(authors)
+        assert f"more than the {MAX_AUTHOR_DOMAINS} evaluated" in incomplete.reason
+    assert recorder.asked == []
+    assert evaluate(resolver, many[:MAX_AUTHOR_DOMAINS]).result is AuthResult.NONE  # at the cap: evaluated
 
 
 # --- From errors and odd names -------------------------------------------------------------------

@@ -81,6 +81,10 @@ class MilterSettings:
             is ``Config.internal_hosts``.
         skip_authenticated: mail from SASL-authenticated clients is outbound too (signed, not
             verified); false: it is verified like inbound mail.
+        idle_timeout: seconds a milter connection may stay silent (no command from the MTA) before
+            libmilter closes it (smfi_settimeout). It must outlast the longest silence of a
+            legitimate session: Postfix sends nothing while its client is between commands (up to
+            smtpd_timeout, 300 s) or sending DATA, so the default is twice that.
     """
 
     socket: str = "inet:8891@127.0.0.1"
@@ -94,6 +98,7 @@ class MilterSettings:
     quarantine: str = "hold"
     internal_hosts: tuple[str, ...] | str = DEFAULT_INTERNAL_HOST_ENTRIES
     skip_authenticated: bool = True
+    idle_timeout: int = 600
 
 
 @dataclass(frozen=True)
@@ -185,6 +190,11 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("dns", "port"): (1, 65535),
     ("dns", "timeout"): (0.1, 60),
     ("dns", "cache_size"): (0, 10_000_000),
+    # Below Postfix's milter_content_timeout (300 s) with room for the last query's [dns] timeout.
+    ("dns", "message_time_budget"): (1, 240),
+    ("dns", "message_query_budget"): (10, 10_000),
+    # Up to libmilter's own default (7210 s, what Sendmail's 1 h command timeout needs).
+    ("milter", "idle_timeout"): (1, 7210),
     ("spf", "timeout"): (1, 120),
     ("dkim", "max_signatures"): (1, 50),
     ("dkim", "min_rsa_bits"): (1024, 16384),

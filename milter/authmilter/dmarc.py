@@ -43,7 +43,8 @@ Choices made where RFC 9989 leaves room, or where this code reads it a particula
   FROM, §4.4.2). Alignment of an unverified identifier is judged as for a passing one (relaxed or
   strict; a walk that itself fails makes the result ``temperror`` as above).
 - Several From domains (§5.3.1, §11.5): each is evaluated and the strictest verdict applies (see
-  :func:`_severity`); at most :data:`MAX_AUTHOR_DOMAINS` are evaluated.
+  :func:`_severity`). More than :data:`MAX_AUTHOR_DOMAINS` give ``permerror`` before any query
+  (:func:`too_many_author_domains`), whatever the first few would have given.
 - ``org_domain="psl"`` (RFC 7489 §3.2, §6.6.3): the Organizational Domain comes from the Public Suffix
   List; the policy is looked up at the From domain, then at its Organizational Domain. ``psd`` is
   ignored there; ``sp``/``np`` are chosen as in tree-walk mode. A domain that is itself a public
@@ -644,19 +645,37 @@ def evaluate_dmarc(
     Returns:
         The verdict of the strictest Author Domain, with ``from_domains`` listing all of them.
     """
-    domains = tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+    domains = _author_domains(from_domains)
     if not domains:
         return from_header_error("no RFC5322.From domain")
-    verdicts = [
-        _evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains[:MAX_AUTHOR_DOMAINS]
-    ]
-    worst = max(verdicts, key=_severity)
-    if len(domains) > MAX_AUTHOR_DOMAINS and worst.result is not AuthResult.FAIL:
-        # §11.5: "If not all Author Domains are processed, then the DMARC evaluation is incomplete."
-        return from_header_error(
-            f"more than {MAX_AUTHOR_DOMAINS} From domains; evaluation incomplete", domains
-        )
-    return worst
+    too_many = too_many_author_domains(domains)
+    if too_many is not None:
+        return too_many
+    return max((_evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains), key=_severity)
+
+
+def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+
+
+def too_many_author_domains(from_domains: Sequence[str]) -> DmarcVerdict | None:
+    """The ``permerror`` verdict for more Author Domains than are evaluated, else None.
+
+    §11.5: evaluating every domain of a multi-mailbox From invites a denial of service, and "If not
+    all Author Domains are processed, then the DMARC evaluation is incomplete". The cap is checked
+    before any DNS query (evaluate_dmarc() does, and the pipeline before any other check), so such
+    a From costs no lookup at all.
+
+    Args:
+        from_domains: the RFC5322.From domains.
+    """
+    domains = _author_domains(from_domains)
+    if len(domains) <= MAX_AUTHOR_DOMAINS:
+        return None
+    return from_header_error(
+        f"{len(domains)} From domains, more than the {MAX_AUTHOR_DOMAINS} evaluated; evaluation incomplete",
+        domains,
+    )
 
 
 # Order for several From domains (§11.5: "apply the most strict policy"): a reject or a quarantine

@@ -226,17 +226,19 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
     return Runtime(config, resolver, history, keys)
 
 
-def serve(connection: str, runtime: Runtime, timeout: int = 600) -> None:
+def serve(connection: str, runtime: Runtime) -> None:
     """Serve the milter protocol until libmilter stops (SIGTERM, ``Milter.stop()``).
+
+    A connection on which the MTA sends nothing for ``[milter] idle_timeout`` seconds is closed by
+    libmilter (smfi_settimeout), so a stalled or abandoned connection does not hold a thread.
 
     Args:
         connection: libmilter's connection string (``fd:N``, ``unix:PATH``, ``inet:PORT@HOST``).
         runtime: what every connection uses.
-        timeout: seconds libmilter waits on the MTA before giving up a connection.
     """
     Milter.factory = functools.partial(AuthMilter, runtime, QuickAck.for_listener(connection))
     Milter.set_flags(ACTIONS)
-    Milter.runmilter(MILTER_NAME, connection, timeout)
+    Milter.runmilter(MILTER_NAME, connection, runtime.config.milter.idle_timeout)
 
 
 P = ParamSpec("P")
