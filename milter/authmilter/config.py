@@ -81,10 +81,12 @@ class MilterSettings:
             is ``Config.internal_hosts``.
         skip_authenticated: mail from SASL-authenticated clients is outbound too (signed, not
             verified); false: it is verified like inbound mail.
-        idle_timeout: seconds a milter connection may stay silent (no command from the MTA) before
-            libmilter closes it (smfi_settimeout). It must outlast the longest silence of a
-            legitimate session: Postfix sends nothing while its client is between commands (up to
-            smtpd_timeout, 300 s) or sending DATA, so the default is twice that.
+        idle_timeout: seconds a milter connection may stay silent before libmilter closes it
+            (smfi_settimeout): at once for one stalled inside a command, at libmilter's sweep of
+            idle sessions (every 600 s in Debian's worker-pool build) for one idle between
+            commands. It must outlast the longest silence of a legitimate session: Postfix sends
+            nothing while its client is between commands (up to smtpd_timeout, 300 s) or sending
+            DATA, so the default is twice that.
     """
 
     socket: str = "inet:8891@127.0.0.1"
