@@ -118,6 +118,8 @@ class AuthoritativeDns:
         # origin -> SOA serial of its file; every write takes a new, higher serial so a reload
         # can be seen to have happened (the server answers the new serial).
         self._zones: dict[dns.name.Name, int] = {}
+        # Zones configured without data (add_failing_zone): knotd answers SERVFAIL for them.
+        self._failing: set[dns.name.Name] = set()
         self._next_serial = 1
         self._process: subprocess.Popen[bytes] | None = None
         self._has_started = False
@@ -161,6 +163,18 @@ class AuthoritativeDns:
         path.write_text(header + textwrap.dedent(records).strip("\n") + "\n", encoding="utf-8")
         self._zones[name] = serial
         return path
+
+    def add_failing_zone(self, origin: str) -> None:
+        """Make every name in ``origin`` answer SERVFAIL; call :meth:`reload` if running.
+
+        knotd answers SERVFAIL for a zone it is configured to serve but could not load, which is
+        what a resolver reports when a domain's authoritative servers are broken or unreachable
+        (RFC 2308 §7.1): the tests' stand-in for a DNS failure of one name while others answer.
+        """
+        name = _absolute(origin)
+        self._zones.pop(name, None)
+        self._failing.add(name)
+        (self.zone_dir / f"{name.to_text(omit_final_dot=True)}.zone").unlink(missing_ok=True)
 
     def start(self) -> None:
         """Start knotd; return once it answers every zone's current SOA.
@@ -221,7 +235,7 @@ class AuthoritativeDns:
         self.stop()
 
     def _write_config(self) -> None:
-        zones = "".join(f"  - domain: {name.to_text()}\n" for name in sorted(self._zones))
+        zones = "".join(f"  - domain: {name.to_text()}\n" for name in sorted({*self._zones, *self._failing}))
         # journal-content none and zonefile-sync -1: the zone files are the only truth and knotd
         # never rewrites them. Small database sizes: lmdb maps its maximum size up front.
         self.config_path.write_text(
@@ -295,7 +309,7 @@ template:
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 raise DnsServerError(f"knotd exited while starting:\n{self._log_tail()}")
-            if ZONE_LOAD_FAILED in self._log_since(log_start):
+            if self._rejected_zone_file(log_start):
                 # No point waiting out the timeout for a zone file knotd has rejected.
                 raise DnsServerError(f"knotd rejected a zone file:\n{self._log_tail()}")
             if not up:
@@ -303,7 +317,7 @@ template:
             for name, serial in list(pending.items()):
                 if self._soa_serial(name) == serial:
                     del pending[name]
-            if up and not pending:
+            if up and not pending and all(self._servfails(name) for name in self._failing):
                 return
             time.sleep(0.05)
         waiting_for = ", ".join(n.to_text() for n in pending) or "any answer"
@@ -311,6 +325,18 @@ template:
             f"knotd on {self.host}@{self.port} did not serve {waiting_for} within {READY_TIMEOUT} s:\n"
             f"{self._log_tail()}"
         )
+
+    def _rejected_zone_file(self, log_start: int) -> bool:
+        """knotd logged a zone file it could not load, other than those of the failing zones."""
+        failing = tuple(f"[{name.to_text()}]" for name in self._failing)
+        return any(
+            ZONE_LOAD_FAILED in line and not any(zone in line for zone in failing)
+            for line in self._log_since(log_start).splitlines()
+        )
+
+    def _servfails(self, name: dns.name.Name) -> bool:
+        response = self._query(name)
+        return response is not None and response.rcode() == dns.rcode.SERVFAIL
 
     def _query(self, name: dns.name.Name) -> dns.message.Message | None:
         try:

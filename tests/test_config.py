@@ -101,6 +101,17 @@ def test_files_named_must_be_readable(tmp_path: Path, text: str) -> None:
         ("[milter]\nquarantine = 'discard'\n", "'discard' is not one of: header, hold"),
         ("[history]\npath = 'history.jsonl'\n", ":2: [history] path: must be an absolute path"),
         ("[log]\nlevel = 'verbose'\n", "'verbose' is not one of: debug, error, info, warning"),
+        (
+            "[dns]\nmessage_time_budget = 300\n",
+            ":2: [dns] message_time_budget: 300.0 is out of range (1 to 240)",
+        ),
+        (
+            "[dns]\n\nmessage_query_budget = 5\n",
+            ":3: [dns] message_query_budget: 5 is out of range (10 to 10000)",
+        ),
+        ("[dns]\nmessage_query_budget = 1.5\n", ":2: [dns] message_query_budget: expected an integer"),
+        ("[milter]\nidle_timeout = 0\n", ":2: [milter] idle_timeout: 0 is out of range (1 to 7210)"),
+        ("[milter]\nidle_timeout = '10m'\n", ":2: [milter] idle_timeout: expected an integer, got a string"),
         ("[dkim\n", "TOML syntax error"),
         ("dkim = 3\n", "dkim must be a [table]"),
     ],

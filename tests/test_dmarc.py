@@ -484,6 +484,83 @@ def test_tempfail_in_the_existence_check(tmp_path: Path) -> None:
     assert (passed.result, passed.policy) == (AuthResult.PASS, Disposition.QUARANTINE)
 
 
+def spf_temperror(domain: str) -> SpfResult:
+    return SpfResult(AuthResult.TEMPERROR, domain, SpfScope.MFROM, explanation="DNS TXT lookup timed out")
+
+
+def test_an_aligned_dkim_temperror_without_a_pass_is_temperror(tmp_path: Path) -> None:
+    """§5.3.2: a key lookup that failed for a while cannot prove the message spoofed."""
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    unknown = DkimResult(AuthResult.TEMPERROR, "example.com", "sel", "rsa-sha256", "key unavailable: timeout")
+    verdict = evaluate(
+        resolver,
+        ["example.com"],
+        spf=SpfResult(AuthResult.FAIL, "example.com", SpfScope.MFROM),
+        dkim=[unknown],
+    )
+    assert (verdict.result, verdict.disposition, verdict.policy) == (
+        AuthResult.TEMPERROR,
+        Disposition.NONE,
+        Disposition.REJECT,
+    )
+    assert (
+        "aligned DKIM signature d=example.com s=sel could not be checked: key unavailable" in verdict.reason
+    )
+    # Relaxed alignment counts: a subdomain's signature could have passed for example.com too.
+    relaxed = evaluate(resolver, ["example.com"], dkim=[dkim_sig("mail.example.com", AuthResult.TEMPERROR)])
+    assert relaxed.result is AuthResult.TEMPERROR
+
+
+def test_an_aligned_spf_temperror_without_a_pass_is_temperror(tmp_path: Path) -> None:
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    verdict = evaluate(resolver, ["example.com"], spf=spf_temperror("bounce.example.com"))
+    assert verdict.result is AuthResult.TEMPERROR
+    assert "SPF of the aligned MAIL FROM domain bounce.example.com could not be checked" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("spf", "dkim"),
+    [
+        # An aligned pass wins over any temporary error.
+        (spf_temperror("example.com"), [dkim_sig("example.com")]),
+        (spf_pass("example.com"), [dkim_sig("example.com", AuthResult.TEMPERROR)]),
+    ],
+)
+def test_an_aligned_pass_wins_over_a_temperror(
+    tmp_path: Path, spf: SpfResult, dkim: list[DkimResult]
+) -> None:
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    assert evaluate(resolver, ["example.com"], spf=spf, dkim=dkim).result is AuthResult.PASS
+
+
+@pytest.mark.parametrize(
+    ("spf", "dkim"),
+    [
+        # Checked and failed: a permanent answer, DMARC fails.
+        (None, [dkim_sig("example.com", AuthResult.FAIL)]),
+        (None, [dkim_sig("example.com", AuthResult.PERMERROR)]),
+        # A temporary error of an identifier that does not align could not have made DMARC pass.
+        (spf_temperror("example.net"), [dkim_sig("other.example", AuthResult.TEMPERROR)]),
+        # DMARC uses the MAIL FROM identity only (§4.4.2); a HELO temperror does not matter.
+        (SpfResult(AuthResult.TEMPERROR, "example.com", SpfScope.HELO), []),
+    ],
+)
+def test_failures_and_unaligned_temperrors_still_fail(
+    tmp_path: Path, spf: SpfResult | None, dkim: list[DkimResult]
+) -> None:
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    verdict = evaluate(resolver, ["example.com"], spf=spf, dkim=dkim)
+    assert (verdict.result, verdict.disposition) == (AuthResult.FAIL, Disposition.REJECT)
+
+
+def test_strict_alignment_decides_whether_a_temperror_counts(tmp_path: Path) -> None:
+    resolver, _ = make_dns(tmp_path, {"example.com": STRICT_ZONE})
+    subdomain = dkim_sig("mail.example.com", AuthResult.TEMPERROR)
+    assert evaluate(resolver, ["example.com"], dkim=[subdomain]).result is AuthResult.FAIL  # adkim=s
+    same = dkim_sig("example.com", AuthResult.TEMPERROR)
+    assert evaluate(resolver, ["example.com"], dkim=[same]).result is AuthResult.TEMPERROR
+
+
 # --- alignment (§4.4, §4.10.2) ------------------------------------------------------------------
 
 
@@ -620,14 +697,17 @@ def test_duplicate_from_domains_are_evaluated_once(tmp_path: Path) -> None:
     assert verdict.from_domains == ("example.com",)
 
 
-def test_too_many_from_domains(tmp_path: Path) -> None:
-    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+def test_too_many_from_domains_are_refused_before_any_query(tmp_path: Path) -> None:
+    """§11.5: the cap on work comes before the work; a failing first domain changes nothing."""
+    resolver, recorder = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
     many = [f"d{i}.example" for i in range(MAX_AUTHOR_DOMAINS + 1)]
-    incomplete = evaluate(resolver, many)
-    assert (incomplete.result, incomplete.from_domain) == (AuthResult.PERMERROR, "")
-    assert len(incomplete.from_domains) == len(many)
-    failing_first = evaluate(resolver, ["example.com", *many])
-    assert (failing_first.result, failing_first.disposition) == (AuthResult.FAIL, Disposition.REJECT)
+    for authors in (many, ["example.com", *many]):
+        incomplete = evaluate(resolver, authors)
+        assert (incomplete.result, incomplete.from_domain) == (AuthResult.PERMERROR, "")
+        assert len(incomplete.from_domains) == len(authors)
+        assert f"more than the {MAX_AUTHOR_DOMAINS} evaluated" in incomplete.reason
+    assert recorder.asked == []
+    assert evaluate(resolver, many[:MAX_AUTHOR_DOMAINS]).result is AuthResult.NONE  # at the cap: evaluated
 
 
 # --- From errors and odd names -------------------------------------------------------------------

@@ -992,9 +992,11 @@ def test_serve_registers_factory_and_flags(monkeypatch: pytest.MonkeyPatch, zone
     monkeypatch.setattr(Milter, "factory", Milter.factory)  # restored after the test
     monkeypatch.setattr(Milter, "set_flags", lambda flags: calls.append(("flags", flags)))
     monkeypatch.setattr(Milter, "runmilter", lambda *args: calls.append(("run", *args)))
-    runtime = Runtime(make_config(), Resolver(ScriptedSource(zone_files)), None)
-    serve("fd:3", runtime, timeout=30)
-    assert calls == [("flags", ACTIONS), ("run", "authmilter", "fd:3", 30)]
+    config = make_config()
+    config = dataclasses.replace(config, milter=dataclasses.replace(config.milter, idle_timeout=42))
+    runtime = Runtime(config, Resolver(ScriptedSource(zone_files)), None)
+    serve("fd:3", runtime)
+    assert calls == [("flags", ACTIONS), ("run", "authmilter", "fd:3", 42)]  # [milter] idle_timeout
     made = Milter.factory()
     assert isinstance(made, AuthMilter) and made._runtime is runtime
 

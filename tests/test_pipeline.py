@@ -25,7 +25,7 @@ from authmilter.pipeline import (
     outbound_reason,
     sign_transaction,
 )
-from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource
+from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
 
 SOA = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
@@ -182,6 +182,39 @@ def test_internal_error_still_lists_forged_authentication_results() -> None:
     forged = "Authentication-Results: mx.receiver.example; dmarc=pass header.from=sender.example\r\n"
     verdict = run(make_message(extra_headers=forged), Resolver(ExplodingSource()))
     assert verdict.forged_authentication_results == (1,)
+
+
+class FailingKeys:
+    """The test zones, but the DKIM key names answer SERVFAIL (a DNS blip at the sender's servers)."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.source = resolver.source
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        if b"_domainkey" in name.labels:
+            return tempfail("SERVFAIL from 192.0.2.53")
+        return self.source.lookup(name, rdtype)
+
+
+def test_an_unreachable_aligned_key_defers_instead_of_rejecting(resolver: Resolver, key: SigningKey) -> None:
+    """RFC 9989 §5.3.2: the only aligned identifier could not be checked; SPF fails: 451, not 550."""
+    signed = sign(make_message(), key, "sender.example", "s1")
+    verdict = run(signed, Resolver(FailingKeys(resolver)), client_ip="203.0.113.9", queue_id="QTEMP")
+    assert [d.result for d in verdict.dkim] == [AuthResult.TEMPERROR]
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.FAIL
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.TEMPERROR
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("451", "4.4.3")
+    assert "dmarc=temperror" in verdict.authentication_results
+    envelope = Envelope("203.0.113.9", "bob@sender.example", ("alice@receiver.example",), "mx", "QTEMP")
+    record = make_record(verdict, envelope, "mx.receiver.example", 0.0, "treewalk")
+    assert (record["dmarc"]["result"], record["action"]) == ("temperror", "tempfail")
+    # A signature that was checked and failed is a permanent answer: the policy applies.
+    tampered = signed.replace(b"Hello", b"Jello")
+    assert tampered != signed
+    rejected = run(tampered, resolver, client_ip="203.0.113.9")
+    assert [d.result for d in rejected.dkim] == [AuthResult.FAIL]
+    assert rejected.action is Action.REJECT and rejected.reply is not None and rejected.reply.code == "550"
 
 
 # --- Bad input: each ends in a defined result, never a traceback. ---
@@ -359,3 +392,67 @@ def test_sign_transaction_shares_the_path_and_a_lost_key_is_an_internal_error(
     verdict = evaluate(outbound(LOOPBACK), resolver, config)
     assert verdict.action is Action.TEMPFAIL and verdict.signatures == ()
     assert verdict.forged_authentication_results == (1,)
+
+
+# --- cheap caps before expensive work, and the per-message DNS budget -------------------------------
+
+
+class CountingSource:
+    """Counts the lookups that reach it; answers from the test zones."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.source = resolver.source
+        self.asked: list[str] = []
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        self.asked.append(f"{name}/{rdtype.name}")
+        return self.source.lookup(name, rdtype)
+
+
+THIRTY_TWO_AUTHORS = ", ".join(f"a{n}@d{n}.unanswering.example" for n in range(32)).encode()
+
+
+def test_a_from_with_too_many_domains_is_rejected_without_any_dns_query(resolver: Resolver) -> None:
+    counting = CountingSource(resolver)
+    raw = b"From: " + THIRTY_TWO_AUTHORS + b"\r\nSubject: x\r\n\r\nbody\r\n"
+    verdict = run(raw, Resolver(counting))
+    assert counting.asked == []
+    assert verdict.action is Action.REJECT
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("550", "5.7.1")
+    assert verdict.dmarc is not None and "32 From domains" in verdict.dmarc.reason
+    assert verdict.spf is None and verdict.dkim == ()
+    # When the policy does not reject such a From, the message is checked (within its DNS budget).
+    accepting = dataclasses.replace(CONFIG, policy=dataclasses.replace(CONFIG.policy, from_error="accept"))
+    checked = run(raw, Resolver(counting), config=accepting)
+    assert checked.action is Action.ACCEPT and checked.spf is not None
+    assert checked.dmarc is not None and checked.dmarc.result is AuthResult.PERMERROR
+    assert not any("unanswering" in asked for asked in counting.asked)
+
+
+def test_a_message_past_its_dns_query_budget_ends_in_temperror(
+    tmp_path: Path, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    includes = " ".join(f"include:i{n}.sender.example" for n in range(10))
+    zone = tmp_path / "sender.example.zone"
+    zone.write_text(
+        SOA
+        + f"@ IN TXT {zone_txt(f'v=spf1 {includes} -all')}\n"
+        + "".join(f'i{n} IN TXT "v=spf1 ip4:198.51.100.{n} -all"\n' for n in range(10))
+        + '_dmarc IN TXT "v=DMARC1; p=reject"\n'
+        + f"s1._domainkey IN TXT {zone_txt(key.txt_record())}\n"
+    )
+    counting = CountingSource(Resolver(ZoneFileSource([zone])))
+    config = dataclasses.replace(CONFIG, dns=dataclasses.replace(CONFIG.dns, message_query_budget=10))
+    with caplog.at_level(logging.WARNING):
+        verdict = run(
+            sign(make_message(), key, "sender.example", "s1"), Resolver(counting), config, queue_id="QB"
+        )
+    assert len(counting.asked) == 10
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.TEMPERROR
+    assert [d.result for d in verdict.dkim] == [AuthResult.TEMPERROR]
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.TEMPERROR
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("451", "4.4.3")
+    [line] = [m for m in caplog.messages if "budget" in m]
+    assert "queue_id=QB" in line and "DNS query budget of this message spent (10 queries)" in line
+    assert "during SPF (MAIL FROM)" in line

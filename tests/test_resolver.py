@@ -7,6 +7,7 @@ The real server is the session's ``dns_server`` (tests/conftest.py); every zone 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from authmilter.resolver import (
     MAX_CACHE_TTL,
     MAX_CNAME_CHAIN,
     DnsAnswer,
+    DnsBudget,
     DnsSettings,
     DnsStatus,
     NameserverSource,
@@ -589,3 +591,49 @@ def test_invalid_name_is_not_answered_from_a_similar_cached_name(cache_zone: Zon
     resolver = Resolver(cache_zone, clock=FakeClock())
     assert resolver.txt("a\\.").status is NXDOMAIN  # valid: one label "a." outside every zone
     assert resolver.txt("a\\").reason.startswith("invalid name")  # a dangling escape
+
+
+# --- the per-message DNS budget -----------------------------------------------------------------
+
+
+def test_a_message_budget_refuses_queries_past_its_count(
+    cache_zone: ZoneFileSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolver = Resolver(cache_zone, clock=FakeClock())
+    budget = DnsBudget(seconds=30, queries=2, queue_id="QB1")
+    message = resolver.for_message(budget)
+    budget.start("SPF (MAIL FROM)")
+    assert message.txt("a.cache.example").texts == ("a",)
+    assert message.txt("b.cache.example").texts == ("b",)
+    with caplog.at_level(logging.WARNING):
+        refused = message.txt("c.cache.example")
+        assert message.txt("c.cache.example").status is TEMPFAIL
+    assert refused.status is TEMPFAIL
+    assert refused.reason == "DNS query budget of this message spent (2 queries)"
+    assert resolver.queries == 2, "the view counts into the shared resolver; refused queries are not sent"
+    assert message.txt("a.cache.example").texts == ("a",), "cached answers cost nothing"
+    [line] = caplog.messages  # once per message, naming the queue id and the check
+    assert "queue_id=QB1" in line and "SPF (MAIL FROM)" in line and "after 2 queries" in line
+    # The resolver itself and another message's view are not bound by this budget.
+    assert resolver.txt("c.cache.example").texts == ("c",)
+    other = resolver.for_message(DnsBudget(seconds=30, queries=1))
+    assert other.txt("c.cache.example").texts == ("c",)  # cached by the line before
+    assert other.txt("forever.cache.example").texts == ("capped",)
+
+
+def test_a_message_budget_refuses_queries_past_its_time(cache_zone: ZoneFileSource) -> None:
+    clock = FakeClock()
+    budget = DnsBudget(seconds=10, queries=100, queue_id="QB2", clock=clock)
+    message = Resolver(cache_zone, clock=clock).for_message(budget)
+    assert message.txt("a.cache.example").status is OK
+    clock.now += 10
+    refused = message.txt("b.cache.example")
+    assert (refused.status, refused.reason) == (TEMPFAIL, "DNS time budget of this message spent (10 s)")
+    assert budget.exceeded == refused.reason
+
+
+def test_a_value_derived_past_the_budget_is_not_kept(cache_zone: ZoneFileSource) -> None:
+    resolver = Resolver(cache_zone, clock=FakeClock())
+    spent = resolver.for_message(DnsBudget(seconds=30, queries=0))
+    assert spent.derived("a", lambda: spent.txt("a.cache.example").status) is TEMPFAIL
+    assert resolver.derived("a", lambda: resolver.txt("a.cache.example").status) is OK

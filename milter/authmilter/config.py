@@ -91,6 +91,12 @@ class MilterSettings:
             ``Config.ignore_hosts``. A client in both lists is a configuration error.
         remove_authserv_ids: further authserv-ids (e.g. the site's other hosts) whose incoming
             Authentication-Results are removed like those with ours (OpenDKIM's RemoveARFrom).
+        idle_timeout: seconds a milter connection may stay silent before libmilter closes it
+            (smfi_settimeout): at once for one stalled inside a command, at libmilter's sweep of
+            idle sessions (every 600 s in Debian's worker-pool build) for one idle between
+            commands. It must outlast the longest silence of a legitimate session: Postfix sends
+            nothing while its client is between commands (up to smtpd_timeout, 300 s) or sending
+            DATA, so the default is twice that.
     """
 
     socket: str = "inet:8990@127.0.0.1"
@@ -107,6 +113,7 @@ class MilterSettings:
     skip_authenticated: bool = True
     ignore_hosts: tuple[str, ...] | str = ()
     remove_authserv_ids: tuple[str, ...] = ()
+    idle_timeout: int = 600
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,11 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("dns", "port"): (1, 65535),
     ("dns", "timeout"): (0.1, 60),
     ("dns", "cache_size"): (0, 10_000_000),
+    # Below Postfix's milter_content_timeout (300 s) with room for the last query's [dns] timeout.
+    ("dns", "message_time_budget"): (1, 240),
+    ("dns", "message_query_budget"): (10, 10_000),
+    # Up to libmilter's own default (7210 s, what Sendmail's 1 h command timeout needs).
+    ("milter", "idle_timeout"): (1, 7210),
     ("spf", "timeout"): (1, 120),
     ("dkim", "max_signatures"): (1, 50),
     ("dkim", "min_rsa_bits"): (1024, 16384),

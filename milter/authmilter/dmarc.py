@@ -29,8 +29,22 @@ Choices made where RFC 9989 leaves room, or where this code reads it a particula
 - DNS errors (§4.10.1, §5.3.6): a TEMPFAIL during policy discovery gives ``temperror`` with
   disposition none. A TEMPFAIL while walking for an identifier's Organizational Domain only matters
   when nothing else aligned; then the result is ``temperror`` too.
+- Identifiers that could not be checked (§5.3.2: "If neither passes and one or both of them fail
+  due to a temporary error, the Mail Receiver evaluating the message cannot conclude that the DMARC
+  mechanism had a permanent failure; they, therefore, cannot apply the advertised DMARC policy").
+  We read "them" as the aligned identifiers, the only ones whose pass could make DMARC pass. So,
+  in this order: any aligned pass gives ``pass`` (a temporary error elsewhere cannot change it);
+  otherwise, if a DKIM signature whose ``d=`` aligns with the Author Domain ended in ``temperror``
+  (key lookup TEMPFAIL, time limit), or SPF of a MAIL FROM domain that aligns ended in
+  ``temperror``, the result is ``temperror`` (``[policy] dmarc_temperror``, 451 4.4.3 by default),
+  so a DNS blip is retried instead of bounced; otherwise ``fail``. A signature that was checked and
+  failed (bad body hash, bad signature, no key record: permanent answers) gives no such exception,
+  nor does a temperror of an unaligned identifier, nor the HELO identity (DMARC uses only MAIL
+  FROM, §4.4.2). Alignment of an unverified identifier is judged as for a passing one (relaxed or
+  strict; a walk that itself fails makes the result ``temperror`` as above).
 - Several From domains (§5.3.1, §11.5): each is evaluated and the strictest verdict applies (see
-  :func:`_severity`); at most :data:`MAX_AUTHOR_DOMAINS` are evaluated.
+  :func:`_severity`). More than :data:`MAX_AUTHOR_DOMAINS` give ``permerror`` before any query
+  (:func:`too_many_author_domains`), whatever the first few would have given.
 - ``org_domain="psl"`` (RFC 7489 §3.2, §6.6.3): the Organizational Domain comes from the Public Suffix
   List; the policy is looked up at the From domain, then at its Organizational Domain. ``psd`` is
   ignored there; ``sp``/``np`` are chosen as in tree-walk mode. A domain that is itself a public
@@ -497,7 +511,7 @@ def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: 
 class _Alignment(NamedTuple):
     spf: bool
     dkim: bool
-    unknown: str  # why an alignment check could not finish ("" when every check finished)
+    unknown: str  # why an aligned identifier or an alignment check is unresolved ("" when none is)
     reason: str  # why nothing aligned ("" when something did)
 
 
@@ -537,8 +551,31 @@ def _check_alignment(
     dkim_ok = any(check(domain, record.adkim_strict) for domain in dkim_domains)
     if spf_ok or dkim_ok:
         return _Alignment(spf_ok, dkim_ok, unknown, reason="")
+    # §5.3.2: with no aligned pass, an ALIGNED identifier whose check ended in a temporary error
+    # leaves the outcome open (see the module docstring); an unaligned one could not have passed.
+    for identifier, strict, why in _unverified_identifiers(spf, signatures, record):
+        if not unknown and check(identifier, strict):
+            unknown = why
     reason = _misalignment(author, record, spf, spf_domain, signatures, dkim_domains)
     return _Alignment(spf_ok, dkim_ok, unknown, reason)
+
+
+def _unverified_identifiers(
+    spf: SpfResult | None, signatures: Sequence[DkimResult], record: DmarcRecord
+) -> list[tuple[str | None, bool, str]]:
+    """(domain, strict alignment, why) of each identifier whose check ended in temperror."""
+    found: list[tuple[str | None, bool, str]] = []
+    if spf is not None and spf.result is AuthResult.TEMPERROR and spf.scope is SpfScope.MFROM:
+        why = f"SPF of the aligned MAIL FROM domain {spf.domain} could not be checked: {spf.explanation}"
+        found.append((_normalize(spf.domain), record.aspf_strict, why))
+    for signature in signatures:
+        if signature.result is AuthResult.TEMPERROR:
+            why = (
+                f"aligned DKIM signature d={signature.domain} s={signature.selector} could not be "
+                f"checked: {signature.reason}"
+            )
+            found.append((_normalize(signature.domain), record.adkim_strict, why))
+    return found
 
 
 def _misalignment(
@@ -608,19 +645,37 @@ def evaluate_dmarc(
     Returns:
         The verdict of the strictest Author Domain, with ``from_domains`` listing all of them.
     """
-    domains = tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+    domains = _author_domains(from_domains)
     if not domains:
         return from_header_error("no RFC5322.From domain")
-    verdicts = [
-        _evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains[:MAX_AUTHOR_DOMAINS]
-    ]
-    worst = max(verdicts, key=_severity)
-    if len(domains) > MAX_AUTHOR_DOMAINS and worst.result is not AuthResult.FAIL:
-        # §11.5: "If not all Author Domains are processed, then the DMARC evaluation is incomplete."
-        return from_header_error(
-            f"more than {MAX_AUTHOR_DOMAINS} From domains; evaluation incomplete", domains
-        )
-    return worst
+    too_many = too_many_author_domains(domains)
+    if too_many is not None:
+        return too_many
+    return max((_evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains), key=_severity)
+
+
+def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+
+
+def too_many_author_domains(from_domains: Sequence[str]) -> DmarcVerdict | None:
+    """The ``permerror`` verdict for more Author Domains than are evaluated, else None.
+
+    §11.5: evaluating every domain of a multi-mailbox From invites a denial of service, and "If not
+    all Author Domains are processed, then the DMARC evaluation is incomplete". The cap is checked
+    before any DNS query (evaluate_dmarc() does, and the pipeline before any other check), so such
+    a From costs no lookup at all.
+
+    Args:
+        from_domains: the RFC5322.From domains.
+    """
+    domains = _author_domains(from_domains)
+    if len(domains) <= MAX_AUTHOR_DOMAINS:
+        return None
+    return from_header_error(
+        f"{len(domains)} From domains, more than the {MAX_AUTHOR_DOMAINS} evaluated; evaluation incomplete",
+        domains,
+    )
 
 
 # Order for several From domains (§11.5: "apply the most strict policy"): a reject or a quarantine

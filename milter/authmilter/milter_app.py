@@ -257,15 +257,15 @@ def _history_writer(path: str) -> HistoryWriter:
         return HistoryWriter(path, open_now=False)
 
 
-def serve(
-    connection: str, runtime: Runtime, timeout: int = 600, ready: Callable[[], None] | None = None
-) -> None:
+def serve(connection: str, runtime: Runtime, ready: Callable[[], None] | None = None) -> None:
     """Serve the milter protocol until libmilter stops (SIGTERM, ``Milter.stop()``).
+
+    A connection on which the MTA sends nothing for ``[milter] idle_timeout`` seconds is closed by
+    libmilter (smfi_settimeout), so a stalled or abandoned connection does not hold a thread.
 
     Args:
         connection: libmilter's connection string (``fd:N``, ``unix:PATH``, ``inet:PORT@HOST``).
         runtime: what every connection uses.
-        timeout: seconds libmilter waits on the MTA before giving up a connection.
         ready: called (from another thread) once libmilter serves the socket; never if it fails
             to start.
     """
@@ -274,7 +274,7 @@ def serve(
     Milter.set_flags(ACTIONS)
     if ready is not None:
         _call_when_serving(ready)
-    Milter.runmilter(MILTER_NAME, connection, timeout)
+    Milter.runmilter(MILTER_NAME, connection, runtime.config.milter.idle_timeout)
 
 
 # smfi_main starts a signal thread (mi_control_startup) and then, in Debian's build with

@@ -19,16 +19,16 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from authmilter.actions import decide_action, internal_error_decision, unenforced_disposition
+from authmilter.actions import Decision, decide_action, internal_error_decision, unenforced_disposition
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
 from authmilter.config import Config
 from authmilter.dkim_sign import KeyProvider, SigningError, plan_signatures, sign_message, signing_address
 from authmilter.dkim_verify import verify_dkim
-from authmilter.dmarc import evaluate_dmarc, from_header_error
+from authmilter.dmarc import evaluate_dmarc, from_header_error, too_many_author_domains
 from authmilter.keys import KeyCache, PrivateKey
-from authmilter.message import MessageHeaders, ParsedMessage, parse_from
+from authmilter.message import FromAuthors, MessageHeaders, ParsedMessage, parse_from
 from authmilter.model import Action, DkimResult, DmarcVerdict, SpfResult, Verdict
-from authmilter.resolver import Resolver
+from authmilter.resolver import DnsBudget, Resolver
 from authmilter.spf_check import check_helo, check_mail_from
 from authmilter.tables import HostEntry, KeyEntry
 
@@ -278,21 +278,56 @@ def _evaluate_outbound(
 
 def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Verdict:
     connection = transaction.connection
+    authors = parse_from(transaction.message.headers)
+    unusable_from = _unusable_from(authors) if config.dmarc.enabled else None
+    if unusable_from is not None:
+        # The cheap structural caps come before any DNS query: a From the policy rejects whatever
+        # the DNS says (no Author Domain, several From fields, more than MAX_AUTHOR_DOMAINS domains)
+        # is rejected without one. Header fields and signatures are capped as they are read.
+        decision = decide_action(connection.client_ip, None, unusable_from, config.policy)
+        if decision.action is Action.REJECT:
+            return _inbound_verdict(transaction, config, None, None, (), unusable_from, decision)
+    dns_config = config.dns
+    budget = DnsBudget(dns_config.message_time_budget, dns_config.message_query_budget, transaction.queue_id)
+    resolver = resolver.for_message(budget)
     spf: SpfResult | None = None
     helo: SpfResult | None = None
     if config.spf.enabled:
+        budget.start("SPF (MAIL FROM)")
         spf = check_mail_from(
             connection.client_ip, connection.helo, transaction.mail_from, resolver, config.spf
         )
         if config.spf.check_helo:
+            budget.start("SPF (HELO)")
             helo = check_helo(connection.client_ip, connection.helo, resolver, config.spf)
     dkim: tuple[DkimResult, ...] = ()
     if config.dkim.enabled:
+        budget.start("DKIM")
         dkim = verify_dkim(transaction.message.raw, resolver, config.dkim)
-    dmarc = (
-        _evaluate_dmarc(transaction.message, spf, dkim, resolver, config) if config.dmarc.enabled else None
-    )
+    dmarc: DmarcVerdict | None = None
+    if config.dmarc.enabled:
+        budget.start("DMARC")
+        dmarc = unusable_from or evaluate_dmarc(authors.domains, spf, dkim, resolver, config.dmarc)
     decision = decide_action(connection.client_ip, spf, dmarc, config.policy)
+    return _inbound_verdict(transaction, config, spf, helo, dkim, dmarc, decision)
+
+
+def _unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
+    """The permerror verdict for a From that gives no Author Domain DMARC can evaluate, else None."""
+    if authors.error:
+        return from_header_error(authors.error)
+    return too_many_author_domains(authors.domains)
+
+
+def _inbound_verdict(
+    transaction: Transaction,
+    config: Config,
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim: tuple[DkimResult, ...],
+    dmarc: DmarcVerdict | None,
+    decision: Decision,
+) -> Verdict:
     headers = transaction.message.headers
     return Verdict(
         spf=spf,
@@ -308,15 +343,3 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> V
         forged_authentication_results=_removed_authentication_results(headers, config),
     )
 
-
-def _evaluate_dmarc(
-    message: ParsedMessage,
-    spf: SpfResult | None,
-    dkim: tuple[DkimResult, ...],
-    resolver: Resolver,
-    config: Config,
-) -> DmarcVerdict:
-    authors = parse_from(message.headers)
-    if authors.error:
-        return from_header_error(authors.error)
-    return evaluate_dmarc(authors.domains, spf, dkim, resolver, config.dmarc)

@@ -5,6 +5,10 @@ happened: records, NXDOMAIN, NODATA (the name exists, the type does not) or TEMP
 SERVFAIL, refused...). Each check maps TEMPFAIL to its own ``temperror`` (RFC 7208 §2.6.6,
 RFC 6376 §6.1.2, RFC 9989 §4.10) and NXDOMAIN/NODATA to "no record".
 
+A :class:`DnsBudget` bounds what one message may spend on DNS: :meth:`Resolver.for_message` gives
+the checks a view of the shared resolver (same cache, same source) that charges every query sent to
+the message's budget and answers TEMPFAIL at once when it is spent.
+
 Sources:
 - :class:`NameserverSource` asks real nameservers (the system's, or the ones configured).
 - :class:`ZoneFileSource` answers from RFC 1035 zone files, for offline checks and tests; names
@@ -13,6 +17,8 @@ Sources:
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import re
 import threading
@@ -32,6 +38,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.zone
+
+log = logging.getLogger(__name__)
 
 # RFC 2308 §5 lets a resolver cap negative caching; these bound what a hostile zone can make us keep.
 MAX_CACHE_TTL = 86400
@@ -260,6 +268,70 @@ def _always(value: object) -> bool:
     return True
 
 
+class DnsBudget:
+    """What one message may spend on DNS across SPF, DKIM and DMARC: queries sent and wall time.
+
+    Answers from the cache cost nothing; each query sent to the source costs one. Once the queries
+    or the time are spent, every further lookup of the message answers TEMPFAIL without asking, so
+    each check ends in its own ``temperror`` (RFC 7208 §4.6.4 allows SPF to stop so, RFC 6376
+    §6.1.2 TEMPFAIL, RFC 9989 §5.3.2) instead of holding the thread. A query sent before the time
+    ran out may still take up to the source's own timeout (``[dns] timeout``).
+
+    One budget serves one message, whose checks run in one thread; the lock only keeps the
+    counts right should a caller share it.
+
+    Args:
+        seconds: wall time from now within which queries may be sent.
+        queries: queries that may be sent.
+        queue_id: the message's queue id, for the log line.
+        clock: monotonic seconds (a test may pass its own).
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        queries: int,
+        queue_id: str = "",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.seconds = seconds
+        self.queries = queries
+        self.queue_id = queue_id
+        self._clock = clock
+        self._deadline = clock() + seconds
+        self._sent = 0
+        self._check = ""
+        self._lock = threading.Lock()
+        self.exceeded = ""  # why the budget ran out, once it has ("" until then)
+
+    def start(self, check: str) -> None:
+        """Name the check whose lookups come next (for the log line when the budget runs out)."""
+        self._check = check
+
+    def charge(self) -> str:
+        """Take one query from the budget: "" if it may be sent, else why not (logged once)."""
+        with self._lock:
+            if self._sent >= self.queries:
+                why = f"DNS query budget of this message spent ({self.queries} queries)"
+            elif self._clock() >= self._deadline:
+                why = f"DNS time budget of this message spent ({self.seconds:g} s)"
+            else:
+                self._sent += 1
+                return ""
+            first = not self.exceeded
+            self.exceeded = self.exceeded or why
+        if first:
+            log.warning(
+                "queue_id=%s %s during %s after %d queries; its remaining lookups fail temporarily "
+                "(raise [dns] message_query_budget or message_time_budget if this is legitimate mail)",
+                self.queue_id or "-",
+                why,
+                self._check or "the checks",
+                self._sent,
+            )
+        return why
+
+
 class _Usage:
     """What the DNS answers read by one derived computation allow: when it expires, if at all."""
 
@@ -270,6 +342,11 @@ class _Usage:
     def add(self, expires: float, tempfail: bool) -> None:
         self.expires = min(self.expires, expires)
         self.tempfail = self.tempfail or tempfail
+
+
+class _Counts:
+    def __init__(self) -> None:
+        self.sent = 0
 
 
 class Resolver:
@@ -299,7 +376,22 @@ class Resolver:
         self._derived: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
         self._lock = threading.Lock()
         self._tracking = threading.local()
-        self.queries = 0
+        self._counts = _Counts()  # shared with the views for_message() makes
+        self._budget: DnsBudget | None = None
+
+    @property
+    def queries(self) -> int:
+        """Queries sent to the source (not answered from the cache), by this resolver and its views."""
+        return self._counts.sent
+
+    def for_message(self, budget: DnsBudget) -> Resolver:
+        """A view of this resolver for one message: the same cache and source, within ``budget``.
+
+        The view costs a shallow copy; it shares the cache, the lock and the counts with this one.
+        """
+        view = copy.copy(self)
+        view._budget = budget
+        return view
 
     def query(self, name: str | dns.name.Name, rdtype: str | dns.rdatatype.RdataType) -> DnsAnswer:
         """Look up ``name``/``rdtype``; never raises for a DNS outcome or a malformed name."""
@@ -325,7 +417,13 @@ class Resolver:
         except (dns.exception.DNSException, ValueError, UnicodeError) as e:
             # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
             return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
-        self.queries += 1
+        refused = self._budget.charge() if self._budget is not None else ""
+        if refused:
+            answer = tempfail(refused)
+            self._used(now, answer)
+            return answer
+        with self._lock:
+            self._counts.sent += 1
         answer = self.source.lookup(qname, qtype)
         expires = now + min(answer.ttl, MAX_CACHE_TTL)
         self._used(expires, answer)
@@ -398,6 +496,13 @@ class DnsSettings:
         cache_size: answers kept in the cache (0 turns it off).
         zone_files: answer only from these RFC 1035 zone files (offline mode; everything else is
             NXDOMAIN). When set, nameservers are not asked.
+        message_time_budget: seconds within which one message's checks may send queries
+            (:class:`DnsBudget`); far below Postfix's milter_content_timeout (300 s).
+        message_query_budget: queries one message's checks may send. The default covers the worst
+            legitimate case: SPF for MAIL FROM and HELO (RFC 7208 §4.6.4: 1 + 10 terms, each MX or
+            PTR up to 10 address lookups: 111 each), DKIM keys (``max_signatures``, at most 50) and
+            DMARC (5 Author Domains x (8-query walk + 3 existence queries) + 11 identifier walks
+            x 8): about 420.
     """
 
     nameservers: tuple[str, ...] = ()
@@ -405,6 +510,8 @@ class DnsSettings:
     timeout: float = 5.0
     cache_size: int = 10000
     zone_files: tuple[str, ...] = ()
+    message_time_budget: float = 30.0
+    message_query_budget: int = 500
 
 
 def build_resolver(settings: DnsSettings) -> Resolver:
