@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -15,7 +16,7 @@ from authmilter.actions import (
     internal_error_decision,
     make_reply,
 )
-from authmilter.model import Action, AuthResult, Disposition, DmarcVerdict, SpfResult, SpfScope
+from authmilter.model import Action, AuthResult, Disposition, DmarcRecord, DmarcVerdict, SpfResult, SpfScope
 
 # Enhanced status codes we may use, from the IANA "Enumerated Status Codes" registry
 # (RFC 3463, RFC 7372).
@@ -93,6 +94,29 @@ def test_temperror_tempfails_by_default_with_451() -> None:
     assert decision.reply is not None and decision.reply.code == "451" and "timeout" in decision.reply.text
     accept = PolicySettings(dmarc_temperror=FailureAction.ACCEPT)
     assert decide_action("192.0.2.1", None, dmarc(AuthResult.TEMPERROR), accept).action is Action.ACCEPT
+
+
+@pytest.mark.parametrize(
+    ("policy", "testing", "action"),
+    [
+        (Disposition.REJECT, False, Action.TEMPFAIL),
+        (Disposition.REJECT, True, Action.TEMPFAIL),  # t=y: a fail would still be quarantined
+        (Disposition.QUARANTINE, False, Action.TEMPFAIL),
+        (Disposition.QUARANTINE, True, Action.ACCEPT),  # t=y: a fail would be delivered as it is
+        (Disposition.NONE, False, Action.ACCEPT),
+    ],
+)
+def test_an_unchecked_identifier_defers_only_when_a_failure_would_be_acted_on(
+    policy: Disposition, testing: bool, action: Action
+) -> None:
+    """dmarc=temperror from an aligned identifier whose DNS failed (the policy is known): a domain
+    whose failing mail is delivered anyway (p=none) does not have its mail deferred for it."""
+    verdict = dataclasses.replace(
+        dmarc(AuthResult.TEMPERROR, reason="DKIM key lookup timed out"),
+        policy=policy,
+        record=DmarcRecord(policy=policy, testing=testing),
+    )
+    assert decide_action("192.0.2.1", None, verdict, PolicySettings()).action is action
 
 
 def test_invalid_from_rejects_with_reason() -> None:

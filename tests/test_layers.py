@@ -27,6 +27,7 @@ RANKS = {
     "cli": 5,
     "milter_app": 5,
     "quickack": 5,
+    "connection_socket": 5,
     "manpage": 5,
     "supervisor": 5,
     "__main__": 5,

@@ -198,6 +198,18 @@ def decide_action(
     return decision
 
 
+def _nothing_to_enforce(dmarc: DmarcVerdict) -> bool:
+    """A policy was found that asks nothing of a failing message (p=none, or quarantine under t=y).
+
+    Then an aligned identifier that could not be checked (dmarc.py, RFC 9989 §5.3.2) cannot change
+    what happens to the message, so it is not deferred for a DNS error: the result stays
+    ``temperror`` in the header and the history, and the message is accepted.
+    """
+    if dmarc.policy is None or dmarc.record is None:
+        return False  # the policy itself is unknown (discovery failed): deferring is the point
+    return dmarc.policy.on_failure(dmarc.record.testing) is Disposition.NONE
+
+
 def _decide_unchecked(
     spf: SpfResult | None, dmarc: DmarcVerdict | None, settings: PolicySettings
 ) -> Decision:
@@ -207,7 +219,7 @@ def _decide_unchecked(
             reply = make_reply(ReplyName.FROM_MULTIPLE_DOMAINS, domains=domains)
             return Decision(Action.REJECT, reply, f"From field with several author domains: {domains}")
         domain = dmarc.from_domain or "the sender"
-        if dmarc.result is AuthResult.TEMPERROR:
+        if dmarc.result is AuthResult.TEMPERROR and not _nothing_to_enforce(dmarc):
             return _failure(
                 settings.dmarc_temperror,
                 {Action.TEMPFAIL: make_reply(ReplyName.DNS_TEMPFAIL, domain=domain, reason=dmarc.reason)},

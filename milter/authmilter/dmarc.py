@@ -99,11 +99,6 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:\S+")
 # RFC 7489's "!size" suffix; RFC 9989 Appendix C.4 removed it, so it is cut off.
 _SIZE_SUFFIX = re.compile(r"![0-9]+[kmgt]?$", re.IGNORECASE)
 _FO_OPTIONS = frozenset("01ds")
-_ONE_LEVEL_DOWN = {
-    Disposition.REJECT: Disposition.QUARANTINE,
-    Disposition.QUARANTINE: Disposition.NONE,
-    Disposition.NONE: Disposition.NONE,
-}
 _EXISTENCE_TYPES = ("A", "AAAA", "MX")
 
 
@@ -783,6 +778,6 @@ def _apply(
         return _Outcome(AuthResult.PASS, f"aligned {via} ({source})", policy)
     if alignment.unknown:
         return _Outcome(AuthResult.TEMPERROR, alignment.unknown, policy)
-    disposition = _ONE_LEVEL_DOWN[policy] if found.record.testing else policy
+    disposition = policy.on_failure(found.record.testing)
     testing = f"; t=y, so {disposition}" if found.record.testing and policy is not Disposition.NONE else ""
     return _Outcome(AuthResult.FAIL, f"{alignment.reason} ({source}{testing})", policy, disposition)

@@ -47,6 +47,13 @@ class Disposition(StrEnum):
     QUARANTINE = "quarantine"
     REJECT = "reject"
 
+    def on_failure(self, testing: bool) -> Disposition:
+        """What this policy asks for a failing message: one level lower in test mode (RFC 9989
+        §4.7, ``t=y``: reject -> quarantine, quarantine -> none; none stays none)."""
+        if not testing or self is Disposition.NONE:
+            return self
+        return Disposition.QUARANTINE if self is Disposition.REJECT else Disposition.NONE
+
 
 class SpfScope(StrEnum):
     """Which identity an SPF result is about (RFC 7208 §2.3, §2.4; RFC 9990 `scope`)."""
