@@ -37,7 +37,8 @@ Choices made where RFC 9989 leaves room, or where this code reads it a particula
   otherwise, if a DKIM signature whose ``d=`` aligns with the Author Domain ended in ``temperror``
   (key lookup TEMPFAIL, time limit), or SPF of a MAIL FROM domain that aligns ended in
   ``temperror``, the result is ``temperror`` (``[policy] dmarc_temperror``, 451 4.4.3 by default),
-  so a DNS blip is retried instead of bounced; otherwise ``fail``. A signature that was checked and
+  so a DNS blip is retried instead of bounced (not when the policy asks nothing of a failing
+  message, p=none: actions.py accepts it then); otherwise ``fail``. A signature that was checked and
   failed (bad body hash, bad signature, no key record: permanent answers) gives no such exception,
   nor does a temperror of an unaligned identifier, nor the HELO identity (DMARC uses only MAIL
   FROM, §4.4.2). Alignment of an unverified identifier is judged as for a passing one (relaxed or
