@@ -38,7 +38,14 @@ from authmilter.keys import (
 from authmilter.message import parse_message
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
-from authmilter.resolver import DnsSettings, DnsStatus, Resolver, ZoneFileError, build_resolver
+from authmilter.resolver import (
+    DnsSettings,
+    DnsStatus,
+    Resolver,
+    ZoneFileError,
+    build_resolver,
+    parse_nameserver,
+)
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
 from authmilter.tables import SENDER_DOMAIN, KeyEntry, KeyTable, TableError
@@ -198,28 +205,6 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_dns_options(test)
 
 
-def parse_nameserver(text: str) -> tuple[str, int | None]:
-    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address → (address, port or None).
-
-    Raises:
-        ValueError: not an IP address, or a port outside 1-65535.
-    """
-    host, port = text, None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"'{text}': expected [IPv6] or [IPv6]:PORT")
-        port = rest[1:] or None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    ipaddress.ip_address(host)
-    if port is None:
-        return host, None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"'{text}': port must be a number from 1 to 65535")
-    return host, int(port)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -251,19 +236,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _check_dns_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Validate --zone/--nameserver; set ``args.nameservers`` to (address, port or None) pairs."""
+    """Validate --zone/--nameserver (the syntax of ``[dns] nameservers``, each with its own port)."""
     if args.zone and args.nameserver:
         parser.error("--zone and --nameserver exclude each other: zone files answer every query")
-    servers = []
     for text in args.nameserver:
         try:
-            servers.append(parse_nameserver(text))
+            parse_nameserver(text)
         except ValueError as e:
             parser.error(f"--nameserver {e}")
-    ports = {port for _, port in servers}
-    if len(ports) > 1:
-        parser.error("--nameserver: all nameservers must use the same port")
-    args.nameservers = servers
 
 
 def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -306,9 +286,8 @@ def _dns_settings(dns: DnsSettings, args: argparse.Namespace) -> DnsSettings:
     """The config's DNS settings with --zone or --nameserver on top."""
     if args.zone:
         return dataclasses.replace(dns, zone_files=tuple(str(p) for p in args.zone))
-    if args.nameservers:
-        port = args.nameservers[0][1] or 53
-        return DnsSettings(tuple(h for h, _ in args.nameservers), port, dns.timeout, dns.cache_size, ())
+    if args.nameserver:
+        return DnsSettings(tuple(args.nameserver), 53, dns.timeout, dns.cache_size, ())
     return dns
 
 

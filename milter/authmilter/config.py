@@ -36,7 +36,7 @@ from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
 from authmilter.history import HistorySettings
 from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
-from authmilter.resolver import DnsSettings
+from authmilter.resolver import DnsSettings, parse_nameserver
 from authmilter.spf_check import SpfSettings
 from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostSet, KeyTable, SigningTable, TableError
 
@@ -239,7 +239,7 @@ def parse_config(text: str, path: str | Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: TOML syntax error: {e}") from e
+        raise ConfigError(_toml_error(path, e)) from e
     sections: dict[str, Any] = {}
     for name, table in data.items():
         if name not in SECTIONS:
@@ -258,6 +258,27 @@ def parse_config(text: str, path: str | Path) -> Config:
             f"{_where(path, text, e.section, e.key)}[{e.section}] {e.key}: {e.problem}"
         ) from None
     return config
+
+
+def _toml_error(path: Path, error: tomllib.TOMLDecodeError) -> str:
+    """``file:line: TOML syntax error: ...``: tomllib only says "(at line N, column M)"."""
+    match = re.search(r"\(at line (\d+), column (\d+)\)$", str(error))
+    if match is None:
+        return f"{path}: TOML syntax error: {error}"
+    reason = str(error)[: match.start()].rstrip()
+    return f"{path}:{match.group(1)}: TOML syntax error: {reason} (column {match.group(2)})"
+
+
+def setting_location(path: str | Path, section: str, key: str | None = None) -> str:
+    """``file:line`` of ``key`` in ``[section]`` of a config file (``file`` when not found).
+
+    For checks made after loading (checkconf's), which point at the setting to change.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return _where(Path(path), text, section, key).removesuffix(": ")
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -378,6 +399,9 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):
         _check_socket(value)
+    if (section, key) == ("dns", "nameservers"):
+        for text in value:
+            parse_nameserver(text)
     if (section, key) == ("history", "path") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:
