@@ -11,13 +11,16 @@ a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import grp
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from authmilter import __version__
@@ -30,6 +33,7 @@ from authmilter.keys import (
     RECOMMENDED_RSA_BITS,
     KeyFileError,
     check_published_key,
+    effective_user,
     generate_key,
     key_record_name,
     load_private_key,
@@ -38,6 +42,7 @@ from authmilter.keys import (
 from authmilter.message import parse_message
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
+from authmilter.preflight import problems as preflight_problems
 from authmilter.resolver import (
     DnsSettings,
     DnsStatus,
@@ -54,6 +59,8 @@ log = logging.getLogger("authmilter")
 
 # Where `authmilter run` looks without --config (the Debian package's place for it).
 DEFAULT_CONFIG = Path("/etc/authmilter/authmilter.toml")
+# The user systemd/authmilter.service runs the daemon as (User=).
+UNIT_USER = "authmilter"
 # What genkey's key file and DNS record file are called, after the selector (as opendkim-genkey).
 PRIVATE_KEY_SUFFIX = ".private"
 DNS_RECORD_SUFFIX = ".txt"
@@ -102,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate a config file (and the zone files it names) and print the effective settings.",
     )
     checkconf.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    checkconf.add_argument(
+        "--user",
+        help="check as this user, the unit's User= (default as root: "
+        f"{UNIT_USER} if it exists; otherwise the current user): files it must read, "
+        "directories it must write",
+    )
+    checkconf.add_argument("--json", action="store_true", help="print only the effective settings, as JSON")
 
     run = commands.add_parser(
         "run",
@@ -185,6 +199,12 @@ def _add_genkey_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--dir", type=Path, default=Path("."), help="where to write the files (default: here)"
     )
     genkey.add_argument(
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="give the key file to this user (and group; default: the user's own), e.g. authmilter, "
+        "the user the daemon runs as: only it may read the key (needs root)",
+    )
+    genkey.add_argument(
         "--testing", action="store_true", help="publish t=y: the domain is testing DKIM (RFC 6376 §3.6.1)"
     )
 
@@ -260,9 +280,25 @@ def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namesp
     elif not MIN_RSA_BITS <= args.bits <= MAX_RSA_BITS:
         parser.error(f"--bits must be {MIN_RSA_BITS} to {MAX_RSA_BITS} (RFC 8301 §3.2), not {args.bits}")
     args.dir = args.dir.resolve()
+    args.owner_ids = _owner_ids(parser, args.owner) if args.owner else None
     # The KeyTable value is domain:selector:path, one whitespace-free field (OpenDKIM's format).
     if any(c.isspace() or c == ":" for c in str(args.dir)):
         parser.error(f"--dir {args.dir}: a KeyTable path cannot hold spaces or ':'; choose another directory")
+
+
+def _owner_ids(parser: argparse.ArgumentParser, owner: str) -> tuple[int, int]:
+    """``USER[:GROUP]`` → (uid, gid); the group defaults to the user's primary group."""
+    user_name, _, group_name = owner.partition(":")
+    try:
+        user = pwd.getpwnam(user_name)
+    except KeyError:
+        parser.error(f"--owner {owner}: no user named '{user_name}'")
+    if not group_name:
+        return user.pw_uid, user.pw_gid
+    try:
+        return user.pw_uid, grp.getgrnam(group_name).gr_gid
+    except KeyError:
+        parser.error(f"--owner {owner}: no group named '{group_name}'")
 
 
 def _load(path: Path | None) -> Config:
@@ -372,23 +408,98 @@ def run_sign(args: argparse.Namespace) -> tuple[bytes, SigningOutcome]:
 
 
 def run_checkconf(args: argparse.Namespace) -> str:
-    config = _load(args.config)
-    _resolver(config.dns)
+    """``authmilter checkconf``: the effective settings, once everything ``run`` needs is checked.
+
+    As root, the checks run in a child process that has become the daemon's user, so that a key
+    file only root can read is found now rather than when the daemon starts.
+    """
+    user = _checkconf_user(args.user)
+    args.config = args.config.absolute()  # the other user may not read the current directory
+    if user is None or user.pw_uid == os.geteuid():
+        settings = _checked_settings(args.config)
+        name = user.pw_name if user is not None else effective_user()
+    else:
+        settings = _as_user(user, lambda: _checked_settings(args.config))
+        name = user.pw_name
+    if args.json:
+        return settings
+    return f"{args.config}: OK (checked as user {name})\n{settings}"
+
+
+def _checkconf_user(name: str | None) -> pwd.struct_passwd | None:
+    """The user to check as: --user, else as root the unit's user when it exists."""
+    if name is None:
+        if os.geteuid() != 0:
+            return None
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(UNIT_USER)
+        return None
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise CliError(f"--user {name}: no such user") from None
+    if os.geteuid() != 0 and user.pw_uid != os.geteuid():
+        raise CliError(f"--user {name}: checking as another user needs root")
+    return user
+
+
+def _checked_settings(path: Path) -> str:
+    """The config's effective settings as JSON text, after every check of ``run``'s needs."""
+    config = _load(path)
+    found = preflight_problems(config)
+    if found:
+        raise CliError("\n".join(found))
     sections = {
         f.name: dataclasses.asdict(getattr(config, f.name))
         for f in dataclasses.fields(config)
         if f.name != "path"
     }
     sections["milter"]["authserv_id"] = config.authserv_id
-    return f"{config.path}: OK\n" + json.dumps(sections, indent=2, default=str)
+    return json.dumps(sections, indent=2, default=str)
+
+
+def _as_user(user: pwd.struct_passwd, work: Callable[[], str]) -> str:
+    """``work()`` in a child process with the user's identity and groups (as systemd's User= gives).
+
+    Returns:
+        what ``work`` returned.
+
+    Raises:
+        CliError: what ``work`` raised, or the child could not take the identity.
+    """
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        try:
+            os.initgroups(user.pw_name, user.pw_gid)
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            outcome = {"output": work()}
+        except CliError as e:
+            outcome = {"error": str(e)}
+        except BaseException as e:  # reported by the parent; the child must not return into pytest/main
+            outcome = {"error": f"checking as {user.pw_name} failed: {e!r}"}
+        with os.fdopen(writer, "w", encoding="utf-8") as pipe:
+            json.dump(outcome, pipe)
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, encoding="utf-8") as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    outcome = json.loads(text) if text else {"error": f"checking as {user.pw_name} failed"}
+    if "error" in outcome:
+        raise CliError(outcome["error"])
+    return str(outcome["output"])
 
 
 def _exists_error(path: Path) -> CliError:
     return CliError(f"{path}: already exists; authmilter never overwrites it: choose another selector")
 
 
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode``; an existing file is an error, never overwritten."""
+def _write_new_file(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Create ``path`` with ``mode`` (and ``owner``: uid, gid); an existing file is an error,
+    never overwritten."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
@@ -397,6 +508,12 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         raise CliError(f"{path}: cannot create: {e.strerror}") from None
     with os.fdopen(fd, "wb") as file:
         os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        if owner is not None:
+            try:
+                os.fchown(fd, *owner)  # before the key is written: never readable by the wrong user
+            except OSError as e:
+                os.unlink(path)
+                raise CliError(f"{path}: cannot change the owner: {e.strerror} (run as root)") from None
         file.write(data)
 
 
@@ -408,13 +525,14 @@ def run_genkey(args: argparse.Namespace) -> str:
         if path.exists():
             raise _exists_error(path)
     pem, key = generate_key(args.key_type, args.bits)
-    _write_new_file(private_path, pem, 0o600)
+    _write_new_file(private_path, pem, 0o600, args.owner_ids)
     record = zone_file_lines(args.selector, args.domain, key, testing=args.testing)
     _write_new_file(record_path, record.encode("ascii"), 0o644)
     key_name = key_record_name(args.selector, args.domain)
     return "\n".join(
         [
-            f"wrote {private_path} ({key.description}, mode 0600) and {record_path}",
+            f"wrote {private_path} ({key.description}, mode 0600{_owner_note(args.owner_ids)}) "
+            f"and {record_path}",
             f"publish the record in {record_path} in the DNS zone of {args.domain}, then check it with "
             "authmilter keys test",
             "# add to the KeyTable:",
@@ -423,6 +541,12 @@ def run_genkey(args: argparse.Namespace) -> str:
             f"*@{args.domain} {key_name}",
         ]
     )
+
+
+def _owner_note(owner: tuple[int, int] | None) -> str:
+    if owner is None:
+        return ""
+    return f", owner {pwd.getpwuid(owner[0]).pw_name}:{grp.getgrgid(owner[1]).gr_name}"
 
 
 def _test_key(entry: KeyEntry, resolver: Resolver) -> tuple[str, bool]:
