@@ -43,6 +43,7 @@ from authmilter.message import parse_message
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
+from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
 from authmilter.resolver import (
     DnsSettings,
     DnsStatus,
@@ -61,6 +62,9 @@ log = logging.getLogger("authmilter")
 DEFAULT_CONFIG = Path("/etc/authmilter/authmilter.toml")
 # The user systemd/authmilter.service runs the daemon as (User=).
 UNIT_USER = "authmilter"
+# `authmilter reload` waits this long by default: systemd's default TimeoutStartSec, which bounds
+# ExecReload= too; longer than the new workers' READY_TIMEOUT plus a retiring worker's drain.
+RELOAD_TIMEOUT = 90.0
 # What genkey's key file and DNS record file are called, after the selector (as opendkim-genkey).
 PRIVATE_KEY_SUFFIX = ".private"
 DNS_RECORD_SUFFIX = ".txt"
@@ -126,6 +130,29 @@ def _parser() -> argparse.ArgumentParser:
         "(Type=notify) when $NOTIFY_SOCKET is set.",
     )
     run.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+
+    reload = commands.add_parser(
+        "reload",
+        help="make the running daemon reload its config, and wait for the outcome",
+        description="Send SIGHUP to the running daemon and wait until the new configuration serves "
+        "every new connection (exit 0), or the daemon refuses it (exit 1, with the reason; the "
+        "running configuration stays). The daemon is found through its status file ([milter] "
+        "status_file, or $RUNTIME_DIRECTORY/status under systemd). For the unit's ExecReload=.",
+    )
+    reload.add_argument(
+        "--config",
+        type=Path,
+        help=f"the daemon's config file, for [milter] status_file (default: {DEFAULT_CONFIG})",
+    )
+    reload.add_argument(
+        "--pid", type=int, help="the daemon's PID (systemd: $MAINPID; default: from the status file)"
+    )
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        help=f"seconds to wait for the outcome (default {RELOAD_TIMEOUT:g}, systemd's own reload timeout)",
+    )
 
     _add_sign_parser(commands)
     _add_genkey_parser(commands)
@@ -247,6 +274,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("sign: give --config FILE, or --key-table FILE and --signing-table FILE")
     if args.command == "genkey":
         _check_genkey_options(parser, args)
+    if args.command == "reload" and args.timeout <= 0:
+        parser.error("reload: --timeout must be a positive number of seconds")
+    if args.command == "reload" and args.config is None and DEFAULT_CONFIG.is_file():
+        args.config = DEFAULT_CONFIG
     # The daemon and the check of its config read the same file by default.
     if args.command in ("run", "checkconf") and args.config is None:
         if not DEFAULT_CONFIG.is_file():
@@ -591,6 +622,20 @@ def run_keys_test(args: argparse.Namespace) -> tuple[str, bool]:
     return "\n".join(line for line, _ in results), all(ok for _, ok in results)
 
 
+def run_reload(args: argparse.Namespace) -> str:
+    """``authmilter reload``: the daemon's status line once the new configuration serves."""
+    path = status_path(configured_status_file(args.config) if args.config is not None else "")
+    if path is None:
+        raise CliError(
+            "cannot find the daemon's status file: set [milter] status_file in its config and give "
+            "--config FILE (under systemd, $RUNTIME_DIRECTORY is used)"
+        )
+    try:
+        return reload_daemon(path, args.pid, args.timeout).status
+    except ReloadError as e:
+        raise CliError(str(e)) from None
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     """``authmilter run``: the supervisor's exit status (0 after a clean stop).
 
@@ -622,6 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "genkey":
             output = run_genkey(args)
+        elif args.command == "reload":
+            output = run_reload(args)
         elif args.command == "check":
             verdict = run_check(args)
             output = json.dumps(verdict.as_json(), indent=2) if args.json else format_verdict(verdict)

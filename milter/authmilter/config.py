@@ -81,6 +81,8 @@ class MilterSettings:
             is ``Config.internal_hosts``.
         skip_authenticated: mail from SASL-authenticated clients is outbound too (signed, not
             verified); false: it is verified like inbound mail.
+        status_file: where the supervisor keeps its PID and the outcome of its start and of each
+            reload, for ``authmilter reload``; empty: ``$RUNTIME_DIRECTORY/status`` under systemd.
     """
 
     socket: str = "inet:8891@127.0.0.1"
@@ -94,6 +96,7 @@ class MilterSettings:
     quarantine: str = "hold"
     internal_hosts: tuple[str, ...] | str = DEFAULT_INTERNAL_HOST_ENTRIES
     skip_authenticated: bool = True
+    status_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -402,6 +405,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
     if (section, key) == ("dns", "nameservers"):
         for text in value:
             parse_nameserver(text)
+    if (section, key) == ("milter", "status_file") and value and not value.startswith("/"):
+        raise ValueError("must be an absolute path, e.g. /run/authmilter/status")
     if (section, key) == ("history", "path") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:

@@ -61,6 +61,7 @@ from typing import NoReturn
 
 from authmilter.config import Config, ConfigError, LogSettings, MilterSettings, load_config
 from authmilter.milter_app import build_runtime, message_counts, serve
+from authmilter.reload import Outcome, StatusFile, status_path
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +427,13 @@ class Supervisor:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
-    def __init__(self, config: Config, listener: Listener, worker_main: WorkerMain = serve_worker) -> None:
+    def __init__(
+        self,
+        config: Config,
+        listener: Listener,
+        worker_main: WorkerMain = serve_worker,
+        status: StatusFile | None = None,
+    ) -> None:
         self.config = config
         self.listener = listener
         self.worker_main = worker_main
@@ -441,6 +448,9 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self.poller = select.poll()
+        # What `authmilter reload` reads: SIGHUPs answered, and the last outcome (reload.py).
+        self.status = status or StatusFile(None)
+        self.reloads = 0
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wakeup_r, select.POLLIN)
 
@@ -655,6 +665,7 @@ class Supervisor:
             return
         log.info("%s", self.handover)
         notify("READY=1", f"STATUS={self.handover}", f"MAINPID={os.getpid()}")
+        self.status.write(self.reloads, Outcome.READY, self.handover)
         self.handover = None
 
     def _discard_pending(self) -> None:
@@ -673,18 +684,22 @@ class Supervisor:
             self._stop("start-up failure")
             return
         log.error("the new configuration's workers could not start (%s); the running ones stay", why)
-        notify("READY=1", f"STATUS=reload failed ({why}); serving with {self.config.path}")
+        status = f"reload failed ({why}); serving with {self.config.path}"
+        notify("READY=1", f"STATUS={status}")
+        self.status.write(self.reloads, Outcome.FAILED, status)
 
     def _reload(self) -> None:
         if self.stopping:
             return
         notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         log.info("SIGHUP: reloading %s", self.config.path)
+        self.reloads += 1
         try:
             config = load_config(self.config.path)
         except ConfigError as e:
             log.error("reload refused, the running configuration stays: %s", e)
             notify("READY=1", f"STATUS=reload refused: {e}")
+            self.status.write(self.reloads, Outcome.REFUSED, f"reload refused: {e}")
             return
         if config.milter.socket != self.config.milter.socket:
             log.warning(
@@ -721,10 +736,12 @@ def run(config: Config) -> int:
     """
     configure_logging(config.log)
     listener = open_listener(config.milter)
+    status = StatusFile(status_path(config.milter.status_file))
     try:
         log.info("listening on %s", config.milter.socket)
-        return Supervisor(config, listener).run()
+        return Supervisor(config, listener, status=status).run()
     finally:
+        status.remove()
         listener.close()
 
 
