@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,13 +17,7 @@ import pytest
 from authmilter.cli import main
 from authmilter.reload import Outcome, StatusFile, read_status
 from milterclient import check_message
-from test_supervisor import (  # noqa: F401  (start_daemon is a fixture)
-    AUTHORISED_IP,
-    MESSAGE,
-    Daemon,
-    authentication_results_id,
-    start_daemon,
-)
+from test_supervisor import AUTHORISED_IP, MESSAGE, Daemon, authentication_results_id, start_daemon
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +25,12 @@ def runtime_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """As systemd's RuntimeDirectory= does, for the daemon and for `authmilter reload` alike."""
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, runtime_directory: Path) -> Iterator[Callable[..., Daemon]]:
+    """test_supervisor's daemons, started once RUNTIME_DIRECTORY is set."""
+    yield from start_daemon.__wrapped__(tmp_path)
 
 
 def reload(daemon: Daemon, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -45,9 +45,9 @@ def reload(daemon: Daemon, *extra: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_reload_returns_once_the_new_configuration_serves(
-    start_daemon: Callable[..., Daemon], runtime_directory: Path
+    daemons: Callable[..., Daemon], runtime_directory: Path
 ) -> None:
-    daemon = start_daemon(authserv_id="old.receiver.example")
+    daemon = daemons(authserv_id="old.receiver.example")
     daemon.notification("READY=1")
     status = read_status(runtime_directory / "status")
     assert status is not None and (status.pid, status.reloads, status.outcome) == (daemon.pid, 0, "ready")
@@ -72,9 +72,9 @@ def test_reload_returns_once_the_new_configuration_serves(
 
 
 def test_reload_fails_visibly_when_the_daemon_refuses_the_configuration(
-    start_daemon: Callable[..., Daemon],
+    daemons: Callable[..., Daemon],
 ) -> None:
-    daemon = start_daemon(authserv_id="kept.receiver.example")
+    daemon = daemons(authserv_id="kept.receiver.example")
     daemon.notification("READY=1")
     daemon.write_config("new.receiver.example", extra="workers = 3\n")  # the key twice: invalid TOML
     done = reload(daemon, "--pid", str(daemon.pid))
@@ -90,8 +90,8 @@ def test_reload_fails_visibly_when_the_daemon_refuses_the_configuration(
     assert done.returncode == 0, done.stderr
 
 
-def test_reload_fails_when_the_new_workers_cannot_start(start_daemon: Callable[..., Daemon]) -> None:
-    daemon = start_daemon()
+def test_reload_fails_when_the_new_workers_cannot_start(daemons: Callable[..., Daemon]) -> None:
+    daemon = daemons()
     daemon.notification("READY=1")
     daemon.zone.write_text("this is not a zone file\n")  # a valid config; the workers cannot start
     done = reload(daemon)

@@ -664,8 +664,8 @@ class Supervisor:
         if any(w.accepting for w in self.workers.values() if w.generation < self.generation):
             return
         log.info("%s", self.handover)
-        notify("READY=1", f"STATUS={self.handover}", f"MAINPID={os.getpid()}")
         self.status.write(self.reloads, Outcome.READY, self.handover)
+        notify("READY=1", f"STATUS={self.handover}", f"MAINPID={os.getpid()}")
         self.handover = None
 
     def _discard_pending(self) -> None:
@@ -685,8 +685,8 @@ class Supervisor:
             return
         log.error("the new configuration's workers could not start (%s); the running ones stay", why)
         status = f"reload failed ({why}); serving with {self.config.path}"
-        notify("READY=1", f"STATUS={status}")
         self.status.write(self.reloads, Outcome.FAILED, status)
+        notify("READY=1", f"STATUS={status}")
 
     def _reload(self) -> None:
         if self.stopping:
@@ -698,8 +698,8 @@ class Supervisor:
             config = load_config(self.config.path)
         except ConfigError as e:
             log.error("reload refused, the running configuration stays: %s", e)
-            notify("READY=1", f"STATUS=reload refused: {e}")
             self.status.write(self.reloads, Outcome.REFUSED, f"reload refused: {e}")
+            notify("READY=1", f"STATUS=reload refused: {e}")
             return
         if config.milter.socket != self.config.milter.socket:
             log.warning(
