@@ -40,6 +40,10 @@ from authmilter.keys import (
     zone_file_lines,
 )
 from authmilter.message import parse_message
+from authmilter.migrate import Note as MigrationNote
+from authmilter.migrate import Verdict as MigrationVerdict
+from authmilter.migrate import check_references, render_toml
+from authmilter.migrate import migrate as migrate_configs
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
@@ -152,6 +156,30 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=RELOAD_TIMEOUT,
         help=f"seconds to wait for the outcome (default {RELOAD_TIMEOUT:g}, systemd's own reload timeout)",
+    )
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="write an authmilter config equivalent to an opendkim.conf and/or opendmarc.conf",
+        description="Read opendkim.conf and/or opendmarc.conf (and check the tables, datasets and "
+        "keys they name, which the new config refers to where they are), write the equivalent "
+        "authmilter config, and say on standard error what became of every setting: carried over "
+        "(to which key), not needed (why) or not supported (what changes). Where the old defaults "
+        "differ from authmilter's, the old behaviour is kept. Exit status 1 when a setting or a "
+        "file it names cannot be used (the config is written all the same). docs/migrate.md.",
+    )
+    migrate.add_argument(
+        "--opendkim", type=Path, metavar="FILE", help="OpenDKIM's config, e.g. /etc/opendkim.conf"
+    )
+    migrate.add_argument(
+        "--opendmarc", type=Path, metavar="FILE", help="OpenDMARC's config, e.g. /etc/opendmarc.conf"
+    )
+    migrate.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the config here (never over an existing file; default: standard output); "
+        "OpenDKIM's single-key mode also writes a KeyTable and SigningTable next to it",
     )
 
     _add_sign_parser(commands)
@@ -274,6 +302,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("sign: give --config FILE, or --key-table FILE and --signing-table FILE")
     if args.command == "genkey":
         _check_genkey_options(parser, args)
+    if args.command == "migrate" and args.opendkim is None and args.opendmarc is None:
+        parser.error("migrate: give --opendkim FILE, --opendmarc FILE or both")
     if args.command == "reload" and args.timeout <= 0:
         parser.error("reload: --timeout must be a positive number of seconds")
     if args.command == "reload" and args.config is None and DEFAULT_CONFIG.is_file():
@@ -622,6 +652,50 @@ def run_keys_test(args: argparse.Namespace) -> tuple[str, bool]:
     return "\n".join(line for line, _ in results), all(ok for _, ok in results)
 
 
+def _read_old_config(path: Path | None) -> tuple[str, str] | None:
+    if path is None:
+        return None
+    try:
+        return str(path), path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CliError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def run_migrate(args: argparse.Namespace) -> tuple[str, list[MigrationNote]]:
+    """``authmilter migrate``: the config text (already written with --output) and the notes."""
+    migration = migrate_configs(_read_old_config(args.opendkim), _read_old_config(args.opendmarc))
+    if migration.files and args.output is None:
+        raise CliError(
+            "OpenDKIM's single-key mode (Domain, KeyFile, Selector): give --output FILE; a KeyTable "
+            "and a SigningTable equivalent to it are written next to it"
+        )
+    base = args.output.absolute().parent if args.output is not None else Path.cwd()
+    for name, contents in migration.files.items():
+        _write_new_file(base / name, contents.encode(), 0o644)
+    check_references(migration, base)
+    sources = " and ".join(str(p) for p in (args.opendkim, args.opendmarc) if p is not None)
+    text = render_toml(migration, sources)
+    if args.output is not None:
+        _write_new_file(args.output, text.encode(), 0o644)
+        written = [args.output, *(base / name for name in migration.files)]
+        migration.notes.append(
+            MigrationNote(str(args.output), "written", MigrationVerdict.CARRIED, ", ".join(map(str, written)))
+        )
+    return text, migration.notes
+
+
+def print_migration(text: str, notes: list[MigrationNote], to_stdout: bool) -> int:
+    """The notes on standard error, the config on standard output unless written; the exit status."""
+    for note in notes:
+        print(f"authmilter: {note}", file=sys.stderr)
+    problems = sum(note.verdict is MigrationVerdict.PROBLEM for note in notes)
+    if problems:
+        print(f"authmilter: {problems} problem(s) above: fix them, then run checkconf", file=sys.stderr)
+    if to_stdout:
+        sys.stdout.write(text)
+    return 1 if problems else 0
+
+
 def run_reload(args: argparse.Namespace) -> str:
     """``authmilter reload``: the daemon's status line once the new configuration serves."""
     path = status_path(configured_status_file(args.config) if args.config is not None else "")
@@ -667,6 +741,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "genkey":
             output = run_genkey(args)
+        elif args.command == "migrate":
+            return print_migration(*run_migrate(args), to_stdout=args.output is None)
         elif args.command == "reload":
             output = run_reload(args)
         elif args.command == "check":
