@@ -3,7 +3,7 @@ tests/migrate/ from Debian 12's packages opendkim 2.11 and opendmarc 1.4.2), a p
 every setting issue 12 lists, OpenDKIM's single-key mode, and the file syntax.
 
 The Postfix round trip (migrate, checkconf, then mail through the migrated daemon) is
-tests/integration/test_migrate.py.
+tests/integration/test_migrate_postfix.py.
 """
 
 from __future__ import annotations
