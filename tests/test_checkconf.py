@@ -23,6 +23,12 @@ NOBODY = "nobody"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="checking as another user needs root")
 
 
+@pytest.fixture(autouse=True)
+def no_unit_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --user, checkconf as root checks as the unit's user, should this machine have one."""
+    monkeypatch.setattr(cli, "UNIT_USER", "no-such-user-authmilter-tests")
+
+
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory any user can enter and read (pytest's tmp_path is root's own, mode 0700)."""

@@ -18,6 +18,7 @@ In both, loopback mail (OpenDKIM's default InternalHosts) is signed and inbound 
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def migrated_config(site: OldSite, dmarc: Path, dns_port: int) -> Path:
     kept = [line for line in output.read_text().splitlines() if not line.startswith(PENDING_KEYS)]
     # The test's resolver: the Knot server (OpenDKIM's Nameservers takes no port).
     output.write_text("\n".join(kept) + f'\n\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n')
-    run_cli("checkconf", "--config", str(output))
+    # As the user the test's daemon runs as (as root, checkconf would otherwise take the unit's).
+    run_cli("checkconf", "--config", str(output), "--user", pwd.getpwuid(os.geteuid()).pw_name)
     return output
 
 
