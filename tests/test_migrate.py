@@ -325,7 +325,7 @@ def test_unusable_tables_and_databases_are_problems(
     conf = _write(
         tmp_path / "opendkim.conf",
         f"KeyTable {tmp_path}/missing\nSigningTable refile:{tmp_path}/missing-too\n"
-        "InternalHosts db:/etc/hosts.db\nBogusSetting 1\nMode q\n",
+        "InternalHosts db:/etc/hosts.db\nBogusSetting 1\nMode q\nPeerList 10.0.0.0/33\n",
     )
     status, _, notes = run_migrate(capsys, "--opendkim", str(conf))
     assert status == 1
@@ -334,6 +334,7 @@ def test_unusable_tables_and_databases_are_problems(
     assert f"{conf}:3: InternalHosts db:/etc/hosts.db: problem: a db: dataset" in text
     assert f"{conf}:4: BogusSetting 1: not supported: authmilter has no such setting" in text
     assert f"{conf}:5: Mode q: problem: not a mode" in text
+    assert f"{conf}:6: PeerList 10.0.0.0/33: problem: " in text
 
 
 def test_mode_v_signs_nothing(tmp_path: Path) -> None:

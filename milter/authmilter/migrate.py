@@ -283,6 +283,12 @@ def _hosts(section: str, key: str, meaning: str) -> Handler:
                 f"entries to a file and set [{section}] {key} to it",
             )
             return
+        if dataset.items:
+            try:
+                HostSet.parse(dataset.items, setting.source)
+            except TableError as e:
+                migration.note(setting, Verdict.PROBLEM, f"{e.problem}: not carried over")
+                return
         value: Value = dataset.spec or list(dataset.items)
         existing = migration.sections.get(section, {}).get(key)
         if existing is not None and existing != value:
