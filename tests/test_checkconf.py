@@ -128,6 +128,14 @@ def test_a_socket_directory_the_user_cannot_write(open_dir: Path, capsys: pytest
     assert f"{NOBODY} cannot create the socket in {open_dir}/run" in capsys.readouterr().err
 
 
+def test_a_status_file_in_a_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, f'[milter]\nstatus_file = "{tmp_path}/run/status"\n')
+    assert main(["checkconf", "--config", str(config)]) == 1
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    error = capsys.readouterr().err
+    assert f"{config}:2: [milter] status_file: {user} cannot write in {tmp_path}/run" in error
+
+
 def test_a_missing_history_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, f'[history]\npath = "{tmp_path}/state/history.jsonl"\n')
     assert main(["checkconf", "--config", str(config)]) == 1

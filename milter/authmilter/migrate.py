@@ -123,10 +123,6 @@ class Migration:
     def signs(self) -> bool:
         return bool(self.sections.get("signing", {}).get("key_table"))
 
-    @property
-    def problems(self) -> list[Note]:
-        return [n for n in self.notes if n.verdict is Verdict.PROBLEM]
-
 
 # --- reading the files -------------------------------------------------------------------------
 

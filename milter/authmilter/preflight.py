@@ -27,6 +27,7 @@ def problems(config: Config) -> list[str]:
     found = _dns_problems(config)
     found += _socket_problems(config)
     found += _history_problems(config)
+    found += _status_file_problems(config)
     return found
 
 
@@ -107,3 +108,17 @@ def _history_problems(config: Config) -> list[str]:
         problem = f"{user} cannot create {path.name} in {path.parent}: chown {user} {path.parent}"
         return [_at(config, "history", "path", problem)]
     return []
+
+
+def _status_file_problems(config: Config) -> list[str]:
+    """The file `authmilter reload` reads: replaced by rename, so its directory must be writable."""
+    if not config.milter.status_file:
+        return []
+    directory = Path(config.milter.status_file).parent
+    if os.access(directory, os.W_OK | os.X_OK):
+        return []
+    user = effective_user()
+    problem = (
+        f"{user} cannot write in {directory}: create it, owned by {user} (install -d -o {user} {directory})"
+    )
+    return [_at(config, "milter", "status_file", problem)]
