@@ -266,7 +266,6 @@ def test_broken_zone_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture
     [
         ["--zone", "z", "--nameserver", "127.0.0.1"],
         ["--nameserver", "ns.example"],
-        ["--nameserver", "127.0.0.1:53", "--nameserver", "127.0.0.2:5353"],
     ],
 )
 def test_usage_errors(extra: list[str]) -> None:

@@ -12,6 +12,7 @@ import pytest
 from authmilter.actions import FailureAction
 from authmilter.config import SECTIONS, ConfigError, default_config, load_config, parse_config
 from authmilter.keys import generate_key
+from authmilter.resolver import NameserverSource
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,9 @@ def test_files_named_must_be_readable(tmp_path: Path, text: str) -> None:
         ("[dns]\nmessage_query_budget = 1.5\n", ":2: [dns] message_query_budget: expected an integer"),
         ("[milter]\nidle_timeout = 0\n", ":2: [milter] idle_timeout: 0 is out of range (1 to 7210)"),
         ("[milter]\nidle_timeout = '10m'\n", ":2: [milter] idle_timeout: expected an integer, got a string"),
-        ("[dkim\n", "TOML syntax error"),
+        ("[dkim\n", ":1: TOML syntax error: Expected ']' at the end of a table declaration (column 6)"),
+        ("[dns]\nnameservers = ['ns1.example']\n", ":2: [dns] nameservers: 'ns1.example' is not an IP"),
+        ("[dns]\nnameservers = ['127.0.0.1:0']\n", "port must be a number from 1 to 65535"),
         ("dkim = 3\n", "dkim must be a [table]"),
     ],
 )
@@ -121,6 +124,15 @@ def test_errors_name_file_line_and_problem(text: str, message: str) -> None:
         parse_config(text, "/etc/authmilter.toml")
     assert str(info.value).startswith("/etc/authmilter.toml")
     assert message in str(info.value)
+
+
+def test_nameservers_take_ip_port_and_bracketed_ipv6_with_port() -> None:
+    config = parse_config(
+        "[dns]\nnameservers = ['127.0.0.1:21053', '[::1]:5353', '192.0.2.1', '::1']\n", "x.toml"
+    )
+    assert config.dns.nameservers == ("127.0.0.1:21053", "[::1]:5353", "192.0.2.1", "::1")
+    source = NameserverSource(config.dns.nameservers, port=53)
+    assert source.description == "127.0.0.1 port 21053,::1 port 5353,192.0.2.1 port 53,::1 port 53"
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

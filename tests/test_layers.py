@@ -31,6 +31,9 @@ RANKS = {
     "manpage": 5,
     "supervisor": 5,
     "__main__": 5,
+    "preflight": 5,
+    "migrate": 5,
+    "reload": 5,
 }
 EDGE = 5
 CORE_FORBIDDEN = {"Milter", "signal", "socketserver"}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from authmilter import cli
 from authmilter.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +58,9 @@ def verifiable_copy(tmp_path: Path, text: str) -> Path:
     program.chmod(0o755)
     lines = []
     for line in text.splitlines():
-        if line.startswith("ExecStart="):
-            _, arguments = line.split(" ", 1)
-            line = f"ExecStart={program} {arguments}"
+        if line.startswith(("ExecStart=", "ExecReload=")):
+            key, arguments = line.split(" ", 1)
+            line = f"{key.split('=')[0]}={program} {arguments}"
         lines.append(line)
     unit = tmp_path / "authmilter.service"
     unit.write_text("\n".join(lines) + "\n")
@@ -95,7 +96,8 @@ def test_hardening_and_lifecycle_settings() -> None:
         "Type": "notify",
         "NotifyAccess": "main",
         "User": "authmilter",
-        "ExecReload": "/bin/kill -HUP $MAINPID",
+        "ExecReload": "/opt/authmilter/bin/authmilter reload --config /etc/authmilter/authmilter.toml "
+        "--pid $MAINPID",
         "KillMode": "mixed",
         "Restart": "on-failure",
         "RuntimeDirectory": "authmilter",
@@ -128,6 +130,22 @@ def test_exec_start_runs_the_daemon_with_the_etc_config() -> None:
     program, *arguments = exec_start.split()
     assert Path(program).is_absolute() and Path(program).name == "authmilter"
     assert arguments == ["run", "--config", "/etc/authmilter/authmilter.toml"]
+
+
+def test_exec_reload_waits_for_the_daemons_outcome() -> None:
+    """`kill -HUP` reports success before the daemon has even read its config (systemd 252)."""
+    settings = service_settings(UNIT.read_text())
+    (exec_reload,) = settings["ExecReload"]
+    program, *arguments = exec_reload.split()
+    assert program == settings["ExecStart"][0].split()[0]
+    args = cli.parse_args([a.replace("$MAINPID", "4242") for a in arguments])
+    assert (args.command, args.pid) == ("reload", 4242)
+    assert str(args.config) == settings["ExecStart"][0].split()[-1], "the daemon's own config"
+    assert args.timeout <= 90, "within systemd's default reload timeout (TimeoutStartSec=90s)"
+    # The status file `reload` reads is in the runtime directory systemd creates and names.
+    assert settings["RuntimeDirectory"] == ["authmilter"]
+    assert load_config(CONFIG).milter.status_file == ""
+    assert "Type=notify-reload" in UNIT.read_text(), "the systemd >= 253 alternative is noted"
 
 
 def test_stop_timeout_outlasts_the_shutdown_timeout() -> None:

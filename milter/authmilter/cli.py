@@ -11,13 +11,16 @@ a usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import grp
 import ipaddress
 import json
 import logging
 import os
+import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from authmilter import __version__
@@ -30,15 +33,29 @@ from authmilter.keys import (
     RECOMMENDED_RSA_BITS,
     KeyFileError,
     check_published_key,
+    effective_user,
     generate_key,
     key_record_name,
     load_private_key,
     zone_file_lines,
 )
 from authmilter.message import parse_message
+from authmilter.migrate import Note as MigrationNote
+from authmilter.migrate import Verdict as MigrationVerdict
+from authmilter.migrate import check_references, render_toml
+from authmilter.migrate import migrate as migrate_configs
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
-from authmilter.resolver import DnsSettings, DnsStatus, Resolver, ZoneFileError, build_resolver
+from authmilter.preflight import problems as preflight_problems
+from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
+from authmilter.resolver import (
+    DnsSettings,
+    DnsStatus,
+    Resolver,
+    ZoneFileError,
+    build_resolver,
+    parse_nameserver,
+)
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
 from authmilter.tables import SENDER_DOMAIN, KeyEntry, KeyTable, TableError
@@ -52,6 +69,11 @@ DEFAULT_CONFIG_HELP = (
     f"the config file (default: {DEFAULT_CONFIG}, else the packaged default: "
     "verify only on loopback, see --print-default-config)"
 )
+# The user systemd/authmilter.service runs the daemon as (User=).
+UNIT_USER = "authmilter"
+# `authmilter reload` waits this long by default: systemd's default TimeoutStartSec, which bounds
+# ExecReload= too; longer than the new workers' READY_TIMEOUT plus a retiring worker's drain.
+RELOAD_TIMEOUT = 90.0
 # What genkey's key file and DNS record file are called, after the selector (as opendkim-genkey).
 PRIVATE_KEY_SUFFIX = ".private"
 DNS_RECORD_SUFFIX = ".txt"
@@ -127,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate a config file (and the zone files it names) and print the effective settings.",
     )
     checkconf.add_argument("--config", type=Path, help=DEFAULT_CONFIG_HELP)
+    checkconf.add_argument(
+        "--user",
+        help="check as this user, the unit's User= (default as root: "
+        f"{UNIT_USER} if it exists; otherwise the current user): files it must read, "
+        "directories it must write",
+    )
+    checkconf.add_argument("--json", action="store_true", help="print only the effective settings, as JSON")
 
     run = commands.add_parser(
         "run",
@@ -137,6 +166,53 @@ def _parser() -> argparse.ArgumentParser:
         "(Type=notify) when $NOTIFY_SOCKET is set.",
     )
     run.add_argument("--config", type=Path, help=DEFAULT_CONFIG_HELP)
+
+    reload = commands.add_parser(
+        "reload",
+        help="make the running daemon reload its config, and wait for the outcome",
+        description="Send SIGHUP to the running daemon and wait until the new configuration serves "
+        "every new connection (exit 0), or the daemon refuses it (exit 1, with the reason; the "
+        "running configuration stays). The daemon is found through its status file ([milter] "
+        "status_file, or $RUNTIME_DIRECTORY/status under systemd). For the unit's ExecReload=.",
+    )
+    reload.add_argument(
+        "--config",
+        type=Path,
+        help=f"the daemon's config file, for [milter] status_file (default: {DEFAULT_CONFIG})",
+    )
+    reload.add_argument(
+        "--pid", type=int, help="the daemon's PID (systemd: $MAINPID; default: from the status file)"
+    )
+    reload.add_argument(
+        "--timeout",
+        type=float,
+        default=RELOAD_TIMEOUT,
+        help=f"seconds to wait for the outcome (default {RELOAD_TIMEOUT:g}, systemd's own reload timeout)",
+    )
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="write an authmilter config equivalent to an opendkim.conf and/or opendmarc.conf",
+        description="Read opendkim.conf and/or opendmarc.conf (and check the tables, datasets and "
+        "keys they name, which the new config refers to where they are), write the equivalent "
+        "authmilter config, and say on standard error what became of every setting: carried over "
+        "(to which key), not needed (why) or not supported (what changes). Where the old defaults "
+        "differ from authmilter's, the old behaviour is kept. Exit status 1 when a setting or a "
+        "file it names cannot be used (the config is written all the same). docs/migrate.md.",
+    )
+    migrate.add_argument(
+        "--opendkim", type=Path, metavar="FILE", help="OpenDKIM's config, e.g. /etc/opendkim.conf"
+    )
+    migrate.add_argument(
+        "--opendmarc", type=Path, metavar="FILE", help="OpenDMARC's config, e.g. /etc/opendmarc.conf"
+    )
+    migrate.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write the config here (never over an existing file; default: standard output); "
+        "OpenDKIM's single-key mode also writes a KeyTable and SigningTable next to it",
+    )
 
     _add_sign_parser(commands)
     _add_genkey_parser(commands)
@@ -210,6 +286,12 @@ def _add_genkey_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "--dir", type=Path, default=Path("."), help="where to write the files (default: here)"
     )
     genkey.add_argument(
+        "--owner",
+        metavar="USER[:GROUP]",
+        help="give the key file to this user (and group; default: the user's own), e.g. authmilter, "
+        "the user the daemon runs as: only it may read the key (needs root)",
+    )
+    genkey.add_argument(
         "--testing", action="store_true", help="publish t=y: the domain is testing DKIM (RFC 6376 §3.6.1)"
     )
 
@@ -228,28 +310,6 @@ def _add_keys_parser(commands: argparse._SubParsersAction[argparse.ArgumentParse
     test.add_argument("--config", type=Path, help="take DNS settings from this config file")
     test.add_argument("--key-table", type=Path, help="the KeyTable file (OpenDKIM format); required")
     _add_dns_options(test)
-
-
-def parse_nameserver(text: str) -> tuple[str, int | None]:
-    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address → (address, port or None).
-
-    Raises:
-        ValueError: not an IP address, or a port outside 1-65535.
-    """
-    host, port = text, None
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"'{text}': expected [IPv6] or [IPv6]:PORT")
-        port = rest[1:] or None
-    elif text.count(":") == 1:
-        host, port = text.split(":")
-    ipaddress.ip_address(host)
-    if port is None:
-        return host, None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"'{text}': port must be a number from 1 to 65535")
-    return host, int(port)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -274,6 +334,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("sign: give --config FILE, or --key-table FILE and --signing-table FILE")
     if args.command == "genkey":
         _check_genkey_options(parser, args)
+    if args.command == "migrate" and args.opendkim is None and args.opendmarc is None:
+        parser.error("migrate: give --opendkim FILE, --opendmarc FILE or both")
+    if args.command == "reload" and args.timeout <= 0:
+        parser.error("reload: --timeout must be a positive number of seconds")
+    if args.command == "reload" and args.config is None and DEFAULT_CONFIG.is_file():
+        args.config = DEFAULT_CONFIG
     # The daemon and the check of its config read the same file by default.
     if args.command in ("run", "checkconf") and args.config is None:
         args.config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else packaged_config_path()
@@ -281,19 +347,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _check_dns_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Validate --zone/--nameserver; set ``args.nameservers`` to (address, port or None) pairs."""
+    """Validate --zone/--nameserver (the syntax of ``[dns] nameservers``, each with its own port)."""
     if args.zone and args.nameserver:
         parser.error("--zone and --nameserver exclude each other: zone files answer every query")
-    servers = []
     for text in args.nameserver:
         try:
-            servers.append(parse_nameserver(text))
+            parse_nameserver(text)
         except ValueError as e:
             parser.error(f"--nameserver {e}")
-    ports = {port for _, port in servers}
-    if len(ports) > 1:
-        parser.error("--nameserver: all nameservers must use the same port")
-    args.nameservers = servers
 
 
 def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -310,9 +371,25 @@ def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namesp
     elif not MIN_RSA_BITS <= args.bits <= MAX_RSA_BITS:
         parser.error(f"--bits must be {MIN_RSA_BITS} to {MAX_RSA_BITS} (RFC 8301 §3.2), not {args.bits}")
     args.dir = args.dir.resolve()
+    args.owner_ids = _owner_ids(parser, args.owner) if args.owner else None
     # The KeyTable value is domain:selector:path, one whitespace-free field (OpenDKIM's format).
     if any(c.isspace() or c == ":" for c in str(args.dir)):
         parser.error(f"--dir {args.dir}: a KeyTable path cannot hold spaces or ':'; choose another directory")
+
+
+def _owner_ids(parser: argparse.ArgumentParser, owner: str) -> tuple[int, int]:
+    """``USER[:GROUP]`` → (uid, gid); the group defaults to the user's primary group."""
+    user_name, _, group_name = owner.partition(":")
+    try:
+        user = pwd.getpwnam(user_name)
+    except KeyError:
+        parser.error(f"--owner {owner}: no user named '{user_name}'")
+    if not group_name:
+        return user.pw_uid, user.pw_gid
+    try:
+        return user.pw_uid, grp.getgrnam(group_name).gr_gid
+    except KeyError:
+        parser.error(f"--owner {owner}: no group named '{group_name}'")
 
 
 def _load(path: Path | None) -> Config:
@@ -336,9 +413,8 @@ def _dns_settings(dns: DnsSettings, args: argparse.Namespace) -> DnsSettings:
     """The config's DNS settings with --zone or --nameserver on top."""
     if args.zone:
         return dataclasses.replace(dns, zone_files=tuple(str(p) for p in args.zone))
-    if args.nameservers:
-        port = args.nameservers[0][1] or 53
-        return DnsSettings(tuple(h for h, _ in args.nameservers), port, dns.timeout, dns.cache_size, ())
+    if args.nameserver:
+        return DnsSettings(tuple(args.nameserver), 53, dns.timeout, dns.cache_size, ())
     return dns
 
 
@@ -423,23 +499,98 @@ def run_sign(args: argparse.Namespace) -> tuple[bytes, SigningOutcome]:
 
 
 def run_checkconf(args: argparse.Namespace) -> str:
-    config = _load(args.config)
-    _resolver(config.dns)
+    """``authmilter checkconf``: the effective settings, once everything ``run`` needs is checked.
+
+    As root, the checks run in a child process that has become the daemon's user, so that a key
+    file only root can read is found now rather than when the daemon starts.
+    """
+    user = _checkconf_user(args.user)
+    args.config = args.config.absolute()  # the other user may not read the current directory
+    if user is None or user.pw_uid == os.geteuid():
+        settings = _checked_settings(args.config)
+        name = user.pw_name if user is not None else effective_user()
+    else:
+        settings = _as_user(user, lambda: _checked_settings(args.config))
+        name = user.pw_name
+    if args.json:
+        return settings
+    return f"{args.config}: OK (checked as user {name})\n{settings}"
+
+
+def _checkconf_user(name: str | None) -> pwd.struct_passwd | None:
+    """The user to check as: --user, else as root the unit's user when it exists."""
+    if name is None:
+        if os.geteuid() != 0:
+            return None
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(UNIT_USER)
+        return None
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        raise CliError(f"--user {name}: no such user") from None
+    if os.geteuid() != 0 and user.pw_uid != os.geteuid():
+        raise CliError(f"--user {name}: checking as another user needs root")
+    return user
+
+
+def _checked_settings(path: Path) -> str:
+    """The config's effective settings as JSON text, after every check of ``run``'s needs."""
+    config = _load(path)
+    found = preflight_problems(config)
+    if found:
+        raise CliError("\n".join(found))
     sections = {
         f.name: dataclasses.asdict(getattr(config, f.name))
         for f in dataclasses.fields(config)
         if f.name != "path"
     }
     sections["milter"]["authserv_id"] = config.authserv_id
-    return f"{config.path}: OK\n" + json.dumps(sections, indent=2, default=str)
+    return json.dumps(sections, indent=2, default=str)
+
+
+def _as_user(user: pwd.struct_passwd, work: Callable[[], str]) -> str:
+    """``work()`` in a child process with the user's identity and groups (as systemd's User= gives).
+
+    Returns:
+        what ``work`` returned.
+
+    Raises:
+        CliError: what ``work`` raised, or the child could not take the identity.
+    """
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(reader)
+        try:
+            os.initgroups(user.pw_name, user.pw_gid)
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            outcome = {"output": work()}
+        except CliError as e:
+            outcome = {"error": str(e)}
+        except BaseException as e:  # reported by the parent; the child must not return into pytest/main
+            outcome = {"error": f"checking as {user.pw_name} failed: {e!r}"}
+        with os.fdopen(writer, "w", encoding="utf-8") as pipe:
+            json.dump(outcome, pipe)
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader, encoding="utf-8") as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    outcome = json.loads(text) if text else {"error": f"checking as {user.pw_name} failed"}
+    if "error" in outcome:
+        raise CliError(outcome["error"])
+    return str(outcome["output"])
 
 
 def _exists_error(path: Path) -> CliError:
     return CliError(f"{path}: already exists; authmilter never overwrites it: choose another selector")
 
 
-def _write_new_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode``; an existing file is an error, never overwritten."""
+def _write_new_file(path: Path, data: bytes, mode: int, owner: tuple[int, int] | None = None) -> None:
+    """Create ``path`` with ``mode`` (and ``owner``: uid, gid); an existing file is an error,
+    never overwritten."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
@@ -448,6 +599,12 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         raise CliError(f"{path}: cannot create: {e.strerror}") from None
     with os.fdopen(fd, "wb") as file:
         os.fchmod(fd, mode)  # exactly this mode, whatever the umask
+        if owner is not None:
+            try:
+                os.fchown(fd, *owner)  # before the key is written: never readable by the wrong user
+            except OSError as e:
+                os.unlink(path)
+                raise CliError(f"{path}: cannot change the owner: {e.strerror} (run as root)") from None
         file.write(data)
 
 
@@ -459,13 +616,14 @@ def run_genkey(args: argparse.Namespace) -> str:
         if path.exists():
             raise _exists_error(path)
     pem, key = generate_key(args.key_type, args.bits)
-    _write_new_file(private_path, pem, 0o600)
+    _write_new_file(private_path, pem, 0o600, args.owner_ids)
     record = zone_file_lines(args.selector, args.domain, key, testing=args.testing)
     _write_new_file(record_path, record.encode("ascii"), 0o644)
     key_name = key_record_name(args.selector, args.domain)
     return "\n".join(
         [
-            f"wrote {private_path} ({key.description}, mode 0600) and {record_path}",
+            f"wrote {private_path} ({key.description}, mode 0600{_owner_note(args.owner_ids)}) "
+            f"and {record_path}",
             f"publish the record in {record_path} in the DNS zone of {args.domain}, then check it with "
             "authmilter keys test",
             "# add to the KeyTable:",
@@ -474,6 +632,12 @@ def run_genkey(args: argparse.Namespace) -> str:
             f"*@{args.domain} {key_name}",
         ]
     )
+
+
+def _owner_note(owner: tuple[int, int] | None) -> str:
+    if owner is None:
+        return ""
+    return f", owner {pwd.getpwuid(owner[0]).pw_name}:{grp.getgrgid(owner[1]).gr_name}"
 
 
 def _test_key(entry: KeyEntry, resolver: Resolver) -> tuple[str, bool]:
@@ -518,6 +682,64 @@ def run_keys_test(args: argparse.Namespace) -> tuple[str, bool]:
     return "\n".join(line for line, _ in results), all(ok for _, ok in results)
 
 
+def _read_old_config(path: Path | None) -> tuple[str, str] | None:
+    if path is None:
+        return None
+    try:
+        return str(path), path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise CliError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def run_migrate(args: argparse.Namespace) -> tuple[str, list[MigrationNote]]:
+    """``authmilter migrate``: the config text (already written with --output) and the notes."""
+    migration = migrate_configs(_read_old_config(args.opendkim), _read_old_config(args.opendmarc))
+    if migration.files and args.output is None:
+        raise CliError(
+            "OpenDKIM's single-key mode (Domain, KeyFile, Selector): give --output FILE; a KeyTable "
+            "and a SigningTable equivalent to it are written next to it"
+        )
+    base = args.output.absolute().parent if args.output is not None else Path.cwd()
+    for name, contents in migration.files.items():
+        _write_new_file(base / name, contents.encode(), 0o644)
+    check_references(migration, base)
+    sources = " and ".join(str(p) for p in (args.opendkim, args.opendmarc) if p is not None)
+    text = render_toml(migration, sources)
+    if args.output is not None:
+        _write_new_file(args.output, text.encode(), 0o644)
+        written = [args.output, *(base / name for name in migration.files)]
+        migration.notes.append(
+            MigrationNote(str(args.output), "written", MigrationVerdict.CARRIED, ", ".join(map(str, written)))
+        )
+    return text, migration.notes
+
+
+def print_migration(text: str, notes: list[MigrationNote], to_stdout: bool) -> int:
+    """The notes on standard error, the config on standard output unless written; the exit status."""
+    for note in notes:
+        print(f"authmilter: {note}", file=sys.stderr)
+    problems = sum(note.verdict is MigrationVerdict.PROBLEM for note in notes)
+    if problems:
+        print(f"authmilter: {problems} problem(s) above: fix them, then run checkconf", file=sys.stderr)
+    if to_stdout:
+        sys.stdout.write(text)
+    return 1 if problems else 0
+
+
+def run_reload(args: argparse.Namespace) -> str:
+    """``authmilter reload``: the daemon's status line once the new configuration serves."""
+    path = status_path(configured_status_file(args.config) if args.config is not None else "")
+    if path is None:
+        raise CliError(
+            "cannot find the daemon's status file: set [milter] status_file in its config and give "
+            "--config FILE (under systemd, $RUNTIME_DIRECTORY is used)"
+        )
+    try:
+        return reload_daemon(path, args.pid, args.timeout).status
+    except ReloadError as e:
+        raise CliError(str(e)) from None
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     """``authmilter run``: the supervisor's exit status (0 after a clean stop).
 
@@ -549,6 +771,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "genkey":
             output = run_genkey(args)
+        elif args.command == "migrate":
+            return print_migration(*run_migrate(args), to_stdout=args.output is None)
+        elif args.command == "reload":
+            output = run_reload(args)
         elif args.command == "check":
             verdict = run_check(args)
             output = json.dumps(verdict.as_json(), indent=2) if args.json else format_verdict(verdict)

@@ -37,7 +37,7 @@ from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
 from authmilter.history import HistorySettings
 from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
-from authmilter.resolver import DnsSettings
+from authmilter.resolver import DnsSettings, parse_nameserver
 from authmilter.spf_check import SpfSettings
 from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostEntry, HostSet, KeyTable, SigningTable, TableError
 
@@ -97,6 +97,8 @@ class MilterSettings:
             commands. It must outlast the longest silence of a legitimate session: Postfix sends
             nothing while its client is between commands (up to smtpd_timeout, 300 s) or sending
             DATA, so the default is twice that.
+        status_file: where the supervisor keeps its PID and the outcome of its start and of each
+            reload, for ``authmilter reload``; empty: ``$RUNTIME_DIRECTORY/status`` under systemd.
     """
 
     socket: str = "inet:8990@127.0.0.1"
@@ -114,6 +116,7 @@ class MilterSettings:
     ignore_hosts: tuple[str, ...] | str = ()
     remove_authserv_ids: tuple[str, ...] = ()
     idle_timeout: int = 600
+    status_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,7 @@ def parse_config(text: str, path: str | Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: TOML syntax error: {e}") from e
+        raise ConfigError(_toml_error(path, e)) from e
     sections: dict[str, Any] = {}
     for name, table in data.items():
         if name not in SECTIONS:
@@ -330,6 +333,27 @@ def _check_host_lists_apart(config: Config, path: Path, text: str) -> None:
         f"({where('internal_hosts', internal)}): an ignored client is never processed, an internal "
         "one is signed as ours; remove it from one of the lists"
     )
+
+
+def _toml_error(path: Path, error: tomllib.TOMLDecodeError) -> str:
+    """``file:line: TOML syntax error: ...``: tomllib only says "(at line N, column M)"."""
+    match = re.search(r"\(at line (\d+), column (\d+)\)$", str(error))
+    if match is None:
+        return f"{path}: TOML syntax error: {error}"
+    reason = str(error)[: match.start()].rstrip()
+    return f"{path}:{match.group(1)}: TOML syntax error: {reason} (column {match.group(2)})"
+
+
+def setting_location(path: str | Path, section: str, key: str | None = None) -> str:
+    """``file:line`` of ``key`` in ``[section]`` of a config file (``file`` when not found).
+
+    For checks made after loading (checkconf's), which point at the setting to change.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    return _where(Path(path), text, section, key).removesuffix(": ")
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -450,6 +474,11 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):
         _check_socket(value)
+    if (section, key) == ("dns", "nameservers"):
+        for text in value:
+            parse_nameserver(text)
+    if (section, key) == ("milter", "status_file") and value and not value.startswith("/"):
+        raise ValueError("must be an absolute path, e.g. /run/authmilter/status")
     if (section, key) == ("history", "path") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import pwd
 import re
 import stat
 import threading
@@ -136,11 +137,24 @@ def _read_key_file(path: str) -> tuple[bytes, int]:
             if not stat.S_ISREG(info.st_mode):
                 raise KeyFileError(f"{path}: not a regular file; give the path of the private key file")
             data = file.read(MAX_KEY_FILE_BYTES + 1)
+    except PermissionError as e:
+        user = effective_user()
+        raise KeyFileError(
+            f"{path}: cannot read the key file: {e.strerror}: the milter runs as {user} and must be "
+            f"able to read it: chown {user} {path} (authmilter genkey --owner {user} writes keys so)"
+        ) from None
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read the key file: {e.strerror}") from None
     if len(data) > MAX_KEY_FILE_BYTES:
         raise KeyFileError(f"{path}: over {MAX_KEY_FILE_BYTES} bytes, not a private key file")
     return data, info.st_mode
+
+
+def effective_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _permission_warnings(path: str, mode: int, permissions: str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ Sources:
 from __future__ import annotations
 
 import copy
+import ipaddress
 import logging
 import math
 import re
@@ -33,6 +34,7 @@ from typing import Protocol, TypeVar
 import dns.exception
 import dns.message
 import dns.name
+import dns.nameserver
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
@@ -125,12 +127,15 @@ class NameserverSource:
     def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0) -> None:
         self._resolver = dns.resolver.Resolver(configure=not nameservers)
         if nameservers:
-            self._resolver.nameservers = list(nameservers)
+            servers = [parse_nameserver(text) for text in nameservers]
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(address, own_port or port) for address, own_port in servers
+            ]
         self._resolver.port = port
         self._resolver.lifetime = timeout
         self._resolver.timeout = min(timeout, 2.0)
         self._resolver.cache = None
-        self.description = f"{','.join(str(n) for n in self._resolver.nameservers)} port {port}"
+        self.description = ",".join(_describe_nameserver(n, port) for n in self._resolver.nameservers)
 
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
         try:
@@ -148,6 +153,42 @@ class NameserverSource:
         if answer.rrset is None:
             return DnsAnswer(DnsStatus.NODATA, ttl=_negative_ttl(answer.response))
         return DnsAnswer(DnsStatus.OK, tuple(answer.rrset), ttl=answer.rrset.ttl)
+
+
+def parse_nameserver(text: str) -> tuple[str, int | None]:
+    """``IP``, ``IP:PORT``, ``[IPv6]:PORT`` or a bare IPv6 address → (address, port or None).
+
+    The one syntax of ``[dns] nameservers`` and of ``--nameserver``.
+
+    Raises:
+        ValueError: not an IP address (a host name would need a resolver to find the resolver),
+            or a port outside 1-65535; the message says which syntax is expected.
+    """
+    host, port = text, None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"'{text}': expected [IPv6] or [IPv6]:PORT")
+        port = rest[1:] or None
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"'{text}' is not an IP address: write IP, IP:PORT or [IPv6]:PORT (no host names)"
+        ) from None
+    if port is None:
+        return host, None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{text}': port must be a number from 1 to 65535")
+    return host, int(port)
+
+
+def _describe_nameserver(server: str | dns.nameserver.Nameserver, default_port: int) -> str:
+    if isinstance(server, dns.nameserver.Do53Nameserver):
+        return f"{server.address} port {server.port}"
+    return f"{server} port {default_port}"
 
 
 class ZoneFileError(ValueError):
@@ -490,8 +531,9 @@ class DnsSettings:
     """Section ``[dns]``.
 
     Attributes:
-        nameservers: addresses to ask; empty = the system's resolvers (/etc/resolv.conf).
-        port: their port.
+        nameservers: addresses to ask (``IP``, ``IP:PORT``, ``[IPv6]:PORT``: :func:`parse_nameserver`);
+            empty = the system's resolvers (/etc/resolv.conf).
+        port: their port, unless an entry gives its own.
         timeout: seconds for one lookup, retries included.
         cache_size: answers kept in the cache (0 turns it off).
         zone_files: answer only from these RFC 1035 zone files (offline mode; everything else is

@@ -79,6 +79,7 @@ from authmilter.milter_app import (
     message_counts,
     serve,
 )
+from authmilter.reload import Outcome, StatusFile, status_path
 from authmilter.resolver import ZoneFileError
 
 log = logging.getLogger(__name__)
@@ -489,7 +490,13 @@ class Supervisor:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
-    def __init__(self, runtime: Runtime, listener: Listener, worker_main: WorkerMain = serve_worker) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        listener: Listener,
+        worker_main: WorkerMain = serve_worker,
+        status: StatusFile | None = None,
+    ) -> None:
         self.runtime = runtime
         self.listener = listener
         self.worker_main = worker_main
@@ -505,6 +512,9 @@ class Supervisor:
         self.stopping = False
         self.failed = False
         self.poller = select.poll()
+        # What `authmilter reload` reads: SIGHUPs answered, and the last outcome (reload.py).
+        self.status = status or StatusFile(None)
+        self.reloads = 0
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wakeup_r, select.POLLIN)
 
@@ -750,6 +760,7 @@ class Supervisor:
         if any(w.accepting for w in self.workers.values() if w.generation < self.generation):
             return
         log.info("%s", self.handover)
+        self.status.write(self.reloads, Outcome.READY, self.handover)
         notify("READY=1", f"STATUS={self.handover}", f"MAINPID={os.getpid()}")
         self.handover = None
 
@@ -771,18 +782,22 @@ class Supervisor:
             self._stop("start-up failure")
             return
         log.error("the new configuration's workers could not start (%s); the running ones stay", why)
-        notify("READY=1", f"STATUS=reload failed ({why}); serving with {self.config.path}")
+        status = f"reload failed ({why}); serving with {self.config.path}"
+        self.status.write(self.reloads, Outcome.FAILED, status)
+        notify("READY=1", f"STATUS={status}")
 
     def _reload(self) -> None:
         if self.stopping:
             return
         notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         log.info("SIGHUP: reloading %s", self.config.path)
+        self.reloads += 1
         try:
             config = load_config(self.config.path)
             runtime = load_runtime(config)
         except (ConfigError, StartupError) as e:
             log.error("reload refused, the running configuration stays: %s", e)
+            self.status.write(self.reloads, Outcome.REFUSED, f"reload refused: {e}")
             notify("READY=1", f"STATUS=reload refused: {e}")
             return
         if config.milter.socket != self.config.milter.socket:
@@ -828,10 +843,12 @@ def run(config: Config) -> int:
     raise_descriptor_limit()
     runtime = load_runtime(config)
     listener = open_listener(config.milter)
+    status = StatusFile(status_path(config.milter.status_file))
     try:
         log.info("listening on %s", config.milter.socket)
-        return Supervisor(runtime, listener).run()
+        return Supervisor(runtime, listener, status=status).run()
     finally:
+        status.remove()
         listener.close()
 
 

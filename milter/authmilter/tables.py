@@ -663,6 +663,10 @@ class HostSet:
     def __len__(self) -> int:
         return len(self._names) + len(self._networks)
 
+    def entries(self) -> tuple[HostEntry, ...]:
+        """Every entry, ``!`` ones included (names first, then networks)."""
+        return (*self._names.values(), *self._networks.values())
+
     def shared_client(self, other: HostSet) -> tuple[str, HostEntry, HostEntry] | None:
         """A client both sets contain, if any: for a configuration that must keep two lists apart.
 
