@@ -230,7 +230,6 @@ def digest_body(specs: Iterable[BodyHashSpec], body: bytes) -> BodyDigests:
         The digests and canonical lengths.
     """
     hasher = BodyHasher(specs)
-    view = memoryview(body)
     for start in range(0, len(body), CHUNK_SIZE):
-        hasher.update(bytes(view[start : start + CHUNK_SIZE]))
+        hasher.update(body[start : start + CHUNK_SIZE])  # a body of one chunk is not copied
     return hasher.finish()

@@ -366,8 +366,8 @@ def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> f
     return frozenset(needed)
 
 
-def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> None:
-    """RFC 6376 §6.1.3 step 3: the body hash must be bh=; raises _Stop otherwise."""
+def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpec:
+    """RFC 6376 §6.1.3 step 3: the body hash must be bh=; returns what was hashed, raises _Stop."""
     try:
         spec = _body_hash_spec(tags)
     except InvalidCanonicalizationPolicyError as e:
@@ -378,6 +378,7 @@ def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> None:
     # dkimpy's decoding of bh= (verify_sig_process), so both agree on what a bh= says.
     if digest != base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"])):
         raise _Stop(AuthResult.FAIL, "body hash did not verify")
+    return spec
 
 
 def _compute(
@@ -389,7 +390,7 @@ def _compute(
     body: BodyDigests,
 ) -> str:
     """RFC 6376 §6.1.3 with dkimpy; returns the reason to note on a pass, raises _Stop otherwise."""
-    _check_body_hash(tags, body)
+    spec = _check_body_hash(tags, body)
     verifier.pk, verifier.keysize, verifier.ktag = key.pk, key.bits, key.ktag
     verifier.seqtlsrpt = False  # s= was checked in _check_key_tags
     verifier.signature_fields = tags
@@ -412,12 +413,11 @@ def _compute(
         verifier.headers = all_headers
     if not valid:
         raise _Stop(AuthResult.FAIL, "signature did not verify")
-    return _body_length_note(tags, body)
+    return _body_length_note(spec, body)
 
 
-def _body_length_note(tags: dict[bytes, bytes], body: BodyDigests) -> str:
+def _body_length_note(spec: BodyHashSpec, body: BodyDigests) -> str:
     """RFC 6376 §8.2: with l= only part of the body is signed; say so, it matters to a reader."""
-    spec = _body_hash_spec(tags)  # _check_body_hash read it already
     if spec.length is None:
         return ""
     signed_length = spec.length
