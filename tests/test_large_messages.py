@@ -5,7 +5,7 @@ through the real daemon, its workers' RSS read from /proc: unsigned, signed (ver
 The body is generated on the fly and sent in blocks; neither side ever holds it whole. The bound is
 generous (a memory figure, not a timing): the peak (VmHWM) of the worker that took the message may
 exceed its idle RSS by ``body_memory_limit`` + 32 MB at most, where keeping the body once costs 200 MB.
-The benchmark (bench/run.py --rss-large) measures the same for the record.
+The benchmark (bench/run.py --rss-only, bench/README.md) measures the same for the record.
 """
 
 from __future__ import annotations
