@@ -16,6 +16,7 @@ import dkim
 import pytest
 
 from authmilter import dkim_rsa
+from authmilter.dkim_body import BodyHashSpec, digest_body
 from authmilter.dkim_sign import (
     DEFAULT_HEADERS,
     SigningError,
@@ -24,6 +25,7 @@ from authmilter.dkim_sign import (
     plan_signatures,
     sign_message,
     signing_address,
+    signing_body_hash,
 )
 from authmilter.dkim_verify import DkimSettings, verify_dkim
 from authmilter.keys import KeyCache, PrivateKey, dns_record, generate_key
@@ -321,3 +323,27 @@ def test_message_without_from_cannot_be_signed(setup: Setup) -> None:
             SigningSettings(),
             NOW,
         )
+
+
+@pytest.mark.parametrize("canonicalization", ["relaxed/relaxed", "simple/simple"])
+def test_body_hash_computed_as_the_body_streams_in_signs_the_same(
+    setup: Setup, canonicalization: str
+) -> None:
+    table = setup.tables(DUAL_KEYS, DUAL_SIGNING)
+    message = make_message(body="line \t one  \r\n\r\nline two\r\n \r\n\r\n")
+    head, _, body = message.partition(b"\r\n\r\n")
+    settings = SigningSettings(canonicalization=canonicalization)
+    spec = signing_body_hash(settings)
+    assert spec == BodyHashSpec(canonicalization.partition("/")[2], None, "sha256")
+    plan = plan_signatures(table, "bob@sender.example", True)
+    whole = sign_message(message, plan.signers, setup.key_of, settings, NOW)  # type: ignore[arg-type]
+    streamed = sign_message(  # the header block only, as the milter has it
+        head + b"\r\n\r\n",
+        plan.signers,
+        setup.key_of,  # type: ignore[arg-type]
+        settings,
+        NOW,
+        digest_body([spec], body),
+    )
+    assert streamed == whole
+    assert our_results(with_signatures(message, streamed), setup.resolver) == [AuthResult.PASS] * 2

@@ -20,6 +20,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from authmilter import dkim_verify
+from authmilter.dkim_body import RELAXED, SIMPLE, BodyDigests, BodyHasher, BodyHashSpec, digest_body
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
@@ -694,3 +695,53 @@ def test_header_b_drops_whitespace_like_the_regex() -> None:
         )
         result = dkim_verify._result(AuthResult.PASS, {b"b": b_value})
         assert result.header_b == re.sub(rb"\s+", b"", b_value)[:8].decode("utf-8", "replace"), b_value
+
+
+# --- body hashes computed as the body streams in (the milter's path) ----------------------------
+
+
+def test_streamed_body_hashes_verify_from_the_header_block_alone(
+    tmp_path: Path, keys: dict[str, Key]
+) -> None:
+    signed = sign(MESSAGE, keys["rsa2048"], canonicalize=(b"relaxed", b"simple"), length=True)
+    resolver = resolver_for(tmp_path, {key_name(): [keys["rsa2048"].record]})
+    head, _, body = signed.partition(b"\r\n\r\n")
+    signature = head.split(b"DKIM-Signature:")[1].split(b"\r\nFrom:")[0]
+    needed = dkim_verify.body_hashes_needed([signature], SETTINGS)
+    assert needed == {BodyHashSpec(SIMPLE, len(body), "sha256")}
+    hasher = BodyHasher(needed)
+    for byte in range(len(body)):  # one octet per chunk
+        hasher.update(body[byte : byte + 1])
+    result = only(verify_dkim(head + b"\r\n\r\n", resolver, SETTINGS, body=hasher.finish()))
+    assert result.result is AuthResult.PASS and result.reason == f"l={len(body)}, whole body signed"
+    tampered = digest_body(needed, body + b"more\r\n")
+    result = only(verify_dkim(head + b"\r\n\r\n", resolver, SETTINGS, body=tampered))
+    assert result.result is AuthResult.PASS and "6 body octets unsigned" in result.reason
+    wrong = digest_body(needed, b"another body\r\n")
+    assert only(verify_dkim(signed, resolver, SETTINGS, body=wrong)).reason == "body hash did not verify"
+
+
+def test_a_body_hash_not_computed_is_our_error_not_the_senders(tmp_path: Path, keys: dict[str, Key]) -> None:
+    signed = sign(MESSAGE, keys["ed25519"])
+    resolver = resolver_for(tmp_path, {key_name(): [keys["ed25519"].record]})
+    result = only(verify_dkim(signed, resolver, SETTINGS, body=BodyDigests()))
+    assert result.result is AuthResult.TEMPERROR and "body hash not computed" in result.reason
+
+
+def test_body_hashes_needed_only_for_signatures_that_will_be_checked() -> None:
+    values = [
+        b"v=1; a=rsa-sha256; c=relaxed/relaxed; d=a.example; s=s; h=from; bh=AA==; b=AA==",
+        b"v=1; a=ed25519-sha256; c=relaxed/relaxed; d=a.example; s=s; h=from; bh=AA==; b=AA==",  # again
+        b"v=1; a=rsa-sha256; c=relaxed; d=a.example; s=s; h=from; bh=AA==; b=AA==",  # body: simple, §3.5
+        b"v=1; a=rsa-sha1; d=a.example; s=s; l=10; h=from; bh=AA==; b=AA==",  # simple/simple by default
+        b"v=1; a=rsa-sha256; c=odd/relaxed; d=a.example; s=s; h=from; bh=AA==; b=AA==",  # unreadable c=
+        b"v=1; a=rsa-md5; d=a.example; s=s; h=from; bh=AA==; b=AA==",  # unknown a=
+        b"not a tag list",
+        b"v=1; a=rsa-sha256; c=simple/simple; d=a.example; s=s; h=from; bh=AA==; b=AA==",  # past the limit
+    ]
+    assert dkim_verify.body_hashes_needed(values, DkimSettings(max_signatures=7)) == {
+        BodyHashSpec(RELAXED, None, "sha256"),
+        BodyHashSpec(SIMPLE, None, "sha256"),
+        BodyHashSpec(SIMPLE, 10, "sha1"),
+    }
+    assert dkim_verify.body_hashes_needed(values, DkimSettings(enabled=False)) == frozenset()

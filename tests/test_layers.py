@@ -15,6 +15,7 @@ RANKS = {
     "keys": 1,
     "dkim_rsa": 1,
     "history": 1,
+    "dkim_body": 1.5,  # a foundation of the DKIM checks, built on message and dkim_rsa
     "spf_check": 2,
     "dkim_verify": 2,
     "dkim_sign": 2,

@@ -16,10 +16,9 @@ import json
 import logging
 import re
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import dns.name
 import dns.rdatatype
@@ -27,7 +26,7 @@ import Milter
 import pytest
 from Milter import testctx
 
-from authmilter import dkim_rsa, milter_app
+from authmilter import dkim_rsa
 from authmilter.actions import FailureAction
 from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
@@ -858,68 +857,27 @@ def test_message_counts_span_mail_from_to_the_end_of_the_message(
     assert connections() == 0
 
 
-class RecordingSpool(tempfile.SpooledTemporaryFile):  # type: ignore[type-arg]
-    made: ClassVar[list[RecordingSpool]] = []
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.rolled_over = False
-        RecordingSpool.made.append(self)
-
-    def rollover(self) -> None:
-        super().rollover()
-        self.rolled_over = True
-
-
-@pytest.mark.parametrize("body_size, on_disk", [(1000, False), (300_000, True)])
-def test_large_body_is_spooled_to_disk_and_verified(
-    connect: Connect,
-    signed: Callable[..., bytes],
-    monkeypatch: pytest.MonkeyPatch,
-    body_size: int,
-    on_disk: bool,
+@pytest.mark.parametrize("chunk_size", [65535, 1000, 7])
+def test_body_is_hashed_as_it_streams_and_never_kept(
+    connect: Connect, keys: dict[str, SigningKey], chunk_size: int
 ) -> None:
-    monkeypatch.setattr(RecordingSpool, "made", [])
-    monkeypatch.setattr(tempfile, "SpooledTemporaryFile", RecordingSpool)  # the module milter_app uses
-    ctx = connect(config=make_config(body_memory_limit=65536))
-    line = "All work and no play makes Jack a dull boy.\r\n"
-    raw = signed(body=line * (body_size // len(line)))
-    assert ctx.send(raw) == Milter.ACCEPT
-    assert "dkim=pass" in our_ar(ctx)[0]
-    [spool] = RecordingSpool.made
-    assert spool.rolled_over is on_disk
-    assert spool.closed
-
-
-class RecordingGate:
-    """Stands in for the large-message semaphore: counts who passed through it."""
-
-    def __init__(self) -> None:
-        self.entered = 0
-
-    def __enter__(self) -> None:
-        self.entered += 1
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-@pytest.mark.parametrize("body_size, gated", [(1000, False), (300_000, True)])
-def test_only_large_messages_wait_for_the_large_message_gate(
-    connect: Connect,
-    signed: Callable[..., bytes],
-    monkeypatch: pytest.MonkeyPatch,
-    body_size: int,
-    gated: bool,
-) -> None:
-    gate = RecordingGate()
-    monkeypatch.setattr(milter_app, "_large_messages", gate)
-    ctx = connect(config=make_config(body_memory_limit=65536))
-    line = "All work and no play makes Jack a dull boy.\r\n"
-    assert ctx.send(signed(body=line * (body_size // len(line)))) == Milter.ACCEPT
-    assert "dkim=pass" in our_ar(ctx)[0]
-    assert gate.entered == (1 if gated else 0)
-    assert milter_app.LARGE_MESSAGE_CONCURRENCY >= 1
+    # Two signatures, simple (with l=) and relaxed, over a body whose trailing WSP and empty lines
+    # straddle chunk boundaries; the milter keeps only the hashes, never the body.
+    body = "All work and no play makes Jack a dull boy. \t \r\n" * 6000 + " \r\n\r\n\r\n"
+    message = make_message(body=body)
+    simple, relaxed = (b"simple", b"simple"), (b"relaxed", b"relaxed")
+    message = sign(message, keys["rsa"], "sender.example", "rsa1", canonicalize=simple, length=True)
+    message = sign(message, keys["ed"], "sender.example", "ed1", canonicalize=relaxed)
+    ctx = connect()
+    ctx.start(message, "bob@sender.example", ("alice@receiver.example",))
+    body_bytes = message.split(b"\r\n\r\n", 1)[1]
+    for offset in range(0, len(body_bytes), chunk_size):
+        assert ctx.app.body(body_bytes[offset : offset + chunk_size]) == Milter.NOREPLY
+    kept = [value for value in vars(ctx.app._message).values() if isinstance(value, (bytes, bytearray))]
+    assert not kept
+    assert ctx._eom() == Milter.ACCEPT
+    [ar] = our_ar(ctx)
+    assert ar.count("dkim=pass") == 2, ar
 
 
 def test_headers_past_the_limit_keep_from_fields_and_say_when_one_was_dropped(connect: Connect) -> None:

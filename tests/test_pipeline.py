@@ -12,6 +12,7 @@ import pytest
 
 from authmilter.actions import MultipleFromDomains
 from authmilter.config import Config, default_config
+from authmilter.dkim_body import BodyHashSpec, digest_body
 from authmilter.dkim_sign import SigningSettings
 from authmilter.history import Envelope, make_record
 from authmilter.keys import KeyCache
@@ -20,6 +21,7 @@ from authmilter.model import Action, AuthResult, Disposition, Verdict
 from authmilter.pipeline import (
     Connection,
     Transaction,
+    body_hashes,
     evaluate,
     match_internal_host,
     outbound_reason,
@@ -456,3 +458,26 @@ def test_a_message_past_its_dns_query_budget_ends_in_temperror(
     [line] = [m for m in caplog.messages if "budget" in m]
     assert "queue_id=QB" in line and "DNS query budget of this message spent (10 queries)" in line
     assert "during SPF (MAIL FROM)" in line
+
+
+def test_body_hashes_are_known_at_the_end_of_the_header_block(resolver: Resolver, key: SigningKey) -> None:
+    raw = sign(make_message(), key, "sender.example", "s1", canonicalize=(b"simple", b"relaxed"))
+    message = parse_message(raw)
+    inbound = Connection(client_ip="192.0.2.10", helo="mx.sender.example")
+    assert body_hashes(inbound, message.headers, CONFIG) == {BodyHashSpec("relaxed", None, "sha256")}
+    # Outbound mail is not verified: only our own signing hash (c= relaxed/relaxed by default).
+    assert body_hashes(LOOPBACK, message.headers, CONFIG) == {BodyHashSpec("relaxed", None, "sha256")}
+    simple = dataclasses.replace(CONFIG, signing=SigningSettings(canonicalization="relaxed/simple"))
+    assert body_hashes(LOOPBACK, message.headers, simple) == {BodyHashSpec("simple", None, "sha256")}
+    unchecked = dataclasses.replace(CONFIG, dkim=dataclasses.replace(CONFIG.dkim, enabled=False))
+    assert body_hashes(inbound, message.headers, unchecked) == frozenset()
+    # The milter's transaction: the header block and the hashes; the same verdict as the whole message.
+    head = raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    streamed = Transaction(
+        connection=inbound,
+        mail_from="bob@sender.example",
+        recipients=(),
+        message=parse_message(head),
+        body=digest_body(body_hashes(inbound, message.headers, CONFIG), message.body),
+    )
+    assert [d.result for d in evaluate(streamed, resolver, CONFIG).dkim] == [AuthResult.PASS]

@@ -76,7 +76,9 @@ class MilterSettings:
         shutdown_timeout: seconds in-flight messages get to finish on SIGTERM.
         authserv_id: the name in our Authentication-Results (RFC 8601 §2.5); empty = this host's name.
         max_headers: header fields kept per message; more are dropped and the message is still checked.
-        body_memory_limit: body bytes kept in memory; beyond, the body is spooled to a temporary file.
+        body_memory_limit: the most body bytes a message may hold in memory. The body is never kept
+            (it is hashed for DKIM as it arrives, dkim_body.py): a message holds one milter chunk
+            (64 KiB) at most, below the smallest value allowed, whatever its size.
         quarantine: how quarantine is applied: "hold" (the MTA's hold queue, via the milter
             quarantine action) or "header" (an X-Authmilter-Quarantine header is added).
         internal_hosts: the clients whose mail is outbound (signed, not verified), in OpenDKIM's

@@ -9,7 +9,8 @@ Two steps, both pure (no file or network I/O; keys come from a provider the call
    signs (RSA through OpenSSL once ``dkim_rsa.install()`` ran); the tag list is ours, because
    dkimpy's ``DKIM.sign()`` reads ``time.time()`` for t=, cannot write x=, and always adds i=.
    The message is parsed once and the body hashed once for all signatures (dual RSA + Ed25519
-   signing, RFC 8463 §4, costs one body hash).
+   signing, RFC 8463 §4, costs one body hash): :func:`signing_body_hash` says which, and the milter
+   computes it as the body streams in (dkim_body.py), so only the header block is needed here.
 
 Which header fields are signed (RFC 6376 §5.4): every occurrence of each configured name, and for
 the "oversigned" names one more entry than there are fields, so that a field added later (a second
@@ -33,6 +34,7 @@ import nacl.encoding
 import nacl.signing
 from dkim.canonicalization import CanonicalizationPolicy
 
+from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
 from authmilter.keys import PrivateKey
 from authmilter.message import HeaderField, MessageHeaders, parse_from
 from authmilter.tables import KeyEntry, Signer, SigningTable
@@ -227,18 +229,39 @@ def plan_signatures(table: SigningTable | None, address: str, multiple: bool) ->
     return SigningPlan(address, tuple(signers.values()))
 
 
+def signing_body_hash(settings: SigningSettings) -> BodyHashSpec:
+    """The body hash every signature we make carries (bh=, RFC 6376 §3.7).
+
+    Args:
+        settings: the canonicalization (c=).
+
+    Returns:
+        The c= body canonicalization over the whole body (we never write l=, §8.2) with SHA-256,
+        the hash of every algorithm we sign with (RFC 8301 §3.1, RFC 8463 §3).
+    """
+    return BodyHashSpec(settings.canonicalization.partition("/")[2], None, "sha256")
+
+
 def sign_message(
-    message: bytes, signers: Sequence[Signer], keys: KeyProvider, settings: SigningSettings, now: float
+    message: bytes,
+    signers: Sequence[Signer],
+    keys: KeyProvider,
+    settings: SigningSettings,
+    now: float,
+    body: BodyDigests | None = None,
 ) -> tuple[str, ...]:
     """One DKIM-Signature per signer (RFC 6376 §5).
 
     Args:
         message: the message as it will be delivered (CRLF or bare LF; Authentication-Results
-            fields are never signed, so deleting forged ones later does not matter).
+            fields are never signed, so deleting forged ones later does not matter). With ``body``
+            given, the header block and blank line are enough (a body is ignored).
         signers: from :func:`plan_signatures`.
         keys: gives each signer's private key.
         settings: canonicalization, header lists, expiry.
         now: the signing time (t=), Unix seconds.
+        body: the body hashes computed as the body streamed in, with :func:`signing_body_hash`;
+            None: computed here from the body in ``message``.
 
     Returns:
         the DKIM-Signature field values (without the name and colon), in signer order: the first
@@ -248,6 +271,7 @@ def sign_message(
     Raises:
         SigningError: the header block cannot be parsed, or the message has no From field.
         KeyFileError: a key cannot be loaded (from ``keys``).
+        KeyError: ``body`` lacks the :func:`signing_body_hash` (a caller's mistake).
     """
     if not signers:
         return ()
@@ -258,9 +282,11 @@ def sign_message(
     include = _include_headers([name for name, _ in signer.headers], settings)
     if b"from" not in include:
         raise SigningError("no From field (RFC 6376 §5.4: From MUST be signed)")
-    header_canon, body_canon = settings.canonicalization.encode().split(b"/")
-    policy = CanonicalizationPolicy.from_c_value(header_canon + b"/" + body_canon)
-    body_hash = _body_hash(signer, policy)
+    policy = CanonicalizationPolicy.from_c_value(settings.canonicalization.encode())
+    spec = signing_body_hash(settings)
+    if body is None:
+        body = digest_body([spec], signer.body or b"")  # dkimpy's body of an empty message is ""
+    body_hash = base64.b64encode(body.digests[spec])
     return tuple(
         _one_signature(signer, plan, keys(plan.key), include, policy, body_hash, settings, now)
         for plan in signers
@@ -281,13 +307,6 @@ def _include_headers(present: Sequence[bytes], settings: SigningSettings) -> tup
         if occurrences:
             include += [name.encode("ascii")] * (occurrences + (name in oversign))
     return tuple(include)
-
-
-def _body_hash(signer: dkim.DKIM, policy: CanonicalizationPolicy) -> bytes:
-    # Every signing algorithm we offer hashes with SHA-256 (RFC 8301 §3.1, RFC 8463 §3).
-    hasher = dkim.crypto.HASH_ALGORITHMS[b"rsa-sha256"]()
-    hasher.update(policy.canonicalize_body(signer.body))
-    return base64.b64encode(hasher.digest())
 
 
 def _one_signature(

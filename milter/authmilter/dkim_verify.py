@@ -12,8 +12,11 @@ inside and turns every key problem into False. So, per signature, in RFC 6376 §
 2. §6.1.2, get the public key: through our :class:`~authmilter.resolver.Resolver` (not dkimpy's
    ``dnsfunc``, which cannot tell NXDOMAIN from TEMPFAIL), then the key-record rules dkimpy skips
    (``h=``, ``k=`` against ``a=``, ``s=``, revocation, ``t=s``, RFC 8301 §3.2 key size).
-3. §6.1.3, compute the verification: dkimpy's ``verify_sig_process`` on one ``dkim.DKIM`` object
-   parsed once for all signatures.
+3. §6.1.3, compute the verification: the body hash is compared here, from the
+   :class:`~authmilter.dkim_body.BodyDigests` computed as the body streamed in (the body itself is
+   never kept, see dkim_body.py); dkimpy's ``verify_sig_process``, given the signature without
+   ``bh=``, then checks the header hash and the signature, on one ``dkim.DKIM`` object parsed once
+   for all signatures.
 
 Result words follow RFC 8601 §2.7.1. Nothing raises: an unexpected dkimpy exception is that
 signature's permerror, logged. Call :func:`authmilter.dkim_rsa.install` once at start for speed;
@@ -22,10 +25,12 @@ without it the results are the same.
 
 from __future__ import annotations
 
+import base64
 import binascii
 import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +38,7 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsStatus, Resolver
 
@@ -326,14 +332,65 @@ def _colon_list(value: bytes | None) -> set[bytes]:
     return {item.strip().lower() for item in value.split(b":") if item.strip()}
 
 
+def _body_hash_spec(tags: dict[bytes, bytes]) -> BodyHashSpec:
+    """The body hash a signature's c=, l= and a= ask for; raises what dkimpy raises for bad ones."""
+    policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+    length = int(tags[b"l"]) if b"l" in tags else None
+    # a= is rsa-sha1, rsa-sha256 or ed25519-sha256 (validate_signature_fields): the hash follows "-".
+    return BodyHashSpec(policy.body_algorithm.name.decode(), length, tags[b"a"].rpartition(b"-")[2].decode())
+
+
+def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> frozenset[BodyHashSpec]:
+    """The body hashes that verifying these DKIM-Signature fields will compare (RFC 6376 §3.7).
+
+    Args:
+        signatures: the DKIM-Signature field values, top first, as known at the end of the header.
+        settings: ``enabled`` and ``max_signatures`` (later ones are not checked).
+
+    Returns:
+        One spec per distinct c= body canonicalization, l= and hash among the signatures that will
+        be checked; a signature that cannot be read needs none (it fails before its body hash).
+    """
+    if not settings.enabled:
+        return frozenset()
+    needed: set[BodyHashSpec] = set()
+    for index, value in enumerate(signatures):
+        if index >= settings.max_signatures:
+            break
+        try:
+            tags = _tag_list(value)
+            if tags.get(b"a") in dkim.HASH_ALGORITHMS:
+                needed.add(_body_hash_spec(tags))
+        except (InvalidTagValueList, InvalidCanonicalizationPolicyError, ValueError):
+            continue
+    return frozenset(needed)
+
+
+def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpec:
+    """RFC 6376 §6.1.3 step 3: the body hash must be bh=; returns what was hashed, raises _Stop."""
+    try:
+        spec = _body_hash_spec(tags)
+    except InvalidCanonicalizationPolicyError as e:
+        raise _Stop(AuthResult.PERMERROR, f"invalid c= value: {e.args[0]}") from e
+    digest = body.digests.get(spec)
+    if digest is None:  # body_hashes_needed asked for every signature that gets here
+        raise _Stop(AuthResult.TEMPERROR, "internal error: body hash not computed")
+    # dkimpy's decoding of bh= (verify_sig_process), so both agree on what a bh= says.
+    if digest != base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"])):
+        raise _Stop(AuthResult.FAIL, "body hash did not verify")
+    return spec
+
+
 def _compute(
     verifier: dkim.DKIM,
     header: tuple[bytes, bytes],
     tags: dict[bytes, bytes],
     signed: list[bytes],
     key: _Key,
+    body: BodyDigests,
 ) -> str:
     """RFC 6376 §6.1.3 with dkimpy; returns the reason to note on a pass, raises _Stop otherwise."""
+    spec = _check_body_hash(tags, body)
     verifier.pk, verifier.keysize, verifier.ktag = key.pk, key.bits, key.ktag
     verifier.seqtlsrpt = False  # s= was checked in _check_key_tags
     verifier.signature_fields = tags
@@ -344,11 +401,10 @@ def _compute(
     # handing it only the fields named in h= picks the same ones for far less work.
     wanted = set(signed)
     verifier.headers = [field for field in all_headers if field[0].lower() in wanted]
+    # Without bh= dkimpy skips the body (checked above): the header hash and signature are left.
+    without_body_hash = {name: value for name, value in tags.items() if name != b"bh"}
     try:
-        valid = verifier.verify_sig_process(tags, signed, header, None)
-    except dkim.ValidationError as e:
-        # The only ValidationError left in verify_sig_process is the body hash comparison.
-        raise _Stop(AuthResult.FAIL, "body hash did not verify") from e
+        valid = verifier.verify_sig_process(without_body_hash, signed, header, None)
     except dkim.MessageFormatError as e:
         raise _Stop(AuthResult.PERMERROR, str(e)) from e
     except dkim.KeyFormatError as e:
@@ -357,19 +413,15 @@ def _compute(
         verifier.headers = all_headers
     if not valid:
         raise _Stop(AuthResult.FAIL, "signature did not verify")
-    return _body_length_note(verifier, tags)
+    return _body_length_note(spec, body)
 
 
-def _body_length_note(verifier: dkim.DKIM, tags: dict[bytes, bytes]) -> str:
+def _body_length_note(spec: BodyHashSpec, body: BodyDigests) -> str:
     """RFC 6376 §8.2: with l= only part of the body is signed; say so, it matters to a reader."""
-    if b"l" not in tags:
+    if spec.length is None:
         return ""
-    signed_length = int(tags[b"l"])
-    try:
-        policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-    except InvalidCanonicalizationPolicyError as e:  # verify_sig_process accepted it already
-        raise _Stop(AuthResult.PERMERROR, f"invalid c= value: {e}") from e
-    body_length = len(policy.canonicalize_body(verifier.body))
+    signed_length = spec.length
+    body_length = body.lengths[spec.canonicalization]
     if signed_length > body_length:
         # §3.5 l=: the value "MUST NOT be larger than the actual number of octets" of the body.
         raise _Stop(AuthResult.FAIL, f"l={signed_length} is longer than the body ({body_length})")
@@ -381,6 +433,7 @@ def _body_length_note(verifier: dkim.DKIM, tags: dict[bytes, bytes]) -> str:
 def _verify_one(
     verifier: dkim.DKIM,
     header: tuple[bytes, bytes],
+    body: BodyDigests,
     resolver: Resolver,
     settings: DkimSettings,
     now: float,
@@ -392,7 +445,7 @@ def _verify_one(
         signed = _check_signature(tags, now)
         key = _fetch_key(tags, resolver, settings)
         testing = key.testing
-        note = _compute(verifier, header, tags, signed, key)
+        note = _compute(verifier, header, tags, signed, key, body)
     except _Stop as stop:
         # Only a signature that does not parse strictly needs its lenient reading, to be named.
         return _result(stop.result, _lenient_tags(header[1]) if tags is None else tags, stop.reason, testing)
@@ -467,15 +520,22 @@ def _parsed(message: bytes, settings: DkimSettings) -> dkim.DKIM:
 
 
 def verify_dkim(
-    message: bytes, resolver: Resolver, settings: DkimSettings, now: float | None = None
+    message: bytes,
+    resolver: Resolver,
+    settings: DkimSettings,
+    now: float | None = None,
+    body: BodyDigests | None = None,
 ) -> tuple[DkimResult, ...]:
     """Verify every DKIM-Signature of a message (RFC 6376 §6), in header order.
 
     Args:
-        message: the whole message as received, headers, blank line, body; CRLF or bare LF.
+        message: the whole message as received, headers, blank line, body; CRLF or bare LF. With
+            ``body`` given, the header block and blank line are enough (a body is ignored).
         resolver: where key records come from (RFC 6376 §3.6.2).
         settings: limits and the minimum RSA key size.
         now: the verification time in Unix seconds for ``t=``/``x=`` (default: the clock).
+        body: the body hashes computed as the body streamed in, for :func:`body_hashes_needed`
+            of the message's signatures; None: computed here from the body in ``message``.
 
     Returns:
         One result per DKIM-Signature header field, top first; empty without any (the caller
@@ -494,6 +554,9 @@ def verify_dkim(
             for value in _signature_headers_of_unparseable(message)
         )
     signatures = [(name, value) for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    if body is None:
+        needed = body_hashes_needed((value for _, value in signatures), settings)
+        body = digest_body(needed, verifier.body or b"")  # dkimpy's body of an empty message is ""
     results = []
     for index, header in enumerate(signatures):
         if index >= settings.max_signatures:
@@ -503,7 +566,7 @@ def verify_dkim(
             reason = f"not checked: DKIM time limit of {settings.timeout:g}s reached"
             results.append(_result(AuthResult.TEMPERROR, _lenient_tags(header[1]), reason))
         else:
-            results.append(_verify_one(verifier, header, resolver, settings, verify_time))
+            results.append(_verify_one(verifier, header, body, resolver, settings, verify_time))
     for result in results:
         logger.debug("dkim=%s d=%s s=%s (%s)", result.result, result.domain, result.selector, result.reason)
     return tuple(results)

@@ -230,8 +230,16 @@ class HeaderCollector:
         return MessageHeaders(tuple(self._fields), truncated, self._key_fields_dropped)
 
 
-def _normalise_line_endings(raw: bytes) -> bytes:
-    # Already CRLF throughout (the milter and SMTP case): no copy at all.
+def normalise_line_endings(raw: bytes) -> bytes:
+    """Bare LF line ends as CRLF (RFC 5322 §2.3: CR and LF only together), as dkimpy reads them.
+
+    Args:
+        raw: message bytes.
+
+    Returns:
+        ``raw`` itself when every LF follows a CR (the milter and SMTP case: no copy), else a copy
+        with a CR before each bare LF.
+    """
     if raw.count(b"\n") == raw.count(b"\r\n"):
         return raw
     return _BARE_LF.sub(b"\r\n", raw)
@@ -252,7 +260,7 @@ def parse_message(raw: bytes, max_headers: int = MAX_HEADERS) -> ParsedMessage:
     Returns:
         The parsed message.
     """
-    data = _normalise_line_endings(raw)
+    data = normalise_line_endings(raw)
     collector = HeaderCollector(max_headers)
     size = len(data)
     pos = 0

@@ -18,19 +18,18 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
   Sendmail 8.14+ do): otherwise the MTA drops one space after each colon and "Subject:x" could not
   be told from "Subject: x", which DKIM's ``simple`` header canonicalization (RFC 6376 §3.4.1)
   must. Then the MTA adds no space to the fields we add either: :meth:`AuthMilter._field_value`.
-- The body is spooled: in memory up to ``[milter] body_memory_limit``, then in a temporary file,
-  so many large concurrent messages do not exhaust memory.
+- The body is never kept: each chunk goes through the DKIM body hashes the message needs as it
+  arrives (dkim_body.py), which are known at the end of the header block (the signatures are header
+  fields; outbound mail gets our signing hash). A message costs the same memory whatever its size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import resource
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from authmilter.connection_socket import (
     listener_identity,
     shut_down,
 )
+from authmilter.dkim_body import BodyHasher
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
 from authmilter.dmarc import load_public_suffix_list
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
@@ -67,6 +67,7 @@ from authmilter.model import Action, Verdict
 from authmilter.pipeline import (
     Connection,
     Transaction,
+    body_hashes,
     evaluate,
     failure_verdict,
     ignored_host,
@@ -151,13 +152,6 @@ class _MessageCounter:
 
 
 _messages = _MessageCounter()
-
-# Checking a message needs it whole in memory (dkimpy verifies from bytes, with canonical copies):
-# at most this many messages larger than body_memory_limit are checked at once per worker, so
-# many concurrent large messages wait their turn instead of exhausting memory.
-LARGE_MESSAGE_CONCURRENCY = 1
-_large_messages = threading.BoundedSemaphore(LARGE_MESSAGE_CONCURRENCY)
-
 
 def message_counts() -> MessageCounts:
     """What this process is doing, for a stopping worker (supervisor.py).
@@ -303,7 +297,7 @@ def _call_when_serving(ready: Callable[[], None]) -> None:
 
 # Descriptors a worker keeps for itself (listener, control socket, log, history file, DNS
 # queries) before connections count; each connection needs one for its socket and may hold a
-# second at the same time (a spooled body, a DNS query).
+# second at the same time (the socket of a DNS query made for its message).
 RESERVED_DESCRIPTORS = 64
 DESCRIPTORS_PER_CONNECTION = 2
 # The "no room" warning is logged at most once per this many seconds, with the count refused.
@@ -425,15 +419,9 @@ class _Message:
         self.mail_from = ""
         self.queue_id = ""
         self.recipients: list[str] = []
-        # Header block, then body: the whole message is read back in one piece at end of message.
-        self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
         self.parsed_headers: MessageHeaders | None = None
-        self.body_offset = 0
-
-    def close(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
+        # Started by the first body chunk (or at eom), when the header block is complete.
+        self.body: BodyHasher | None = None
 
 
 class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type information
@@ -572,9 +560,6 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             macros={**self._connect_macros, **auth_macros},
             internal_host=self._internal_host,
         )
-        # Open across callbacks, so no `with`: _reset_message closes it (eom, abort, close).
-        limit = self._config.milter.body_memory_limit
-        message.spool = tempfile.SpooledTemporaryFile(max_size=limit)  # noqa: SIM115
 
     @_gathers
     def envrcpt(self, recipient: str, *params: str) -> None:
@@ -590,9 +575,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     @_gathers
     def body(self, chunk: bytes) -> None:
         self._quickack.acknowledge(self._ack_fd)  # the MTA may hold the next chunk for our ACK
-        spool = self._start_body(self._current_message())
-        if spool is not None:
-            spool.write(chunk)
+        self._body_hasher(self._current_message()).update(chunk)
 
     # --- end of message ----------------------------------------------------------------------
 
@@ -629,10 +612,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         message.queue_id = self._macro(QUEUE_ID_MACRO) or message.queue_id
         if self._connection_failure or self._message_failure:
             return self._end_failed_message(started)
-        large = message.spool is not None and message.spool.tell() > self._config.milter.body_memory_limit
-        with _large_messages if large else contextlib.nullcontext():
-            transaction = self._transaction(message)
-            verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
+        transaction = self._transaction(message)
+        verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
         code = self._apply(verdict)
         if verdict.dmarc is not None:
             self._record_history(verdict, transaction)
@@ -664,18 +645,15 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     def _transaction(self, message: _Message) -> Transaction:
         headers = self._headers(message)
-        spool = self._start_body(message)
-        if spool is None:
-            raise RuntimeError("message has no body spool")
-        spool.seek(0)
-        raw = spool.read()  # header block and body in one piece: the only copy of the message
+        body = self._body_hasher(message).finish()
+        head = assemble_message(headers, b"")  # the MTA always separates header and body
         return Transaction(
             connection=message.connection,
             mail_from=message.mail_from,
             recipients=tuple(message.recipients),
-            # The MTA always separates header and body; its body lines end in CRLF.
-            message=ParsedMessage(headers, message.body_offset, raw, has_separator=True),
+            message=ParsedMessage(headers, len(head), head, has_separator=True),
             queue_id=message.queue_id,
+            body=body,
         )
 
     # --- applying a verdict ------------------------------------------------------------------
@@ -748,19 +726,18 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             message.parsed_headers = message.headers.result()
         return message.parsed_headers
 
-    def _start_body(self, message: _Message) -> tempfile.SpooledTemporaryFile[bytes] | None:
-        """The spool, with the header block written first (on the first body chunk or at eom)."""
-        if message.spool is not None and message.body_offset == 0:
-            head = assemble_message(self._headers(message), b"")
-            message.spool.write(head)
-            message.body_offset = len(head)
-        return message.spool
+    def _body_hasher(self, message: _Message) -> BodyHasher:
+        """The message's body hashes, started on the first body chunk (or at eom): by then every
+        header field has arrived, so the DKIM-Signature fields say which hashes are needed."""
+        if message.body is None:
+            needed = body_hashes(message.connection, self._headers(message), self._config)
+            message.body = BodyHasher(needed)
+        return message.body
 
     def _reset_message(self) -> None:
         if self._message is not None:
-            message, self._message = self._message, None
+            self._message = None
             _messages.ended()
-            message.close()
         self._message_failure = ""
         self._modifying = False
 

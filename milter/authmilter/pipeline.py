@@ -22,8 +22,17 @@ from dataclasses import dataclass, field
 from authmilter.actions import Decision, decide_action, internal_error_decision, unenforced_disposition
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
 from authmilter.config import Config
-from authmilter.dkim_sign import KeyProvider, SigningError, plan_signatures, sign_message, signing_address
-from authmilter.dkim_verify import verify_dkim
+from authmilter.dkim_body import BodyDigests, BodyHashSpec
+from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
+from authmilter.dkim_sign import (
+    KeyProvider,
+    SigningError,
+    plan_signatures,
+    sign_message,
+    signing_address,
+    signing_body_hash,
+)
+from authmilter.dkim_verify import body_hashes_needed, verify_dkim
 from authmilter.dmarc import evaluate_dmarc, from_header_error, too_many_author_domains
 from authmilter.keys import KeyCache, PrivateKey
 from authmilter.message import FromAuthors, MessageHeaders, ParsedMessage, parse_from
@@ -64,13 +73,20 @@ class Connection:
 
 @dataclass(frozen=True)
 class Transaction:
-    """One message: the connection, the envelope and the message itself."""
+    """One message: the connection, the envelope and the message itself.
+
+    Attributes:
+        body: the DKIM body hashes, computed as the body streamed in (:func:`body_hashes`; the
+            milter keeps no body, so its ``message`` is the header block only); None: computed
+            from ``message``'s body (a message read whole, as ``authmilter check`` does).
+    """
 
     connection: Connection
     mail_from: str
     recipients: tuple[str, ...]
     message: ParsedMessage
     queue_id: str = ""
+    body: BodyDigests | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +156,24 @@ def outbound_reason(connection: Connection, config: Config) -> str:
     return ""
 
 
+def body_hashes(connection: Connection, headers: MessageHeaders, config: Config) -> frozenset[BodyHashSpec]:
+    """The DKIM body hashes this message will need, known at the end of its header block.
+
+    Args:
+        connection: the client (outbound mail is signed, inbound mail verified).
+        headers: the header fields, with the DKIM-Signature fields to verify.
+        config: ``[dkim]`` and ``[signing]``.
+
+    Returns:
+        For outbound mail, the hash our signatures carry; for inbound mail, one per distinct body
+        canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7).
+    """
+    if outbound_reason(connection, config):
+        return frozenset({signing_body_hash(config.signing)})
+    values = (field.value.encode("latin-1") for field in headers.get_all(SIGNATURE_HEADER))
+    return body_hashes_needed(values, config.dkim)
+
+
 def sign_transaction(
     transaction: Transaction, config: Config, keys: KeyCache | None = None, now: float | None = None
 ) -> SigningOutcome:
@@ -172,7 +206,7 @@ def sign_transaction(
     provider = _key_provider(keys or KeyCache(), settings.key_permissions)
     signed_at = time.time() if now is None else now
     try:
-        signatures = sign_message(message.raw, plan.signers, provider, settings, signed_at)
+        signatures = sign_message(message.raw, plan.signers, provider, settings, signed_at, transaction.body)
     except SigningError as e:
         return SigningOutcome((), f"not signed: {e}")
     made = ", ".join(f"d={s.domain} s={s.selector} ({s.rule.source})" for s in plan.signers)
@@ -303,7 +337,7 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> V
     dkim: tuple[DkimResult, ...] = ()
     if config.dkim.enabled:
         budget.start("DKIM")
-        dkim = verify_dkim(transaction.message.raw, resolver, config.dkim)
+        dkim = verify_dkim(transaction.message.raw, resolver, config.dkim, body=transaction.body)
     dmarc: DmarcVerdict | None = None
     if config.dmarc.enabled:
         budget.start("DMARC")
