@@ -20,6 +20,7 @@ import ctypes
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from sink import DeliveredMessage, MessageStore
 
@@ -573,15 +575,31 @@ def children_of(pid: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Client:
-    """Who the message claims to come from, via XCLIENT (RFC-less Postfix extension, XCLIENT_README)."""
+    """Who the message claims to come from, via XCLIENT (RFC-less Postfix extension, XCLIENT_README).
+
+    An MTA without XCLIENT (Sendmail) sees the client's real address instead: the client then
+    connects from :attr:`loopback`, its own address on the loopback network, which the MTA's
+    hosts file names :attr:`name`. SPF records of the test senders authorise both addresses.
+    """
 
     address: str = "203.0.113.5"
     name: str = "mx.sender.example"
     helo: str = "mx.sender.example"
+    loopback: str = "127.0.0.5"
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address this client may appear with (XCLIENT's, then the loopback one)."""
+        return (self.address, self.loopback) if self.loopback else (self.address,)
 
 
-# The claimed client of every test sender: the address their SPF records authorise.
+# The claimed client of every test sender: the addresses their SPF records authorise.
 SENDING_CLIENT = Client()
+
+
+def spf_record(client: Client) -> str:
+    """An SPF record (RFC 7208) authorising ``client`` at each of its addresses, failing the rest."""
+    return "v=spf1 " + " ".join(f"ip4:{address}" for address in client.addresses) + " -all"
 
 
 @dataclass(frozen=True)
@@ -605,9 +623,13 @@ class Outcome:
 
     @property
     def queue_id(self) -> str:
-        """Postfix's queue id from "250 2.0.0 Ok: queued as ID", or ""."""
-        _, found, rest = self.text.partition("queued as ")
-        return rest.split()[0] if found and rest.split() else ""
+        """The queue id from Postfix's "250 2.0.0 Ok: queued as ID" or Sendmail's
+        "250 2.0.0 ID Message accepted for delivery", or ""."""
+        found = _ACCEPTED_AS.search(self.text)
+        return next((group for group in found.groups() if group), "") if found else ""
+
+
+_ACCEPTED_AS = re.compile(r"queued as (\S+)|^\d\.\d+\.\d+ (\S+) Message accepted for delivery")
 
 
 def send(
@@ -618,6 +640,7 @@ def send(
     mail_from: str,
     rcpt_to: Sequence[str] = ("alice@receiver.example",),
     client: Client | None = SENDING_CLIENT,
+    xclient: bool = True,
     timeout: float = SMTP_TIMEOUT,
 ) -> Outcome:
     """Send one message over one connection and report the server's answer (never raises on a refusal).
@@ -627,13 +650,16 @@ def send(
         message: the message, CRLF line ends.
         mail_from: the envelope sender.
         rcpt_to: the envelope recipients.
-        client: the client identity to claim with XCLIENT, or None to send as ourselves.
+        client: the client identity to claim, or None to send as ourselves (from 127.0.0.1).
+        xclient: claim ``client`` with XCLIENT (Postfix); else connect from its loopback address.
         timeout: seconds per SMTP command.
 
     Returns:
         the reply to DATA (or to the command that refused the transaction); code 0 if the
         connection broke without a reply.
     """
+    if client is not None and not xclient:
+        return _send_from_loopback(host, port, message, mail_from, rcpt_to, client, timeout)
     try:
         with smtplib.SMTP(host, port, timeout=timeout) as smtp:
             smtp.ehlo("client.test-harness.example")
@@ -645,6 +671,25 @@ def send(
                     raise HarnessError(f"XCLIENT refused: {code} {text.decode(errors='replace')}")
                 # XCLIENT resets the session (Postfix XCLIENT_README): greet again as the claimed host.
                 smtp.ehlo(client.helo)
+            return _transaction(smtp, message, mail_from, rcpt_to)
+    except smtplib.SMTPServerDisconnected as e:
+        return Outcome(0, f"disconnected: {e}")
+
+
+def _send_from_loopback(
+    host: str,
+    port: int,
+    message: bytes,
+    mail_from: str,
+    rcpt_to: Sequence[str],
+    client: Client,
+    timeout: float,
+) -> Outcome:
+    if not client.loopback:
+        raise HarnessError(f"client {client.name} has no loopback address to connect from without XCLIENT")
+    try:
+        with smtplib.SMTP(host, port, timeout=timeout, source_address=(client.loopback, 0)) as smtp:
+            smtp.ehlo(client.helo)
             return _transaction(smtp, message, mail_from, rcpt_to)
     except smtplib.SMTPServerDisconnected as e:
         return Outcome(0, f"disconnected: {e}")
@@ -687,7 +732,7 @@ class Sender:
 
 
 # The address outside every sender's SPF record: mail claimed from it fails SPF.
-SPOOFING_CLIENT = Client("198.51.100.7", "spoofer.attacker.example", "spoofer.attacker.example")
+SPOOFING_CLIENT = Client("198.51.100.7", "spoofer.attacker.example", "spoofer.attacker.example", "127.0.0.7")
 
 
 @dataclass(frozen=True)
@@ -706,21 +751,42 @@ class LocalPostfix:
     milter_port: int
 
 
+class HeldMessages(Protocol):
+    """Where an MTA keeps the messages authmilter quarantined: Postfix's hold queue, Sendmail's quarantine."""
+
+    def queue_ids(self) -> list[str]: ...
+
+    def delete(self, queue_id: str) -> None: ...
+
+
 @dataclass
 class Mta:
-    """What a test talks to: an SMTP address, the sink's messages and Postfix's hold queue."""
+    """What a test talks to: an MTA's SMTP address, the sink's messages and the MTA's held messages.
 
+    Attributes:
+        name: "postfix" or "sendmail" (the test parameter).
+        xclient: the MTA takes XCLIENT (Postfix); else clients connect from their loopback address.
+        milter: the authmilter daemon this MTA asks, or None when it runs outside the tests.
+    """
+
+    name: str
     host: str
     port: int
     sink: MessageStore
-    hold: HoldQueue
+    hold: HeldMessages
+    xclient: bool = True
+    milter: AuthmilterProcess | None = None
 
     def send(self, message: bytes, *, mail_from: str, client: Client | None = SENDING_CLIENT) -> Outcome:
-        """One message over one connection, with XCLIENT claiming ``client``; never raises on a refusal."""
-        return send(self.host, self.port, message, mail_from=mail_from, client=client)
+        """One message over one connection from ``client`` (None: 127.0.0.1); never raises on a refusal."""
+        return send(self.host, self.port, message, mail_from=mail_from, client=client, xclient=self.xclient)
+
+    def client_address(self, client: Client) -> str:
+        """The address the MTA (and so authmilter) sees for ``client``."""
+        return client.address if self.xclient else client.loopback
 
     def delivered(self, message_id: str) -> DeliveredMessage:
-        """The delivered copy of the message, waiting for Postfix to relay it.
+        """The delivered copy of the message, waiting for the MTA to relay it.
 
         Raises:
             AssertionError: it did not reach the sink within :data:`DELIVERY_TIMEOUT`.

@@ -16,7 +16,6 @@ and by OpenDKIM (tests/opendkim.py), so they must survive Postfix's delivery byt
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 import authres
 import dkim
 import pytest
-from postfix import SPOOFING_CLIENT, AuthmilterProcess, Mta
+from postfix import SENDING_CLIENT, SPOOFING_CLIENT, AuthmilterProcess, Mta, spf_record
 from sink import DeliveredMessage
 
 from authmilter.resolver import NameserverSource, Resolver
@@ -116,7 +115,7 @@ def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory)
     # SPF allows the harness's claimed outside client, so inbound mail from it passes DMARC by SPF.
     zone = dns_server.add_zone(
         DOMAIN,
-        f'@ TXT {zone_txt("v=spf1 ip4:203.0.113.5 -all")}\n_dmarc TXT "v=DMARC1; p=reject"\n'
+        f'@ TXT {zone_txt(spf_record(SENDING_CLIENT))}\n_dmarc TXT "v=DMARC1; p=reject"\n'
         + "".join(records),
     )
     dns_server.reload()
@@ -131,13 +130,11 @@ def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def signing_milter(
-    request: pytest.FixtureRequest, mta: Mta, site: SigningSite
-) -> Iterator[AuthmilterProcess]:
-    """The session's authmilter, reloaded with the signing config for this module, then restored."""
-    if os.environ.get("AUTHMILTER_SMTP"):
+def signing_milter(mta: Mta, site: SigningSite) -> Iterator[AuthmilterProcess]:
+    """The MTA's authmilter, reloaded with the signing config for this module, then restored."""
+    if mta.milter is None:
         pytest.skip("AUTHMILTER_SMTP is set: the authmilter process is not ours to reconfigure")
-    process: AuthmilterProcess = request.getfixturevalue("authmilter")
+    process = mta.milter
     process.write_config(extra=site.config)
     process.signal(signal.SIGHUP)
     try:
