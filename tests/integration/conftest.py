@@ -115,6 +115,7 @@ def local_postfix(
             bare_smtp_port=free_port("127.0.0.1"),
             sink_port=sink_server.port,
             milter=f"inet:127.0.0.1:{milter_port}",
+            submission_port=free_port("127.0.0.1"),
         )
     except HarnessError as e:
         raise _fail(e) from None
@@ -140,6 +141,7 @@ def local_sendmail(
         sendmail = SendmailInstance(
             tmp_path_factory.mktemp("sendmail"),
             smtp_port=free_port("127.0.0.1"),
+            submission_port=free_port("127.0.0.1"),
             sink_port=sink_server.port,
             milter_port=milter_port,
             clients=(SENDING_CLIENT, SPOOFING_CLIENT),
@@ -208,7 +210,15 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
     if name == "postfix":
         local: LocalPostfix = request.getfixturevalue("local_postfix")
         postfix = local.postfix
-        return Mta(name, postfix.host, postfix.smtp_port, local.sink, postfix.hold_queue(), milter=milter)
+        return Mta(
+            name,
+            postfix.host,
+            postfix.smtp_port,
+            local.sink,
+            postfix.hold_queue(),
+            milter=milter,
+            submission_port=postfix.submission_port,
+        )
     local_sendmail: LocalSendmail = request.getfixturevalue("local_sendmail")
     sendmail = local_sendmail.sendmail
     # Sendmail has no XCLIENT: clients connect from their own loopback addresses (sendmail.py).
@@ -220,6 +230,7 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
         sendmail.quarantine(),
         xclient=False,
         milter=milter,
+        submission_port=sendmail.submission_port,
     )
 
 

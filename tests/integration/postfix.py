@@ -54,6 +54,9 @@ SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 # Postfix's smtpd exposes the milter macros the adapter reads (issue 3: {auth_type}, {auth_authen}, i).
 MILTER_MAIL_MACROS = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"
 MILTER_CONNECT_MACROS = "j {daemon_name} {daemon_addr} v _ {client_addr} {client_name}"
+# The {daemon_name} of each MTA's submission port, which authmilter's sign_daemon_names lists in the
+# signing tests: mail through it is outbound whoever sends it.
+SUBMISSION_DAEMON = "submission"
 
 
 class HarnessError(RuntimeError):
@@ -142,13 +145,21 @@ class PostfixInstance:
         bare_smtp_port: a second smtpd on 127.0.0.1 without milters (checks the harness itself).
         sink_port: the sink on 127.0.0.1 that every message is relayed to.
         milter: Postfix's milter address (``inet:127.0.0.1:PORT``), or "" for none.
+        submission_port: a third smtpd whose {daemon_name} is :data:`SUBMISSION_DAEMON`, or 0 for none.
 
     Raises:
         HarnessError: Postfix is not installed, or we are not root.
     """
 
     def __init__(
-        self, log_dir: Path, *, smtp_port: int, bare_smtp_port: int, sink_port: int, milter: str
+        self,
+        log_dir: Path,
+        *,
+        smtp_port: int,
+        bare_smtp_port: int,
+        sink_port: int,
+        milter: str,
+        submission_port: int = 0,
     ) -> None:
         if os.geteuid() != 0:
             # master(8) must start as root: it binds, then runs its daemons as mail_owner.
@@ -168,6 +179,7 @@ class PostfixInstance:
         self.bare_smtp_port = bare_smtp_port
         self.sink_port = sink_port
         self.milter = milter
+        self.submission_port = submission_port
 
     def write_config(self) -> None:
         """Write main.cf and master.cf (both replaced wholesale)."""
@@ -231,10 +243,17 @@ milter_content_timeout = 60s
     def _master_cf(self) -> str:
         # No chroot (the queue is not laid out as a chroot); the standard services otherwise.
         bare = "-o smtpd_milters= -o syslog_name=postfix/bare"
+        # Postfix sends milter_macro_daemon_name as {daemon_name} (default: $myhostname).
+        submission = f"-o milter_macro_daemon_name={SUBMISSION_DAEMON} -o syslog_name=postfix/submission"
+        submission_line = (
+            f"{self.host}:{self.submission_port} inet n - n - - smtpd {submission}\n"
+            if self.submission_port
+            else ""
+        )
         return f"""# Written by tests/integration/postfix.py.
 {self.host}:{self.smtp_port} inet n - n - - smtpd
 {self.host}:{self.bare_smtp_port} inet n - n - - smtpd {bare}
-pickup    unix  n       -       n       60      1       pickup
+{submission_line}pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
@@ -279,7 +298,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                     f"postfix -c {self.config_dir} {command} failed ({done.returncode}): "
                     f"{done.stdout}{done.stderr}\n{tail(self.log_path)}"
                 )
-        for port in (self.smtp_port, self.bare_smtp_port):
+        for port in (p for p in (self.smtp_port, self.bare_smtp_port, self.submission_port) if p):
             if not _wait_for(lambda p=port: smtp_banner_ready(self.host, p), READY_TIMEOUT):  # type: ignore[misc]
                 raise HarnessError(
                     f"Postfix smtpd on {self.host}:{port} did not greet within {READY_TIMEOUT} s:\n"
@@ -408,6 +427,7 @@ def authmilter_config(
     dns_port: int,
     workers: int = 2,
     authserv_id: str = "mx.receiver.example",
+    history_path: Path | None = None,
     extra: str = "",
 ) -> str:
     """The TOML the integration tests run authmilter with.
@@ -417,6 +437,7 @@ def authmilter_config(
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
         authserv_id: the id in our Authentication-Results.
+        history_path: the history file (``[history] path``), or None for none.
         extra: more TOML appended (e.g. a broken line, to test SIGHUP).
     """
     return f"""# Written by tests/integration/postfix.py.
@@ -436,6 +457,9 @@ nameservers = ["127.0.0.1"]
 port = {dns_port}
 # A stopped DNS server must turn into a 451 quickly, not after Postfix's milter timeout.
 timeout = 1.0
+
+[history]
+path = "{history_path or ""}"
 {extra}"""
 
 
@@ -458,6 +482,7 @@ class AuthmilterProcess:
         self.workers = workers
         self.config_path = workdir / "authmilter.toml"
         self.log_path = workdir / "authmilter.log"
+        self.history_path = workdir / "history.jsonl"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -478,6 +503,7 @@ class AuthmilterProcess:
                 dns_port=self.dns_port,
                 workers=self.workers,
                 authserv_id=authserv_id,
+                history_path=self.history_path,
                 extra=extra,
             ),
             encoding="utf-8",
@@ -767,6 +793,7 @@ class Mta:
         name: "postfix" or "sendmail" (the test parameter).
         xclient: the MTA takes XCLIENT (Postfix); else clients connect from their loopback address.
         milter: the authmilter daemon this MTA asks, or None when it runs outside the tests.
+        submission_port: where the MTA's {daemon_name} is :data:`SUBMISSION_DAEMON` (0: none).
     """
 
     name: str
@@ -776,10 +803,16 @@ class Mta:
     hold: HeldMessages
     xclient: bool = True
     milter: AuthmilterProcess | None = None
+    submission_port: int = 0
 
-    def send(self, message: bytes, *, mail_from: str, client: Client | None = SENDING_CLIENT) -> Outcome:
-        """One message over one connection from ``client`` (None: 127.0.0.1); never raises on a refusal."""
-        return send(self.host, self.port, message, mail_from=mail_from, client=client, xclient=self.xclient)
+    def send(
+        self, message: bytes, *, mail_from: str, client: Client | None = SENDING_CLIENT, port: int = 0
+    ) -> Outcome:
+        """One message over one connection from ``client`` (None: 127.0.0.1) to ``port`` (0: the
+        MTA's port with authmilter); never raises on a refusal."""
+        return send(
+            self.host, port or self.port, message, mail_from=mail_from, client=client, xclient=self.xclient
+        )
 
     def client_address(self, client: Client) -> str:
         """The address the MTA (and so authmilter) sees for ``client``."""

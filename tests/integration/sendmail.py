@@ -39,6 +39,7 @@ from postfix import (
     COMMAND_TIMEOUT,
     READY_TIMEOUT,
     STOP_TIMEOUT,
+    SUBMISSION_DAEMON,
     Client,
     HarnessError,
     _die_with_parent,
@@ -131,6 +132,7 @@ class SendmailInstance:
     Args:
         log_dir: where the log is kept after the instance is gone.
         smtp_port: the daemon with authmilter as its input filter, on 127.0.0.1.
+        submission_port: a second such daemon, whose {daemon_name} is :data:`SUBMISSION_DAEMON`.
         sink_port: the sink on 127.0.0.1 that every message is relayed to.
         milter_port: authmilter's port on 127.0.0.1.
         clients: the test clients, whose loopback addresses the namespace's hosts file names.
@@ -140,7 +142,14 @@ class SendmailInstance:
     """
 
     def __init__(
-        self, log_dir: Path, *, smtp_port: int, sink_port: int, milter_port: int, clients: Sequence[Client]
+        self,
+        log_dir: Path,
+        *,
+        smtp_port: int,
+        submission_port: int,
+        sink_port: int,
+        milter_port: int,
+        clients: Sequence[Client],
     ) -> None:
         if os.geteuid() != 0:
             raise HarnessError("the integration tests start a private Sendmail in a namespace and need root")
@@ -159,6 +168,7 @@ class SendmailInstance:
         self.log_path = self.root / "maillog"
         self.host = "127.0.0.1"
         self.smtp_port = smtp_port
+        self.submission_port = submission_port
         self.sink_port = sink_port
         self.milter_port = milter_port
         self.clients = tuple(clients)
@@ -227,6 +237,8 @@ define(`confTO_CONNECT', `5s')dnl
 dnl Only our port: no MSA on 587, no daemon on 25.
 FEATURE(`no_default_msa')dnl
 DAEMON_OPTIONS(`Port={self.smtp_port}, Addr={self.host}, Name={DAEMON_NAME}')dnl
+dnl Name= is what milters get as {{daemon_name}}.
+DAEMON_OPTIONS(`Port={self.submission_port}, Addr={self.host}, Name={SUBMISSION_DAEMON}')dnl
 INPUT_MAIL_FILTER(`authmilter', `S=inet:{self.milter_port}@127.0.0.1, {MILTER_FLAGS}')dnl
 define(`confMILTER_MACROS_CONNECT', `{MILTER_MACROS_CONNECT}')dnl
 define(`confMILTER_MACROS_ENVFROM', `{MILTER_MACROS_ENVFROM}')dnl
@@ -275,13 +287,16 @@ MAILER(`smtp')dnl
                 preexec_fn=_die_with_parent,
             )
         process = self._process
-        if not _wait_for(
-            lambda: process.poll() is not None or smtp_banner_ready(self.host, self.smtp_port), READY_TIMEOUT
-        ) or process.poll() is not None:
-            raise HarnessError(
-                f"Sendmail on {self.host}:{self.smtp_port} did not greet within {READY_TIMEOUT} s "
-                f"(exit status {process.poll()}):\n{tail(self.root / 'sendmail.out')}\n{tail(self.log_path)}"
-            )
+        for port in (self.smtp_port, self.submission_port):
+            if not _wait_for(
+                lambda p=port: process.poll() is not None or smtp_banner_ready(self.host, p),  # type: ignore[misc]
+                READY_TIMEOUT,
+            ) or process.poll() is not None:
+                raise HarnessError(
+                    f"Sendmail on {self.host}:{port} did not greet within {READY_TIMEOUT} s "
+                    f"(exit status {process.poll()}):\n"
+                    f"{tail(self.root / 'sendmail.out')}\n{tail(self.log_path)}"
+                )
 
     def stop(self) -> None:
         """SIGTERM the daemon (SIGKILL after the timeout) and stop listening for its log."""

@@ -1,17 +1,19 @@
-"""Signing through the real Postfix (issue 4): outbound mail gets RSA and Ed25519 signatures.
+"""Signing through the real MTAs (issue 4, issue 14): outbound mail gets RSA and Ed25519 signatures.
 
-The session's authmilter is switched to a config with ``[signing]`` (keys from ``authmilter genkey``,
+Each MTA's authmilter is switched to a config with ``[signing]`` (keys from ``authmilter genkey``,
 its KeyTable and SigningTable lines, ``multiple_signatures = true``) by SIGHUP for this module and
 switched back at its end. Its ``internal_hosts`` is the default, 127.0.0.1 and ::1, so:
 
-- a message Postfix receives from 127.0.0.1 itself (no XCLIENT) is outbound: signed, not verified;
-- a message whose client claims an outside address with XCLIENT is inbound: verified, not signed;
+- a message the MTA receives from 127.0.0.1 itself is outbound: signed, not verified;
+- a message from an outside client (XCLIENT for Postfix, another loopback address for Sendmail)
+  is inbound: verified, not signed;
+- a message to the MTA's submission port, whose ``{daemon_name}`` is in ``sign_daemon_names``, is
+  outbound whoever sends it;
 - a SASL-authenticated client (the ``{auth_authen}`` macro, sent with tests/milterclient.py straight
-  to authmilter: no SASL backend is needed) and a ``{daemon_name}`` in ``sign_daemon_names`` are
-  outbound too.
+  to authmilter: no SASL backend is needed) is outbound too.
 
 Delivered signatures are checked by dkimpy (key records from the Knot server through our resolver)
-and by OpenDKIM (tests/opendkim.py), so they must survive Postfix's delivery byte for byte.
+and by OpenDKIM (tests/opendkim.py), so they must survive the MTA's delivery byte for byte.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import authres
 import dkim
 import pytest
-from postfix import SENDING_CLIENT, SPOOFING_CLIENT, AuthmilterProcess, Mta, spf_record
+from postfix import SENDING_CLIENT, SPOOFING_CLIENT, SUBMISSION_DAEMON, AuthmilterProcess, Mta, spf_record
 from sink import DeliveredMessage
 
 from authmilter.resolver import NameserverSource, Resolver
@@ -42,7 +44,6 @@ SENDER = f"bob@{DOMAIN}"
 RSA_SELECTOR = "rsa2026"
 ED_SELECTOR = "ed2026"
 OUR_AUTHSERV_ID = "mx.receiver.example"
-SUBMISSION_DAEMON = "submission"
 RELOAD_TIMEOUT = 20.0
 # What survives an SMTP round trip only if nothing rewrites the message: a folded header, trailing
 # whitespace, a lone dot (dot-stuffed on the wire, RFC 5321 §4.5.2) and "From " at a line start.
@@ -205,7 +206,7 @@ def our_results(delivered: DeliveredMessage) -> list[str]:
     ]
 
 
-# --- through Postfix ----------------------------------------------------------------------------------
+# --- through the MTA ----------------------------------------------------------------------------------
 
 
 def test_loopback_mail_is_delivered_with_rsa_and_ed25519_signatures_that_verify(
@@ -245,7 +246,40 @@ def test_spoofed_outside_mail_from_the_signing_domain_is_still_rejected(
     assert mta.sink.find(message_id(message)) == []
 
 
+def test_mail_from_outside_to_the_submission_port_is_signed_not_verified(
+    signing_milter: AuthmilterProcess, mta: Mta, dns_server: AuthoritativeDns, opendkim: OpenDkim
+) -> None:
+    """``{daemon_name}`` as each MTA sends it: Postfix's ``milter_macro_daemon_name`` (master.cf
+    ``-o``), Sendmail's ``DaemonPortOptions`` ``Name=`` (in its default confMILTER_MACROS_CONNECT)."""
+    if not mta.submission_port:
+        pytest.skip("the set-up started elsewhere has no submission port")
+    message = outbound_message("through the submission port")
+    # From an address SPF fails and p=reject: verified, this message would be rejected.
+    outcome = mta.send(message, mail_from=SENDER, client=SPOOFING_CLIENT, port=mta.submission_port)
+    assert outcome.accepted, outcome
+    delivered = mta.delivered(message_id(message))
+    signatures = delivered.header_values("DKIM-Signature")
+    assert signature_summary(signatures) == BOTH_SIGNATURES, signatures
+    assert our_results(delivered) == [], delivered.header_values("Authentication-Results")
+    assert dkimpy_verdicts(delivered.data, dns_server, 2) == [True, True]
+    assert sorted(opendkim.verify(delivered.data)) == both_pass()
+
+
 # --- straight to authmilter with the milter protocol -----------------------------------------------
+
+# These talk to authmilter with tests/milterclient.py; no MTA takes part, so they run once, under
+# [postfix]. SASL AUTH through a real MTA is not tested, with either MTA: Postfix would need a
+# SASL server (Dovecot or saslauthd) and Sendmail Cyrus SASL set up for it (its Sendmail.conf is
+# read from the system's SASL directories, /etc/sasl2 or /usr/lib/sasl2, and a password database),
+# which a private instance cannot have without changing the machine's files.
+NO_MTA_INVOLVED = (
+    "sent straight to authmilter with the milter protocol: no MTA takes part, so it runs under [postfix] only"
+)
+
+
+def only_once(mta: Mta) -> None:
+    if mta.name != "postfix":
+        pytest.skip(NO_MTA_INVOLVED)
 
 
 def milter_signatures(result: MessageResult) -> list[str]:
@@ -275,11 +309,13 @@ def with_signatures(message: bytes, signatures: list[str]) -> bytes:
 )
 def test_authenticated_or_submission_mail_from_outside_is_signed_not_verified(
     signing_milter: AuthmilterProcess,
+    mta: Mta,
     dns_server: AuthoritativeDns,
     opendkim: OpenDkim,
     mail_macros: dict[str, str],
     connect_macros: dict[str, str],
 ) -> None:
+    only_once(mta)
     # From an address SPF fails and p=reject: verified, this message would be rejected.
     message = outbound_message("submitted")
     address = f"inet:{signing_milter.milter_port}@{signing_milter.host}"
@@ -302,9 +338,10 @@ def test_authenticated_or_submission_mail_from_outside_is_signed_not_verified(
 
 
 def test_the_same_client_without_authentication_is_verified_and_rejected(
-    signing_milter: AuthmilterProcess,
+    signing_milter: AuthmilterProcess, mta: Mta
 ) -> None:
     """The control for the test above: without the macro the message is inbound and fails DMARC."""
+    only_once(mta)
     result = check_message(
         f"inet:{signing_milter.milter_port}@{signing_milter.host}",
         outbound_message("not submitted"),
