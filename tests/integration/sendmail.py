@@ -212,6 +212,8 @@ class SendmailInstance:
 divert(0)dnl
 OSTYPE(`linux')dnl
 define(`confDOMAIN_NAME', `{HOSTNAME}')dnl
+dnl No DontBlameSendmail: Sendmail runs as root, and ROOT (0755), this config and the queue (0700)
+dnl belong to root, so its file safety checks pass as they are (they log "unsafe" otherwise).
 define(`QUEUE_DIR', `{self.queue_dir}')dnl
 define(`STATUS_FILE', `{root}/statistics')dnl
 define(`confPID_FILE', `{root}/sendmail.pid')dnl
