@@ -324,15 +324,22 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     def remove(self) -> None:
         """Delete ROOT (call after :meth:`stop`); the log is copied into ``log_dir`` first."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.log_path.exists():
-            kept = self.log_dir / self.log_path.name
-            shutil.copyfile(self.log_path, kept)
-            self.log_path = kept
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.log_path = remove_keeping_log(self.root, self.log_path, self.log_dir)
 
     def hold_queue(self) -> HoldQueue:
         return HoldQueue(lambda args: self._run(args[0], *args[1:]), self._postqueue, self._postsuper)
+
+
+def remove_keeping_log(root: Path, log_path: Path, log_dir: Path) -> Path:
+    """Delete a server's private ROOT after copying its log into ``log_dir``; returns where the log is."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if not log_path.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        return log_path
+    kept = log_dir / log_path.name
+    shutil.copyfile(log_path, kept)
+    shutil.rmtree(root, ignore_errors=True)
+    return kept
 
 
 def _alive(pid: int) -> bool:
@@ -684,41 +691,32 @@ def send(
         the reply to DATA (or to the command that refused the transaction); code 0 if the
         connection broke without a reply.
     """
+    source: tuple[str, int] | None = None
     if client is not None and not xclient:
-        return _send_from_loopback(host, port, message, mail_from, rcpt_to, client, timeout)
+        if not client.loopback:
+            raise HarnessError(f"client {client.name} has no loopback address to connect from (no XCLIENT)")
+        source = (client.loopback, 0)
     try:
-        with smtplib.SMTP(host, port, timeout=timeout) as smtp:
-            smtp.ehlo("client.test-harness.example")
-            if client is not None:
-                code, text = smtp.docmd(
-                    "XCLIENT", f"ADDR={client.address} NAME={client.name} HELO={client.helo}"
-                )
-                if code != 220:
-                    raise HarnessError(f"XCLIENT refused: {code} {text.decode(errors='replace')}")
-                # XCLIENT resets the session (Postfix XCLIENT_README): greet again as the claimed host.
+        with smtplib.SMTP(host, port, timeout=timeout, source_address=source) as smtp:
+            if client is None:
+                smtp.ehlo("client.test-harness.example")
+            elif source is not None:
+                # The connection itself is the client's identity: greet as it.
                 smtp.ehlo(client.helo)
+            else:
+                _claim_with_xclient(smtp, client)
             return _transaction(smtp, message, mail_from, rcpt_to)
     except smtplib.SMTPServerDisconnected as e:
         return Outcome(0, f"disconnected: {e}")
 
 
-def _send_from_loopback(
-    host: str,
-    port: int,
-    message: bytes,
-    mail_from: str,
-    rcpt_to: Sequence[str],
-    client: Client,
-    timeout: float,
-) -> Outcome:
-    if not client.loopback:
-        raise HarnessError(f"client {client.name} has no loopback address to connect from without XCLIENT")
-    try:
-        with smtplib.SMTP(host, port, timeout=timeout, source_address=(client.loopback, 0)) as smtp:
-            smtp.ehlo(client.helo)
-            return _transaction(smtp, message, mail_from, rcpt_to)
-    except smtplib.SMTPServerDisconnected as e:
-        return Outcome(0, f"disconnected: {e}")
+def _claim_with_xclient(smtp: smtplib.SMTP, client: Client) -> None:
+    smtp.ehlo("client.test-harness.example")
+    code, text = smtp.docmd("XCLIENT", f"ADDR={client.address} NAME={client.name} HELO={client.helo}")
+    if code != 220:
+        raise HarnessError(f"XCLIENT refused: {code} {text.decode(errors='replace')}")
+    # XCLIENT resets the session (Postfix XCLIENT_README): greet again as the claimed host.
+    smtp.ehlo(client.helo)
 
 
 def _transaction(smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> Outcome:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -45,6 +44,7 @@ from postfix import (
     _die_with_parent,
     _wait_for,
     find_program,
+    remove_keeping_log,
     smtp_banner_ready,
     tail,
 )
@@ -83,13 +83,13 @@ exec "$@"
 MILTER_FLAGS = "F=T, T=S:30s;R:60s;E:5m"
 # Sendmail's own defaults (cf/m4/cfhead.m4), spelled out as docs/deploy.md tells a site that sets
 # them to do: authmilter reads j and {daemon_name} at connect, i, {auth_type} and {auth_authen} at
-# MAIL FROM. Sendmail knows the queue id (i) at MAIL FROM already; Postfix may not.
+# MAIL FROM. Sendmail knows the queue id (i) at MAIL FROM already; Postfix does not.
 MILTER_MACROS_CONNECT = "j, _, {daemon_name}, {if_name}, {if_addr}"
 MILTER_MACROS_ENVFROM = (
     "i, {auth_type}, {auth_authen}, {auth_ssf}, {auth_author}, {mail_mailer}, {mail_host}, {mail_addr}"
 )
-# "ID Message accepted for delivery" (Sendmail's 250 after DATA); -bp lists quarantined ones as
-# "ID SIZE DATE SENDER" then "QUARANTINE: reason".
+# `sendmail -bp -qQ` lists each quarantined message as "ID SIZE DATE <SENDER>", then
+# "QUARANTINE: reason" and its recipients on indented lines ("*" after ID: being delivered).
 _LISTED_ID = re.compile(r"^(\w+)\*?\s+\d+\s")
 
 
@@ -111,6 +111,8 @@ class SyslogReceiver:
                 try:
                     datagram = self._socket.recv(SYSLOG_DATAGRAM)
                 except OSError:  # closed by stop()
+                    return
+                if not datagram:  # shut down by stop(); syslog(3) sends no empty messages
                     return
                 log.write(datagram.rstrip(b"\n") + b"\n")
                 log.flush()
@@ -311,12 +313,7 @@ MAILER(`smtp')dnl
 
     def remove(self) -> None:
         """Delete ROOT (call after :meth:`stop`); the log is copied into ``log_dir`` first."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.log_path.exists():
-            kept = self.log_dir / self.log_path.name
-            shutil.copyfile(self.log_path, kept)
-            self.log_path = kept
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.log_path = remove_keeping_log(self.root, self.log_path, self.log_dir)
 
     def quarantine(self) -> SendmailQuarantine:
         return SendmailQuarantine(self)
