@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -57,6 +58,11 @@ MILTER_CONNECT_MACROS = "j {daemon_name} {daemon_addr} v _ {client_addr} {client
 # The {daemon_name} of each MTA's submission port, which authmilter's sign_daemon_names lists in the
 # signing tests: mail through it is outbound whoever sends it.
 SUBMISSION_DAEMON = "submission"
+# The SASL mechanism both MTAs offer the tests: ANONYMOUS (RFC 4505) needs no password database, so
+# neither MTA needs SASL files outside its private folder. authmilter sees only what the MTA then
+# sends as {auth_authen} ("anonymous"); the mechanism does not matter to it. A real site allows no
+# anonymous AUTH (Postfix's default smtpd_sasl_security_options = noanonymous).
+SASL_MECHANISM = "ANONYMOUS"
 
 
 class HarnessError(RuntimeError):
@@ -171,6 +177,7 @@ class PostfixInstance:
         self.root.chmod(0o755)
         self.log_dir = log_dir
         self.config_dir = self.root / "conf"
+        self.sasl_dir = self.config_dir / "sasl"
         self.queue_dir = self.root / "queue"
         self.data_dir = self.root / "data"
         self.log_path = self.root / "maillog"
@@ -183,8 +190,10 @@ class PostfixInstance:
 
     def write_config(self) -> None:
         """Write main.cf and master.cf (both replaced wholesale)."""
-        for directory in (self.config_dir, self.queue_dir, self.data_dir):
+        for directory in (self.config_dir, self.queue_dir, self.data_dir, self.sasl_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        # Cyrus SASL's application config, read by smtpd from cyrus_sasl_config_path.
+        (self.sasl_dir / "smtpd.conf").write_text(f"mech_list: {SASL_MECHANISM}\n", encoding="utf-8")
         postfix_user = pwd.getpwnam("postfix")
         # postfix check wants the data directory owned by mail_owner.
         os.chown(self.data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
@@ -214,6 +223,12 @@ local_recipient_maps =
 alias_maps =
 alias_database =
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+# AUTH for the signing tests ({{auth_authen}}): Cyrus SASL, configured in our folder only.
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {self.sasl_dir}
+smtpd_sasl_security_options =
 relayhost = [127.0.0.1]:{self.sink_port}
 relay_transport = smtp:[127.0.0.1]:{self.sink_port}
 default_transport = smtp:[127.0.0.1]:{self.sink_port}
@@ -674,6 +689,7 @@ def send(
     rcpt_to: Sequence[str] = ("alice@receiver.example",),
     client: Client | None = SENDING_CLIENT,
     xclient: bool = True,
+    authenticate: bool = False,
     timeout: float = SMTP_TIMEOUT,
 ) -> Outcome:
     """Send one message over one connection and report the server's answer (never raises on a refusal).
@@ -685,6 +701,7 @@ def send(
         rcpt_to: the envelope recipients.
         client: the client identity to claim, or None to send as ourselves (from 127.0.0.1).
         xclient: claim ``client`` with XCLIENT (Postfix); else connect from its loopback address.
+        authenticate: log in with AUTH (:data:`SASL_MECHANISM`) before MAIL FROM.
         timeout: seconds per SMTP command.
 
     Returns:
@@ -705,6 +722,8 @@ def send(
                 smtp.ehlo(client.helo)
             else:
                 _claim_with_xclient(smtp, client)
+            if authenticate:
+                _authenticate(smtp)
             return _transaction(smtp, message, mail_from, rcpt_to)
     except smtplib.SMTPServerDisconnected as e:
         return Outcome(0, f"disconnected: {e}")
@@ -717,6 +736,14 @@ def _claim_with_xclient(smtp: smtplib.SMTP, client: Client) -> None:
         raise HarnessError(f"XCLIENT refused: {code} {text.decode(errors='replace')}")
     # XCLIENT resets the session (Postfix XCLIENT_README): greet again as the claimed host.
     smtp.ehlo(client.helo)
+
+
+def _authenticate(smtp: smtplib.SMTP) -> None:
+    # RFC 4505 §2: the initial response is optional trace information (here: who is testing).
+    trace = base64.b64encode(b"authmilter-tests").decode()
+    code, text = smtp.docmd("AUTH", f"{SASL_MECHANISM} {trace}")
+    if code != 235:
+        raise HarnessError(f"AUTH {SASL_MECHANISM} refused: {code} {text.decode(errors='replace')}")
 
 
 def _transaction(smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> Outcome:
@@ -804,12 +831,24 @@ class Mta:
     submission_port: int = 0
 
     def send(
-        self, message: bytes, *, mail_from: str, client: Client | None = SENDING_CLIENT, port: int = 0
+        self,
+        message: bytes,
+        *,
+        mail_from: str,
+        client: Client | None = SENDING_CLIENT,
+        port: int = 0,
+        authenticate: bool = False,
     ) -> Outcome:
         """One message over one connection from ``client`` (None: 127.0.0.1) to ``port`` (0: the
-        MTA's port with authmilter); never raises on a refusal."""
+        MTA's port with authmilter), after AUTH if ``authenticate``; never raises on a refusal."""
         return send(
-            self.host, port or self.port, message, mail_from=mail_from, client=client, xclient=self.xclient
+            self.host,
+            port or self.port,
+            message,
+            mail_from=mail_from,
+            client=client,
+            xclient=self.xclient,
+            authenticate=authenticate,
         )
 
     def client_address(self, client: Client) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 from postfix import (
     COMMAND_TIMEOUT,
     READY_TIMEOUT,
+    SASL_MECHANISM,
     STOP_TIMEOUT,
     SUBMISSION_DAEMON,
     Client,
@@ -227,6 +228,8 @@ define(`confHOSTS_FILE', `{root}/hosts')dnl
 define(`confDONT_PROBE_INTERFACES', `true')dnl
 FEATURE(`nocanonify')dnl
 FEATURE(`accept_unresolvable_domains')dnl
+dnl AUTH for the signing tests ({{auth_authen}}); this mechanism needs no Sendmail.conf or sasldb.
+define(`confAUTH_MECHANISMS', `{SASL_MECHANISM}')dnl
 define(`confTO_IDENT', `0')dnl
 dnl A loaded test machine must not make Sendmail queue or refuse mail (load average limits).
 define(`confQUEUE_LA', `1000')dnl
