@@ -33,6 +33,7 @@ POD=authmilter-test
 # Fixed by docker/postfix/main.cf, docker/authmilter.toml and docker/knot/knot.conf.
 SMTP=127.0.0.1:2525
 DNS_PORT=5353
+MILTER_PORT=8891
 # runc: the runtime that works on these machines; the limits: podman's defaults exceed what the
 # unprivileged parts of CI may set.
 PODMAN=(podman --runtime runc)
@@ -43,6 +44,8 @@ export CONTAINERS_CONF="$CACHE/containers.conf"
 
 TIMINGS=()
 SINK_DIR=""
+# authmilter's config file, state directory and log on the host, for the tests to drive it.
+RUN_DIR=""
 log() { echo "test-docker: $*" >&2; }
 
 timed() {
@@ -130,7 +133,15 @@ start_pod() {
     run_in_pod sink --user 0 --entrypoint /opt/authmilter/bin/python \
         -v "$REPO/tests/integration/sink.py:/opt/sink/sink.py:ro" -v "$SINK_DIR:/var/sink" \
         "$IMAGE:latest" /opt/sink/sink.py --listen 127.0.0.1:2526 --dir /var/sink
-    run_in_pod authmilter -v "$REPO/docker/authmilter.toml:/etc/authmilter/authmilter.toml:ro" "$IMAGE:latest"
+    # A copy of the config the tests may rewrite (then SIGHUP), the state directory (history file)
+    # owned by the image's authmilter user, and the output in a file: all on the host.
+    RUN_DIR=$(mktemp -d /tmp/authmilter-docker-run.XXXXXX)
+    cp docker/authmilter.toml "$RUN_DIR/authmilter.toml"
+    mkdir "$RUN_DIR/state"
+    chown "$("${PODMAN[@]}" run --rm "${LIMITS[@]}" --entrypoint id "$IMAGE:latest" -u)" "$RUN_DIR/state"
+    run_in_pod authmilter -v "$RUN_DIR/authmilter.toml:/etc/authmilter/authmilter.toml:ro" \
+        -v "$RUN_DIR/state:/var/lib/authmilter" --log-driver k8s-file --log-opt "path=$RUN_DIR/authmilter.log" \
+        "$IMAGE:latest"
     run_in_pod knot "$IMAGE-knot:latest"
     run_in_pod postfix "$IMAGE-postfix:latest"
 }
@@ -153,8 +164,14 @@ run_tests() {
     # The tests' own Knot takes port 5353 (AUTHMILTER_DNS_PORT) and serves the zones they write.
     "${PODMAN[@]}" stop -t 5 "$POD-knot" >/dev/null
     # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+    # Rootful podman: the container's authmilter has a host pid the tests can signal.
+    local pid
+    pid=$("${PODMAN[@]}" inspect --format '{{.State.Pid}}' "$POD-authmilter")
     in_pod env AUTHMILTER_SMTP="$SMTP" AUTHMILTER_SINK_DIR="$SINK_DIR" \
         AUTHMILTER_POSTFIX_EXEC="${PODMAN[*]} exec $POD-postfix" AUTHMILTER_DNS_PORT="$DNS_PORT" \
+        AUTHMILTER_PID="$pid" AUTHMILTER_CONFIG="$RUN_DIR/authmilter.toml" \
+        AUTHMILTER_STATE_DIR="$RUN_DIR/state" AUTHMILTER_LOG="$RUN_DIR/authmilter.log" \
+        AUTHMILTER_MILTER_PORT="$MILTER_PORT" \
         "$VENV_PYTHON" -m pytest tests/integration ${PYTEST_ARGS:-}
 }
 
@@ -170,6 +187,7 @@ cleanup() {
     fi
     "${PODMAN[@]}" pod rm -f -t 5 "$POD" >/dev/null 2>&1 || true
     [ -z "$SINK_DIR" ] || rm -rf "$SINK_DIR"
+    [ -z "$RUN_DIR" ] || rm -rf "$RUN_DIR"
     local timing
     for timing in "${TIMINGS[@]}"; do log "$timing"; done
     exit "$status"

@@ -18,7 +18,9 @@ import pytest
 from postfix import (
     SENDING_CLIENT,
     SPOOFING_CLIENT,
+    Authmilter,
     AuthmilterProcess,
+    ContainerAuthmilter,
     HarnessError,
     LocalPostfix,
     Mta,
@@ -205,7 +207,14 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
             raise _fail(
                 RuntimeError("AUTHMILTER_SMTP needs AUTHMILTER_SINK_DIR and AUTHMILTER_POSTFIX_EXEC too")
             )
-        return Mta(name, host, int(port), MessageStore(Path(sink_dir)), external_hold_queue(postqueue_prefix))
+        return Mta(
+            name,
+            host,
+            int(port),
+            MessageStore(Path(sink_dir)),
+            external_hold_queue(postqueue_prefix),
+            milter=_container_authmilter(),
+        )
     milter: AuthmilterProcess = request.getfixturevalue(f"{name}_authmilter")
     if name == "postfix":
         local: LocalPostfix = request.getfixturevalue("local_postfix")
@@ -234,11 +243,35 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
     )
 
 
+def _container_authmilter() -> ContainerAuthmilter | None:
+    """The set-up's authmilter, when AUTHMILTER_PID and its companions say where it is."""
+    pid = os.environ.get("AUTHMILTER_PID")
+    if not pid:
+        return None
+    names = ("AUTHMILTER_CONFIG", "AUTHMILTER_STATE_DIR", "AUTHMILTER_LOG", "AUTHMILTER_MILTER_PORT")
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        raise _fail(RuntimeError(f"AUTHMILTER_PID needs {', '.join(missing)} too"))
+    milter = ContainerAuthmilter(
+        pid=int(pid),
+        config_path=Path(os.environ["AUTHMILTER_CONFIG"]),
+        state_dir=Path(os.environ["AUTHMILTER_STATE_DIR"]),
+        log_path=Path(os.environ["AUTHMILTER_LOG"]),
+        milter_port=int(os.environ["AUTHMILTER_MILTER_PORT"]),
+        dns_port=int(os.environ.get("AUTHMILTER_DNS_PORT", "5353")),
+    )
+    _LOGS["authmilter log (container)"] = milter.log_path
+    return milter
+
+
 @pytest.fixture
-def milter_process(mta: Mta) -> AuthmilterProcess:
-    """The authmilter the MTA asks, for tests that signal it (not reachable in an external set-up)."""
+def milter_process(mta: Mta) -> Authmilter:
+    """The authmilter the MTA asks, for tests that signal it or read its files."""
     if mta.milter is None:
-        pytest.skip("AUTHMILTER_SMTP is set: the authmilter process is not ours to signal")
+        pytest.skip(
+            "AUTHMILTER_SMTP is set without AUTHMILTER_PID: the authmilter process is not reachable "
+            "(docker/test-docker.sh sets AUTHMILTER_PID, _CONFIG, _STATE_DIR and _LOG)"
+        )
     return mta.milter
 
 

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,6 +415,10 @@ def external_hold_queue(command_prefix: str) -> HoldQueue:
 
 # --- authmilter ----------------------------------------------------------------------------------
 
+HISTORY_FILE = "history.jsonl"
+# The authmilter image's state directory (docker/Dockerfile), where the config puts the history.
+CONTAINER_STATE_DIR = Path("/var/lib/authmilter")
+
 # The milter protocol's option negotiation (libmilter's mfdef.h): the MTA sends SMFIC_OPTNEG with
 # version 6, the actions it allows and the protocol steps it offers; a serving milter answers with
 # its own SMFIC_OPTNEG packet. SMFIC_QUIT then closes the session cleanly.
@@ -485,72 +490,65 @@ path = "{history_path or ""}"
 {extra}"""
 
 
-class AuthmilterProcess:
-    """``python -m authmilter run --config FILE`` with its output in ``workdir/authmilter.log``.
+class Authmilter(ABC):
+    """An authmilter daemon the tests drive: its config file, its signals and workers, its log and
+    history file. :class:`AuthmilterProcess` is started by the tests, :class:`ContainerAuthmilter`
+    by ``make test-docker``.
 
     Args:
-        workdir: a directory this process owns.
-        milter_port: TCP port on 127.0.0.1 (must match Postfix's smtpd_milters).
+        config_path: the config file it reads (rewritten by :meth:`write_config`).
+        log_path: its output.
+        history_path: its history file, as the tests read it.
+        milter_port: TCP port on 127.0.0.1 (must match the MTA's milter setting).
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
+        config_history_path: the history file as its config names it (default ``history_path``).
     """
 
-    def __init__(self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.host = "127.0.0.1"
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        *,
+        config_path: Path,
+        log_path: Path,
+        history_path: Path,
+        milter_port: int,
+        dns_port: int,
+        workers: int = 2,
+        config_history_path: Path | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.history_path = history_path
         self.milter_port = milter_port
         self.dns_port = dns_port
         self.workers = workers
-        self.config_path = workdir / "authmilter.toml"
-        self.log_path = workdir / "authmilter.log"
-        self.history_path = workdir / "history.jsonl"
-        self._process: subprocess.Popen[bytes] | None = None
+        self.config_history_path = config_history_path or history_path
 
     @property
+    @abstractmethod
     def pid(self) -> int:
-        if self._process is None:
-            raise HarnessError("authmilter is not running")
-        return self._process.pid
+        """The supervisor's pid (on this machine's /proc)."""
 
     @property
+    @abstractmethod
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """The supervisor is alive."""
 
     def write_config(self, *, authserv_id: str = "mx.receiver.example", extra: str = "") -> None:
-        """(Re)write the config file; a running daemon reads it on SIGHUP."""
+        """(Re)write the config file in place; a running daemon reads it on SIGHUP."""
         self.config_path.write_text(
             authmilter_config(
                 milter_port=self.milter_port,
                 dns_port=self.dns_port,
                 workers=self.workers,
                 authserv_id=authserv_id,
-                history_path=self.history_path,
+                history_path=self.config_history_path,
                 extra=extra,
             ),
             encoding="utf-8",
         )
-
-    def start(self) -> None:
-        """Start the supervisor; return once a worker completes milter option negotiation.
-
-        Raises:
-            HarnessError: it exited or did not serve within :data:`READY_TIMEOUT`; the message has its log.
-        """
-        self.write_config()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.log_path.open("ab") as log:
-            log.write(f"--- authmilter run on {self.host}:{self.milter_port}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "authmilter", "run", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        self.wait_until_serving()
 
     def wait_until_serving(self, timeout: float = READY_TIMEOUT) -> None:
         """Return once a worker answers option negotiation.
@@ -591,6 +589,60 @@ class AuthmilterProcess:
     def log_size(self) -> int:
         return size_of(self.log_path)
 
+
+class AuthmilterProcess(Authmilter):
+    """``python -m authmilter run --config FILE`` with its output in ``workdir/authmilter.log``.
+
+    Args:
+        workdir: a directory this process owns.
+        milter_port: TCP port on 127.0.0.1 (must match the MTA's milter setting).
+        dns_port: the test DNS server's port on 127.0.0.1.
+        workers: worker processes.
+    """
+
+    def __init__(self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            config_path=workdir / "authmilter.toml",
+            log_path=workdir / "authmilter.log",
+            history_path=workdir / HISTORY_FILE,
+            milter_port=milter_port,
+            dns_port=dns_port,
+            workers=workers,
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise HarnessError("authmilter is not running")
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start the supervisor; return once a worker completes milter option negotiation.
+
+        Raises:
+            HarnessError: it exited or did not serve within :data:`READY_TIMEOUT`; the message has its log.
+        """
+        self.write_config()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            log.write(f"--- authmilter run on {self.host}:{self.milter_port}\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "authmilter", "run", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        self.wait_until_serving()
+
     def stop(self) -> None:
         """SIGTERM the supervisor (it stops its workers); SIGKILL whatever is left after the timeout."""
         process, self._process = self._process, None
@@ -601,6 +653,43 @@ class AuthmilterProcess:
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class ContainerAuthmilter(Authmilter):
+    """The authmilter of the containerised set-up (``make test-docker``), driven from the host.
+
+    Rootful podman runs the container's processes in the host's pid view too, so the supervisor
+    (the container's first process) is signalled and its workers are found by host pid. Its config
+    file and state directory are host paths mounted into the container; podman writes its output.
+
+    Args:
+        pid: the supervisor's pid on the host.
+        config_path: the host file mounted as its config.
+        state_dir: the host folder mounted as its state directory, ``/var/lib/authmilter``.
+        log_path: the file podman writes its output to.
+        milter_port, dns_port: what its config names.
+    """
+
+    def __init__(
+        self, *, pid: int, config_path: Path, state_dir: Path, log_path: Path, milter_port: int, dns_port: int
+    ) -> None:
+        super().__init__(
+            config_path=config_path,
+            log_path=log_path,
+            history_path=state_dir / HISTORY_FILE,
+            milter_port=milter_port,
+            dns_port=dns_port,
+            config_history_path=CONTAINER_STATE_DIR / HISTORY_FILE,
+        )
+        self._pid = pid
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def running(self) -> bool:
+        return _alive(self._pid)
 
 
 def children_of(pid: int) -> list[int]:
@@ -827,7 +916,7 @@ class Mta:
     sink: MessageStore
     hold: HeldMessages
     xclient: bool = True
-    milter: AuthmilterProcess | None = None
+    milter: Authmilter | None = None
     submission_port: int = 0
 
     def send(

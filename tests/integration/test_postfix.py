@@ -28,7 +28,7 @@ from postfix import (
     DELIVERY_TIMEOUT,
     SENDING_CLIENT,
     SPOOFING_CLIENT,
-    AuthmilterProcess,
+    Authmilter,
     LocalPostfix,
     Mta,
     Outcome,
@@ -221,7 +221,7 @@ def test_forged_results_with_our_authserv_id_are_removed_and_foreign_ones_kept(
 
 
 def test_history_lines_name_the_queue_id_the_client_was_given(
-    mta: Mta, senders: Senders, milter_process: AuthmilterProcess
+    mta: Mta, senders: Senders, milter_process: Authmilter
 ) -> None:
     """The queue id (macro ``i``) comes at different times: Sendmail sends it with MAIL FROM; Postfix
     sends none then (its queue file is opened at the first accepted RCPT, smtpd_delay_open_until_valid_rcpt),
@@ -274,7 +274,7 @@ def test_dns_outage_tempfails_and_the_retry_is_delivered(
 
 
 def test_killing_a_worker_during_a_burst_loses_no_message(
-    mta: Mta, senders: Senders, milter_process: AuthmilterProcess
+    mta: Mta, senders: Senders, milter_process: Authmilter
 ) -> None:
     sender = senders.reject
     workers_before = milter_process.worker_pids()
@@ -315,7 +315,7 @@ def test_killing_a_worker_during_a_burst_loses_no_message(
 
 
 def test_sighup_with_a_broken_config_keeps_serving_the_old_one(
-    mta: Mta, senders: Senders, milter_process: AuthmilterProcess
+    mta: Mta, senders: Senders, milter_process: Authmilter
 ) -> None:
     sender = senders.reject
     log_start = milter_process.log_size()
@@ -336,7 +336,7 @@ def test_sighup_with_a_broken_config_keeps_serving_the_old_one(
 
 
 def test_sighup_with_a_valid_config_is_taken_up_without_dropping_mail(
-    mta: Mta, senders: Senders, milter_process: AuthmilterProcess
+    mta: Mta, senders: Senders, milter_process: Authmilter
 ) -> None:
     sender = senders.reject
     milter_process.write_config(authserv_id="reloaded.receiver.example")
