@@ -34,6 +34,7 @@ POD=authmilter-test
 SMTP=127.0.0.1:2525
 DNS_PORT=5353
 MILTER_PORT=8891
+SUBMISSION_PORT=2527
 # runc: the runtime that works on these machines; the limits: podman's defaults exceed what the
 # unprivileged parts of CI may set.
 PODMAN=(podman --runtime runc)
@@ -135,13 +136,16 @@ start_pod() {
         "$IMAGE:latest" /opt/sink/sink.py --listen 127.0.0.1:2526 --dir /var/sink
     # A copy of the config the tests may rewrite (then SIGHUP), the state directory (history file)
     # owned by the image's authmilter user, and the output in a file: all on the host.
+    # "shared" is mounted at the same path, so file names the tests write into the config (signing
+    # keys) mean the same inside.
     RUN_DIR=$(mktemp -d /tmp/authmilter-docker-run.XXXXXX)
     cp docker/authmilter.toml "$RUN_DIR/authmilter.toml"
-    mkdir "$RUN_DIR/state"
-    chown "$("${PODMAN[@]}" run --rm "${LIMITS[@]}" --entrypoint id "$IMAGE:latest" -u)" "$RUN_DIR/state"
+    mkdir "$RUN_DIR/state" "$RUN_DIR/shared"
+    chown "$("${PODMAN[@]}" run --rm "${LIMITS[@]}" --entrypoint id "$IMAGE:latest" -u)" \
+        "$RUN_DIR/state" "$RUN_DIR/shared"
     run_in_pod authmilter -v "$RUN_DIR/authmilter.toml:/etc/authmilter/authmilter.toml:ro" \
-        -v "$RUN_DIR/state:/var/lib/authmilter" --log-driver k8s-file --log-opt "path=$RUN_DIR/authmilter.log" \
-        "$IMAGE:latest"
+        -v "$RUN_DIR/state:/var/lib/authmilter" -v "$RUN_DIR/shared:$RUN_DIR/shared:ro" \
+        --log-driver k8s-file --log-opt "path=$RUN_DIR/authmilter.log" "$IMAGE:latest"
     run_in_pod knot "$IMAGE-knot:latest"
     run_in_pod postfix "$IMAGE-postfix:latest"
 }
@@ -170,8 +174,9 @@ run_tests() {
     in_pod env AUTHMILTER_SMTP="$SMTP" AUTHMILTER_SINK_DIR="$SINK_DIR" \
         AUTHMILTER_POSTFIX_EXEC="${PODMAN[*]} exec $POD-postfix" AUTHMILTER_DNS_PORT="$DNS_PORT" \
         AUTHMILTER_PID="$pid" AUTHMILTER_CONFIG="$RUN_DIR/authmilter.toml" \
-        AUTHMILTER_STATE_DIR="$RUN_DIR/state" AUTHMILTER_LOG="$RUN_DIR/authmilter.log" \
-        AUTHMILTER_MILTER_PORT="$MILTER_PORT" \
+        AUTHMILTER_STATE_DIR="$RUN_DIR/state" AUTHMILTER_SHARED_DIR="$RUN_DIR/shared" \
+        AUTHMILTER_LOG="$RUN_DIR/authmilter.log" AUTHMILTER_MILTER_PORT="$MILTER_PORT" \
+        AUTHMILTER_SUBMISSION_PORT="$SUBMISSION_PORT" \
         "$VENV_PYTHON" -m pytest tests/integration ${PYTEST_ARGS:-}
 }
 

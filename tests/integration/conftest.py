@@ -214,6 +214,7 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
             MessageStore(Path(sink_dir)),
             external_hold_queue(postqueue_prefix),
             milter=_container_authmilter(),
+            submission_port=int(os.environ.get("AUTHMILTER_SUBMISSION_PORT", "0")),
         )
     milter: AuthmilterProcess = request.getfixturevalue(f"{name}_authmilter")
     if name == "postfix":
@@ -248,7 +249,13 @@ def _container_authmilter() -> ContainerAuthmilter | None:
     pid = os.environ.get("AUTHMILTER_PID")
     if not pid:
         return None
-    names = ("AUTHMILTER_CONFIG", "AUTHMILTER_STATE_DIR", "AUTHMILTER_LOG", "AUTHMILTER_MILTER_PORT")
+    names = (
+        "AUTHMILTER_CONFIG",
+        "AUTHMILTER_STATE_DIR",
+        "AUTHMILTER_SHARED_DIR",
+        "AUTHMILTER_LOG",
+        "AUTHMILTER_MILTER_PORT",
+    )
     missing = [name for name in names if not os.environ.get(name)]
     if missing:
         raise _fail(RuntimeError(f"AUTHMILTER_PID needs {', '.join(missing)} too"))
@@ -256,6 +263,7 @@ def _container_authmilter() -> ContainerAuthmilter | None:
         pid=int(pid),
         config_path=Path(os.environ["AUTHMILTER_CONFIG"]),
         state_dir=Path(os.environ["AUTHMILTER_STATE_DIR"]),
+        shared_dir=Path(os.environ["AUTHMILTER_SHARED_DIR"]),
         log_path=Path(os.environ["AUTHMILTER_LOG"]),
         milter_port=int(os.environ["AUTHMILTER_MILTER_PORT"]),
         dns_port=int(os.environ.get("AUTHMILTER_DNS_PORT", "5353")),

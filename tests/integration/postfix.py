@@ -589,6 +589,14 @@ class Authmilter(ABC):
     def log_size(self) -> int:
         return size_of(self.log_path)
 
+    @abstractmethod
+    def folder_for_files(self, name: str) -> Path:
+        """A folder for files the daemon reads (signing keys), at a path it sees as the tests do."""
+
+    @abstractmethod
+    def hand_over(self, folder: Path) -> None:
+        """Give the files in ``folder`` to the daemon's user, as a deployment gives it its keys."""
+
 
 class AuthmilterProcess(Authmilter):
     """``python -m authmilter run --config FILE`` with its output in ``workdir/authmilter.log``.
@@ -621,6 +629,14 @@ class AuthmilterProcess(Authmilter):
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def folder_for_files(self, name: str) -> Path:
+        folder = self.config_path.parent / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def hand_over(self, folder: Path) -> None:
+        """Nothing to do: the daemon runs as the tests' own user."""
 
     def start(self) -> None:
         """Start the supervisor; return once a worker completes milter option negotiation.
@@ -665,13 +681,23 @@ class ContainerAuthmilter(Authmilter):
     Args:
         pid: the supervisor's pid on the host.
         config_path: the host file mounted as its config.
-        state_dir: the host folder mounted as its state directory, ``/var/lib/authmilter``.
+        state_dir: the host folder mounted as its state directory, ``/var/lib/authmilter``; its
+            owner is the container's authmilter user.
+        shared_dir: a host folder mounted at the same path in the container (signing keys).
         log_path: the file podman writes its output to.
         milter_port, dns_port: what its config names.
     """
 
     def __init__(
-        self, *, pid: int, config_path: Path, state_dir: Path, log_path: Path, milter_port: int, dns_port: int
+        self,
+        *,
+        pid: int,
+        config_path: Path,
+        state_dir: Path,
+        shared_dir: Path,
+        log_path: Path,
+        milter_port: int,
+        dns_port: int,
     ) -> None:
         super().__init__(
             config_path=config_path,
@@ -682,6 +708,8 @@ class ContainerAuthmilter(Authmilter):
             config_history_path=CONTAINER_STATE_DIR / HISTORY_FILE,
         )
         self._pid = pid
+        self._shared_dir = shared_dir
+        self._user_id = state_dir.stat().st_uid
 
     @property
     def pid(self) -> int:
@@ -690,6 +718,15 @@ class ContainerAuthmilter(Authmilter):
     @property
     def running(self) -> bool:
         return _alive(self._pid)
+
+    def folder_for_files(self, name: str) -> Path:
+        folder = self._shared_dir / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def hand_over(self, folder: Path) -> None:
+        for path in (folder, *folder.iterdir()):
+            os.chown(path, self._user_id, -1)
 
 
 def children_of(pid: int) -> list[int]:

@@ -36,7 +36,6 @@ from postfix import (
     SPOOFING_CLIENT,
     SUBMISSION_DAEMON,
     Authmilter,
-    ContainerAuthmilter,
     Mta,
     spf_record,
 )
@@ -108,9 +107,11 @@ def _eventually(condition: Callable[[], bool], timeout: float = RELOAD_TIMEOUT) 
 
 
 @pytest.fixture(scope="module")
-def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory) -> SigningSite:
+def site(mta: Mta, dns_server: AuthoritativeDns) -> SigningSite:
     """Keys made by genkey, its table lines, its zone-file records published on the Knot server."""
-    folder = tmp_path_factory.mktemp("signing-keys")
+    if mta.milter is None:
+        pytest.skip("AUTHMILTER_SMTP is set without AUTHMILTER_PID: the authmilter process is not ours")
+    folder = mta.milter.folder_for_files("signing-keys")
     key_lines, signing_lines, records = [], [], []
     for kind, selector in (("rsa", RSA_SELECTOR), ("ed25519", ED_SELECTOR)):
         output = run_cli(
@@ -121,6 +122,7 @@ def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory)
         records.append((folder / f"{selector}.txt").read_text())
     (folder / "KeyTable").write_text("\n".join(key_lines) + "\n")
     (folder / "SigningTable").write_text("\n".join(signing_lines) + "\n")
+    mta.milter.hand_over(folder)
     # SPF allows the harness's claimed outside client, so inbound mail from it passes DMARC by SPF.
     zone = dns_server.add_zone(
         DOMAIN,
@@ -141,13 +143,7 @@ def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def signing_milter(mta: Mta, site: SigningSite) -> Iterator[Authmilter]:
     """The MTA's authmilter, reloaded with the signing config for this module, then restored."""
-    if mta.milter is None:
-        pytest.skip("AUTHMILTER_SMTP is set: the authmilter process is not ours to reconfigure")
-    if isinstance(mta.milter, ContainerAuthmilter):
-        pytest.skip(
-            "authmilter runs in a container: the signing keys this module makes in the tests' "
-            "temporary folder are not visible there, and its Postfix has no submission port or AUTH"
-        )
+    assert mta.milter is not None  # the site fixture skipped otherwise
     process = mta.milter
     process.write_config(extra=site.config)
     process.signal(signal.SIGHUP)
