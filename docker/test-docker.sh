@@ -35,6 +35,7 @@ SMTP=127.0.0.1:2525
 DNS_PORT=5353
 MILTER_PORT=8891
 SUBMISSION_PORT=2527
+BARE_SMTP=127.0.0.1:2528
 # runc: the runtime that works on these machines; the limits: podman's defaults exceed what the
 # unprivileged parts of CI may set.
 PODMAN=(podman --runtime runc)
@@ -176,7 +177,7 @@ run_tests() {
         AUTHMILTER_PID="$pid" AUTHMILTER_CONFIG="$RUN_DIR/authmilter.toml" \
         AUTHMILTER_STATE_DIR="$RUN_DIR/state" AUTHMILTER_SHARED_DIR="$RUN_DIR/shared" \
         AUTHMILTER_LOG="$RUN_DIR/authmilter.log" AUTHMILTER_MILTER_PORT="$MILTER_PORT" \
-        AUTHMILTER_SUBMISSION_PORT="$SUBMISSION_PORT" \
+        AUTHMILTER_SUBMISSION_PORT="$SUBMISSION_PORT" AUTHMILTER_BARE_SMTP="$BARE_SMTP" \
         "$VENV_PYTHON" -m pytest tests/integration ${PYTEST_ARGS:-}
 }
 

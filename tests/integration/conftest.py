@@ -200,22 +200,7 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
     if EXTERNAL_SMTP:
         if name != "postfix":
             pytest.skip(f"AUTHMILTER_SMTP is set: the set-up started elsewhere runs Postfix, not {name}")
-        host, _, port = EXTERNAL_SMTP.rpartition(":")
-        sink_dir = os.environ.get("AUTHMILTER_SINK_DIR")
-        postqueue_prefix = os.environ.get("AUTHMILTER_POSTFIX_EXEC")
-        if not sink_dir or not postqueue_prefix:
-            raise _fail(
-                RuntimeError("AUTHMILTER_SMTP needs AUTHMILTER_SINK_DIR and AUTHMILTER_POSTFIX_EXEC too")
-            )
-        return Mta(
-            name,
-            host,
-            int(port),
-            MessageStore(Path(sink_dir)),
-            external_hold_queue(postqueue_prefix),
-            milter=_container_authmilter(),
-            submission_port=int(os.environ.get("AUTHMILTER_SUBMISSION_PORT", "0")),
-        )
+        return _external_postfix(EXTERNAL_SMTP, milter=_container_authmilter())
     milter: AuthmilterProcess = request.getfixturevalue(f"{name}_authmilter")
     if name == "postfix":
         local: LocalPostfix = request.getfixturevalue("local_postfix")
@@ -241,6 +226,37 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
         xclient=False,
         milter=milter,
         submission_port=sendmail.submission_port,
+    )
+
+
+@pytest.fixture(scope="session")
+def bare_postfix(request: pytest.FixtureRequest) -> Mta:
+    """Postfix's smtpd port without any milter, to check the harness on its own."""
+    if EXTERNAL_SMTP:
+        address = os.environ.get("AUTHMILTER_BARE_SMTP")
+        if not address:
+            pytest.skip("AUTHMILTER_SMTP is set without AUTHMILTER_BARE_SMTP: no milter-free port to check")
+        return _external_postfix(address, milter=None)
+    local: LocalPostfix = request.getfixturevalue("local_postfix")
+    postfix = local.postfix
+    return Mta("postfix", postfix.host, postfix.bare_smtp_port, local.sink, postfix.hold_queue())
+
+
+def _external_postfix(address: str, milter: ContainerAuthmilter | None) -> Mta:
+    """The Postfix of a set-up started elsewhere, at ``address`` (host:port)."""
+    host, _, port = address.rpartition(":")
+    sink_dir = os.environ.get("AUTHMILTER_SINK_DIR")
+    postqueue_prefix = os.environ.get("AUTHMILTER_POSTFIX_EXEC")
+    if not sink_dir or not postqueue_prefix:
+        raise _fail(RuntimeError("AUTHMILTER_SMTP needs AUTHMILTER_SINK_DIR and AUTHMILTER_POSTFIX_EXEC too"))
+    return Mta(
+        "postfix",
+        host,
+        int(port),
+        MessageStore(Path(sink_dir)),
+        external_hold_queue(postqueue_prefix),
+        milter=milter,
+        submission_port=int(os.environ.get("AUTHMILTER_SUBMISSION_PORT", "0")),
     )
 
 

@@ -25,17 +25,14 @@ from dataclasses import dataclass
 import authres
 import pytest
 from postfix import (
-    DELIVERY_TIMEOUT,
     SENDING_CLIENT,
     SPOOFING_CLIENT,
     Authmilter,
-    LocalPostfix,
     Mta,
     Outcome,
     Sender,
     Senders,
     milter_answers,
-    send,
 )
 from sink import DeliveredMessage
 
@@ -116,13 +113,12 @@ def assert_authenticated(delivered: DeliveredMessage, sender: Sender) -> None:
 # --- the harness itself ---------------------------------------------------------------------------
 
 
-def test_postfix_relays_to_the_sink_without_milter(local_postfix: LocalPostfix) -> None:
+def test_postfix_relays_to_the_sink_without_milter(bare_postfix: Mta) -> None:
     """The bare smtpd port (no milter) delivers: Postfix, XCLIENT and the sink work on their own."""
-    postfix = local_postfix.postfix
     message = make_message("Bob <bob@bare.example>", subject="bare path")
-    outcome = send(postfix.host, postfix.bare_smtp_port, message, mail_from="bob@bare.example")
+    outcome = bare_postfix.send(message, mail_from="bob@bare.example")
     assert outcome.accepted, outcome
-    delivered = local_postfix.sink.wait_for(message_id(message), DELIVERY_TIMEOUT)
+    delivered = bare_postfix.delivered(message_id(message))
     assert delivered.rcpt_to == ("alice@receiver.example",)
     received = delivered.header_values("Received")
     # XCLIENT took effect: Postfix recorded the claimed client, not 127.0.0.1.
