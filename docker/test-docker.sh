@@ -36,6 +36,9 @@ DNS_PORT=5353
 MILTER_PORT=8891
 SUBMISSION_PORT=2527
 BARE_SMTP=127.0.0.1:2528
+# The containerised Sendmail (docker/sendmail): its two daemons; it relays to the sink on 2526.
+SENDMAIL_SMTP=127.0.0.1:2535
+SENDMAIL_SUBMISSION_PORT=2537
 # runc: the runtime that works on these machines; the limits: podman's defaults exceed what the
 # unprivileged parts of CI may set.
 PODMAN=(podman --runtime runc)
@@ -113,6 +116,18 @@ stage_context() {
     find "$CACHE/wheels" -name '*.whl' ! -name 'authmilter-*' -exec cp -p -t "$context/docker/wheels/" {} +
 }
 
+# The Sendmail image's build context: its Dockerfile and the config the tests' harness writes
+# (tests/integration/sendmail.py), so both Sendmails run the same .mc.
+stage_sendmail_context() {
+    local context="$CACHE/sendmail-context"
+    rm -rf "$context"
+    mkdir -p "$context"
+    cp docker/sendmail/Dockerfile "$context/"
+    PYTHONPATH="$REPO/tests:$REPO/tests/integration" "$VENV_PYTHON" tests/integration/sendmail.py \
+        --dir "$context" --smtp-port "${SENDMAIL_SMTP##*:}" --submission-port "$SENDMAIL_SUBMISSION_PORT" \
+        --sink-port 2526 --milter-port "$MILTER_PORT"
+}
+
 build_images() {
     local build=("${PODMAN[@]}" build -q --network host "${LIMITS[@]}" --build-arg "BASE=$BASE_IMAGE")
     # --network host for the builds only: apt-get reaches Debian's mirror. Containers get none.
@@ -120,6 +135,7 @@ build_images() {
         -f docker/Dockerfile -t "$IMAGE:latest" "$CACHE/context" >/dev/null
     "${build[@]}" -t "$IMAGE-postfix:latest" docker/postfix >/dev/null
     "${build[@]}" -t "$IMAGE-knot:latest" docker/knot >/dev/null
+    "${build[@]}" -t "$IMAGE-sendmail:latest" "$CACHE/sendmail-context" >/dev/null
 }
 
 run_in_pod() {
@@ -130,7 +146,8 @@ run_in_pod() {
 
 start_pod() {
     "${PODMAN[@]}" pod rm -f "$POD" >/dev/null 2>&1 || true
-    "${PODMAN[@]}" pod create --name "$POD" --network none >/dev/null
+    # Sendmail wants a qualified host name of its own (it waits a minute per retry otherwise).
+    "${PODMAN[@]}" pod create --name "$POD" --network none --hostname mx.receiver.example >/dev/null
     SINK_DIR=$(mktemp -d /tmp/authmilter-docker-sink.XXXXXX)
     run_in_pod sink --user 0 --entrypoint /opt/authmilter/bin/python \
         -v "$REPO/tests/integration/sink.py:/opt/sink/sink.py:ro" -v "$SINK_DIR:/var/sink" \
@@ -149,6 +166,8 @@ start_pod() {
         --log-driver k8s-file --log-opt "path=$RUN_DIR/authmilter.log" "$IMAGE:latest"
     run_in_pod knot "$IMAGE-knot:latest"
     run_in_pod postfix "$IMAGE-postfix:latest"
+    # Its hosts file names the test clients' loopback addresses (Sendmail has no XCLIENT).
+    run_in_pod sendmail -v "$CACHE/sendmail-context/hosts:/etc/hosts:ro" "$IMAGE-sendmail:latest"
 }
 
 # Runs a host command inside the pod's network namespace (that of its infra container).
@@ -178,6 +197,8 @@ run_tests() {
         AUTHMILTER_STATE_DIR="$RUN_DIR/state" AUTHMILTER_SHARED_DIR="$RUN_DIR/shared" \
         AUTHMILTER_LOG="$RUN_DIR/authmilter.log" AUTHMILTER_MILTER_PORT="$MILTER_PORT" \
         AUTHMILTER_SUBMISSION_PORT="$SUBMISSION_PORT" AUTHMILTER_BARE_SMTP="$BARE_SMTP" \
+        AUTHMILTER_SENDMAIL_SMTP="$SENDMAIL_SMTP" AUTHMILTER_SENDMAIL_SUBMISSION_PORT="$SENDMAIL_SUBMISSION_PORT" \
+        AUTHMILTER_SENDMAIL_EXEC="${PODMAN[*]} exec $POD-sendmail" \
         "$VENV_PYTHON" -m pytest tests/integration ${PYTEST_ARGS:-}
 }
 
@@ -186,7 +207,7 @@ cleanup() {
     trap - EXIT INT TERM
     if [ "$status" -ne 0 ] && "${PODMAN[@]}" pod exists "$POD" 2>/dev/null; then
         local name
-        for name in sink authmilter knot postfix; do
+        for name in sink authmilter knot postfix sendmail; do
             log "--- last log lines of $POD-$name"
             "${PODMAN[@]}" logs --tail 40 "$POD-$name" 2>&1 | sed 's/^/    /' >&2 || true
         done
@@ -218,6 +239,7 @@ main() {
     trap 'exit 130' INT TERM
     timed "base image (debootstrap + import, or cached)" build_base
     timed "wheelhouse" stage_context
+    timed "Sendmail config" stage_sendmail_context
     timed "image builds" build_images
     timed "pod start" start_pod
     timed "trial (readiness included)" run_trial

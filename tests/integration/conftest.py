@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from postfix import (
+    READY_TIMEOUT,
     SENDING_CLIENT,
     SPOOFING_CLIENT,
     Authmilter,
@@ -27,12 +28,14 @@ from postfix import (
     PostfixInstance,
     Sender,
     Senders,
+    _wait_for,
     external_hold_queue,
     read_from,
     size_of,
+    smtp_banner_ready,
     spf_record,
 )
-from sendmail import LocalSendmail, SendmailInstance
+from sendmail import LocalSendmail, SendmailInstance, external_quarantine
 from sink import MessageStore, SinkServer
 
 from dnsserver import AuthoritativeDns, DnsServerMissing, free_port
@@ -85,7 +88,7 @@ def senders(dns_server: AuthoritativeDns) -> Senders:
     published = Senders(
         reject=_publish(dns_server, "pf-reject.example", "reject"),
         quarantine=_publish(dns_server, "pf-quarantine.example", "quarantine"),
-        outage=_publish(dns_server, "pf-outage.example", "reject"),
+        outage={name: _publish(dns_server, f"pf-outage-{name}.example", "reject") for name in MTAS},
     )
     dns_server.reload()
     return published
@@ -198,8 +201,8 @@ def mta(request: pytest.FixtureRequest, senders: Senders) -> Mta:
     """An MTA with authmilter in front: Postfix or Sendmail here, or (AUTHMILTER_SMTP) one run elsewhere."""
     name: str = request.param
     if EXTERNAL_SMTP:
-        if name != "postfix":
-            pytest.skip(f"AUTHMILTER_SMTP is set: the set-up started elsewhere runs Postfix, not {name}")
+        if name == "sendmail":
+            return _external_sendmail(milter=_container_authmilter())
         return _external_postfix(EXTERNAL_SMTP, milter=_container_authmilter())
     milter: AuthmilterProcess = request.getfixturevalue(f"{name}_authmilter")
     if name == "postfix":
@@ -257,6 +260,32 @@ def _external_postfix(address: str, milter: ContainerAuthmilter | None) -> Mta:
         external_hold_queue(postqueue_prefix),
         milter=milter,
         submission_port=int(os.environ.get("AUTHMILTER_SUBMISSION_PORT", "0")),
+    )
+
+
+def _external_sendmail(milter: ContainerAuthmilter | None) -> Mta:
+    """The Sendmail of a set-up started elsewhere (AUTHMILTER_SENDMAIL_SMTP), once it greets."""
+    address = os.environ.get("AUTHMILTER_SENDMAIL_SMTP")
+    if not address:
+        pytest.skip("AUTHMILTER_SMTP is set without AUTHMILTER_SENDMAIL_SMTP: that set-up runs no Sendmail")
+    exec_prefix = os.environ.get("AUTHMILTER_SENDMAIL_EXEC")
+    sink_dir = os.environ.get("AUTHMILTER_SINK_DIR")
+    if not exec_prefix or not sink_dir:
+        raise _fail(
+            RuntimeError("AUTHMILTER_SENDMAIL_SMTP needs AUTHMILTER_SENDMAIL_EXEC and AUTHMILTER_SINK_DIR")
+        )
+    host, _, port = address.rpartition(":")
+    if not _wait_for(lambda: smtp_banner_ready(host, int(port)), READY_TIMEOUT):
+        raise _fail(RuntimeError(f"Sendmail at {address} did not greet within {READY_TIMEOUT} s"))
+    return Mta(
+        "sendmail",
+        host,
+        int(port),
+        MessageStore(Path(sink_dir)),
+        external_quarantine(exec_prefix),
+        xclient=False,
+        milter=milter,
+        submission_port=int(os.environ.get("AUTHMILTER_SENDMAIL_SUBMISSION_PORT", "0")),
     )
 
 

@@ -23,14 +23,16 @@ address (:attr:`postfix.Client.loopback`, e.g. 127.0.0.5), which the namespace's
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import re
+import shlex
 import socket
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,8 @@ from postfix import (
     COMMAND_TIMEOUT,
     READY_TIMEOUT,
     SASL_MECHANISM,
+    SENDING_CLIENT,
+    SPOOFING_CLIENT,
     STOP_TIMEOUT,
     SUBMISSION_DAEMON,
     Client,
@@ -59,6 +63,11 @@ UNPACKED = REPO / ".cache" / "sendmail" / "root"
 SENDMAIL = UNPACKED / "usr" / "libexec" / "sendmail" / "sendmail"
 CF_DIR = UNPACKED / "usr" / "share" / "sendmail" / "cf"
 HOSTNAME = "mx.receiver.example"
+# The containerised Sendmail (docker/sendmail): the same program, .mc and name files as here.
+CONTAINER_SENDMAIL = Path("/usr/libexec/sendmail/sendmail")
+CONTAINER_ROOT = Path("/etc/mail/authmilter")
+CONTAINER_CONFIG = CONTAINER_ROOT / "sendmail.cf"
+CONTAINER_QUEUE = Path("/var/spool/mqueue")
 # The daemon's name in {daemon_name} for the port with the milter (DaemonPortOptions Name=).
 DAEMON_NAME = "MTA"
 # Seconds between queue runs: a message whose delivery to the sink failed is retried soon.
@@ -197,10 +206,8 @@ class SendmailInstance:
         if built.returncode != 0 or not built.stdout:
             raise HarnessError(f"m4 could not build sendmail.cf ({built.returncode}): {built.stderr}")
         self.config_path.write_text(built.stdout, encoding="utf-8")
-        names = "".join(f"{c.loopback} {c.name}\n" for c in self.clients if c.loopback)
-        (self.root / "hosts").write_text(f"127.0.0.1 localhost {HOSTNAME}\n{names}", encoding="utf-8")
+        write_name_files(self.root, self.clients)
         (self.root / "nsswitch.conf").write_text("hosts: files\n", encoding="utf-8")
-        (self.root / "service.switch").write_text("hosts files\naliases files\n", encoding="utf-8")
         devices = self.root / "dev"
         devices.mkdir(exist_ok=True)
         for device in DEVICES:
@@ -209,71 +216,26 @@ class SendmailInstance:
         (devices / "log").symlink_to(self.root / "syslog")
 
     def _mc(self) -> str:
-        root = self.root
-        return f"""divert(-1)
-# Written by tests/integration/sendmail.py: a private, loopback-only instance.
-divert(0)dnl
-OSTYPE(`linux')dnl
-define(`confDOMAIN_NAME', `{HOSTNAME}')dnl
-dnl No DontBlameSendmail: Sendmail runs as root, and ROOT (0755), this config and the queue (0700)
-dnl belong to root, so its file safety checks pass as they are (they log "unsafe" otherwise).
-define(`QUEUE_DIR', `{self.queue_dir}')dnl
-define(`STATUS_FILE', `{root}/statistics')dnl
-define(`confPID_FILE', `{root}/sendmail.pid')dnl
-dnl No local delivery: every recipient is relayed to the sink, so no aliases file is needed.
-define(`ALIAS_FILE', `')dnl
-dnl Host names from the namespace's files only: Sendmail asks no DNS server (authmilter asks Knot).
-define(`confSERVICE_SWITCH_FILE', `{root}/service.switch')dnl
-define(`confHOSTS_FILE', `{root}/hosts')dnl
-define(`confDONT_PROBE_INTERFACES', `true')dnl
-FEATURE(`nocanonify')dnl
-FEATURE(`accept_unresolvable_domains')dnl
-dnl AUTH for the signing tests ({{auth_authen}}); this mechanism needs no Sendmail.conf or sasldb.
-define(`confAUTH_MECHANISMS', `{SASL_MECHANISM}')dnl
-define(`confTO_IDENT', `0')dnl
-dnl A loaded test machine must not make Sendmail queue or refuse mail (load average limits).
-define(`confQUEUE_LA', `1000')dnl
-define(`confREFUSE_LA', `1000')dnl
-define(`confDELAY_LA', `0')dnl
-define(`confDELIVERY_MODE', `background')dnl
-dnl An inbound MX for receiver.example; everything goes on to the sink.
-RELAY_DOMAIN(`receiver.example')dnl
-define(`SMART_HOST', `relay:[127.0.0.1]')dnl
-define(`RELAY_MAILER_ARGS', `TCP $h {self.sink_port}')dnl
-define(`confTO_CONNECT', `5s')dnl
-dnl Only our port: no MSA on 587, no daemon on 25.
-FEATURE(`no_default_msa')dnl
-DAEMON_OPTIONS(`Port={self.smtp_port}, Addr={self.host}, Name={DAEMON_NAME}')dnl
-dnl Name= is what milters get as {{daemon_name}}.
-DAEMON_OPTIONS(`Port={self.submission_port}, Addr={self.host}, Name={SUBMISSION_DAEMON}')dnl
-INPUT_MAIL_FILTER(`authmilter', `S=inet:{self.milter_port}@127.0.0.1, {MILTER_FLAGS}')dnl
-define(`confMILTER_MACROS_CONNECT', `{MILTER_MACROS_CONNECT}')dnl
-define(`confMILTER_MACROS_ENVFROM', `{MILTER_MACROS_ENVFROM}')dnl
-MAILER(`local')dnl
-MAILER(`smtp')dnl
-"""
+        return sendmail_mc(
+            root=self.root,
+            queue_dir=self.queue_dir,
+            smtp_port=self.smtp_port,
+            submission_port=self.submission_port,
+            sink_port=self.sink_port,
+            milter_port=self.milter_port,
+        )
 
     def _command(self, *args: str) -> list[str]:
         """``sendmail -C OUR_CONFIG ARGS`` run inside the private namespaces."""
-        return [
-            self._unshare,
-            "--mount",
-            "--uts",
-            "sh",
-            "-c",
-            NAMESPACE_SCRIPT,
-            "sh",
-            str(self.root),
-            str(SENDMAIL),
-            "-C",
-            str(self.config_path),
-            *args,
-        ]
+        return self._in_namespaces([str(SENDMAIL), "-C", str(self.config_path), *args])
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """One ``sendmail -C OUR_CONFIG ARGS`` command (e.g. ``-bp -qQ``), waited for."""
+    def _in_namespaces(self, argv: list[str]) -> list[str]:
+        return [self._unshare, "--mount", "--uts", "sh", "-c", NAMESPACE_SCRIPT, "sh", str(self.root), *argv]
+
+    def run(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        """One command inside the private namespaces (e.g. ``sendmail -bp -qQ``), waited for."""
         return subprocess.run(
-            self._command(*args), capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+            self._in_namespaces(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
         )
 
     def start(self) -> None:
@@ -319,29 +281,122 @@ MAILER(`smtp')dnl
         self.log_path = remove_keeping_log(self.root, self.log_path, self.log_dir)
 
     def quarantine(self) -> SendmailQuarantine:
-        return SendmailQuarantine(self)
+        return SendmailQuarantine(self.run, [str(SENDMAIL), "-C", str(self.config_path)], self.queue_dir)
+
+
+def sendmail_mc(
+    *, root: Path, queue_dir: Path, smtp_port: int, submission_port: int, sink_port: int, milter_port: int
+) -> str:
+    """The .mc of the tests' Sendmail (m4 makes sendmail.cf of it), natively or in a container.
+
+    Args:
+        root: its folder: pid and statistics files, ``hosts`` and ``service.switch``.
+        queue_dir: its queue.
+        smtp_port, submission_port: its two daemons on 127.0.0.1 (``Name=`` MTA and submission).
+        sink_port: the sink on 127.0.0.1 it relays everything to.
+        milter_port: authmilter on 127.0.0.1.
+    """
+    return f"""divert(-1)
+# Written by tests/integration/sendmail.py: a private, loopback-only instance.
+divert(0)dnl
+OSTYPE(`linux')dnl
+define(`confDOMAIN_NAME', `{HOSTNAME}')dnl
+dnl No DontBlameSendmail: Sendmail runs as root, and ROOT (0755), this config and the queue (0700)
+dnl belong to root, so its file safety checks pass as they are (they log "unsafe" otherwise).
+define(`QUEUE_DIR', `{queue_dir}')dnl
+define(`STATUS_FILE', `{root}/statistics')dnl
+define(`confPID_FILE', `{root}/sendmail.pid')dnl
+dnl No local delivery: every recipient is relayed to the sink, so no aliases file is needed.
+define(`ALIAS_FILE', `')dnl
+dnl Host names from the namespace's files only: Sendmail asks no DNS server (authmilter asks Knot).
+define(`confSERVICE_SWITCH_FILE', `{root}/service.switch')dnl
+define(`confHOSTS_FILE', `{root}/hosts')dnl
+define(`confDONT_PROBE_INTERFACES', `true')dnl
+FEATURE(`nocanonify')dnl
+FEATURE(`accept_unresolvable_domains')dnl
+dnl AUTH for the signing tests ({{auth_authen}}); this mechanism needs no Sendmail.conf or sasldb.
+define(`confAUTH_MECHANISMS', `{SASL_MECHANISM}')dnl
+define(`confTO_IDENT', `0')dnl
+dnl A loaded test machine must not make Sendmail queue or refuse mail (load average limits).
+define(`confQUEUE_LA', `1000')dnl
+define(`confREFUSE_LA', `1000')dnl
+define(`confDELAY_LA', `0')dnl
+define(`confDELIVERY_MODE', `background')dnl
+dnl An inbound MX for receiver.example; everything goes on to the sink.
+RELAY_DOMAIN(`receiver.example')dnl
+define(`SMART_HOST', `relay:[127.0.0.1]')dnl
+define(`RELAY_MAILER_ARGS', `TCP $h {sink_port}')dnl
+define(`confTO_CONNECT', `5s')dnl
+dnl Only our port: no MSA on 587, no daemon on 25.
+FEATURE(`no_default_msa')dnl
+DAEMON_OPTIONS(`Port={smtp_port}, Addr=127.0.0.1, Name={DAEMON_NAME}')dnl
+dnl Name= is what milters get as {{daemon_name}}.
+DAEMON_OPTIONS(`Port={submission_port}, Addr=127.0.0.1, Name={SUBMISSION_DAEMON}')dnl
+INPUT_MAIL_FILTER(`authmilter', `S=inet:{milter_port}@127.0.0.1, {MILTER_FLAGS}')dnl
+define(`confMILTER_MACROS_CONNECT', `{MILTER_MACROS_CONNECT}')dnl
+define(`confMILTER_MACROS_ENVFROM', `{MILTER_MACROS_ENVFROM}')dnl
+MAILER(`local')dnl
+MAILER(`smtp')dnl
+"""
+
+
+def write_name_files(folder: Path, clients: Sequence[Client]) -> None:
+    """``hosts`` (our name and the test clients' loopback addresses) and Sendmail's ``service.switch``
+    (host names from files only) in ``folder``."""
+    names = "".join(f"{c.loopback} {c.name}\n" for c in clients if c.loopback)
+    (folder / "hosts").write_text(f"127.0.0.1 localhost {HOSTNAME}\n{names}", encoding="utf-8")
+    (folder / "service.switch").write_text("hosts files\naliases files\n", encoding="utf-8")
 
 
 class SendmailQuarantine:
-    """Sendmail's quarantine: queued messages that smfi_quarantine set aside (``mailq -qQ``)."""
+    """Sendmail's quarantine: queued messages that smfi_quarantine set aside (``mailq -qQ``).
 
-    def __init__(self, sendmail: SendmailInstance) -> None:
+    Args:
+        run: runs a command (program first) where that Sendmail is, and returns its result.
+        sendmail: the command line of that Sendmail up to its arguments (program, ``-C`` config).
+        queue_dir: its queue, as ``run`` sees it.
+    """
+
+    def __init__(
+        self,
+        run: Callable[[list[str]], subprocess.CompletedProcess[str]],
+        sendmail: list[str],
+        queue_dir: Path,
+    ) -> None:
+        self._run = run
         self._sendmail = sendmail
+        self._queue_dir = queue_dir
 
     def queue_ids(self) -> list[str]:
         """The ids of the quarantined messages (``sendmail -bp -qQ``)."""
-        done = self._sendmail.run("-bp", "-qQ")
-        if done.returncode != 0:
-            raise HarnessError(f"sendmail -bp -qQ failed ({done.returncode}): {done.stdout}{done.stderr}")
-        return [m.group(1) for line in done.stdout.splitlines() if (m := _LISTED_ID.match(line))]
+        listing = self._checked([*self._sendmail, "-bp", "-qQ"]).stdout
+        return [m.group(1) for line in listing.splitlines() if (m := _LISTED_ID.match(line))]
 
     def delete(self, queue_id: str) -> None:
         """Remove a quarantined message: Sendmail has no command for it, so its queue files go.
 
         A quarantined message's control file is ``hf<ID>`` (instead of ``qf<ID>``), its body ``df<ID>``.
         """
-        for prefix in ("hf", "df"):
-            (self._sendmail.queue_dir / f"{prefix}{queue_id}").unlink(missing_ok=True)
+        files = [str(self._queue_dir / f"{prefix}{queue_id}") for prefix in ("hf", "df")]
+        self._checked(["rm", "-f", *files])
+
+    def _checked(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        done = self._run(argv)
+        if done.returncode != 0:
+            raise HarnessError(f"{' '.join(argv)} failed ({done.returncode}): {done.stdout}{done.stderr}")
+        return done
+
+
+def external_quarantine(command_prefix: str) -> SendmailQuarantine:
+    """The quarantine of the containerised Sendmail, reached by a command prefix (``podman exec sm``)."""
+    prefix = shlex.split(command_prefix)
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*prefix, *argv], capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+
+    return SendmailQuarantine(run, [str(CONTAINER_SENDMAIL), "-C", str(CONTAINER_CONFIG)], CONTAINER_QUEUE)
 
 
 @dataclass(frozen=True)
@@ -351,3 +406,39 @@ class LocalSendmail:
     sendmail: SendmailInstance
     sink: MessageStore
     milter_port: int
+
+
+def write_container_context(
+    folder: Path, *, smtp_port: int, submission_port: int, sink_port: int, milter_port: int
+) -> None:
+    """What docker/sendmail/Dockerfile copies besides itself: the .mc, ``hosts`` and ``service.switch``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mc = sendmail_mc(
+        root=CONTAINER_ROOT,
+        queue_dir=CONTAINER_QUEUE,
+        smtp_port=smtp_port,
+        submission_port=submission_port,
+        sink_port=sink_port,
+        milter_port=milter_port,
+    )
+    (folder / "sendmail.mc").write_text(mc, encoding="utf-8")
+    write_name_files(folder, (SENDING_CLIENT, SPOOFING_CLIENT))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="write the containerised Sendmail's config (test-docker.sh)")
+    parser.add_argument("--dir", required=True, type=Path, help="the image's build context")
+    for port in ("smtp", "submission", "sink", "milter"):
+        parser.add_argument(f"--{port}-port", required=True, type=int)
+    args = parser.parse_args(argv)
+    write_container_context(
+        args.dir,
+        smtp_port=args.smtp_port,
+        submission_port=args.submission_port,
+        sink_port=args.sink_port,
+        milter_port=args.milter_port,
+    )
+
+
+if __name__ == "__main__":
+    main()

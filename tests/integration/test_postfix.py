@@ -252,7 +252,7 @@ def test_history_lines_name_the_queue_id_the_client_was_given(
 def test_dns_outage_tempfails_and_the_retry_is_delivered(
     mta: Mta, senders: Senders, dns_server: AuthoritativeDns
 ) -> None:
-    sender = senders.outage
+    sender = senders.outage[mta.name]
     message = signed(sender, "sent during a DNS outage")
     dns_server.stop()
     try:

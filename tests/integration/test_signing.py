@@ -111,7 +111,8 @@ def site(mta: Mta, dns_server: AuthoritativeDns) -> SigningSite:
     """Keys made by genkey, its table lines, its zone-file records published on the Knot server."""
     if mta.milter is None:
         pytest.skip("AUTHMILTER_SMTP is set without AUTHMILTER_PID: the authmilter process is not ours")
-    folder = mta.milter.folder_for_files("signing-keys")
+    # One folder per MTA: in make test-docker both MTAs ask one authmilter (genkey never overwrites).
+    folder = mta.milter.folder_for_files(f"signing-keys-{mta.name}")
     key_lines, signing_lines, records = [], [], []
     for kind, selector in (("rsa", RSA_SELECTOR), ("ed25519", ED_SELECTOR)):
         output = run_cli(
