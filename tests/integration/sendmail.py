@@ -19,6 +19,10 @@ the process) inside a private mount and UTS namespace (``unshare``), where
 
 Sendmail has no XCLIENT: a test client takes its identity by connecting from its own loopback
 address (:attr:`postfix.Client.loopback`, e.g. 127.0.0.5), which the namespace's hosts file names.
+
+Also a script, for ``make test-docker``: ``python tests/integration/sendmail.py --dir DIR --smtp-port
+... --submission-port ... --sink-port ... --milter-port ...`` writes the same .mc (with the
+container's paths), ``hosts`` and ``service.switch`` into the build context of docker/sendmail.
 """
 
 from __future__ import annotations
