@@ -40,6 +40,8 @@ RANKS = {
     "connection_socket": 5,
     "manpage": 5,
     "supervisor": 5,
+    "metrics": 5,
+    "logformat": 5,
     "__main__": 5,
 }
 EDGE = 5
