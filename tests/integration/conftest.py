@@ -118,9 +118,12 @@ def local_postfix(tmp_path_factory: pytest.TempPathFactory) -> Generator[LocalPo
 def authmilter(
     local_postfix: LocalPostfix, dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory
 ) -> Generator[AuthmilterProcess, None, None]:
-    """``authmilter run`` with 2 workers on the port Postfix's smtpd_milters names."""
+    """``authmilter run`` with 2 workers on the port Postfix's smtpd_milters names, metrics on."""
     process = AuthmilterProcess(
-        tmp_path_factory.mktemp("authmilter"), milter_port=local_postfix.milter_port, dns_port=dns_server.port
+        tmp_path_factory.mktemp("authmilter"),
+        milter_port=local_postfix.milter_port,
+        dns_port=dns_server.port,
+        metrics_port=free_port("127.0.0.1"),
     )
     _LOGS["authmilter log"] = process.log_path
     try:

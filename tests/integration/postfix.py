@@ -408,6 +408,7 @@ def authmilter_config(
     authserv_id: str = "mx.receiver.example",
     extra: str = "",
     milter: str = "",
+    metrics_port: int = 0,
 ) -> str:
     """The TOML the integration tests run authmilter with.
 
@@ -418,7 +419,9 @@ def authmilter_config(
         authserv_id: the id in our Authentication-Results.
         extra: more TOML appended (e.g. a broken line, to test SIGHUP).
         milter: more ``[milter]`` keys (TOML allows each table once).
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1; 0: no metrics.
     """
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
     return f"""# Written by tests/integration/postfix.py.
 [milter]
 socket = "inet:{milter_port}@127.0.0.1"
@@ -436,7 +439,7 @@ nameservers = ["127.0.0.1"]
 port = {dns_port}
 # A stopped DNS server must turn into a 451 quickly, not after Postfix's milter timeout.
 timeout = 1.0
-{extra}"""
+{metrics}{extra}"""
 
 
 class AuthmilterProcess:
@@ -447,15 +450,19 @@ class AuthmilterProcess:
         milter_port: TCP port on 127.0.0.1 (must match Postfix's smtpd_milters).
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1 (``[metrics] listen``); 0: none.
     """
 
-    def __init__(self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2) -> None:
+    def __init__(
+        self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2, metrics_port: int = 0
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.host = "127.0.0.1"
         self.milter_port = milter_port
         self.dns_port = dns_port
         self.workers = workers
+        self.metrics_port = metrics_port
         self.config_path = workdir / "authmilter.toml"
         self.log_path = workdir / "authmilter.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -482,6 +489,7 @@ class AuthmilterProcess:
                 authserv_id=authserv_id,
                 extra=extra,
                 milter=milter,
+                metrics_port=self.metrics_port,
             ),
             encoding="utf-8",
         )
