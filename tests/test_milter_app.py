@@ -35,6 +35,7 @@ from authmilter.dkim_verify import DkimSettings, verify_dkim
 from authmilter.dmarc import DmarcSettings, organizational_domain
 from authmilter.history import HistorySettings, read_history
 from authmilter.keys import KeyFileError
+from authmilter.logformat import JsonFormatter
 from authmilter.milter_app import (
     ACTIONS,
     MAX_RECIPIENTS,
@@ -945,6 +946,44 @@ def test_log_line(connect: Connect, signed: Callable[..., bytes], caplog: pytest
     )
     [debug] = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert debug.startswith("queue_id=4XyZ1 why: action=accept") and "dmarc: " in debug
+
+
+def test_log_line_as_json(
+    connect: Connect, signed: Callable[..., bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = connect()
+    ctx.macros[Milter.M_EOM] = {"i": "4XyZ1"}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(signed()) == Milter.ACCEPT
+    [info] = [r for r in caplog.records if r.levelno == logging.INFO]
+    line = JsonFormatter().format(info)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert {k: entry[k] for k in ("queue_id", "client", "from", "spf", "helo", "dmarc", "action")} == {
+        "queue_id": "4XyZ1",
+        "client": "192.0.2.10",
+        "from": "sender.example",
+        "spf": "pass",
+        "helo": "none",
+        "dmarc": "pass",
+        "action": "accept",
+    }
+    assert entry["dkim"] == [{"result": "pass", "domain": "sender.example", "selector": "rsa1"}]
+    assert list(entry["check_ms"]) == ["spf", "helo", "dkim", "dmarc"]
+    assert all(isinstance(ms, float) for ms in entry["check_ms"].values())
+    assert isinstance(entry["ms"], float) and entry["level"] == "info"
+    assert entry["message"] == info.getMessage()
+
+
+def test_log_values_are_one_bounded_json_line(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_authen}": "bob\r\nqueue_id=FAKE " + "x" * 500}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(make_message()) == Milter.ACCEPT
+    [record] = caplog.records
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and len(line) < 1000
+    assert json.loads(line)["reason"].startswith("outbound: authenticated as bob??queue_id=FAKE xxx")
 
 
 def test_log_values_are_one_bounded_line(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
