@@ -118,6 +118,9 @@ def test_dns_lookups_count_hits_misses_outcomes_and_budget_refusals(metrics: Met
     resolver.txt("nothing-here.sender.example")
     spent = resolver.for_message(DnsBudget(seconds=60, queries=0))
     spent.txt("other.sender.example")
+    # Hits are added up in memory and written with the message's counts (one write, not one per hit).
+    assert value(exposition(metrics), "authmilter_dns_cache_lookups_total", result="hit") == 0
+    metrics.message(inbound_verdict())
     samples = exposition(metrics)
     assert value(samples, "authmilter_dns_cache_lookups_total", result="hit") == 1
     assert value(samples, "authmilter_dns_cache_lookups_total", result="miss") == 2

@@ -31,11 +31,12 @@ import select
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import dns.rdatatype
 
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", "Counter", "Histogram")
+
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Check latencies: from a cached SPF pass (~0.1 ms) to a DKIM verification waiting on DNS (seconds).
 CHECK_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -55,8 +58,26 @@ DNS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 1
 _SIGNATURE_TAG = re.compile(r"(?:^|;)\s*([ds])\s*=\s*([^;\s]+)")
 
 
+class _Labelled(Generic[M]):
+    """A labelled metric whose children are looked up once: ``labels()`` costs more than ``inc()``."""
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._children.get(labels)
+        if child is None:  # two threads may both ask: labels() gives both the same child
+            child = self._children[labels] = self.metric.labels(*labels)
+        return child
+
+
 class Metrics:
     """Every metric of the daemon; built once in the supervisor, before the workers fork.
+
+    Each increment writes to a memory-mapped file (a few µs), so what happens many times per
+    message is gathered first: DNS cache hits are added up in memory and written once, with the
+    message's other counts, by :meth:`message`.
 
     Args:
         directory: the multiprocess directory (:func:`enable` made it and set the environment).
@@ -66,42 +87,57 @@ class Metrics:
         from prometheus_client import Counter, Gauge, Histogram  # only when metrics are on
 
         self.directory = directory
-        self.results: Counter = Counter(
-            "authmilter_auth_results",
-            "Authentication results written, by method and result (one per DKIM signature)",
-            ["method", "result"],
-            registry=None,
+        self.results = _Labelled(
+            Counter(
+                "authmilter_auth_results",
+                "Authentication results written, by method and result (one per DKIM signature)",
+                ["method", "result"],
+                registry=None,
+            )
         )
-        self.actions: Counter = Counter(
-            "authmilter_actions",
-            "Messages by action taken and direction",
-            ["action", "direction"],
-            registry=None,
+        self.actions = _Labelled(
+            Counter(
+                "authmilter_actions",
+                "Messages by action taken and direction",
+                ["action", "direction"],
+                registry=None,
+            )
         )
-        self.check_seconds: Histogram = Histogram(
-            "authmilter_check_duration_seconds",
-            "Wall time of each check of a message",
-            ["check"],
-            buckets=CHECK_BUCKETS,
-            registry=None,
+        self.check_seconds = _Labelled(
+            Histogram(
+                "authmilter_check_duration_seconds",
+                "Wall time of each check of a message",
+                ["check"],
+                buckets=CHECK_BUCKETS,
+                registry=None,
+            )
         )
-        self.signatures: Counter = Counter(
-            "authmilter_signatures", "DKIM signatures added, by key", ["domain", "selector"], registry=None
+        self.signatures = _Labelled(
+            Counter(
+                "authmilter_signatures",
+                "DKIM signatures added, by key",
+                ["domain", "selector"],
+                registry=None,
+            )
         )
-        self.dns_queries: Counter = Counter(
-            "authmilter_dns_queries",
-            "DNS queries sent (cache misses), by type and outcome",
-            ["type", "status"],
-            registry=None,
+        self.dns_queries = _Labelled(
+            Counter(
+                "authmilter_dns_queries",
+                "DNS queries sent (cache misses), by type and outcome",
+                ["type", "status"],
+                registry=None,
+            )
         )
-        self.dns_errors: Counter = Counter(
-            "authmilter_dns_errors",
-            "DNS lookups that failed temporarily: timeout, error (SERVFAIL, refused...) or budget",
-            ["kind"],
-            registry=None,
+        self.dns_errors = _Labelled(
+            Counter(
+                "authmilter_dns_errors",
+                "DNS lookups that failed temporarily: timeout, error (SERVFAIL, refused...) or budget",
+                ["kind"],
+                registry=None,
+            )
         )
-        self.dns_cache: Counter = Counter(
-            "authmilter_dns_cache_lookups", "DNS lookups by cache outcome", ["result"], registry=None
+        self.dns_cache = _Labelled(
+            Counter("authmilter_dns_cache_lookups", "DNS lookups by cache outcome", ["result"], registry=None)
         )
         self.dns_seconds: Histogram = Histogram(
             "authmilter_dns_query_duration_seconds",
@@ -121,36 +157,47 @@ class Metrics:
         self.worker_starts: Counter = Counter(
             "authmilter_worker_starts", "Worker processes started", registry=None
         )
-        self.worker_exits: Counter = Counter(
-            "authmilter_worker_exits",
-            "Worker processes ended: stopped (asked to) or died (crashed, killed)",
-            ["reason"],
-            registry=None,
+        self.worker_exits = _Labelled(
+            Counter(
+                "authmilter_worker_exits",
+                "Worker processes ended: stopped (asked to) or died (crashed, killed)",
+                ["reason"],
+                registry=None,
+            )
         )
-        self.reloads: Counter = Counter(
-            "authmilter_reloads",
-            "Reloads (SIGHUP): succeeded, refused (invalid configuration) or failed (workers did not start)",
-            ["outcome"],
-            registry=None,
+        self.reloads = _Labelled(
+            Counter(
+                "authmilter_reloads",
+                "Reloads (SIGHUP): succeeded, refused (invalid config) or failed (workers did not start)",
+                ["outcome"],
+                registry=None,
+            )
         )
         for reason in ("stopped", "died"):
-            self.worker_exits.labels(reason)
+            self.worker_exits(reason)
         for outcome in ("succeeded", "refused", "failed"):
-            self.reloads.labels(outcome)
+            self.reloads(outcome)
+        self._cache_hits = 0  # not yet written (see above)
+        self._cache_hits_lock = threading.Lock()
 
     # --- a worker: messages and connections (milter_app.py) ---
 
     def message(self, verdict: Verdict) -> None:
-        """Count one verdict: its results, action, check times and signatures."""
+        """Count one verdict: its results, action, check times and signatures (and the DNS cache
+        hits gathered since the last message)."""
+        with self._cache_hits_lock:
+            hits, self._cache_hits = self._cache_hits, 0
+        if hits:
+            self.dns_cache("hit").inc(hits)
         direction = "outbound" if verdict.outbound else "inbound"
-        self.actions.labels(verdict.action.value, direction).inc()
+        self.actions(verdict.action.value, direction).inc()
         for check, seconds in verdict.check_seconds:
-            self.check_seconds.labels(check).observe(seconds)
+            self.check_seconds(check).observe(seconds)
         for method, result in _results(verdict):
-            self.results.labels(method, result).inc()
+            self.results(method, result).inc()
         for signature in verdict.signatures:
             tags = dict(_SIGNATURE_TAG.findall(signature))
-            self.signatures.labels(tags.get("d", "-"), tags.get("s", "-")).inc()
+            self.signatures(tags.get("d", "-"), tags.get("s", "-")).inc()
 
     def connection_opened(self) -> None:
         self.connections.inc()
@@ -164,17 +211,18 @@ class Metrics:
     # --- a worker: DNS (resolver.DnsObserver) ---
 
     def cache_hit(self) -> None:
-        self.dns_cache.labels("hit").inc()
+        with self._cache_hits_lock:
+            self._cache_hits += 1
 
     def budget_refused(self) -> None:
-        self.dns_errors.labels("budget").inc()
+        self.dns_errors("budget").inc()
 
     def answered(self, rdtype: dns.rdatatype.RdataType, answer: DnsAnswer, seconds: float) -> None:
-        self.dns_cache.labels("miss").inc()
-        self.dns_queries.labels(dns.rdatatype.to_text(rdtype), answer.status.value).inc()
+        self.dns_cache("miss").inc()
+        self.dns_queries(dns.rdatatype.to_text(rdtype), answer.status.value).inc()
         self.dns_seconds.observe(seconds)
         if answer.status is DnsStatus.TEMPFAIL:
-            self.dns_errors.labels("timeout" if answer.timed_out else "error").inc()
+            self.dns_errors("timeout" if answer.timed_out else "error").inc()
 
     # --- the supervisor ---
 
@@ -185,12 +233,12 @@ class Metrics:
         """Count a reaped worker and drop its live values (the connection gauge)."""
         from prometheus_client import multiprocess
 
-        self.worker_exits.labels("stopped" if stopped else "died").inc()
+        self.worker_exits("stopped" if stopped else "died").inc()
         multiprocess.mark_process_dead(pid, self.directory)  # type: ignore[no-untyped-call]
 
     def reload(self, outcome: str) -> None:
         """Count a reload: "succeeded", "refused" or "failed"."""
-        self.reloads.labels(outcome).inc()
+        self.reloads(outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The exposition of every process's values, and its Content-Type."""
