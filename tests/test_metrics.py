@@ -3,7 +3,9 @@ Prometheus server reads (multiprocess mode, as in the daemon), and the superviso
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import select
 import socket
 import time
@@ -26,6 +28,7 @@ from authmilter.resolver import DnsBudget, NameserverSource, Resolver, ZoneFileS
 from scrape import Samples, parse, value
 
 ZONE = Path(__file__).resolve().parent / "zones" / "sender.example.zone"
+DASHBOARD = Path(__file__).resolve().parents[1] / "conf" / "grafana-authmilter.json"
 
 
 @pytest.fixture
@@ -282,3 +285,25 @@ def test_a_failing_render_is_a_500_and_the_loop_goes_on() -> None:
 def test_a_busy_address_is_an_oserror(loop: Loop) -> None:
     with pytest.raises(OSError):
         MetricsEndpoint(("127.0.0.1", loop.endpoint.port), lambda: (b"", ""))
+
+
+def _family(name: str) -> str:
+    return re.sub(r"_(bucket|sum|count|total)$", "", name)
+
+
+def test_the_grafana_dashboard_uses_every_metric_and_only_those(metrics: Metrics) -> None:
+    metrics.message(inbound_verdict())
+    metrics.answered(dns.rdatatype.TXT, Resolver(ZoneFileSource([ZONE])).txt("sender.example"), 0.01)
+    metrics.budget_refused()
+    metrics.connection_opened()
+    outbound = Verdict(
+        None, None, (), None, Action.ACCEPT, None, "", "", outbound=True, signatures=("d=a; s=b",)
+    )
+    metrics.message(outbound)  # every labelled metric has a sample from here on
+    exposed = {name for name, _ in exposition(metrics)}
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {name for expression in expressions for name in re.findall(r"authmilter_\w+", expression)}
+    assert used <= exposed, f"the dashboard names metrics that do not exist: {sorted(used - exposed)}"
+    missing = {_family(n) for n in exposed} - {_family(n) for n in used}
+    assert not missing, f"metrics without a panel in {DASHBOARD.name}: {sorted(missing)}"
