@@ -8,6 +8,8 @@ import os
 import re
 import select
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -307,3 +309,17 @@ def test_the_grafana_dashboard_uses_every_metric_and_only_those(metrics: Metrics
     assert used <= exposed, f"the dashboard names metrics that do not exist: {sorted(used - exposed)}"
     missing = {_family(n) for n in exposed} - {_family(n) for n in used}
     assert not missing, f"metrics without a panel in {DASHBOARD.name}: {sorted(missing)}"
+
+
+def test_with_metrics_off_prometheus_client_is_never_imported() -> None:
+    # A fresh interpreter: this one has imported prometheus_client for the tests above.
+    code = (
+        "import sys\n"
+        "from authmilter import supervisor\n"
+        "from authmilter.config import default_config\n"
+        "from authmilter.milter_app import build_runtime\n"
+        "runtime = build_runtime(default_config())\n"
+        "assert runtime.metrics is None and supervisor.start_metrics(runtime.config) == (None, None)\n"
+        "sys.exit('prometheus_client' in sys.modules)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
