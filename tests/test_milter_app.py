@@ -33,9 +33,11 @@ from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
 from authmilter.dkim_verify import DkimSettings, verify_dkim
 from authmilter.dmarc import DmarcSettings, organizational_domain
-from authmilter.history import HistorySettings, read_history
+from authmilter.history import HistoryError, HistorySettings, read_history
 from authmilter.keys import KeyFileError
 from authmilter.logformat import JsonFormatter
+from authmilter.metrics import MULTIPROCESS_ENV, Metrics
+from authmilter.metrics import enable as enable_metrics
 from authmilter.milter_app import (
     ACTIONS,
     MAX_RECIPIENTS,
@@ -52,6 +54,8 @@ from authmilter.model import AuthResult, Verdict
 from authmilter.pipeline import Transaction
 from authmilter.resolver import DnsAnswer, DnsSettings, Resolver, ZoneFileSource, tempfail
 from milterclient import split_message
+from scrape import parse
+from scrape import value as sample
 from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, with_tight_fields, zone_txt
 
 AUTHSERV_ID = "mx.receiver.example"
@@ -276,9 +280,11 @@ def connect(zone_files: list[Path], history: History, monkeypatch: pytest.Monkey
         resolver: Resolver | None = None,
         macros: dict[int, dict[str, str]] | None = None,
         offer: tuple[int, int, int, int] = MTA_OFFER,
+        metrics: Metrics | None = None,
         **kw: Any,
     ) -> MtaCtx:
-        runtime = Runtime(config or make_config(), resolver or Resolver(ScriptedSource(zone_files)), history)
+        resolver = resolver or Resolver(ScriptedSource(zone_files), observer=metrics)
+        runtime = Runtime(config or make_config(), resolver, history, metrics=metrics)
         monkeypatch.setattr(Milter, "factory", lambda: AuthMilter(runtime))
         ctx = MtaCtx()
         ctx.macros = macros or {}
@@ -793,6 +799,36 @@ def test_history_failure_does_not_change_the_verdict(
         assert ctx.send(signed()) == Milter.ACCEPT
     assert len(our_ar(ctx)) == 1
     assert "cannot write the history record" in caplog.text
+
+
+def test_metrics_count_connections_verdicts_and_lost_history_records(
+    connect: Connect,
+    signed: Callable[..., bytes],
+    history: History,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(verdict: Verdict, transaction: Transaction, now: float) -> None:
+        raise HistoryError("disk full")
+
+    history.record = broken  # type: ignore[method-assign]
+    monkeypatch.delenv(MULTIPROCESS_ENV, raising=False)  # enable() sets it; restored afterwards
+    metrics = enable_metrics(str(tmp_path))
+    try:
+        ctx = connect(metrics=metrics)
+        assert ctx.send(signed()) == Milter.ACCEPT
+        during = parse(metrics.render()[0].decode())
+        ctx.app.close()
+        after = parse(metrics.render()[0].decode())
+    finally:
+        metrics.close()
+    assert sample(during, "authmilter_connections_in_flight") == 1
+    assert sample(after, "authmilter_connections_in_flight") == 0
+    assert sample(after, "authmilter_actions_total", action="accept", direction="inbound") == 1
+    assert sample(after, "authmilter_auth_results_total", method="dkim", result="pass") == 1
+    assert sample(after, "authmilter_check_duration_seconds_count", check="dmarc") == 1
+    assert sample(after, "authmilter_dns_cache_lookups_total", result="miss") > 0
+    assert sample(after, "authmilter_history_write_errors_total") == 1
 
 
 def test_history_gets_dmarc_evaluated_messages_only(
