@@ -316,6 +316,29 @@ def test_run_on_a_busy_port_exits_1(
     assert "cannot bind" in capsys.readouterr().err
 
 
+def test_run_with_a_busy_metrics_port_exits_1_and_leaves_no_directory(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    root_logging: logging.Logger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "a.toml"
+        config.write_text(
+            f'[milter]\nsocket = "inet:{free_port()}@127.0.0.1"\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        )
+        assert cli.main(["run", "--config", str(config)]) == 1
+    assert (
+        f"[metrics] listen = 127.0.0.1:{port}: cannot bind: Address already in use" in capsys.readouterr().err
+    )
+    assert not list(tmp_path.glob("authmilter-metrics-*"))
+
+
 # --- `authmilter run` as real processes ------------------------------------------------------
 
 
