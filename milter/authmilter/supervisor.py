@@ -25,7 +25,9 @@ libmilter instance whose threads serve connections. The supervisor
 - on SIGHUP reloads the config: a valid one is served by a fresh generation of workers, started
   before the old one is stopped, on the same socket; an invalid one is logged and the old workers
   keep serving. Fresh workers also reopen every file they write (the history file);
-- tells systemd (``Type=notify``) when the workers accept, reload and stop.
+- tells systemd (``Type=notify``) when the workers accept, reload and stop;
+- with ``[metrics] listen``, serves the Prometheus endpoint from its poll loop (metrics.py says why)
+  and counts worker starts, exits and reloads there.
 
 The supervisor runs no threads: one ``poll()`` loop, with signals delivered through a wakeup pipe.
 Each worker has a socketpair to it: the worker sends "ready", the supervisor sends "stop" (or
