@@ -90,7 +90,7 @@ def test_a_verdict_counts_each_method_result_the_action_and_each_check(metrics: 
 
 
 def test_an_unsigned_message_counts_dkim_none_and_outbound_mail_its_signing_keys(metrics: Metrics) -> None:
-    unsigned = Verdict(None, None, (), None, Action.REJECT, None, "", "")
+    unsigned = Verdict(None, None, (), None, Action.REJECT, None, "", "", check_seconds=(("dkim", 0.001),))
     signed = Verdict(
         None,
         None,

@@ -259,7 +259,7 @@ def _results(verdict: Verdict) -> list[tuple[str, str]]:
         results.append(("spf", verdict.spf.result.value))
     if verdict.helo is not None:
         results.append(("helo", verdict.helo.result.value))
-    if not verdict.outbound:
+    if any(check == "dkim" for check, _ in verdict.check_seconds):  # DKIM was verified
         results.extend(("dkim", d.result.value) for d in verdict.dkim)
         if not verdict.dkim:
             results.append(("dkim", "none"))  # what the A-R says for an unsigned message
