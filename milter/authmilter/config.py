@@ -129,11 +129,31 @@ class LogSettings:
         destination: "stderr" (journald under systemd) or "syslog".
         level: "debug", "info", "warning" or "error".
         syslog_facility: the facility for "syslog" (e.g. "mail", "local0").
+        format: "text" (``key=value`` lines) or "json" (one JSON object per record, for
+            journald and log shippers).
     """
 
     destination: str = "stderr"
     level: str = "info"
     syslog_facility: str = "mail"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Section ``[metrics]``.
+
+    Attributes:
+        listen: where the Prometheus endpoint listens, ``HOST:PORT`` or ``[IPv6]:PORT``; empty:
+            no metrics (nothing is measured). Read at start only: a reload keeps the address.
+    """
+
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port); None when metrics are off."""
+        return listen_address(self.listen) if self.listen else None
 
 
 @dataclass(frozen=True)
@@ -148,6 +168,7 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @functools.cached_property
     def internal_hosts(self) -> HostSet:
@@ -210,6 +231,7 @@ SECTIONS: dict[str, type[Any]] = {
     "policy": PolicySettings,
     "history": HistorySettings,
     "signing": SigningSettings,
+    "metrics": MetricsSettings,
 }
 
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
@@ -241,6 +263,7 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("log", "destination"): frozenset({"stderr", "syslog"}),
     ("log", "level"): frozenset({"debug", "info", "warning", "error"}),
     ("log", "syslog_facility"): frozenset({"mail", "daemon", "user", *(f"local{i}" for i in range(8))}),
+    ("log", "format"): frozenset({"text", "json"}),
     **{("policy", k): frozenset(a.value for a in v) for k, v in ALLOWED_FAILURE_ACTIONS.items()},
     ("signing", "key_permissions"): frozenset(PERMISSION_POLICIES),
     ("signing", "signing_domain"): frozenset(SIGNING_DOMAIN_SOURCES),
@@ -481,6 +504,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
             parse_nameserver(text)
     if (section, key) == ("milter", "status_file") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /run/authmilter/status")
+    if (section, key) == ("metrics", "listen") and value:
+        listen_address(value)
     if (section, key) == ("history", "path") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:
@@ -574,6 +599,29 @@ def _check_socket(value: str) -> None:
     raise ValueError(f"'{value}' is not a milter socket: use inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH")
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); the host is an IP address.
+
+    Raises:
+        ValueError: not that form, the host is not an IP address, or the port is not 1-65535.
+    """
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        versions = {6}
+    else:
+        versions = {4}
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if not colon or address is None or address.version not in versions or not port.isdigit():
+        raise ValueError(f"'{value}' is not an address like \"127.0.0.1:9465\" or \"[::1]:9465\"")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"'{value}': port {port} is out of range (1 to 65535)")
+    return host, int(port)
+
+
 def _resolve_paths(value: Any, path: Path) -> Any:
     def resolve(name: str) -> str:
         if not name:
@@ -594,6 +642,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FailureAction",
+    "MetricsSettings",
     "MilterSettings",
     "default_config",
     "load_config",

@@ -63,8 +63,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from publicsuffixlist import PublicSuffixList
-
 from authmilter.model import (
     AuthResult,
     Disposition,
@@ -75,6 +73,7 @@ from authmilter.model import (
     SpfScope,
 )
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.suffix_list import public_suffix_list
 
 # RFC 9989 §4.10: "Author Domains with more than eight labels do not result in more than eight DNS
 # queries".
@@ -358,20 +357,11 @@ def load_public_suffix_list(settings: DmarcSettings) -> None:
         UnicodeDecodeError: it is not UTF-8 text.
     """
     if settings.org_domain == "psl":
-        _public_suffix_list(settings.psl_file)
-
-
-@lru_cache(maxsize=8)
-def _public_suffix_list(psl_file: str | None) -> PublicSuffixList:
-    # Loaded once per file and process (load_public_suffix_list, at worker start-up).
-    if psl_file is None:
-        return PublicSuffixList()
-    with open(psl_file, encoding="utf-8") as source:
-        return PublicSuffixList(source)
+        public_suffix_list(settings.psl_file)
 
 
 def _psl_org(domain: str, settings: DmarcSettings) -> str:
-    registrable = _public_suffix_list(settings.psl_file).privatesuffix(domain)
+    registrable = public_suffix_list(settings.psl_file).privatesuffix(domain)
     return registrable.lower() if isinstance(registrable, str) else domain
 
 

@@ -188,6 +188,8 @@ class Verdict:
         outbound: the message is outbound mail (internal host, SASL-authenticated, or a signing
             daemon_name): it was not verified, and ``authentication_results`` is empty.
         signatures: DKIM-Signature values to add (without the name), the first on top.
+        check_seconds: (check, wall seconds) of each check run, in order (``spf``, ``helo``,
+            ``dkim``, ``dmarc``), for the log line and the metrics; not part of :meth:`as_json`.
     """
 
     spf: SpfResult | None
@@ -201,6 +203,7 @@ class Verdict:
     forged_authentication_results: tuple[int, ...] = ()
     outbound: bool = False
     signatures: tuple[str, ...] = ()
+    check_seconds: tuple[tuple[str, float], ...] = field(default=(), compare=False)
 
     def as_json(self) -> dict[str, Any]:
         """The stable, documented JSON form (docs/verdict-json.md)."""

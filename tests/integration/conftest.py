@@ -168,9 +168,12 @@ def local_sendmail(
 def _authmilter(
     mta_name: str, milter_port: int, dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory
 ) -> Generator[AuthmilterProcess, None, None]:
-    """``authmilter run`` with 2 workers on the port the MTA's milter setting names."""
+    """``authmilter run`` with 2 workers on the port the MTA's milter setting names, metrics on."""
     process = AuthmilterProcess(
-        tmp_path_factory.mktemp(f"authmilter-{mta_name}"), milter_port=milter_port, dns_port=dns_server.port
+        tmp_path_factory.mktemp(f"authmilter-{mta_name}"),
+        milter_port=milter_port,
+        dns_port=dns_server.port,
+        metrics_port=free_port("127.0.0.1"),
     )
     _LOGS[f"authmilter log ({mta_name})"] = process.log_path
     try:

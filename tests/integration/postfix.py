@@ -457,6 +457,7 @@ def authmilter_config(
     history_path: Path | None = None,
     extra: str = "",
     milter: str = "",
+    metrics_port: int = 0,
 ) -> str:
     """The TOML the integration tests run authmilter with.
 
@@ -468,7 +469,9 @@ def authmilter_config(
         history_path: the history file (``[history] path``), or None for none.
         extra: more TOML appended (e.g. a broken line, to test SIGHUP).
         milter: more ``[milter]`` keys (TOML allows each table once).
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1; 0: no metrics.
     """
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
     return f"""# Written by tests/integration/postfix.py.
 [milter]
 socket = "inet:{milter_port}@127.0.0.1"
@@ -489,7 +492,7 @@ timeout = 1.0
 
 [history]
 path = "{history_path or ""}"
-{extra}"""
+{metrics}{extra}"""
 
 
 class Authmilter(ABC):
@@ -505,6 +508,7 @@ class Authmilter(ABC):
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
         config_history_path: the history file as its config names it (default ``history_path``).
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1 (``[metrics] listen``); 0: none.
     """
 
     host = "127.0.0.1"
@@ -519,6 +523,7 @@ class Authmilter(ABC):
         dns_port: int,
         workers: int = 2,
         config_history_path: Path | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.config_path = config_path
         self.log_path = log_path
@@ -527,6 +532,7 @@ class Authmilter(ABC):
         self.dns_port = dns_port
         self.workers = workers
         self.config_history_path = config_history_path or history_path
+        self.metrics_port = metrics_port
 
     @property
     @abstractmethod
@@ -551,6 +557,7 @@ class Authmilter(ABC):
                 history_path=self.config_history_path,
                 extra=extra,
                 milter=milter,
+                metrics_port=self.metrics_port,
             ),
             encoding="utf-8",
         )
@@ -611,9 +618,12 @@ class AuthmilterProcess(Authmilter):
         milter_port: TCP port on 127.0.0.1 (must match the MTA's milter setting).
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1; 0: none.
     """
 
-    def __init__(self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2) -> None:
+    def __init__(
+        self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2, metrics_port: int = 0
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(
             config_path=workdir / "authmilter.toml",
@@ -622,6 +632,7 @@ class AuthmilterProcess(Authmilter):
             milter_port=milter_port,
             dns_port=dns_port,
             workers=workers,
+            metrics_port=metrics_port,
         )
         self._process: subprocess.Popen[bytes] | None = None
 
