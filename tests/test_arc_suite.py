@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from authmilter.arc_check import verify_arc
+from authmilter.arc_seal import Sealer, own_results, recorded_status, seal_message
 from authmilter.dkim_verify import DkimSettings
+from authmilter.keys import load_private_key
 from authmilter.message import parse_message
 from authmilter.model import AuthResult
 from authmilter.resolver import DnsAnswer, DnsStatus, Resolver
@@ -135,3 +137,91 @@ def test_validation_pass_count(conformance_report: Callable[[str], None]) -> Non
     passed = sum(validate(case) is case.expected for case in CASES)
     conformance_report(f"ARC (ValiMail arc_test_suite) validation: {passed}/{len(CASES)}")
     assert passed == len(CASES)
+
+
+# --- signing -------------------------------------------------------------------------------------
+
+
+def tag_set(value: str) -> set[tuple[str, str]]:
+    """NOTES.md: compare as sets of tag=value pairs after removing all whitespace."""
+    pairs = "".join(value.split()).split(";")
+    return {(name, tag_value) for name, _, tag_value in (p.partition("=") for p in pairs if p)}
+
+
+def aar_parts(value: str) -> list[str]:
+    return ["".join(part.split()) for part in value.split(";") if part.strip()]
+
+
+def signing_cases() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [
+        (name, scenario, test)
+        for scenario in load_scenarios(SIGNING)
+        for name, test in scenario["tests"].items()
+    ]
+
+
+SIGNING_CASES = signing_cases()
+
+
+def seal_case(
+    scenario: dict[str, Any], test: dict[str, Any], tmp_path: Path, status: AuthResult | None = None
+) -> tuple[str, ...]:
+    """Seal as the suite assumes: the A-R of srv-id consolidated, cv= as its arc= says."""
+    key_path = tmp_path / "arc.key"
+    key_path.write_text(scenario["privatekey"])
+    key_path.chmod(0o600)
+    message = parse_message(crlf(test["message"]))
+    results = own_results(message.headers, test["srv-id"])
+    status = status or recorded_status(results)
+    assert status is not None
+    sealer = Sealer(scenario["domain"], scenario["sel"], load_private_key(str(key_path), "rsa-sha256"))
+    names = tuple(name.encode() for name in test["sig-headers"].split(":"))
+    return seal_message(message, status, results, sealer, float(test["t"]), signed_headers=names).fields
+
+
+def expected_fields(test: dict[str, Any]) -> tuple[str, ...]:
+    # no_additional_sig expects nothing ("if a chain is failing, dont add another set").
+    return () if not test["AS"].strip() else (test["AS"], test["AMS"], test["AAR"])
+
+
+def same_fields(made: tuple[str, ...], expected: tuple[str, ...]) -> bool:
+    if not expected or not made:
+        return made == expected
+    return (aar_parts(made[2]), tag_set(made[1]), tag_set(made[0])) == (
+        aar_parts(expected[2]),
+        tag_set(expected[1]),
+        tag_set(expected[0]),
+    )
+
+
+def test_the_signing_suite_has_17_cases() -> None:
+    assert len(SIGNING_CASES) == 17
+
+
+@pytest.mark.parametrize("case", SIGNING_CASES, ids=[c[0] for c in SIGNING_CASES])
+def test_signing_case(case: tuple[str, dict[str, Any], dict[str, Any]], tmp_path: Path) -> None:
+    _, scenario, test = case
+    made, expected = seal_case(scenario, test, tmp_path), expected_fields(test)
+    if expected:
+        assert aar_parts(made[2]) == aar_parts(expected[2])
+        assert tag_set(made[1]) == tag_set(expected[1])
+        assert tag_set(made[0]) == tag_set(expected[0])
+    else:
+        assert made == ()
+
+
+def test_a_chain_marked_failed_is_not_sealed_again(tmp_path: Path) -> None:
+    """RFC 8617 §5.1 step 1: the newest ARC-Seal of no_additional_sig says cv=fail; our own
+    validation (fail) must not add a set either."""
+    (_, scenario, test) = next(c for c in SIGNING_CASES if c[0] == "no_additional_sig")
+    assert seal_case(scenario, test, tmp_path, AuthResult.FAIL) == ()
+
+
+def test_signing_pass_count(tmp_path: Path, conformance_report: Callable[[str], None]) -> None:
+    passed = 0
+    for index, (_, scenario, test) in enumerate(SIGNING_CASES):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        passed += same_fields(seal_case(scenario, test, folder), expected_fields(test))
+    conformance_report(f"ARC (ValiMail arc_test_suite) signing: {passed}/{len(SIGNING_CASES)} byte for byte")
+    assert passed == len(SIGNING_CASES)

@@ -105,12 +105,9 @@ class ArcSettings:
     selector: str = ""
     key_file: str = ""
 
-    def __post_init__(self) -> None:
-        if self.seal_mail not in SEAL_MAIL_CHOICES:
-            choices = ", ".join(SEAL_MAIL_CHOICES)
-            raise ValueError(f"seal_mail must be one of {choices}, not {self.seal_mail!r}")
-        if self.seal and not (self.signing_domain and self.selector and self.key_file):
-            raise ValueError("seal = true needs signing_domain, selector and key_file")
+    def seals(self, outbound: bool) -> bool:
+        """Whether mail in this direction gets an ARC Set."""
+        return self.seal and self.seal_mail in ("all", "outbound" if outbound else "inbound")
 
 
 class _Broken(Exception):
@@ -310,6 +307,71 @@ def _check_structure(sets: dict[int, _Set], newest: int) -> None:
             raise _Broken(f"ARC-Seal i={instance} has cv={written}, not {expected.decode()}")
 
 
+def sealed_fields(sets: dict[int, _Set], instance: int) -> list[tuple[bytes, bytes]]:
+    """§5.1.1: what an ARC-Seal signs: every ARC Set up to its own, by increasing instance, each
+    as AAR, AMS, AS (the sets must be complete: :func:`_check_structure`)."""
+    return [
+        signed
+        for number in range(1, instance + 1)
+        for signed in (
+            (AUTHENTICATION_RESULTS.encode(), sets[number].results[0]),
+            sets[number].signatures[0][0],
+            sets[number].seals[0][0],
+        )
+    ]
+
+
+def seal_names(ordered: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+    """The include list for dkimpy's hash_headers over :func:`seal_order`'s fields."""
+    return [name.lower() for name, _ in ordered]
+
+
+def seal_order(ordered: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The fields as dkimpy's hash_headers must see them to take them in ``ordered``'s order: it
+    picks each name's occurrences from the bottom up."""
+    return list(ordered[::-1])
+
+
+def chain_fields(fields: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The ARC Sets of a message a new ARC-Seal signs (§5.1.1), in order, from its header fields.
+
+    Raises:
+        ValueError: the chain is not structurally valid (then only the new set is sealed, §5.1.2).
+    """
+    try:
+        sets = _collect(fields)
+        if sets:
+            _check_structure(sets, max(sets))
+    except _Broken as e:
+        raise ValueError(str(e)) from None
+    return sealed_fields(sets, max(sets, default=0))
+
+
+def newest_instance(headers: MessageHeaders) -> tuple[int, bytes]:
+    """The highest instance among the ARC fields that can be read, and its ARC-Seal's cv= (b""
+    when unreadable): what a sealer needs (RFC 8617 §5.1 steps 1 and 2)."""
+    newest, cv = 0, b""
+    for name in FIELD_NAMES:
+        for found in headers.get_all(name)[: MAX_INSTANCES + 1]:
+            value = found.value.encode("latin-1", "replace")
+            if name == AUTHENTICATION_RESULTS:
+                match = _AAR_INSTANCE.match(value)
+                number, seal_cv = (int(match.group(1)) if match else 0), None
+            else:
+                try:
+                    tags = dkim.util.parse_tag_value(value)
+                except dkim.util.InvalidTagValueList:
+                    continue
+                text = tags.get(b"i", b"")
+                number = int(text) if _INSTANCE_VALUE.fullmatch(text) else 0
+                seal_cv = tags.get(b"cv", b"").lower() if name == SEAL else None
+            if number > newest:
+                newest, cv = number, b""
+            if number == newest and seal_cv is not None:
+                cv = seal_cv
+    return newest, cv
+
+
 class _Verifier:
     """Checks the signatures of one message: its header fields parsed once, keys via the resolver."""
 
@@ -356,22 +418,10 @@ class _Verifier:
             return f"invalid: {e}"
         if b"h" in tags:
             return "has h= (RFC 8617 §4.1.3)"
-        # §5.1.1: the seal signs every ARC Set up to its own, by increasing instance, each as
-        # AAR, AMS, AS, its own b= left empty (added by hash_headers as the signature field).
-        ordered = [
-            signed
-            for number in range(1, instance + 1)
-            for signed in (
-                (AUTHENTICATION_RESULTS.encode(), sets[number].results[0]),
-                sets[number].signatures[0][0],
-                sets[number].seals[0][0],
-            )
-        ][:-1]
-        # hash_headers picks each name's occurrences from the bottom up: reversed, they come out
-        # in the order above.
-        names = [name.lower() for name, _ in ordered]
+        # The seal's own b= is left empty: hash_headers adds it as the signature field.
+        ordered = sealed_fields(sets, instance)[:-1]
         seal_tags = {**tags, b"c": b"relaxed/relaxed"}  # §4.1.3: relaxed header canonicalization
-        return self._signature(seal_tags, names, header, ordered[::-1])
+        return self._signature(seal_tags, seal_names(ordered), header, seal_order(ordered))
 
     def _signature(
         self,
