@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 # The AMS body hash: relaxed body canonicalization over the whole body, SHA-256 (§4.1.2).
 SEAL_BODY_HASH = BodyHashSpec("relaxed", None, "sha256")
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+# The fields of our ARC Set in SealOutcome.fields order, top first.
+ARC_SET_FIELDS = (SEAL, MESSAGE_SIGNATURE, AUTHENTICATION_RESULTS)
 # Chain validation status words (§4.1.3 cv=).
 _CV = {AuthResult.NONE: b"none", AuthResult.PASS: b"pass", AuthResult.FAIL: b"fail"}
 

@@ -231,7 +231,7 @@ def _dmarc_clause(
     return _fold_clause(_clause_pieces("dmarc", dmarc.result, comment, properties), last)
 
 
-def _arc_clause(arc: ArcResult, client_ip: str, last: bool) -> str:
+def _arc_clause(arc: ArcResult, last: bool, client_ip: str = "") -> str:
     # RFC 8617 §10.1 registers smtp.remote-ip and header.oldest-pass for arc; the comment names
     # the sealing domains, oldest first, or why the chain failed.
     sealers = " ".join(arc.sealers)
