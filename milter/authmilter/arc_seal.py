@@ -71,7 +71,7 @@ class SealOutcome:
 
     Attributes:
         fields: ARC-Seal, ARC-Message-Signature and ARC-Authentication-Results values (without
-            the names, folded LF + TAB), to be put on top in that order; () when not sealed.
+            the names, folded LF + SP), to be put on top in that order; () when not sealed.
         reason: for the log: ``sealed i=2 cv=pass d=... s=...``, or why nothing was sealed.
     """
 
@@ -185,8 +185,9 @@ def _seal(
 
 
 def _folded(value: bytes) -> str:
-    """One tag or resinfo per line (LF + TAB, as the milter API wants; see authresults.py)."""
-    return value.decode("utf-8").strip().replace("; ", ";\n\t")
+    """One tag or resinfo per line, folded with LF (the milter API's line end, authresults.py) and
+    a space: dkimpy's ARC verifier finds an AMS by the text " i=N;", so no TAB before a tag."""
+    return value.decode("utf-8").strip().replace("; ", ";\n ")
 
 
 def own_results(headers: MessageHeaders, authserv_id: str) -> str:
