@@ -80,6 +80,7 @@ MAX_REASON_LENGTH = 120
 _AAR_INSTANCE = re.compile(rb"\s*i\s*=\s*([0-9]{1,3})\s*;")
 _INSTANCE_VALUE = re.compile(rb"[0-9]{1,3}")
 _CANONICAL_NAMES = {name.lower().encode(): name for name in FIELD_NAMES}
+_LOWER_NAMES = frozenset(name.lower() for name in FIELD_NAMES)
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ class _Set:
 
 
 def has_arc_fields(headers: MessageHeaders) -> bool:
-    """Any ARC header field at all: the only work a message without ARC costs."""
-    return any(headers.get_all(name) for name in FIELD_NAMES)
+    """Any ARC header field at all: the only work a message without ARC costs (one pass)."""
+    return any(field.name.lower() in _LOWER_NAMES for field in headers.fields)
 
 
 def arc_body_hashes(headers: MessageHeaders, settings: ArcSettings) -> frozenset[BodyHashSpec]:

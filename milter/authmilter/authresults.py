@@ -234,13 +234,18 @@ def _dmarc_clause(
 def _arc_clause(arc: ArcResult, last: bool, client_ip: str = "") -> str:
     # RFC 8617 §10.1 registers smtp.remote-ip and header.oldest-pass for arc; the comment names
     # the sealing domains, oldest first, or why the chain failed.
+    if arc.result is AuthResult.NONE:
+        return _no_arc_clause(last)
     sealers = " ".join(arc.sealers)
     comment = f"{arc.reason}, sealers {sealers}" if arc.reason else f"i={arc.instances} sealers {sealers}"
     oldest = "" if arc.oldest_pass is None else str(arc.oldest_pass)
     properties = _properties(("smtp", "remote-ip", client_ip), ("header", "oldest-pass", oldest))
-    if arc.result is AuthResult.NONE:
-        return _fold_clause(_clause_pieces("arc", arc.result, "", []), last)
     return _fold_clause(_clause_pieces("arc", arc.result, comment, properties), last)
+
+
+@lru_cache(maxsize=2)
+def _no_arc_clause(last: bool) -> str:
+    return _fold_clause(_clause_pieces("arc", AuthResult.NONE, "", []), last)
 
 
 @lru_cache(maxsize=2)
