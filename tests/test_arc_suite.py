@@ -29,9 +29,16 @@ from authmilter.resolver import DnsAnswer, DnsStatus, Resolver
 SUITE = Path(__file__).resolve().parents[1].parent / "shared" / "peer-suites" / "arc-test-suite"
 VALIDATION = SUITE / "arc-draft-validation-tests.yml"
 SIGNING = SUITE / "arc-draft-sign-tests.yml"
-# NOTES.md: these three expect an empty cv, a defect of the suite (OpenARC issue #78, closed as
-# "issues with the test suite"): each chain's newest ARC-Seal (or an older one) says cv=fail, which
-# RFC 8617 §5.2 steps 2 and 3 make a failed chain. They are read as fail.
+# NOTES.md: three cases expect an empty cv, a defect of the suite (OpenARC issue #78, closed as
+# "issues with the test suite"); each is read as fail, as RFC 8617 §5.2 makes it:
+# - cv_fail_i1_as_cv_fail: the only ARC-Seal (i=1) says cv=fail; step 2 ("If the Chain Validation
+#   Status of the highest instance value ARC Set is 'fail', then the Chain Validation Status is
+#   'fail'") applies.
+# - cv_fail_i2_as2_fail: the newest ARC-Seal (i=2) says cv=fail: step 2 again.
+# - cv_fail_i2_as1_fail: the older ARC-Seal (i=1) says cv=fail: step 3.3 (no cv may be fail, and
+#   i=1 must say none) makes the chain fail.
+# cv_empty and cv_no_headers (an empty message, one without header fields) expect None, which is
+# what a message without ARC Sets gives (step 1); they need no special case.
 EMPTY_CV_READ_AS_FAIL = {"cv_fail_i1_as_cv_fail", "cv_fail_i2_as2_fail", "cv_fail_i2_as1_fail"}
 EXPECTED_VALIDATION_CASES = 175
 
