@@ -19,12 +19,13 @@ from authmilter.history import Envelope, make_record
 from authmilter.keys import load_private_key
 from authmilter.message import assemble_message, parse_message
 from authmilter.model import Action, AuthResult
-from authmilter.pipeline import Connection, Transaction, body_hashes, evaluate
+from authmilter.pipeline import Connection, Transaction, body_hashes, evaluate, match_internal_host
 from authmilter.resolver import Resolver, ZoneFileSource
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
 
 SOA = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
 LIST_IP = "198.51.100.7"
+LIST_SENDER = "bounces@lists.example.org"
 SEALED_AT = 1_790_000_000.0
 # What the list recorded when the message reached it: an aligned DKIM pass for sender.example.
 LIST_RESULTS = (
@@ -353,3 +354,39 @@ def test_sealing_needs_a_domain_selector_and_usable_key(tmp_path: Path, keys: di
     assert parse_config(text, path).arc == ArcSettings(
         seal=True, signing_domain="lists.example.org", selector="arc", key_file=str(key)
     )
+
+
+def test_outbound_sealing_only_for_internal_hosts(
+    resolver: Resolver, keys: dict[str, SigningKey], tmp_path: Path
+) -> None:
+    """An authenticated user could write an A-R with our authserv-id: only an internal host's mail
+    (the list software) is sealed with the results it carries."""
+    ours = sealer(keys["list"], "lists.example.org", tmp_path)
+    config = config_with(
+        seal=True,
+        seal_mail="outbound",
+        signing_domain="lists.example.org",
+        selector="arc",
+        key_file=ours.key.path,
+    )
+    config = dataclasses.replace(
+        config, milter=dataclasses.replace(config.milter, authserv_id="lists.example.org")
+    )
+    received = b"Authentication-Results: " + LIST_RESULTS.encode() + b"\r\n" + make_message() + FOOTER
+    message = parse_message(received)
+    verdicts = {}
+    for who, connection in {
+        "internal": Connection(
+            "127.0.0.1", "localhost", internal_host=match_internal_host("127.0.0.1", "", config)
+        ),
+        "authenticated": Connection("203.0.113.9", "client", macros={"{auth_authen}": "mallory"}),
+    }.items():
+        transaction = Transaction(connection, LIST_SENDER, ("alice@receiver.example",), message)
+        verdicts[who] = evaluate(transaction, resolver, config)
+    assert verdicts["authenticated"].outbound and verdicts["authenticated"].arc_seal == ()
+    assert "not sealed: outbound mail not from an internal host" in verdicts["authenticated"].reason
+    sealed = verdicts["internal"].arc_seal
+    assert len(sealed) == 3 and "cv=none" in sealed[0]
+    assert "dkim=pass header.d=sender.example" in sealed[2]
+    result = verify_arc(parse_message(with_fields(received, sealed)), resolver, DkimSettings())
+    assert (result.result, result.sealers) == (AuthResult.PASS, ("lists.example.org",))

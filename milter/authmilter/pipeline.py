@@ -337,7 +337,13 @@ def _seal_outbound(
     transaction: Transaction, config: Config, keys: KeyCache | None, now: float | None
 ) -> SealOutcome:
     """Mail leaving (a list's re-sent copy) is sealed with the A-R we wrote when it came in, and
-    the chain status it records: the chain as it arrived, before the list changed the message."""
+    the chain status it records: the chain as it arrived, before the list changed the message.
+
+    Only mail from an internal host (the list software): an authenticated user could write an A-R
+    with our authserv-id claiming any pass, and our seal would vouch for it."""
+    entry = transaction.connection.internal_host
+    if entry is None or not entry.included:
+        return SealOutcome((), "not sealed: outbound mail not from an internal host")
     results = own_results(transaction.message.headers, config.authserv_id)
     if not results:
         return SealOutcome((), f"not sealed: no Authentication-Results of {config.authserv_id} to record")

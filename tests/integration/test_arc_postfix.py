@@ -141,6 +141,10 @@ def _eventually(condition: Callable[[], bool], timeout: float = RELOAD_TIMEOUT) 
 def test_a_list_copy_is_rejected_unless_the_sealer_is_trusted(
     mta: Mta, senders: Senders, list_hop: ListHop, milter_process: AuthmilterProcess
 ) -> None:
+    if getattr(mta, "name", "postfix") != "postfix":
+        # The MX must see the list's address (XCLIENT); an MTA without it (the Sendmail harness
+        # on main) would show a loopback client, which is an internal host.
+        pytest.skip("needs XCLIENT to claim the list's address")
     message = through_the_list(list_hop, senders)
     untrusted = mta.send(message, mail_from=LIST_SENDER, client=LIST_CLIENT)
     assert untrusted.code == 550 and untrusted.text.startswith("5.7.26"), untrusted
