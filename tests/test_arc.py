@@ -4,7 +4,10 @@ trusted-sealer override, interoperability with dkimpy's ARC, and the [arc] setti
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import dkim
@@ -41,7 +44,7 @@ def keys() -> dict[str, SigningKey]:
 
 
 @pytest.fixture(scope="module")
-def resolver(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> Resolver:
+def zones(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKey]) -> list[Path]:
     folder = tmp_path_factory.mktemp("arc-zones")
     (folder / "sender.example.zone").write_text(
         SOA + '@ IN TXT "v=spf1 ip4:192.0.2.0/24 -all"\n'
@@ -57,6 +60,11 @@ def resolver(tmp_path_factory: pytest.TempPathFactory, keys: dict[str, SigningKe
     zones = sorted(folder.glob("*.zone"))
     for zone in zones:
         zone.write_text(f"$ORIGIN {zone.stem}.\n" + zone.read_text())
+    return zones
+
+
+@pytest.fixture(scope="module")
+def resolver(zones: list[Path]) -> Resolver:
     return Resolver(ZoneFileSource(zones))
 
 
@@ -390,3 +398,35 @@ def test_outbound_sealing_only_for_internal_hosts(
     assert "dkim=pass header.d=sender.example" in sealed[2]
     result = verify_arc(parse_message(with_fields(received, sealed)), resolver, DkimSettings())
     assert (result.result, result.sealers) == (AuthResult.PASS, ("lists.example.org",))
+
+
+def test_check_json_reports_the_chain_and_the_override(
+    zones: list[Path], keys: dict[str, SigningKey], tmp_path: Path
+) -> None:
+    config = tmp_path / "authmilter.toml"
+    config.write_text('[arc]\ntrusted_sealers = ["lists.example.org"]\n')
+    zone_args = [arg for zone in zones for arg in ("--zone", str(zone))]
+    command = [
+        sys.executable,
+        "-m",
+        "authmilter",
+        "check",
+        "--client-ip",
+        LIST_IP,
+        "--helo",
+        "lists.example.org",
+    ]
+    command += ["--mail-from", LIST_SENDER, "--config", str(config), *zone_args, "--json", "-"]
+    result = subprocess.run(
+        command, input=list_copy(keys, tmp_path), capture_output=True, timeout=60, check=True
+    )
+    verdict = json.loads(result.stdout)
+    assert verdict["arc"] == {
+        "result": "pass",
+        "instances": 1,
+        "oldest_pass": 0,
+        "sealers": ["lists.example.org"],
+        "override": "lists.example.org",
+        "reason": "",
+    }
+    assert (verdict["dmarc"]["result"], verdict["action"]) == ("fail", "accept")
