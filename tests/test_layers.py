@@ -32,6 +32,8 @@ RANKS = {
     "dmarc": 2,
     "authresults": 2,
     "actions": 2,
+    "arc_check": 2.5,  # ARC reuses DKIM key lookup, DMARC alignment and the A-R parser
+    "arc_seal": 2.6,
     "reports": 2,
     "config": 3,
     "pipeline": 4,

@@ -935,7 +935,7 @@ def test_log_line(connect: Connect, signed: Callable[..., bytes], caplog: pytest
     [info] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert re.fullmatch(
         r"queue_id=4XyZ1 client=192\.0\.2\.10 from=sender\.example spf=pass dkim=pass:sender\.example "
-        r"dmarc=pass action=accept ms=\d+\.\d checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,dmarc:\d+\.\d",
+        r"dmarc=pass action=accept ms=\d+\.\d checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,arc:\d+\.\d,dmarc:\d+\.\d",
         info,
     )
     [debug] = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
@@ -963,7 +963,7 @@ def test_log_line_as_json(
         "action": "accept",
     }
     assert entry["dkim"] == [{"result": "pass", "domain": "sender.example", "selector": "rsa1"}]
-    assert list(entry["check_ms"]) == ["spf", "helo", "dkim", "dmarc"]
+    assert list(entry["check_ms"]) == ["spf", "helo", "dkim", "arc", "dmarc"]
     assert all(isinstance(ms, float) for ms in entry["check_ms"].values())
     assert isinstance(entry["ms"], float) and entry["level"] == "info"
     assert entry["message"] == info.getMessage()

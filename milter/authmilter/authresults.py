@@ -32,7 +32,15 @@ import authres.dkim_b
 import authres.dmarc
 
 from authmilter.message import MessageHeaders, unfold
-from authmilter.model import NOT_ENFORCED_NOTE, AuthResult, Disposition, DkimResult, DmarcVerdict, SpfResult
+from authmilter.model import (
+    NOT_ENFORCED_NOTE,
+    ArcResult,
+    AuthResult,
+    Disposition,
+    DkimResult,
+    DmarcVerdict,
+    SpfResult,
+)
 
 HEADER_NAME = "Authentication-Results"
 # RFC 5321 §4.5.3.1.3: a path is at most 256 octets; nothing we echo is legitimately longer.
@@ -210,17 +218,34 @@ def _dkim_pieces(
 
 
 @lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _dmarc_clause(dmarc: DmarcVerdict, last: bool, applied: Disposition | None = None) -> str:
+def _dmarc_clause(
+    dmarc: DmarcVerdict, last: bool, applied: Disposition | None = None, trusted_sealer: str = ""
+) -> str:
     # dis= says what was done: when local policy did not apply the disposition DMARC asked for
     # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
     comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
     if dmarc.policy and applied is not None and applied is not dmarc.disposition:
-        comment = (
-            f"p={dmarc.policy.value} dis={applied.value}, "
-            f"{dmarc.disposition.value} {NOT_ENFORCED_NOTE}"
-        )
+        why = f"overridden by trusted ARC sealer {trusted_sealer}" if trusted_sealer else NOT_ENFORCED_NOTE
+        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {why}"
     properties = _properties(("header", "from", dmarc.from_domain))
     return _fold_clause(_clause_pieces("dmarc", dmarc.result, comment, properties), last)
+
+
+def _arc_clause(arc: ArcResult, last: bool, client_ip: str = "") -> str:
+    # RFC 8617 §10.1 registers smtp.remote-ip and header.oldest-pass for arc; the comment names
+    # the sealing domains, oldest first, or why the chain failed.
+    if arc.result is AuthResult.NONE:
+        return _no_arc_clause(last)
+    sealers = " ".join(arc.sealers)
+    comment = f"{arc.reason}, sealers {sealers}" if arc.reason else f"i={arc.instances} sealers {sealers}"
+    oldest = "" if arc.oldest_pass is None else str(arc.oldest_pass)
+    properties = _properties(("smtp", "remote-ip", client_ip), ("header", "oldest-pass", oldest))
+    return _fold_clause(_clause_pieces("arc", arc.result, comment, properties), last)
+
+
+@lru_cache(maxsize=2)
+def _no_arc_clause(last: bool) -> str:
+    return _fold_clause(_clause_pieces("arc", AuthResult.NONE, "", []), last)
 
 
 @lru_cache(maxsize=2)
@@ -229,7 +254,7 @@ def _no_signature_clause(_: None, last: bool) -> str:
 
 
 # A resinfo's renderer (given the result and whether it is the last resinfo) and its result.
-_Entry = tuple[Callable[[Any, bool], str], SpfResult | DkimResult | DmarcVerdict | None]
+_Entry = tuple[Callable[[Any, bool], str], SpfResult | DkimResult | DmarcVerdict | ArcResult | None]
 
 
 def _entries(
@@ -238,6 +263,8 @@ def _entries(
     dkim: Sequence[DkimResult],
     dmarc: DmarcVerdict | None,
     applied: Disposition | None,
+    arc: ArcResult | None,
+    client_ip: str,
 ) -> list[_Entry]:
     """What each resinfo is made from: its renderer and its result, in header order."""
     entries: list[_Entry] = []
@@ -250,7 +277,10 @@ def _entries(
     elif entries or dmarc is not None:
         entries.append((_no_signature_clause, None))
     if dmarc is not None:
-        entries.append((partial(_dmarc_clause, applied=applied), dmarc))
+        override = arc.override if arc is not None else ""
+        entries.append((partial(_dmarc_clause, applied=applied, trusted_sealer=override), dmarc))
+    if arc is not None:
+        entries.append((partial(_arc_clause, client_ip=client_ip), arc))
     return entries
 
 
@@ -274,10 +304,12 @@ def render_authentication_results(
     dkim: Sequence[DkimResult],
     dmarc: DmarcVerdict | None,
     applied: Disposition | None = None,
+    arc: ArcResult | None = None,
+    client_ip: str = "",
 ) -> str:
     """The Authentication-Results value (after the colon) for one message, folded.
 
-    Clauses come in the order spf (MAIL FROM), spf (HELO), dkim (one per signature), dmarc.
+    Clauses come in the order spf (MAIL FROM), spf (HELO), dkim (one per signature), dmarc, arc.
     With no signature ``dkim=none`` is written, unless nothing at all was evaluated: then the
     value is ``authserv-id; none`` (RFC 8601 §2.2).
 
@@ -289,6 +321,9 @@ def render_authentication_results(
         dmarc: the DMARC verdict, or None to leave it out.
         applied: what was done with the message, as a disposition, when that is not what the
             DMARC verdict asks (actions.unenforced_disposition); None when it is.
+        arc: the ARC chain validation, or None to leave it out; its ``override`` names the
+            trusted sealer in the dmarc comment.
+        client_ip: the SMTP client, for ``arc``'s ``smtp.remote-ip`` (RFC 8617 §10.1).
 
     Returns:
         The value without the leading space, folded with LF + TAB.
@@ -297,7 +332,7 @@ def render_authentication_results(
         ValueError: the authserv-id is not a hostname (configuration must catch this first).
     """
     server = sanitize_authserv_id(authserv_id)
-    entries = _entries(spf, helo, dkim, dmarc, applied)
+    entries = _entries(spf, helo, dkim, dmarc, applied, arc, client_ip)
     if not entries:
         return str(authres.AuthenticationResultsHeader(authserv_id=server).header_value())
     last = len(entries) - 1
@@ -338,6 +373,18 @@ def _incoming_authserv_id(value: str) -> str:
     except Exception:
         return ""
     return str(parsed.authserv_id or "").lower().rstrip(".")
+
+
+def parse_authentication_results(payload: str) -> Any:
+    """An A-R payload (``authserv-id; resinfo...``) parsed by authres, or None when it does not
+    parse or is longer than MAX_INCOMING_LENGTH (ARC-Authentication-Results, RFC 8617 §4.1.1)."""
+    text = unfold(payload).strip()
+    if len(text) > MAX_INCOMING_LENGTH:
+        return None
+    try:
+        return _FEATURES.parse_value(text)
+    except Exception:  # hostile input: see _incoming_authserv_id
+        return None
 
 
 def inspect_authentication_results(

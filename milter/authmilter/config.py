@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from authmilter.actions import ALLOWED_FAILURE_ACTIONS, FailureAction, PolicySettings
+from authmilter.arc_check import SEAL_MAIL_CHOICES, ArcSettings, normalise_sealers
 from authmilter.authresults import sanitize_authserv_id
 from authmilter.dkim_sign import (
     CANONICALIZATIONS,
@@ -169,6 +170,7 @@ class Config:
     history: HistorySettings = field(default_factory=HistorySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    arc: ArcSettings = field(default_factory=ArcSettings)
 
     @functools.cached_property
     def internal_hosts(self) -> HostSet:
@@ -232,6 +234,7 @@ SECTIONS: dict[str, type[Any]] = {
     "history": HistorySettings,
     "signing": SigningSettings,
     "metrics": MetricsSettings,
+    "arc": ArcSettings,
 }
 
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
@@ -268,6 +271,7 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("signing", "key_permissions"): frozenset(PERMISSION_POLICIES),
     ("signing", "signing_domain"): frozenset(SIGNING_DOMAIN_SOURCES),
     ("signing", "canonicalization"): frozenset(CANONICALIZATIONS),
+    ("arc", "seal_mail"): frozenset(SEAL_MAIL_CHOICES),
 }
 
 # [milter] keys in OpenDKIM's host dataset syntax: a list of entries, or a dataset file's name.
@@ -335,7 +339,28 @@ def parse_config(text: str, path: str | Path) -> Config:
             f"{_where(path, text, e.section, e.key)}[{e.section}] {e.key}: {e.problem}"
         ) from None
     _check_host_lists_apart(config, path, text)
+    _check_arc(config, path, text)
     return config
+
+
+def _check_arc(config: Config, path: Path, text: str) -> None:
+    """``[arc] seal`` needs its d=, s= and a usable RSA key (checked as signing keys are), and a
+    chain validation to record (cv=) on the inbound mail it seals."""
+    settings = config.arc
+    if not settings.seal:
+        return
+    for key in ("signing_domain", "selector", "key_file"):
+        if not getattr(settings, key):
+            raise ConfigError(f"{_where(path, text, 'arc', 'seal')}[arc] seal = true needs {key}")
+    if settings.seals(outbound=False) and not settings.verify:
+        raise ConfigError(
+            f"{_where(path, text, 'arc', 'verify')}[arc] verify = false: sealing inbound mail needs the "
+            'chain validated (cv=); set verify = true or seal_mail = "outbound"'
+        )
+    try:
+        load_private_key(settings.key_file, "rsa-sha256", permissions=config.signing.key_permissions)
+    except KeyFileError as e:
+        raise ConfigError(f"{_where(path, text, 'arc', 'key_file')}[arc] key_file: {e}") from None
 
 
 def _check_host_lists_apart(config: Config, path: Path, text: str) -> None:
@@ -414,6 +439,9 @@ def _build_section(name: str, table: Mapping[str, Any], path: Path, text: str) -
         try:
             if (name, key) in HOST_LIST_KEYS:
                 values[key] = _host_list(key, raw, path)
+                continue
+            if (name, key) == ("arc", "trusted_sealers"):
+                values[key] = _trusted_sealers(raw, path)
                 continue
             value = _convert(hints[key], raw)
             values[key] = _check_value(name, key, value, path)
@@ -520,7 +548,34 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         return check_header_names(value, require_from=key == "headers")
     if (section, key) == ("signing", "sign_daemon_names") and not all(value):
         raise ValueError("empty daemon name")
+    if (section, key) == ("arc", "key_file") and value:
+        return _resolve_paths(value, path)
+    if (section, key) in (("arc", "signing_domain"), ("arc", "selector")) and value:
+        return sanitize_authserv_id(value)  # a host name (RFC 6376 §3.5 d=, s= are domain names)
     return value
+
+
+def _trusted_sealers(raw: Any, path: Path) -> frozenset[str]:
+    """``[arc] trusted_sealers``: a list of domains, or a file of them (one a line, ``#`` comments)."""
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return normalise_sealers(_sealer_domain(item, f"entry '{item}'") for item in raw)
+    if not isinstance(raw, str) or not raw:
+        raise TypeError('expected a list of domains (e.g. ["lists.example.org"]) or a file of them')
+    file = _resolve_paths(raw, path)
+    domains = []
+    with open(file, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            entry = line.partition("#")[0].strip()
+            if entry:
+                domains.append(_sealer_domain(entry, f"{file}:{number}"))
+    return normalise_sealers(domains)
+
+
+def _sealer_domain(entry: str, where: str) -> str:
+    try:
+        return sanitize_authserv_id(entry.rstrip("."))
+    except ValueError:
+        raise ValueError(f"{where}: '{entry}' is not a domain name (the d= of an ARC-Seal)") from None
 
 
 def _host_list(key: str, raw: Any, path: Path) -> tuple[str, ...] | str:

@@ -494,6 +494,34 @@ def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: 
     return orgs.of(identifier) == author_org
 
 
+def identifier_aligned(
+    identifier: str, author: str, strict: bool, resolver: Resolver, settings: DmarcSettings
+) -> bool:
+    """Whether an authenticated identifier aligns with an Author Domain (RFC 9989 §3.2.2, §4.4).
+
+    For a result another host recorded (ARC's trusted-sealer check, arc_check.py): the same rule
+    as for our own SPF and DKIM results.
+
+    Args:
+        identifier: the authenticated domain (a DKIM d=, an SPF MAIL FROM domain).
+        author: the RFC5322.From domain.
+        strict: strict alignment (the record's ``adkim=s`` / ``aspf=s``).
+        resolver: for the Organizational Domains.
+        settings: ``org_domain`` (tree walk or PSL).
+
+    Returns:
+        True when aligned; False otherwise, also when a DNS failure leaves it unknown.
+    """
+    name, author_name = _normalize(identifier), _normalize(author)
+    if not name or not author_name:
+        return False
+    orgs = _OrgDomains(resolver, settings)
+    try:
+        return _aligned(name, author_name, strict, orgs.of(author_name), orgs)
+    except _TempFail:
+        return False
+
+
 class _Alignment(NamedTuple):
     spf: bool
     dkim: bool

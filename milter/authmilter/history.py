@@ -269,6 +269,11 @@ def _override_reasons(verdict: Verdict, applied: str) -> list[dict[str, str]]:
         # never_reject_domains/never_reject_networks, [policy] enforce = false, or a local
         # reject/quarantine not asked for by DMARC (spf_fail, from_error, from_multiple_domains,
         # dmarc_temperror).
+        if verdict.arc is not None and verdict.arc.override:
+            # RFC 9990 PolicyOverrideType trusted_forwarder: a trusted ARC sealer vouched for it.
+            comment = f"arc=pass sealed by {verdict.arc.override}"
+            reasons.append({"type": "trusted_forwarder", "comment": _clip(comment, MAX_TEXT)})
+            return reasons
         comment = verdict.reason or f"DMARC policy {NOT_ENFORCED_NOTE}"
         reasons.append({"type": "local_policy", "comment": _clip(comment, MAX_TEXT)})
     return reasons

@@ -263,6 +263,8 @@ def _results(verdict: Verdict) -> list[tuple[str, str]]:
         results.extend(("dkim", d.result.value) for d in verdict.dkim)
         if not verdict.dkim:
             results.append(("dkim", "none"))  # what the A-R says for an unsigned message
+    if verdict.arc is not None:
+        results.append(("arc", verdict.arc.result.value))
     if verdict.dmarc is not None:
         results.append(("dmarc", verdict.dmarc.result.value))
     return results

@@ -40,6 +40,7 @@ import Milter
 
 from authmilter import dkim_rsa
 from authmilter.actions import internal_error_decision
+from authmilter.arc_seal import ARC_SET_FIELDS
 from authmilter.authresults import (
     HEADER_NAME,
 )
@@ -689,6 +690,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         # Each at the top (RFC 6376 §5.6: prepended), the last first, so the first ends on top.
         for signature in reversed(verdict.signatures):
             self.addheader(SIGNATURE_HEADER, self._field_value(signature), 0)
+        # Our ARC Set on top (RFC 8617 §4.1: ARC fields are prepended), ARC-Seal first.
+        for name, value in reversed(tuple(zip(ARC_SET_FIELDS, verdict.arc_seal, strict=False))):
+            self.addheader(name, self._field_value(value), 0)
         if verdict.action is Action.QUARANTINE:
             self._quarantine(verdict.reason)
         return int(Milter.ACCEPT)

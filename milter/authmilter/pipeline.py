@@ -21,6 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from authmilter.actions import Decision, decide_action, internal_error_decision, unenforced_disposition
+from authmilter.arc_check import arc_body_hashes, trusted_forwarder, verify_arc, with_override
+from authmilter.arc_seal import (
+    SEAL_BODY_HASH,
+    Sealer,
+    SealOutcome,
+    own_results,
+    recorded_status,
+    seal_message,
+)
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
 from authmilter.config import Config
 from authmilter.dkim_body import BodyDigests, BodyHashSpec
@@ -37,7 +46,16 @@ from authmilter.dkim_verify import body_hashes_needed, verify_dkim
 from authmilter.dmarc import evaluate_dmarc, from_header_error, too_many_author_domains
 from authmilter.keys import KeyCache, PrivateKey
 from authmilter.message import FromAuthors, MessageHeaders, ParsedMessage, parse_from
-from authmilter.model import Action, DkimResult, DmarcVerdict, SpfResult, Verdict
+from authmilter.model import (
+    Action,
+    ArcResult,
+    AuthResult,
+    Disposition,
+    DkimResult,
+    DmarcVerdict,
+    SpfResult,
+    Verdict,
+)
 from authmilter.resolver import DnsBudget, Resolver
 from authmilter.spf_check import check_helo, check_mail_from
 from authmilter.tables import HostEntry, KeyEntry
@@ -167,12 +185,15 @@ def body_hashes(connection: Connection, headers: MessageHeaders, config: Config)
 
     Returns:
         For outbound mail, the hash our signatures carry; for inbound mail, one per distinct body
-        canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7).
+        canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7), and
+        of the ARC-Message-Signatures (RFC 8617 §4.1.2); the hash of our ARC seal when we seal.
     """
-    if outbound_reason(connection, config):
-        return frozenset({signing_body_hash(config.signing)})
+    outbound = bool(outbound_reason(connection, config))
+    sealing = {SEAL_BODY_HASH} if config.arc.seals(outbound) else set()
+    if outbound:
+        return frozenset({signing_body_hash(config.signing), *sealing})
     values = (field.value.encode("latin-1") for field in headers.get_all(SIGNATURE_HEADER))
-    return body_hashes_needed(values, config.dkim)
+    return body_hashes_needed(values, config.dkim) | arc_body_hashes(headers, config.arc) | sealing
 
 
 def sign_transaction(
@@ -246,7 +267,7 @@ def evaluate(
         why_outbound = outbound_reason(transaction.connection, config)
         if why_outbound:
             return _evaluate_outbound(transaction, config, why_outbound, keys, now)
-        return _evaluate(transaction, resolver, config)
+        return _evaluate(transaction, resolver, config, keys, now)
     except Exception as e:
         log.exception(
             "queue_id=%s internal error checking the message from %s: %s",
@@ -296,6 +317,7 @@ def _evaluate_outbound(
     # never in h= (config.py refuses it), so the signatures cover the header set as delivered.
     forged = _removed_authentication_results(transaction.message.headers, config)
     outcome = sign_transaction(transaction, config, keys, now)
+    seal = _seal_outbound(transaction, config, keys, now) if config.arc.seals(outbound=True) else None
     return Verdict(
         spf=None,
         helo=None,
@@ -303,15 +325,57 @@ def _evaluate_outbound(
         dmarc=None,
         action=Action.ACCEPT,
         reply=None,
-        reason=f"outbound: {why}; {outcome.reason}",
+        reason=f"outbound: {why}; {outcome.reason}" + (f"; ARC {seal.reason}" if seal else ""),
         authentication_results="",
         forged_authentication_results=forged,
         outbound=True,
         signatures=outcome.signatures,
+        arc_seal=seal.fields if seal else (),
     )
 
 
-def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> Verdict:
+def _seal_outbound(
+    transaction: Transaction, config: Config, keys: KeyCache | None, now: float | None
+) -> SealOutcome:
+    """Mail leaving (a list's re-sent copy) is sealed with the A-R we wrote when it came in, and
+    the chain status it records: the chain as it arrived, before the list changed the message.
+
+    Only mail from an internal host (the list software): an authenticated user could write an A-R
+    with our authserv-id claiming any pass, and our seal would vouch for it."""
+    entry = transaction.connection.internal_host
+    if entry is None or not entry.included:
+        return SealOutcome((), "not sealed: outbound mail not from an internal host")
+    results = own_results(transaction.message.headers, config.authserv_id)
+    if not results:
+        return SealOutcome((), f"not sealed: no Authentication-Results of {config.authserv_id} to record")
+    status = recorded_status(results)
+    if status is None:
+        return SealOutcome((), "not sealed: our Authentication-Results record no single arc= result")
+    return _seal(transaction, status, results, config, keys, now)
+
+
+def _seal(
+    transaction: Transaction,
+    status: AuthResult,
+    results: str,
+    config: Config,
+    keys: KeyCache | None,
+    now: float | None,
+) -> SealOutcome:
+    """Our ARC Set (arc_seal.py); a key file gone unusable raises KeyFileError (our fault)."""
+    settings = config.arc
+    key = (keys or KeyCache()).get(settings.key_file, "rsa-sha256", config.signing.key_permissions)
+    sealer = Sealer(settings.signing_domain, settings.selector, key)
+    sealed_at = time.time() if now is None else now
+    outcome = seal_message(transaction.message, status, results, sealer, sealed_at, transaction.body)
+    if not outcome.fields:
+        log.info("queue_id=%s ARC %s", transaction.queue_id or "-", outcome.reason)
+    return outcome
+
+
+def _evaluate(
+    transaction: Transaction, resolver: Resolver, config: Config, keys: KeyCache | None, now: float | None
+) -> Verdict:
     connection = transaction.connection
     authors = parse_from(transaction.message.headers)
     unusable_from = _unusable_from(authors) if config.dmarc.enabled else None
@@ -321,7 +385,7 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> V
         # is rejected without one. Header fields and signatures are capped as they are read.
         decision = decide_action(connection.client_ip, None, unusable_from, config.policy)
         if decision.action is Action.REJECT:
-            return _inbound_verdict(transaction, config, None, None, (), unusable_from, decision)
+            return _inbound_verdict(transaction, config, None, None, (), unusable_from, decision, None)
     dns_config = config.dns
     budget = DnsBudget(dns_config.message_time_budget, dns_config.message_query_budget, transaction.queue_id)
     resolver = resolver.for_message(budget)
@@ -340,13 +404,41 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config) -> V
     if config.dkim.enabled:
         with timer("dkim", "DKIM"):
             dkim = verify_dkim(transaction.message.raw, resolver, config.dkim, body=transaction.body)
+    arc: ArcResult | None = None
+    if config.arc.verify:
+        with timer("arc", "ARC"):
+            arc = verify_arc(transaction.message, resolver, config.dkim, transaction.body)
     dmarc: DmarcVerdict | None = None
     if config.dmarc.enabled:
         with timer("dmarc", "DMARC"):
             dmarc = unusable_from or evaluate_dmarc(authors.domains, spf, dkim, resolver, config.dmarc)
     decision = decide_action(connection.client_ip, spf, dmarc, config.policy)
-    verdict = _inbound_verdict(transaction, config, spf, helo, dkim, dmarc, decision)
+    if arc is not None and dmarc is not None and decision.action in (Action.REJECT, Action.QUARANTINE):
+        arc, decision = _trusted_forwarder_override(arc, dmarc, spf, decision, connection, resolver, config)
+    verdict = _inbound_verdict(transaction, config, spf, helo, dkim, dmarc, decision, arc, keys, now)
     return replace(verdict, check_seconds=tuple(timer.seconds))
+
+
+def _trusted_forwarder_override(
+    arc: ArcResult,
+    dmarc: DmarcVerdict,
+    spf: SpfResult | None,
+    decision: Decision,
+    connection: Connection,
+    resolver: Resolver,
+    config: Config,
+) -> tuple[ArcResult, Decision]:
+    """A trusted sealer vouches for the message (arc_check.trusted_forwarder): the decision as if
+    DMARC had asked for nothing. Only DMARC's part is lifted: a reject for another reason stands."""
+    sealer = trusted_forwarder(arc, dmarc, config.arc, resolver, config.dmarc)
+    if not sealer:
+        return arc, decision
+    lifted = replace(dmarc, disposition=Disposition.NONE)
+    relaxed = decide_action(connection.client_ip, spf, lifted, config.policy)
+    if relaxed.action is decision.action:
+        return arc, decision
+    reason = relaxed.reason or f"dmarc=fail not applied: arc=pass sealed by trusted forwarder {sealer}"
+    return with_override(arc, sealer), Decision(relaxed.action, relaxed.reply, reason)
 
 
 class CheckTimer:
@@ -385,8 +477,20 @@ def _inbound_verdict(
     dkim: tuple[DkimResult, ...],
     dmarc: DmarcVerdict | None,
     decision: Decision,
+    arc: ArcResult | None,
+    keys: KeyCache | None = None,
+    now: float | None = None,
 ) -> Verdict:
     headers = transaction.message.headers
+    client_ip = transaction.connection.client_ip
+    applied = unenforced_disposition(dmarc, decision.action)
+    results = render_authentication_results(
+        config.authserv_id, spf, helo, dkim, dmarc, applied, arc, client_ip
+    )
+    seal = None
+    delivered = decision.action in (Action.ACCEPT, Action.QUARANTINE)
+    if arc is not None and delivered and config.arc.seals(outbound=False):
+        seal = _seal(transaction, arc.result, results, config, keys, now)
     return Verdict(
         spf=spf,
         helo=helo,
@@ -395,9 +499,8 @@ def _inbound_verdict(
         action=decision.action,
         reply=decision.reply,
         reason=decision.reason,
-        authentication_results=render_authentication_results(
-            config.authserv_id, spf, helo, dkim, dmarc, unenforced_disposition(dmarc, decision.action)
-        ),
+        authentication_results=results,
         forged_authentication_results=_removed_authentication_results(headers, config),
+        arc=arc,
+        arc_seal=seal.fields if seal else (),
     )
-

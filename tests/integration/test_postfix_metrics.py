@@ -40,7 +40,8 @@ def test_mail_through_postfix_is_counted_by_method_result_action_and_check(
     assert increase(before, after, "authmilter_auth_results_total", method="dkim", result="none") == 1
     assert increase(before, after, "authmilter_auth_results_total", method="dmarc", result="pass") == 3
     assert increase(before, after, "authmilter_auth_results_total", method="dmarc", result="fail") == 1
-    for check in ("spf", "helo", "dkim", "dmarc"):
+    assert increase(before, after, "authmilter_auth_results_total", method="arc", result="none") == 4
+    for check in ("spf", "helo", "dkim", "arc", "dmarc"):
         assert increase(before, after, "authmilter_check_duration_seconds_count", check=check) == 4
     misses = increase(before, after, "authmilter_dns_cache_lookups_total", result="miss")
     sent = sum(
