@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import _paths  # noqa: F401  (puts tests/ on sys.path)
-from load import _body
+from load import body_text
 from micro import DOMAIN, SELECTOR, _transaction, _zone
 
 from authmilter import dkim_rsa
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     dkim_rsa.install()
     key = rsa_key(2048)
-    body = _body(8 * 1024, random.Random(1))
+    body = body_text(8 * 1024, random.Random(1))
     signed = sign(make_message(f"Bob <bob@{DOMAIN}>", subject="Benchmark", body=body), key, DOMAIN, SELECTOR)
     on = default_config()
     off = dataclasses.replace(on, arc=dataclasses.replace(on.arc, verify=False))

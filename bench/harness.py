@@ -18,6 +18,7 @@ share a GIL with the load generator. What is new here:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import random
@@ -54,6 +55,8 @@ from signing import SigningKey, zone_txt
 
 DNS_HOST = "127.0.53.1"
 DNS_PORT = 53
+# The caching proxy (dnsproxy.py) every milter asks; it asks Knot on DNS_HOST.
+RESOLVER_HOST = "127.0.53.2"
 AUTHSERV_ID = "mx.receiver.example"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -278,11 +281,18 @@ class SinkProcess:
 
 
 def start_dns(
-    workdir: Path, domain: str, client_ip: str, key: SigningKey, selector: str, extra_records: str = ""
+    workdir: Path,
+    domain: str,
+    client_ip: str,
+    key: SigningKey,
+    selector: str,
+    extra_records: str = "",
+    parent_records: str = "",
 ) -> AuthoritativeDns:
     """Knot on DNS_HOST:53 serving ``domain``: SPF for ``client_ip``, the DKIM key, DMARC p=reject.
 
-    ``extra_records`` are more zone-file lines for ``domain`` (the signing run's key records).
+    ``extra_records`` are more zone-file lines for ``domain`` (the signing run's key records),
+    ``parent_records`` lines for the ``example.`` zone (the realistic workload's senders).
 
     Raises:
         HarnessError: port 53 of DNS_HOST is taken.
@@ -298,13 +308,77 @@ def start_dns(
         f"@ TXT {zone_txt(f'v=spf1 ip4:{client_ip} -all')}",
         f"{selector}._domainkey TXT {zone_txt(key.txt_record())}",
         f"_dmarc TXT {zone_txt('v=DMARC1; p=reject')}",
+        # The bench client's HELO name (BENCH_CLIENT): its SPF check gets an answer to cache.
+        f"mx TXT {zone_txt(f'v=spf1 ip4:{client_ip} -all')}",
         extra_records,
     ]
     dns.add_zone(domain, "\n".join(records))
     # RFC 9989's tree walk also asks the parent (_dmarc.example); it must get NXDOMAIN, not REFUSED.
-    dns.add_zone("example", "")
+    dns.add_zone("example", parent_records)
     dns.start()
     return dns
+
+
+class DnsProxy:
+    """dnsproxy.py in its own process on RESOLVER_HOST:53, forwarding to Knot on DNS_HOST:53.
+
+    Args:
+        workdir: its folder (control socket, log).
+        delay_ms: the wait before each cache miss is forwarded.
+    """
+
+    def __init__(self, workdir: Path, delay_ms: float) -> None:
+        self.workdir = workdir
+        self.delay_ms = delay_ms
+        self.control = workdir / "control.sock"
+        self.log = workdir / "dnsproxy.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable,
+            str(Path(__file__).with_name("dnsproxy.py")),
+            "--listen",
+            RESOLVER_HOST,
+            "--upstream",
+            DNS_HOST,
+            "--delay-ms",
+            str(self.delay_ms),
+            "--control",
+            str(self.control),
+        ]
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        if not _wait_for(self._answers, READY_TIMEOUT):
+            raise HarnessError(f"the DNS proxy did not start:\n{tail(self.log)}")
+
+    def _answers(self) -> bool:
+        try:
+            self.request("stats")
+        except OSError:
+            return False
+        return True
+
+    def request(self, command: str) -> dict[str, int]:
+        """``flush`` (empty the cache, reset the counts) or ``stats``; the counts so far."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(READY_TIMEOUT)
+            control.connect(str(self.control))
+            control.sendall(command.encode() + b"\n")
+            reply = control.makefile("rb").readline()
+        counts: dict[str, int] = json.loads(reply)
+        return counts
+
+    def stop(self) -> None:
+        if self._process is not None:
+            stop_process(self._process, STOP_TIMEOUT)
 
 
 # --- the milters ------------------------------------------------------------------------------------
@@ -353,7 +427,7 @@ destination = "stderr"
 level = "{self.log_level}"
 
 [dns]
-nameservers = ["{DNS_HOST}"]
+nameservers = ["{RESOLVER_HOST}"]
 port = {DNS_PORT}
 {extra}""",
             encoding="utf-8",
@@ -401,7 +475,7 @@ class DebianMilter:
             encoding="utf-8",
         )
         resolv = self.workdir / "resolv.conf"
-        resolv.write_text(f"nameserver {DNS_HOST}\noptions attempts:2 timeout:5\n", encoding="utf-8")
+        resolv.write_text(f"nameserver {RESOLVER_HOST}\noptions attempts:2 timeout:5\n", encoding="utf-8")
         config_flag = "-x" if self.name == "opendkim" else "-c"
         command = [
             "unshare",
@@ -446,19 +520,32 @@ class DebianMilter:
 
 
 def opendkim(workdir: Path, address: MilterAddress) -> DebianMilter:
-    """OpenDKIM verifying only; libunbound (Debian's build) forwards every query to the bench DNS."""
+    """OpenDKIM verifying only; libunbound (Debian's build) forwards every query to the bench's resolver.
+
+    libunbound keeps its own cache of answers (by their TTL) in the process, so OpenDKIM caches keys.
+    """
     return DebianMilter(
-        "opendkim", workdir, address, f"Mode v\nAuthservID {AUTHSERV_ID}\nNameservers {DNS_HOST}\n"
+        "opendkim", workdir, address, f"Mode v\nAuthservID {AUTHSERV_ID}\nNameservers {RESOLVER_HOST}\n"
     )
 
 
 def opendmarc(workdir: Path, address: MilterAddress) -> DebianMilter:
-    """OpenDMARC doing its own SPF (SPFSelfValidate) and reading DKIM results from OpenDKIM's A-R."""
+    """OpenDMARC doing its own SPF (SPFSelfValidate) and reading DKIM results from OpenDKIM's A-R.
+
+    It finds a sub-domain sender's organizational domain with the public suffix list, not with
+    RFC 9989's tree walk: its list is Debian's plus ``example``, under which the bench's senders are
+    registered, as real senders are under ``com`` (without it, ``mail.o2.example`` has no policy).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    suffixes = workdir / "public_suffix_list.dat"
+    suffixes.write_text(
+        Path(PUBLIC_SUFFIX_LIST).read_text(encoding="utf-8") + "\nexample\n", encoding="utf-8"
+    )
     return DebianMilter(
         "opendmarc",
         workdir,
         address,
         f"AuthservID {AUTHSERV_ID}\nTrustedAuthservIDs {AUTHSERV_ID}\n"
         "SPFSelfValidate true\nSPFIgnoreResults true\nIgnoreAuthenticatedClients true\n"
-        f"RejectFailures true\nHoldQuarantinedMessages true\nPublicSuffixList {PUBLIC_SUFFIX_LIST}\n",
+        f"RejectFailures true\nHoldQuarantinedMessages true\nPublicSuffixList {suffixes}\n",
     )

@@ -68,7 +68,7 @@ _WORDS = [
 ]
 
 
-def _body(size: int, rng: random.Random) -> str:
+def body_text(size: int, rng: random.Random) -> str:
     """Plain text of about ``size`` bytes in lines under 78 characters (RFC 5322 §2.1.1)."""
     lines, total = [], 0
     while total < size:
@@ -127,7 +127,9 @@ def _messages(count: int, domain: str, sizes: tuple[int, int], seed: int) -> lis
     rng = random.Random(seed)
     return [
         make_message(
-            f"Bob <bob@{domain}>", subject=f"Benchmark message {number}", body=_body(rng.randint(*sizes), rng)
+            f"Bob <bob@{domain}>",
+            subject=f"Benchmark message {number}",
+            body=body_text(rng.randint(*sizes), rng),
         )
         for number in range(count)
     ]
@@ -255,19 +257,17 @@ def send_one(
 def run_load(
     host: str,
     port: int,
-    payloads: Sequence[bytes],
+    messages: Sequence[tuple[str, bytes]],
     *,
-    mail_from: str,
     sessions: int,
     count: int,
     client: Client = SENDING_CLIENT,
 ) -> LoadResult:
-    """Send ``count`` messages (cycling through ``payloads``) over ``sessions`` concurrent connections.
+    """Send ``count`` messages (cycling through ``messages``) over ``sessions`` concurrent connections.
 
     Args:
         host, port: Postfix's smtpd.
-        payloads: messages in wire form.
-        mail_from: the envelope sender.
+        messages: (envelope sender, message in wire form) pairs.
         sessions: client threads, each with one connection at a time.
         count: messages in total.
         client: whom XCLIENT claims (an internal address makes the milters sign).
@@ -286,7 +286,8 @@ def run_load(
             if number >= count:
                 return
             try:
-                data_wait, whole = send_one(host, port, payloads[number % len(payloads)], mail_from, client)
+                mail_from, payload = messages[number % len(messages)]
+                data_wait, whole = send_one(host, port, payload, mail_from, client)
             except Refused as e:
                 outcome = f"{e.stage} {e.code}"
             except OSError as e:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import _paths  # noqa: F401  (puts tests/ on sys.path)
-from load import _body
+from load import body_text
 
 from authmilter import dkim_rsa
 from authmilter.config import Config, default_config
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.pure_rsa:
         dkim_rsa.install()
     key = rsa_key(2048)
-    body = _body(args.body_kb * 1024, random.Random(1))
+    body = body_text(args.body_kb * 1024, random.Random(1))
     signed = sign(make_message(f"Bob <bob@{DOMAIN}>", subject="Benchmark", body=body), key, DOMAIN, SELECTOR)
     transaction = _transaction(signed)
     config = default_config()

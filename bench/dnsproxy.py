@@ -1,0 +1,233 @@
+"""A caching DNS forwarder on loopback that models the local resolver of an MX (issue 11).
+
+    python bench/dnsproxy.py --listen 127.0.53.2 --upstream 127.0.53.1 --delay-ms 20 --control SOCKET
+
+Every milter under test asks this proxy, which asks Knot. The first query for a (name, type, class)
+over a transport waits ``--delay-ms`` before it is forwarded (the miss goes to the internet); a repeat
+within the TTL of that answer is answered at once from the cache, as a caching resolver does. A query
+that arrives while the same question is already on its way waits for that answer instead of asking
+again (resolvers coalesce identical questions). The TTL kept is the smallest TTL of the answer's
+records, or for NXDOMAIN/NODATA the negative-caching TTL from the SOA (RFC 2308 §5: min of the SOA
+record's TTL and its MINIMUM field). SERVFAIL and truncated answers are not cached. Answers are served
+with their TTLs as Knot gave them (not counted down): a measurement lasts seconds against TTLs of
+minutes, so the difference cannot show.
+
+Bounded: at most ``--max-inflight`` questions on their way upstream at once, at most
+``--max-entries`` cached answers (the cache is emptied when full), TCP messages of at most 64 KB.
+
+The control socket (unix, one line per request) takes ``flush`` (empty the cache and reset the counts,
+answering the counts so far as JSON) and ``stats`` (the counts). The counts say how many questions
+arrived, how many were misses (waited and went upstream), and how many asked for ``_dmarc`` names
+and for TXT records: the benchmark uses them to prove that each milter's DNS goes through here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import struct
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+UPSTREAM_TIMEOUT = 5.0
+MAX_TCP_MESSAGE = 65535
+DEFAULT_NEGATIVE_TTL = 300
+
+Key = tuple[str, int, int, str]  # lower-cased name, type, class, transport
+
+
+def cache_ttl(response: dns.message.Message) -> int | None:
+    """How long a caching resolver may keep ``response``; None: not at all (RFC 2308 §5, RFC 2181 §5.2)."""
+    if response.flags & dns.flags.TC or response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        return None
+    if response.answer:
+        return min(rrset.ttl for rrset in response.answer)
+    for rrset in response.authority:
+        if rrset.rdtype == dns.rdatatype.SOA:
+            return min(rrset.ttl, int(rrset[0].minimum))
+    return DEFAULT_NEGATIVE_TTL
+
+
+class CachingProxy:
+    def __init__(self, upstream: tuple[str, int], delay: float, max_inflight: int, max_entries: int) -> None:
+        self.upstream = upstream
+        self.delay = delay
+        self.max_entries = max_entries
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._cache: dict[Key, tuple[float, bytes]] = {}
+        self._pending: dict[Key, asyncio.Future[bytes]] = {}
+        self.counts: Counter[str] = Counter()
+
+    def flush(self) -> dict[str, int]:
+        counts = dict(self.counts)
+        self._cache.clear()
+        self.counts.clear()
+        return counts
+
+    async def answer(self, wire: bytes, transport: str) -> bytes | None:
+        """The response to one query in wire form, with the query's ID; None for an unparseable query."""
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        if not query.question:
+            return None
+        question = query.question[0]
+        key = (question.name.to_text().lower(), question.rdtype, question.rdclass, transport)
+        self.counts["queries"] += 1
+        if question.name.labels and question.name.labels[0].lower() == b"_dmarc":
+            self.counts["dmarc_queries"] += 1
+        self.counts[dns.rdatatype.to_text(question.rdtype)] += 1
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            response = cached[1]
+        elif key in self._pending:
+            self.counts["coalesced"] += 1
+            response = await asyncio.shield(self._pending[key])
+        else:
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._pending[key] = future
+            try:
+                response = await self._miss(key, wire, transport)
+                future.set_result(response)
+            except BaseException as e:
+                future.set_exception(e)
+                future.exception()  # retrieved: a miss nobody else waited for must not warn
+                raise
+            finally:
+                del self._pending[key]
+        return wire[:2] + response[2:]
+
+    async def _miss(self, key: Key, wire: bytes, transport: str) -> bytes:
+        self.counts["misses"] += 1
+        async with self._slots:
+            await asyncio.sleep(self.delay)
+            response = await (self._tcp(wire) if transport == "tcp" else self._udp(wire))
+        ttl = cache_ttl(dns.message.from_wire(response))
+        if ttl is not None:
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            self._cache[key] = (time.monotonic() + ttl, response)
+        return response
+
+    async def _udp(self, wire: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[bytes] = loop.create_future()
+
+        class Receiver(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                if data[:2] == wire[:2] and not received.done():
+                    received.set_result(data)
+
+        transport, _ = await loop.create_datagram_endpoint(Receiver, remote_addr=self.upstream)
+        try:
+            transport.sendto(wire)
+            return await asyncio.wait_for(received, UPSTREAM_TIMEOUT)
+        finally:
+            transport.close()
+
+    async def _tcp(self, wire: bytes) -> bytes:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*self.upstream), UPSTREAM_TIMEOUT)
+        try:
+            writer.write(struct.pack("!H", len(wire)) + wire)
+            length = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), UPSTREAM_TIMEOUT))[0]
+            return await asyncio.wait_for(reader.readexactly(length), UPSTREAM_TIMEOUT)
+        finally:
+            writer.close()
+
+
+class UdpServer(asyncio.DatagramProtocol):
+    def __init__(self, proxy: CachingProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.DatagramTransport | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        task = asyncio.get_running_loop().create_task(self._reply(data, addr))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            response = await self.proxy.answer(data, "udp")
+        except (OSError, TimeoutError, EOFError, dns.exception.DNSException):
+            return  # the client times out and retries, as with a lost datagram
+        if response is not None and self.transport is not None:
+            self.transport.sendto(response, addr)
+
+
+async def serve_tcp(proxy: CachingProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """DNS over TCP (RFC 7766 §8: two-byte length prefix), several queries per connection."""
+    try:
+        while True:
+            length = struct.unpack("!H", await reader.readexactly(2))[0]
+            response = await proxy.answer(await reader.readexactly(length), "tcp")
+            if response is None or len(response) > MAX_TCP_MESSAGE:
+                break
+            writer.write(struct.pack("!H", len(response)) + response)
+            await writer.drain()
+    except (OSError, TimeoutError, EOFError, asyncio.IncompleteReadError, dns.exception.DNSException):
+        pass
+    finally:
+        writer.close()
+
+
+async def serve_control(
+    proxy: CachingProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    command = (await reader.readline()).strip()
+    counts = proxy.flush() if command == b"flush" else dict(proxy.counts)
+    writer.write(json.dumps(counts).encode() + b"\n")
+    await writer.drain()
+    writer.close()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    proxy = CachingProxy(
+        (args.upstream, args.upstream_port), args.delay_ms / 1e3, args.max_inflight, args.max_entries
+    )
+    loop = asyncio.get_running_loop()
+    await loop.create_datagram_endpoint(lambda: UdpServer(proxy), local_addr=(args.listen, args.port))
+    tcp = await asyncio.start_server(lambda r, w: serve_tcp(proxy, r, w), args.listen, args.port)
+    control = await asyncio.start_unix_server(lambda r, w: serve_control(proxy, r, w), args.control)
+    async with tcp, control:
+        await asyncio.gather(tcp.serve_forever(), control.serve_forever())
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--listen", required=True, help="loopback address to answer on")
+    parser.add_argument("--port", type=int, default=53)
+    parser.add_argument("--upstream", required=True, help="the authoritative server (Knot)")
+    parser.add_argument("--upstream-port", type=int, default=53)
+    parser.add_argument("--delay-ms", type=float, default=20.0, help="wait before each miss (default 20)")
+    parser.add_argument("--control", type=Path, required=True, help="unix socket for flush/stats")
+    parser.add_argument("--max-inflight", type=int, default=512)
+    parser.add_argument("--max-entries", type=int, default=200_000)
+    args = parser.parse_args(argv)
+    if not args.listen.startswith("127.") or not args.upstream.startswith("127."):
+        parser.error("the proxy answers and asks on loopback only")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    asyncio.run(main_async(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
