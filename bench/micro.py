@@ -1,6 +1,6 @@
 """The pure CPU part of one message: ``pipeline.evaluate`` on a typical 8 KB signed message.
 
-    .venv/bin/python bench/micro.py [--calls N] [--profile] [--body-kb K] [--metrics]
+    .venv/bin/python bench/micro.py [--calls N] [--profile] [--body-kb K] [--metrics] [--cold N]
 
 The message is built as the milter adapter builds it (header callbacks through ``HeaderCollector``,
 header block then body in one buffer), signed with one RSA-2048 DKIM signature, and evaluated
@@ -10,6 +10,13 @@ Prints the time per call (best of five rounds) and, with ``--profile``, cProfile
 With ``--metrics`` each call also does what a worker does per message when ``[metrics] listen`` is
 set: the resolver reports to the metrics, and the connection and the verdict are counted
 (prometheus_client in multiprocess mode, in a temporary directory).
+
+With ``--cold N`` (issue 11) every message comes from a sender not seen before: N messages from N
+sender domains of the benchmark's workload (workload.py), served by a real Knot on loopback, each
+evaluated with an empty resolver cache, so every SPF, DKIM key and DMARC lookup is a query. It times
+process CPU per message (Knot's work is in its own process) for authmilter's NameserverSource and,
+interleaved round by round, for dnspython's ``Resolver`` as the source was before issue 11, and
+prints the median of five rounds and every round.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import cProfile
 import pstats
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +33,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import _paths  # noqa: F401  (puts tests/ on sys.path)
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
 from load import body_text
+from workload import PARENT, make_senders, zone_lines
 
 from authmilter import dkim_rsa
 from authmilter.config import Config, default_config
@@ -34,7 +47,8 @@ from authmilter.metrics import Metrics
 from authmilter.metrics import enable as enable_metrics
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, Transaction, evaluate
-from authmilter.resolver import Resolver, ZoneFileSource
+from authmilter.resolver import DnsAnswer, DnsSource, DnsStatus, NameserverSource, Resolver, ZoneFileSource
+from dnsserver import AuthoritativeDns
 from signing import make_message, rsa_key, sign, zone_txt
 
 DOMAIN = "bench.example"
@@ -58,7 +72,7 @@ _dmarc IN TXT "v=DMARC1; p=reject"
     return path
 
 
-def _transaction(signed: bytes) -> Transaction:
+def _transaction(signed: bytes, mail_from: str = f"bob@{DOMAIN}") -> Transaction:
     """The Transaction the milter adapter would build (Postfix's Received first, as on the wire)."""
     received = (
         b"Received: from client.example (client.example [203.0.113.5])\r\n\tby mx.receiver.example"
@@ -77,7 +91,7 @@ def _transaction(signed: bytes) -> Transaction:
     raw = head + parsed.raw[parsed.body_offset :]
     return Transaction(
         connection=Connection(client_ip=CLIENT_IP, helo="client.example"),
-        mail_from=f"bob@{DOMAIN}",
+        mail_from=mail_from,
         recipients=("alice@receiver.example",),
         message=ParsedMessage(headers, len(head), raw, has_separator=True),
         queue_id="4ABCDEF123",
@@ -93,9 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--body-kb", type=int, default=8, help="body size in KB (default 8)")
     parser.add_argument("--pure-rsa", action="store_true", help="without dkim_rsa.install()")
     parser.add_argument("--metrics", action="store_true", help="count as a worker does with [metrics] on")
+    parser.add_argument("--cold", type=int, default=0, help="N messages from N new senders, real DNS")
     args = parser.parse_args(argv)
     if not args.pure_rsa:
         dkim_rsa.install()
+    if args.cold:
+        return _cold(args.cold, args.body_kb, args.profile)
     key = rsa_key(2048)
     body = body_text(args.body_kb * 1024, random.Random(1))
     signed = sign(make_message(f"Bob <bob@{DOMAIN}>", subject="Benchmark", body=body), key, DOMAIN, SELECTOR)
@@ -177,6 +194,69 @@ def _round(
             metrics.message(evaluate(transaction, resolver, config))
             metrics.connection_closed()
     return (clock() - started) / calls
+
+
+class _DnspythonResolverSource:
+    """The source as it was before issue 11 (dnspython's stub ``Resolver``), only to measure against."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._resolver = dns.resolver.Resolver(configure=False)
+        self._resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)]
+        self._resolver.lifetime, self._resolver.timeout, self._resolver.cache = 5.0, 2.0, None
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        try:
+            answer = self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except dns.resolver.NXDOMAIN:
+            return DnsAnswer(DnsStatus.NXDOMAIN, ttl=300)
+        if answer.rrset is None:
+            return DnsAnswer(DnsStatus.NODATA, ttl=300)
+        return DnsAnswer(DnsStatus.OK, tuple(answer.rrset), ttl=answer.rrset.ttl)
+
+
+def _cold(count: int, body_kb: int, profile: bool) -> int:
+    """Every message from a new sender, empty cache, real DNS: CPU per message, two sources."""
+    keys = [rsa_key(2048) for _ in range(2)]
+    senders = make_senders(count, len(keys))
+    rng = random.Random(1)
+    transactions = []
+    for sender in senders:
+        text = body_text(body_kb * 1024, rng)
+        message = make_message(f"News <{sender.address}>", subject="Benchmark", body=text)
+        signed = sign(message, keys[sender.key_index], sender.domain, sender.selector)
+        transactions.append((sender, _transaction(signed, sender.address)))
+    config = default_config()
+    with tempfile.TemporaryDirectory() as directory, AuthoritativeDns(Path(directory)) as knot:
+        knot.add_zone(PARENT, zone_lines(senders, keys, CLIENT_IP))
+        knot.reload()
+        sources: dict[str, DnsSource] = {
+            "NameserverSource": NameserverSource([knot.host], port=knot.port),
+            "dnspython Resolver (before)": _DnspythonResolverSource(knot.host, knot.port),
+        }
+        for label, source in sources.items():
+            for sender, transaction in transactions:
+                results = evaluate(transaction, Resolver(source), config).authentication_results
+                for method, result in sender.expected.items():
+                    assert f"{method}={result}" in results, (label, sender, results)
+        rounds: dict[str, list[float]] = {label: [] for label in sources}
+        for _ in range(5):
+            for label, source in sources.items():
+                started = time.process_time()
+                for _, transaction in transactions:
+                    evaluate(transaction, Resolver(source), config)
+                rounds[label].append((time.process_time() - started) / count)
+        print(f"{count} messages from {count} new senders, {body_kb} KB bodies, CPU per message:")
+        for label, values in rounds.items():
+            listed = ", ".join(f"{v * 1e6:.0f}" for v in values)
+            print(f"  {label}: median {statistics.median(values) * 1e6:.0f} µs (rounds: {listed})")
+        if profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _, transaction in transactions:
+                evaluate(transaction, Resolver(sources["NameserverSource"]), config)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+    return 0
 
 
 if __name__ == "__main__":

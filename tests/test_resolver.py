@@ -53,7 +53,9 @@ LIVE_RECORDS = """
     host.wild   A    192.0.2.30
     *.cw        CNAME target
     dangling    CNAME nowhere
-"""
+    big         TXT  {big}
+    short  30   CNAME target
+""".format(big=" ".join(f'"{chr(97 + n) * 250}"' for n in range(8)))
 # Negative TTL = min(SOA TTL, SOA MINIMUM) (RFC 2308 §5): one zone where each is the smaller.
 LOW_MINIMUM_ZONE = "low-minimum.resolver.example"
 LOW_SOA_TTL_ZONE = "low-soa-ttl.resolver.example"
@@ -155,6 +157,21 @@ def test_cname_chain_is_followed(nameserver: NameserverSource) -> None:
     answer = ask(nameserver, f"alias.{LIVE_ZONE}", "TXT")
     assert answer.status is OK
     assert answer.texts == ("reached through CNAMEs",)
+
+
+def test_truncated_answer_is_asked_again_over_tcp(nameserver: NameserverSource) -> None:
+    # 2 KB of TXT exceeds the 1232-byte UDP payload we offer: the server truncates (TC), and the
+    # answer comes whole over TCP (RFC 7766 §5), not cut short or as a failure.
+    answer = ask(nameserver, f"big.{LIVE_ZONE}", "TXT")
+    assert answer.status is OK
+    assert answer.texts == ("".join(chr(97 + n) * 250 for n in range(8)),)
+
+
+def test_an_answer_through_cnames_lives_as_long_as_its_shortest_link(nameserver: NameserverSource) -> None:
+    # RFC 2181 §5.2: the record reached through "short" (30 s) cannot be cached for the target's 300 s.
+    assert ask(nameserver, f"target.{LIVE_ZONE}", "TXT").ttl == 300
+    answer = ask(nameserver, f"short.{LIVE_ZONE}", "TXT")
+    assert (answer.status, answer.texts, answer.ttl) == (OK, ("reached through CNAMEs",), 30)
 
 
 @pytest.mark.parametrize(
