@@ -16,6 +16,8 @@ RANKS = {
     "dkim_rsa": 1,
     "history": 1,
     "dkim_body": 1.5,  # a foundation of the DKIM checks, built on message and dkim_rsa
+    "transaction": 1.6,  # what every check reads: connection, envelope, message
+    "checks": 1.8,  # the interface every check implements, and the registry
     "spf_check": 2,
     "dkim_verify": 2,
     "dkim_sign": 2,

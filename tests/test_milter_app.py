@@ -699,7 +699,7 @@ def test_envelope_and_macros_reach_the_transaction(
 # --- failures -------------------------------------------------------------------------------------
 
 
-def test_resolver_exception_tempfails_with_queue_id(
+def test_a_check_that_raises_is_its_temperror_with_queue_id(
     connect: Connect, caplog: pytest.LogCaptureFixture
 ) -> None:
     ctx = connect(ip=OUTSIDE_IP)
@@ -707,9 +707,23 @@ def test_resolver_exception_tempfails_with_queue_id(
     raw = make_message(from_header="bob@bug.example")
     with caplog.at_level(logging.INFO):
         assert ctx.send(raw, mail_from="bob@bug.example") == Milter.TEMPFAIL
-    assert ctx.reply[:2] == ("451", "4.3.0")
+    assert ctx.reply[:2] == ("451", "4.4.3")  # [policy] dmarc_temperror, not internal_error
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors and "QBUG1" in errors[0].getMessage() and errors[0].exc_info is not None
+    assert len(errors) == 1 and "QBUG1" in errors[0].getMessage() and errors[0].exc_info is not None
+
+
+def test_a_check_that_raises_keeps_the_other_results(connect: Connect) -> None:
+    ctx = connect(config=make_config(policy={"dmarc_temperror": FailureAction.ACCEPT}), ip=OUTSIDE_IP)
+    raw = make_message(from_header="bob@bug.example")
+    assert ctx.send(raw, mail_from="bob@bug.example") == Milter.ACCEPT
+    (value,) = our_ar(ctx)
+    # pyspf turns the resolver's exception into its own permerror; DMARC's becomes dmarc=temperror.
+    assert [clause.split()[0] for clause in value.split(";")[1:]] == [
+        "spf=permerror",
+        "spf=none",
+        "dkim=none",
+        "dmarc=temperror",
+    ]
 
 
 @pytest.mark.parametrize("stage", [Milter.M_CONNECT, Milter.M_ENVFROM, Milter.M_EOM])

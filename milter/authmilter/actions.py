@@ -248,34 +248,6 @@ def _decide_unchecked(
     return ACCEPT
 
 
-# What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed
-# message is not delivered yet: nothing was applied.
-_ACTION_DISPOSITION = {
-    Action.ACCEPT: Disposition.NONE,
-    Action.QUARANTINE: Disposition.QUARANTINE,
-    Action.REJECT: Disposition.REJECT,
-    Action.TEMPFAIL: Disposition.NONE,
-}
-
-
-def unenforced_disposition(dmarc: DmarcVerdict | None, action: Action) -> Disposition | None:
-    """What was done instead of the disposition DMARC asked for, when local policy overrode it.
-
-    Args:
-        dmarc: the DMARC verdict.
-        action: the action decided (``[policy] enforce = false`` and the never-reject lists
-            accept where DMARC asks for reject or quarantine).
-
-    Returns:
-        The disposition applied when it differs from the one asked for; None when DMARC asked
-        for nothing or got what it asked.
-    """
-    if dmarc is None or dmarc.disposition is Disposition.NONE:
-        return None
-    applied = _ACTION_DISPOSITION[action]
-    return None if applied is dmarc.disposition else applied
-
-
 def internal_error_decision(reason: str, settings: PolicySettings) -> Decision:
     """The decision when authmilter itself failed: never accept silently unless configured so."""
     replies = {

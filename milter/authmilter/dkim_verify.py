@@ -38,9 +38,11 @@ import dkim
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from authmilter.checks import Check, Outcomes
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
-from authmilter.model import AuthResult, DkimResult
+from authmilter.model import Action, AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.transaction import Transaction
 
 logger = logging.getLogger(__name__)
 _dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
@@ -570,3 +572,47 @@ def verify_dkim(
     for result in results:
         logger.debug("dkim=%s d=%s s=%s (%s)", result.result, result.domain, result.selector, result.reason)
     return tuple(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The check as the pipeline runs it (checks.py)
+
+
+class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
+    """DKIM verification of every signature (RFC 6376 §6)."""
+
+    name = "dkim"
+    label = "DKIM"
+
+    def enabled(self, settings: DkimSettings) -> bool:
+        return settings.enabled
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DkimSettings
+    ) -> tuple[DkimResult, ...]:
+        return verify_dkim(transaction.message.raw, resolver, settings, body=transaction.body)
+
+    def failed(self, transaction: Transaction, settings: DkimSettings, reason: str) -> tuple[DkimResult, ...]:
+        return (DkimResult(AuthResult.TEMPERROR, "", "", "", reason=reason),)
+
+    def method_results(self, outcome: tuple[DkimResult, ...], action: Action) -> tuple[MethodResult, ...]:
+        if not outcome:
+            return _NOT_SIGNED  # RFC 8601 §2.7.1: none, the message was not signed
+        return tuple(_method_result(signature) for signature in outcome)
+
+
+_NOT_SIGNED = (MethodResult("dkim", AuthResult.NONE),)
+
+
+def _method_result(signature: DkimResult) -> MethodResult:
+    # RFC 8601 §2.7.1 (header.d, header.i), header.s/header.a as registered by RFC 8601 §6, and
+    # RFC 6008 header.b last: authres only reads a quoted value when a ";" or the end follows.
+    notes = (signature.reason, "test mode" if signature.testing else "")
+    properties = (
+        ("header", "d", signature.domain),
+        ("header", "i", signature.identity),
+        ("header", "s", signature.selector),
+        ("header", "a", signature.algorithm),
+        ("header", "b", signature.header_b),
+    )
+    return MethodResult("dkim", signature.result, properties, ", ".join(note for note in notes if note))

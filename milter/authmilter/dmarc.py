@@ -65,16 +65,22 @@ from typing import NamedTuple
 
 from publicsuffixlist import PublicSuffixList
 
+from authmilter.checks import Check, Outcomes
+from authmilter.message import FromAuthors
 from authmilter.model import (
+    NOT_ENFORCED_NOTE,
+    Action,
     AuthResult,
     Disposition,
     DkimResult,
     DmarcRecord,
     DmarcVerdict,
+    MethodResult,
     SpfResult,
     SpfScope,
 )
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.transaction import Transaction
 
 # RFC 9989 §4.10: "Author Domains with more than eight labels do not result in more than eight DNS
 # queries".
@@ -782,3 +788,87 @@ def _apply(
     disposition = policy.on_failure(found.record.testing)
     testing = f"; t=y, so {disposition}" if found.record.testing and policy is not Disposition.NONE else ""
     return _Outcome(AuthResult.FAIL, f"{alignment.reason} ({source}{testing})", policy, disposition)
+
+
+# ---------------------------------------------------------------------------------------------
+# The check as the pipeline runs it (checks.py)
+
+
+class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
+    """DMARC over the SPF (MAIL FROM) and DKIM outcomes and the From domains (RFC 9989 §5.3)."""
+
+    name = "dmarc"
+    label = "DMARC"
+    requires = ("spf", "dkim")
+
+    def enabled(self, settings: DmarcSettings) -> bool:
+        return settings.enabled
+
+    def precheck(self, transaction: Transaction, settings: DmarcSettings) -> DmarcVerdict | None:
+        # The cheap structural caps come before any DNS query: a From that gives no Author Domain,
+        # several From fields, more than MAX_AUTHOR_DOMAINS domains (§11.5).
+        return unusable_from(transaction.authors)
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings
+    ) -> DmarcVerdict:
+        spf = earlier.get("spf")
+        dkim = earlier.get("dkim", ())
+        return self.precheck(transaction, settings) or evaluate_dmarc(
+            transaction.authors.domains,
+            spf if isinstance(spf, SpfResult) else None,
+            dkim if isinstance(dkim, tuple) else (),
+            resolver,
+            settings,
+        )
+
+    def failed(self, transaction: Transaction, settings: DmarcSettings, reason: str) -> DmarcVerdict:
+        return DmarcVerdict(AuthResult.TEMPERROR, reason=reason, from_domains=transaction.authors.domains)
+
+    def method_results(self, outcome: DmarcVerdict, action: Action) -> tuple[MethodResult, ...]:
+        return _method_results(outcome, unenforced_disposition(outcome, action))
+
+
+def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
+    """The permerror verdict for a From that gives no Author Domain DMARC can evaluate, else None."""
+    if authors.error:
+        return from_header_error(authors.error)
+    return too_many_author_domains(authors.domains)
+
+
+@lru_cache(maxsize=DOMAIN_CACHE_SIZE)
+def _method_results(dmarc: DmarcVerdict, applied: Disposition | None) -> tuple[MethodResult, ...]:
+    # dis= says what was done: when local policy did not apply the disposition DMARC asked for
+    # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
+    comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
+    if dmarc.policy and applied is not None and applied is not dmarc.disposition:
+        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {NOT_ENFORCED_NOTE}"
+    return (MethodResult("dmarc", dmarc.result, (("header", "from", dmarc.from_domain),), comment),)
+
+
+# What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed
+# message is not delivered yet: nothing was applied.
+_ACTION_DISPOSITION = {
+    Action.ACCEPT: Disposition.NONE,
+    Action.QUARANTINE: Disposition.QUARANTINE,
+    Action.REJECT: Disposition.REJECT,
+    Action.TEMPFAIL: Disposition.NONE,
+}
+
+
+def unenforced_disposition(dmarc: DmarcVerdict | None, action: Action) -> Disposition | None:
+    """What was done instead of the disposition DMARC asked for, when local policy overrode it.
+
+    Args:
+        dmarc: the DMARC verdict.
+        action: the action decided (``[policy] enforce = false`` and the never-reject lists
+            accept where DMARC asks for reject or quarantine).
+
+    Returns:
+        The disposition applied when it differs from the one asked for; None when DMARC asked
+        for nothing or got what it asked.
+    """
+    if dmarc is None or dmarc.disposition is Disposition.NONE:
+        return None
+    applied = _ACTION_DISPOSITION[action]
+    return None if applied is dmarc.disposition else applied

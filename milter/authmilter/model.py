@@ -172,6 +172,42 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class MethodResult:
+    """One resinfo of our Authentication-Results (RFC 8601 §2.2), as a check reports it.
+
+    Values are as found (possibly hostile): the renderer (authresults.py) sanitises them.
+
+    Attributes:
+        method: the RFC 8601 method (``spf``, ``dkim``, ``dmarc``, ...).
+        result: the result word.
+        properties: ``(ptype, property, value)`` triples in header order, e.g.
+            ``("smtp", "mailfrom", "bob@example.org")`` or ``("header", "d", "example.org")``
+            (RFC 8601 §2.3); an empty value is left out of the header.
+        comment: the comment after the result (RFC 8601 §2.2 ``reasonspec`` is not used).
+    """
+
+    method: str
+    result: AuthResult
+    properties: tuple[tuple[str, str, str], ...] = ()
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class CheckTiming:
+    """How long one check took on one message (each check run is measured by the pipeline).
+
+    Attributes:
+        check: the check's registry name (``spf``, ``helo``, ``dkim``, ``dmarc``, ...).
+        ms: wall-clock milliseconds, DNS waits included.
+        failed: the check raised: its results are the temperror it stands for.
+    """
+
+    check: str
+    ms: float
+    failed: bool = False
+
+
+@dataclass(frozen=True)
 class Verdict:
     """Everything decided about one message; the milter adapter and `authmilter check` only apply it.
 
@@ -188,6 +224,9 @@ class Verdict:
         outbound: the message is outbound mail (internal host, SASL-authenticated, or a signing
             daemon_name): it was not verified, and ``authentication_results`` is empty.
         signatures: DKIM-Signature values to add (without the name), the first on top.
+        results: every check's per-method results in the registry's order: what
+            ``authentication_results`` was rendered from.
+        timings: one entry per check run, in the order they ran (for logs and metrics).
     """
 
     spf: SpfResult | None
@@ -201,6 +240,8 @@ class Verdict:
     forged_authentication_results: tuple[int, ...] = ()
     outbound: bool = False
     signatures: tuple[str, ...] = ()
+    results: tuple[MethodResult, ...] = ()
+    timings: tuple[CheckTiming, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The stable, documented JSON form (docs/verdict-json.md)."""

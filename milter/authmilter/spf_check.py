@@ -21,8 +21,10 @@ import dns.rdata
 import dns.rdatatype
 import spf
 
-from authmilter.model import AuthResult, SpfResult, SpfScope
+from authmilter.checks import Check, Outcomes
+from authmilter.model import Action, AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +319,67 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
             if self.cidrmatch(addresses, self.cidrmax):
                 validated.append(name)
         return validated
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks as the pipeline runs them (checks.py)
+
+
+class MailFromCheck(Check[SpfSettings, SpfResult]):
+    """SPF for the MAIL FROM identity (RFC 7208 §2.4)."""
+
+    name = "spf"
+    label = "SPF (MAIL FROM)"
+
+    def enabled(self, settings: SpfSettings) -> bool:
+        return settings.enabled
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
+    ) -> SpfResult:
+        client = transaction.connection
+        return check_mail_from(client.client_ip, client.helo, transaction.mail_from, resolver, settings)
+
+    def failed(self, transaction: Transaction, settings: SpfSettings, reason: str) -> SpfResult:
+        local, domain = _split_reverse_path(transaction.mail_from)
+        if local is None:
+            local, domain = "postmaster", transaction.connection.helo
+        return SpfResult(AuthResult.TEMPERROR, domain, SpfScope.MFROM, f"{local}@{domain}", reason)
+
+    def method_results(self, outcome: SpfResult, action: Action) -> tuple[MethodResult, ...]:
+        return _mail_from_results(outcome)
+
+
+class HeloCheck(Check[SpfSettings, SpfResult]):
+    """SPF for the HELO identity (RFC 7208 §2.3), when ``check_helo`` is on."""
+
+    name = "helo"
+    label = "SPF (HELO)"
+
+    def enabled(self, settings: SpfSettings) -> bool:
+        return settings.enabled and settings.check_helo
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
+    ) -> SpfResult:
+        connection = transaction.connection
+        return check_helo(connection.client_ip, connection.helo, resolver, settings)
+
+    def failed(self, transaction: Transaction, settings: SpfSettings, reason: str) -> SpfResult:
+        helo = transaction.connection.helo
+        return SpfResult(AuthResult.TEMPERROR, helo, SpfScope.HELO, f"postmaster@{helo}", reason)
+
+    def method_results(self, outcome: SpfResult, action: Action) -> tuple[MethodResult, ...]:
+        return _helo_results(outcome)
+
+
+# The same results recur message after message (results are frozen values).
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _mail_from_results(spf: SpfResult) -> tuple[MethodResult, ...]:
+    # RFC 8601 §2.7.2: smtp.mailfrom carries the MAIL FROM identity checked.
+    return (MethodResult("spf", spf.result, (("smtp", "mailfrom", spf.identity or spf.domain),)),)
+
+
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _helo_results(helo: SpfResult) -> tuple[MethodResult, ...]:
+    return (MethodResult("spf", helo.result, (("smtp", "helo", helo.domain),)),)
