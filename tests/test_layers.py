@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "milter" / "authmilter"
 
 RANKS = {
     "model": 0,
+    "settings": 0,
     "message": 1,
     "resolver": 1,
     "tables": 1,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from authmilter.model import Action, AuthResult, Disposition, DmarcVerdict, Reply, SpfResult
+from authmilter.settings import one_of, validate
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -100,6 +101,18 @@ class MultipleFromDomains(StrEnum):
     REJECT = "reject"  # OpenDMARC's RejectMultiValueFrom
 
 
+# The choices each failure setting accepts (config.py validates against these): a reply must fit
+# its action, so e.g. a DNS failure may defer but not reject.
+ALLOWED_FAILURE_ACTIONS: dict[str, frozenset[FailureAction]] = {
+    "dmarc_temperror": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.QUARANTINE}),
+    "from_error": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
+    "internal_error": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.REJECT}),
+    "spf_fail": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
+}
+# The same choices as words, as the settings field declares them (settings.py).
+_ALLOWED_WORDS = {name: frozenset(a.value for a in ok) for name, ok in ALLOWED_FAILURE_ACTIONS.items()}
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """Local policy on top of the published ones (config section ``[policy]``).
@@ -119,13 +132,16 @@ class PolicySettings:
     """
 
     enforce: bool = True
-    dmarc_temperror: FailureAction = FailureAction.TEMPFAIL
-    from_error: FailureAction = FailureAction.REJECT
-    internal_error: FailureAction = FailureAction.TEMPFAIL
-    spf_fail: FailureAction = FailureAction.ACCEPT
+    dmarc_temperror: FailureAction = one_of(FailureAction.TEMPFAIL, _ALLOWED_WORDS["dmarc_temperror"])
+    from_error: FailureAction = one_of(FailureAction.REJECT, _ALLOWED_WORDS["from_error"])
+    internal_error: FailureAction = one_of(FailureAction.TEMPFAIL, _ALLOWED_WORDS["internal_error"])
+    spf_fail: FailureAction = one_of(FailureAction.ACCEPT, _ALLOWED_WORDS["spf_fail"])
     never_reject_domains: tuple[str, ...] = ()
     never_reject_networks: tuple[Network, ...] = ()
     from_multiple_domains: MultipleFromDomains = MultipleFromDomains.EVALUATE
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True)
@@ -142,16 +158,6 @@ _FAILURE_TO_ACTION = {
     FailureAction.TEMPFAIL: Action.TEMPFAIL,
     FailureAction.REJECT: Action.REJECT,
     FailureAction.QUARANTINE: Action.QUARANTINE,
-}
-
-
-# The choices each failure setting accepts (config.py validates against these): a reply must fit
-# its action, so e.g. a DNS failure may defer but not reject.
-ALLOWED_FAILURE_ACTIONS: dict[str, frozenset[FailureAction]] = {
-    "dmarc_temperror": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.QUARANTINE}),
-    "from_error": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
-    "internal_error": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.REJECT}),
-    "spf_fail": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
 }
 
 

@@ -42,6 +42,7 @@ from authmilter.checks import Check, Outcomes
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
 from authmilter.model import Action, AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.settings import bounded, validate
 from authmilter.transaction import Transaction
 
 logger = logging.getLogger(__name__)
@@ -76,17 +77,13 @@ class DkimSettings:
     """
 
     enabled: bool = True
-    max_signatures: int = 5
-    min_rsa_bits: int = 1024
-    timeout: float = 5.0
+    max_signatures: int = bounded(5, 1, 50)
+    # RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
+    min_rsa_bits: int = bounded(1024, 1024, 16384)
+    timeout: float = bounded(5.0, 0.1, 60)
 
     def __post_init__(self) -> None:
-        if self.max_signatures < 0:
-            raise ValueError(f"max_signatures must be >= 0, not {self.max_signatures}")
-        if self.min_rsa_bits < 1024:
-            raise ValueError(f"min_rsa_bits must be >= 1024 (RFC 8301 §3.2), not {self.min_rsa_bits}")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0, not {self.timeout}")
+        validate(self)
 
 
 class _Stop(Exception):

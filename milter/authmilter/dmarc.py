@@ -80,6 +80,7 @@ from authmilter.model import (
     SpfScope,
 )
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.settings import bounded, one_of, validate
 from authmilter.transaction import Transaction
 
 # RFC 9989 §4.10: "Author Domains with more than eight labels do not result in more than eight DNS
@@ -121,18 +122,12 @@ class DmarcSettings:
     """
 
     enabled: bool = True
-    org_domain: str = "treewalk"
+    org_domain: str = one_of("treewalk", frozenset({"treewalk", "psl"}))
     psl_file: str | None = None
-    max_tree_walk: int = RFC9989_MAX_WALK_QUERIES
+    max_tree_walk: int = bounded(RFC9989_MAX_WALK_QUERIES, 1, RFC9989_MAX_WALK_QUERIES)
 
     def __post_init__(self) -> None:
-        if self.org_domain not in ("treewalk", "psl"):
-            raise ValueError(f"org_domain must be 'treewalk' or 'psl', not {self.org_domain!r}")
-        if not 1 <= self.max_tree_walk <= RFC9989_MAX_WALK_QUERIES:
-            raise ValueError(
-                f"max_tree_walk must be between 1 and {RFC9989_MAX_WALK_QUERIES} (RFC 9989 §4.10), "
-                f"not {self.max_tree_walk}"
-            )
+        validate(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import spf
 from authmilter.checks import Check, Outcomes
 from authmilter.model import Action, AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.settings import bounded, validate
 from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,10 @@ class SpfSettings:
 
     enabled: bool = True
     check_helo: bool = True
-    timeout: float = 20.0
+    timeout: float = bounded(20.0, 1, 120)
 
     def __post_init__(self) -> None:
-        if not self.timeout > 0:
-            raise ValueError(f"SPF timeout must be positive seconds, not {self.timeout!r}")
+        validate(self)
 
 
 def check_mail_from(
