@@ -10,6 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "milter" / "authmilter"
 RANKS = {
     "model": 0,
     "settings": 0,
+    "domains": 0.5,  # names and envelope paths, below everything that reads them
     "message": 1,
     "resolver": 1,
     "tables": 1,
@@ -28,6 +29,7 @@ RANKS = {
     "reports": 2,
     "config": 3,
     "pipeline": 4,
+    "session": 4.5,  # the SMTP transaction state machine, fed by the edge
     "cli": 5,
     "milter_app": 5,
     "quickack": 5,

@@ -56,6 +56,7 @@ from authmilter.resolver import (
     build_resolver,
     parse_nameserver,
 )
+from authmilter.session import Session
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
 from authmilter.tables import SENDER_DOMAIN, KeyEntry, KeyTable, TableError
@@ -439,13 +440,16 @@ def run_check(args: argparse.Namespace) -> Verdict:
     resolver = _resolver(config.dns)
     install_openssl_rsa()
     message = parse_message(_read_message(args.message), max_headers=config.milter.max_headers)
-    transaction = Transaction(
-        connection=Connection(client_ip=args.client_ip, helo=args.helo),
-        mail_from=args.mail_from,
-        recipients=tuple(args.rcpt),
-        message=message,
-    )
-    return evaluate(transaction, resolver, config)
+    # The milter's state machine, fed from the file: the message arrives whole.
+    session = Session(config)
+    session.connect(args.client_ip, "", {})
+    session.hello(args.helo)
+    session.mail(args.mail_from)
+    for recipient in args.rcpt:
+        session.rcpt(recipient)
+    session.whole_message(message)
+    session.end_of_message()
+    return evaluate(session.transaction(), resolver, config)
 
 
 def format_verdict(verdict: Verdict) -> str:
