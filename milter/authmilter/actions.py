@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from authmilter.domains import is_within
 from authmilter.model import Action, AuthResult, Disposition, DmarcVerdict, Reply, SpfResult
 from authmilter.settings import one_of, validate
 
@@ -169,9 +170,8 @@ def _failure(choice: FailureAction, replies: dict[Action, Reply], reason: str) -
 def is_overridden(client_ip: str, domains: Sequence[str], settings: PolicySettings) -> bool:
     """The client network or one of the domains is on the local never-reject list."""
     for domain in domains:
-        for listed in settings.never_reject_domains:
-            if domain == listed or domain.endswith("." + listed):
-                return True
+        if any(is_within(domain, listed) for listed in settings.never_reject_domains):
+            return True
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:

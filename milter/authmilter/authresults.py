@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from encodings.idna import ToASCII
 from functools import lru_cache
 
 import authres
@@ -30,6 +29,7 @@ import authres.core
 import authres.dkim_b
 import authres.dmarc
 
+from authmilter.domains import DomainError, a_label, normalize
 from authmilter.message import MessageHeaders, unfold
 from authmilter.model import AuthResult, MethodResult
 
@@ -70,8 +70,9 @@ def _idna_or_drop(text: str) -> str:
     if text.isascii():
         return text
     try:
-        return ".".join(ToASCII(label).decode("ascii") if label else "" for label in text.split("."))
-    except UnicodeError:
+        # Empty labels are left for _dot_atom to squeeze out.
+        return ".".join(a_label(label) if label else "" for label in text.split("."))
+    except DomainError:
         return "".join(char for char in text if char.isascii())
 
 
@@ -127,12 +128,8 @@ def sanitize_authserv_id(value: str) -> str:
     Raises:
         ValueError: the value is not a hostname, so it could not be told apart reliably.
     """
-    text = value.strip().rstrip(".")
-    try:
-        text = ".".join(ToASCII(label).decode("ascii") for label in text.split(".")).lower()
-    except UnicodeError as exc:
-        raise ValueError(f"authserv-id is not a hostname: {value!r}") from exc
-    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+    text = normalize(value.strip().rstrip("."))
+    if text is None or not _HOSTNAME.fullmatch(text):
         raise ValueError(f"authserv-id is not a hostname: {value!r}")
     return text
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from authmilter import __version__
 from authmilter.config import Config, ConfigError, default_config, load_config, packaged_config_path
 from authmilter.dkim_rsa import install as install_openssl_rsa
+from authmilter.domains import path_address, to_a_labels
 from authmilter.keys import (
     KEY_TYPES,
     MAX_RSA_BITS,
@@ -360,8 +361,8 @@ def _check_dns_options(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate genkey's options; normalise the domain, default the bits, make --dir absolute."""
-    args.domain = args.domain.removesuffix(".").lower()
     try:
+        args.domain = to_a_labels(args.domain).lower()  # as DNS and d= want it (domains.py)
         key_record_name(args.selector, args.domain)
     except ValueError as e:
         parser.error(str(e))
@@ -488,7 +489,7 @@ def run_sign(args: argparse.Namespace) -> tuple[bytes, SigningOutcome]:
     raw = _read_message(args.message)
     transaction = Transaction(
         connection=Connection(client_ip="", helo=""),
-        mail_from=args.mail_from.strip().removeprefix("<").removesuffix(">"),
+        mail_from=path_address(args.mail_from),
         recipients=(),
         message=parse_message(raw, max_headers=config.milter.max_headers),
     )

@@ -33,6 +33,7 @@ from authmilter.dkim_sign import (
 )
 from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
+from authmilter.domains import normalize
 from authmilter.history import HistorySettings
 from authmilter.keys import KeyFileError, load_private_key
 from authmilter.resolver import DnsSettings, parse_nameserver
@@ -470,7 +471,7 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
     if (section, key) == ("milter", "remove_authserv_ids"):
         return tuple(sanitize_authserv_id(v) for v in value)
     if (section, key) == ("policy", "never_reject_domains"):
-        return tuple(d.lower().rstrip(".") for d in value)
+        return tuple(_domain_name(d) for d in value)
     if (section, key) in DATASET_KEYS:
         return _dataset_path(value, path)
     if (section, key) in (("signing", "headers"), ("signing", "oversign_headers")):
@@ -478,6 +479,14 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
     if (section, key) == ("signing", "sign_daemon_names") and not all(value):
         raise ValueError("empty daemon name")
     return value
+
+
+def _domain_name(text: str) -> str:
+    """A domain as it is compared: lower-case A-labels (domains.py)."""
+    name = normalize(text)
+    if name is None:
+        raise ValueError(f"'{text}' is not a domain name")
+    return name
 
 
 def _host_list(key: str, raw: Any, path: Path) -> tuple[str, ...] | str:

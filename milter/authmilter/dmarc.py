@@ -66,6 +66,7 @@ from typing import NamedTuple
 from publicsuffixlist import PublicSuffixList
 
 from authmilter.checks import Check, Outcomes
+from authmilter.domains import is_within, normalize
 from authmilter.message import FromAuthors
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
@@ -91,13 +92,8 @@ RFC9989_MAX_WALK_QUERIES = 8
 MAX_AUTHOR_DOMAINS = 5
 # A message can carry many signatures; each alignment walk is bounded, this bounds how many run.
 MAX_SIGNATURES_CHECKED = 10
-# RFC 1035 §2.3.4 limits.
-MAX_DOMAIN_LENGTH = 253
-MAX_LABEL_LENGTH = 63
-# _normalize keeps this many names, each of at most MAX_CACHED_DOMAIN_LENGTH characters: the
-# names are attacker-chosen, so the cache holds a few MB at most.
-DOMAIN_CACHE_SIZE = 4096
-MAX_CACHED_DOMAIN_LENGTH = 4 * MAX_DOMAIN_LENGTH
+# Rendered method results kept (the same verdicts recur message after message).
+RESULT_CACHE_SIZE = 4096
 
 _POLICIES = {d.value: d for d in Disposition}
 # §4.8: tag names are 1*ALPHA.
@@ -230,46 +226,6 @@ def _failure_options(value: str | None) -> str:
     if value is None or not all(len(o) == 1 and o in _FO_OPTIONS for o in options):
         return "0"  # §4.7 default
     return ":".join(options)
-
-
-# ---------------------------------------------------------------------------------------------
-# Domains
-
-
-def _normalize(domain: str) -> str | None:
-    """Lower-case A-label form without the trailing dot, or None if it cannot be a DNS name."""
-    # Longer values are rare and not kept. They are not all invalid (leading spaces, characters
-    # nameprep maps to nothing), so they are still normalised.
-    if len(domain) <= MAX_CACHED_DOMAIN_LENGTH:
-        return _normalized(domain)
-    return _normalized.__wrapped__(domain)
-
-
-@lru_cache(maxsize=DOMAIN_CACHE_SIZE)
-def _normalized(domain: str) -> str | None:
-    # Pure in the name; each evaluation asks for the same From, SPF and DKIM domains several
-    # times, and they recur message after message.
-    name = domain.strip()
-    name = name[:-1] if name.endswith(".") else name
-    labels = [_a_label(label) for label in name.split(".")]
-    if not name or any(label is None for label in labels):
-        return None
-    result = ".".join(label for label in labels if label is not None)
-    return result if len(result) <= MAX_DOMAIN_LENGTH else None
-
-
-def _a_label(label: str) -> str | None:
-    if not label.isascii():
-        try:
-            label = label.encode("idna").decode("ascii")  # §5.3.1: U-label -> A-label
-        except UnicodeError:
-            return None
-    valid = 0 < len(label) <= MAX_LABEL_LENGTH and label.isprintable() and " " not in label
-    return label.lower() if valid else None
-
-
-def _is_within(domain: str, ancestor: str) -> bool:
-    return domain == ancestor or domain.endswith("." + ancestor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,7 +369,7 @@ def organizational_domain(domain: str, resolver: Resolver, settings: DmarcSettin
         place (a public suffix itself, or a walk that ended in a DNS error) is its own
         Organizational Domain; "" when ``domain`` cannot be a DNS name.
     """
-    name = _normalize(domain)
+    name = normalize(domain)
     if name is None:
         return ""
     try:
@@ -498,7 +454,7 @@ def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: 
     """Raises _TempFail when the identifier's Organizational Domain could not be found."""
     if identifier == author:
         return True
-    if strict or not _is_within(identifier, author_org):
+    if strict or not is_within(identifier, author_org):
         # An Organizational Domain is the name itself or a parent, so an identifier outside the
         # Author's Organizational Domain cannot share it: no walk needed.
         return False
@@ -519,7 +475,7 @@ def _spf_identifier(spf: SpfResult | None) -> str | None:
     # §3.2 (SPF Domain), §4.4.2: only a passing MAIL FROM check gives an identifier.
     if spf is None or spf.result is not AuthResult.PASS or spf.scope is not SpfScope.MFROM:
         return None
-    return _normalize(spf.domain)
+    return normalize(spf.domain)
 
 
 def _check_alignment(
@@ -543,7 +499,7 @@ def _check_alignment(
 
     spf_domain = _spf_identifier(spf)
     signatures = dkim[:MAX_SIGNATURES_CHECKED]
-    dkim_domains = [_normalize(s.domain) if s.result is AuthResult.PASS else None for s in signatures]
+    dkim_domains = [normalize(s.domain) if s.result is AuthResult.PASS else None for s in signatures]
     spf_ok = check(spf_domain, record.aspf_strict)
     dkim_ok = any(check(domain, record.adkim_strict) for domain in dkim_domains)
     if spf_ok or dkim_ok:
@@ -564,14 +520,14 @@ def _unverified_identifiers(
     found: list[tuple[str | None, bool, str]] = []
     if spf is not None and spf.result is AuthResult.TEMPERROR and spf.scope is SpfScope.MFROM:
         why = f"SPF of the aligned MAIL FROM domain {spf.domain} could not be checked: {spf.explanation}"
-        found.append((_normalize(spf.domain), record.aspf_strict, why))
+        found.append((normalize(spf.domain), record.aspf_strict, why))
     for signature in signatures:
         if signature.result is AuthResult.TEMPERROR:
             why = (
                 f"aligned DKIM signature d={signature.domain} s={signature.selector} could not be "
                 f"checked: {signature.reason}"
             )
-            found.append((_normalize(signature.domain), record.adkim_strict, why))
+            found.append((normalize(signature.domain), record.adkim_strict, why))
     return found
 
 
@@ -652,7 +608,7 @@ def evaluate_dmarc(
 
 
 def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+    return tuple(dict.fromkeys(normalize(d) or d for d in from_domains))
 
 
 def too_many_author_domains(from_domains: Sequence[str]) -> DmarcVerdict | None:
@@ -709,7 +665,7 @@ def _evaluate_one(
     resolver: Resolver,
     settings: DmarcSettings,
 ) -> DmarcVerdict:
-    if _normalize(author) != author:
+    if normalize(author) != author:
         return from_header_error(f"From domain {author!r} is not a domain name", from_domains)
     orgs = _OrgDomains(resolver, settings)
     try:
@@ -831,7 +787,7 @@ def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
     return too_many_author_domains(authors.domains)
 
 
-@lru_cache(maxsize=DOMAIN_CACHE_SIZE)
+@lru_cache(maxsize=RESULT_CACHE_SIZE)
 def _method_results(dmarc: DmarcVerdict, applied: Disposition | None) -> tuple[MethodResult, ...]:
     # dis= says what was done: when local policy did not apply the disposition DMARC asked for
     # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.

@@ -23,6 +23,9 @@ MAX_NAME_LENGTH = 253
 # Normalised names kept; each message asks for the same From, SPF and DKIM domains several times.
 NAME_CACHE_SIZE = 4096
 MAX_CACHED_NAME_LENGTH = 4 * MAX_NAME_LENGTH
+# RFC 3490 §3.1: ideographic full stop, fullwidth full stop and halfwidth ideographic full stop
+# separate labels as "." does.
+_IDNA_DOTS = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": "."})
 
 
 class DomainError(ValueError):
@@ -57,7 +60,8 @@ def to_a_labels(name: str) -> str:
     Raises:
         DomainError: a label :func:`a_label` refuses, or a name over 253 characters.
     """
-    result = ".".join(a_label(label) for label in name.removesuffix(".").split("."))
+    text = name if name.isascii() else name.translate(_IDNA_DOTS)
+    result = ".".join(a_label(label) for label in text.removesuffix(".").split("."))
     if len(result) > MAX_NAME_LENGTH:
         raise DomainError("domain too long")
     return result

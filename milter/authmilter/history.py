@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from authmilter.domains import address_domain
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
     Action,
@@ -142,7 +143,7 @@ def make_record(
         "helo": _clip(envelope.helo, MAX_DOMAIN),
         "header_from": _clip(dmarc.from_domain, MAX_DOMAIN) if dmarc else "",
         "from_domains": [_clip(d, MAX_DOMAIN) for d in from_domains[:MAX_FROM_DOMAINS]],
-        "envelope_from": _clip(_address_domain(envelope.mail_from), MAX_DOMAIN),
+        "envelope_from": _clip(address_domain(envelope.mail_from), MAX_DOMAIN),
         "envelope_to": domains[:MAX_RECIPIENT_DOMAINS],
         "envelope_to_omitted": max(0, len(domains) - MAX_RECIPIENT_DOMAINS),
         "dmarc": _dmarc_part(dmarc),
@@ -171,17 +172,10 @@ def _normalize_ip(text: str) -> str:
     return str(address)
 
 
-def _address_domain(address: str) -> str:
-    """The domain of an envelope address ("" for the null sender or a bare local part)."""
-    bare = address.strip().strip("<>")
-    _, at, domain = bare.rpartition("@")
-    return domain.lower().rstrip(".") if at else ""
-
-
 def _unique_domains(recipients: tuple[str, ...]) -> list[str]:
     seen: dict[str, None] = {}
     for recipient in recipients:
-        domain = _clip(_address_domain(recipient), MAX_DOMAIN)
+        domain = _clip(address_domain(recipient), MAX_DOMAIN)
         if domain:
             seen.setdefault(domain, None)
     return list(seen)

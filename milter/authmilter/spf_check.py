@@ -22,6 +22,7 @@ import dns.rdatatype
 import spf
 
 from authmilter.checks import Check, Outcomes
+from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a_labels
 from authmilter.model import Action, AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
@@ -29,9 +30,6 @@ from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
 
-# RFC 1035 §2.3.4: labels of 1..63 octets, names of at most 253 characters in text form.
-MAX_LABEL_LENGTH = 63
-MAX_NAME_LENGTH = 253
 # §4.3 multi-label, RFC 1035 §2.3.4 labels of 1..63 octets. DNS labels may hold any octet, but no
 # mail domain holds controls or spaces (RFC 5321 §4.1.2): printable ASCII ("!" to "~") but ".".
 _LABEL = rf"[!-\-/-~]{{1,{MAX_LABEL_LENGTH}}}"
@@ -122,12 +120,7 @@ def _split_reverse_path(mail_from: str) -> tuple[str | None, str]:
     A missing local-part becomes "postmaster" (RFC 7208 §4.3); a path without "@" is kept whole
     as the domain, as pyspf does, so that it is judged by the same domain rules.
     """
-    path = mail_from.strip()
-    if path.startswith("<") and path.endswith(">"):
-        path = path[1:-1].strip()
-    # RFC 5321 §4.1.1.2/§C: a source route ("@a,@b:user@c") is to be ignored.
-    if path.startswith("@") and ":" in path:
-        path = path.split(":", 1)[1]
+    path = path_address(mail_from)
     if not path:
         return None, ""
     # The domain follows the last "@": a quoted local-part may itself hold one.
@@ -220,23 +213,13 @@ def _checkable_domain(domain: str) -> str | None:
     multi-label gives none; internationalized names are checked as A-labels. An address literal
     (``[192.0.2.1]``, RFC 5321 §4.1.3) is not a domain name at all (§2.3).
     """
-    name = domain[:-1] if domain.endswith(".") else domain
-    if not name or name.startswith("["):
+    if domain.startswith("["):
         return None
-    # Python's "idna" codec returns an ASCII name unchanged once its label lengths pass, which
-    # _MULTI_LABEL_NAME checks anyway: only a name with U-labels needs the codec.
-    ascii_name = name if name.isascii() else _a_labels(name)
-    if ascii_name is None or len(ascii_name) > MAX_NAME_LENGTH or not _MULTI_LABEL_NAME.fullmatch(ascii_name):
-        return None
-    return ascii_name
-
-
-def _a_labels(name: str) -> str | None:
-    # IDNA 2003 ToASCII, which also rejects empty and over-long labels.
     try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError:
+        ascii_name = to_a_labels(domain)  # the one IDNA policy (domains.py); ASCII keeps its case
+    except DomainError:
         return None
+    return ascii_name if _MULTI_LABEL_NAME.fullmatch(ascii_name) else None
 
 
 def _pyspf_value(rdata: dns.rdata.Rdata) -> Any:
