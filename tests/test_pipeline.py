@@ -288,6 +288,23 @@ def test_a_check_is_one_class_and_one_registration(resolver: Resolver, key: Sign
     assert verdict.authentication_results.startswith(without["authentication_results"] + ";")
 
 
+def test_checks_name_the_dns_questions_they_will_ask(key: SigningKey) -> None:
+    raw = sign(make_message(), key, "sender.example", "s1")
+    transaction = Transaction(
+        connection=Connection(client_ip="192.0.2.10", helo="mx.sender.example"),
+        mail_from="<bob@sender.example>",
+        recipients=(),
+        message=parse_message(raw),
+    )
+    asked = {r.check.name: r.check.prefetch(transaction, r.settings(CONFIG)) for r in CHECKS}
+    assert asked == {
+        "spf": [("sender.example", dns.rdatatype.TXT)],
+        "helo": [("mx.sender.example", dns.rdatatype.TXT)],
+        "dkim": [("s1._domainkey.sender.example", dns.rdatatype.TXT)],
+        "dmarc": [("_dmarc.sender.example", dns.rdatatype.TXT)],
+    }
+
+
 def test_a_registry_refuses_a_check_before_one_it_requires() -> None:
     with pytest.raises(ValueError, match="'dmarc' requires spf, which must be registered before it"):
         Registry((Registration(DkimCheck(), lambda c: c.dkim), Registration(DmarcCheck(), lambda c: c.dmarc)))

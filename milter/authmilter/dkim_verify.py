@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import dns.rdatatype
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
-from authmilter.checks import Check, Outcomes
+from authmilter.checks import Check, Outcomes, Question
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
 from authmilter.model import Action, AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
@@ -583,6 +584,17 @@ class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
 
     def enabled(self, settings: DkimSettings) -> bool:
         return settings.enabled
+
+    def prefetch(self, transaction: Transaction, settings: DkimSettings) -> list[Question]:
+        # RFC 6376 §3.6.2.1: each signature's key is the TXT set at s=._domainkey.d=.
+        fields = transaction.message.headers.get_all("DKIM-Signature")[: settings.max_signatures]
+        questions = []
+        for field in fields:
+            tags = _lenient_tags(field.value.encode("latin-1"))
+            selector, domain = _text(tags.get(b"s", b"")), _text(tags.get(b"d", b""))
+            if selector and domain:
+                questions.append((f"{selector}._domainkey.{domain}", dns.rdatatype.TXT))
+        return list(dict.fromkeys(questions))
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DkimSettings

@@ -63,9 +63,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+import dns.rdatatype
 from publicsuffixlist import PublicSuffixList
 
-from authmilter.checks import Check, Outcomes
+from authmilter.checks import Check, Outcomes, Question
 from authmilter.domains import is_within, normalize
 from authmilter.message import FromAuthors
 from authmilter.model import (
@@ -759,6 +760,13 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         # The cheap structural caps come before any DNS query: a From that gives no Author Domain,
         # several From fields, more than MAX_AUTHOR_DOMAINS domains (§11.5).
         return unusable_from(transaction.authors)
+
+    def prefetch(self, transaction: Transaction, settings: DmarcSettings) -> list[Question]:
+        # RFC 9989 §4.10: the walk starts at the Author Domain's own _dmarc name.
+        if self.precheck(transaction, settings) is not None:
+            return []
+        domains = _author_domains(transaction.authors.domains)
+        return [(f"_dmarc.{domain}", dns.rdatatype.TXT) for domain in domains]
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings

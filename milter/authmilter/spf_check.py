@@ -21,7 +21,7 @@ import dns.rdata
 import dns.rdatatype
 import spf
 
-from authmilter.checks import Check, Outcomes
+from authmilter.checks import Check, Outcomes, Question
 from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a_labels
 from authmilter.model import Action, AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
@@ -317,6 +317,11 @@ class MailFromCheck(Check[SpfSettings, SpfResult]):
     def enabled(self, settings: SpfSettings) -> bool:
         return settings.enabled
 
+    def prefetch(self, transaction: Transaction, settings: SpfSettings) -> list[Question]:
+        # RFC 7208 §4.4: the record is the TXT set at the identity's domain.
+        local, domain = _split_reverse_path(transaction.mail_from)
+        return _record_question(domain if local is not None else transaction.connection.helo)
+
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
     ) -> SpfResult:
@@ -342,6 +347,9 @@ class HeloCheck(Check[SpfSettings, SpfResult]):
     def enabled(self, settings: SpfSettings) -> bool:
         return settings.enabled and settings.check_helo
 
+    def prefetch(self, transaction: Transaction, settings: SpfSettings) -> list[Question]:
+        return _record_question(transaction.connection.helo)
+
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
     ) -> SpfResult:
@@ -354,6 +362,11 @@ class HeloCheck(Check[SpfSettings, SpfResult]):
 
     def method_results(self, outcome: SpfResult, action: Action) -> tuple[MethodResult, ...]:
         return _helo_results(outcome)
+
+
+def _record_question(domain: str) -> list[Question]:
+    name = _checkable_domain(domain)
+    return [] if name is None else [(name, dns.rdatatype.TXT)]
 
 
 # The same results recur message after message (results are frozen values).
