@@ -239,6 +239,21 @@ def test_dmarc_sees_the_temperror_of_a_check_that_raised(resolver: Resolver) -> 
     assert verdict.action is Action.TEMPFAIL
 
 
+class BrokenPrecheck(DmarcCheck):
+    def precheck(self, transaction: Transaction, settings: Any) -> Any:
+        raise RuntimeError("precheck bug")
+
+
+def test_a_precheck_that_raises_is_contained_too(resolver: Resolver, key: SigningKey) -> None:
+    registry = Registry(
+        (*list(CHECKS)[:-1], Registration(BrokenPrecheck(), lambda config: config.dmarc))
+    )
+    verdict = run(sign(make_message(), key, "sender.example", "s1"), resolver, registry=registry)
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.TEMPERROR
+    assert [d.result for d in verdict.dkim] == [AuthResult.PASS]
+    assert verdict.timings[-1].failed
+
+
 def test_internal_error_outside_the_checks_tempfails_and_logs_queue_id(
     resolver: Resolver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

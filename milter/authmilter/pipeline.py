@@ -310,10 +310,14 @@ def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> 
     early: dict[str, object] = {}
     for registration in registry:
         settings = registration.settings(config)
-        if registration.check.enabled(settings):
+        if not registration.check.enabled(settings):
+            continue
+        try:
             outcome = registration.check.precheck(transaction, settings)
-            if outcome is not None:
-                early[registration.check.name] = outcome
+        except Exception:  # not lost: the check's run meets it again and contains it
+            continue
+        if outcome is not None:
+            early[registration.check.name] = outcome
     return early
 
 
