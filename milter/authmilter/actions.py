@@ -122,7 +122,8 @@ class PolicySettings:
         enforce: apply DMARC reject/quarantine; false only annotates (a trial mode).
         dmarc_temperror: action when DMARC cannot be evaluated because DNS failed.
         from_error: action for no From, several From headers, or an author without a domain.
-        internal_error: action when authmilter itself fails (an exception in a check).
+        internal_error: action when authmilter itself fails outside its checks (a check that
+            raises gives its own temperror: pipeline.run_checks).
         spf_fail: action for an SPF ``fail`` of the MAIL FROM identity on its own (policyd-spf's
             behaviour); "accept" leaves SPF to DMARC.
         never_reject_domains: From or policy domains never rejected or quarantined (local override).
