@@ -771,10 +771,14 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings
     ) -> DmarcVerdict:
+        authors = transaction.authors
+        if authors.error:
+            return from_header_error(authors.error)
         spf = earlier.get("spf")
         dkim = earlier.get("dkim", ())
-        return self.precheck(transaction, settings) or evaluate_dmarc(
-            transaction.authors.domains,
+        # evaluate_dmarc applies the cap on Author Domains of precheck() itself.
+        return evaluate_dmarc(
+            authors.domains,
             spf if isinstance(spf, SpfResult) else None,
             dkim if isinstance(dkim, tuple) else (),
             resolver,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 # Version of the JSON verdict (`authmilter check --json`, docs/verdict-json.md). Bump on any
 # change that is not a pure addition of keys.
@@ -192,9 +192,10 @@ class MethodResult:
     comment: str = ""
 
 
-@dataclass(frozen=True)
-class CheckTiming:
+class CheckTiming(NamedTuple):
     """How long one check took on one message (each check run is measured by the pipeline).
+
+    A named tuple, not a frozen dataclass: one is made per check per message, at a third of the cost.
 
     Attributes:
         check: the check's registry name (``spf``, ``helo``, ``dkim``, ``dmarc``, ...).

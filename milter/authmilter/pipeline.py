@@ -314,7 +314,15 @@ def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> 
             continue
         try:
             outcome = registration.check.precheck(transaction, settings)
-        except Exception:  # not lost: the check's run meets it again and contains it
+        except Exception as e:
+            # Only a shortcut is lost: the check still runs in full, and stands or fails alone.
+            log.exception(
+                "queue_id=%s internal error in the %s check's precheck, checked in full instead: %s: %s",
+                transaction.queue_id or "-",
+                registration.check.label,
+                type(e).__name__,
+                e,
+            )
             continue
         if outcome is not None:
             early[registration.check.name] = outcome

@@ -206,6 +206,7 @@ def _none(domain: str, local: str, scope: SpfScope, why: str) -> SpfResult:
     return SpfResult(AuthResult.NONE, domain, scope, f"{local}@{domain}", why)
 
 
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)  # sender domains recur as client addresses do
 def _checkable_domain(domain: str) -> str | None:
     """The domain in A-labels, or None when RFC 7208 §4.3 says the result is "none".
 
