@@ -479,7 +479,7 @@ def read_history(path: str, stats: ReadStats | None = None) -> Iterator[dict[str
         for line in source:
             if not line.strip():
                 continue
-            record = _parse_line(line)
+            record = parse_line(line)
             if record is None:
                 counts.corrupt += 1
             elif record["v"] not in KNOWN_VERSIONS:
@@ -496,7 +496,8 @@ def read_history(path: str, stats: ReadStats | None = None) -> Iterator[dict[str
         )
 
 
-def _parse_line(line: bytes) -> dict[str, Any] | None:
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """One history line as a record (a dict with an integer ``v``), or None when it is not one."""
     try:
         record = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
