@@ -108,16 +108,30 @@ class PostgresServer:
             for path in (self.datadir, self.log_path):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         initdb = self._run(
-            [str(self.bin / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER, "-A", "trust",
-             "-E", "UTF8", "--locale=C", "--no-sync"],
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                SUPERUSER,
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
         )
         if initdb.returncode != 0:
             raise PostgresError(f"initdb failed:\n{initdb.stdout.decode(errors='replace')[-LOG_TAIL_CHARS:]}")
         self.port = free_port(self.host)
         options = [
-            "-c", f"listen_addresses={self.host}",
-            "-c", "unix_socket_directories=",
-            "-c", f"port={self.port}",
+            "-c",
+            f"listen_addresses={self.host}",
+            "-c",
+            "unix_socket_directories=",
+            "-c",
+            f"port={self.port}",
         ]
         if not self.durable:
             options += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
@@ -154,7 +168,9 @@ class PostgresServer:
                     return
             except psycopg.OperationalError:
                 time.sleep(0.1)
-        raise PostgresError(f"postgres did not accept connections within {READY_TIMEOUT} s:\n{self.log_tail()}")
+        raise PostgresError(
+            f"postgres did not accept connections within {READY_TIMEOUT} s:\n{self.log_tail()}"
+        )
 
     def create_database(self, name: str) -> str:
         """Create an empty database; returns its URL."""

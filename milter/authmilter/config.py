@@ -36,6 +36,14 @@ from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
 from authmilter.history import HistorySettings
 from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
+from authmilter.reports import (
+    MAX_PERIOD,
+    SECONDS_PER_HOUR,
+    SMTP_STARTTLS_MODES,
+    ReportsSettings,
+    SettingProblem,
+    check_setting,
+)
 from authmilter.resolver import DnsSettings
 from authmilter.spf_check import SpfSettings
 from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostSet, KeyTable, SigningTable, TableError
@@ -123,6 +131,7 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
+    reports: ReportsSettings = field(default_factory=ReportsSettings)
 
     @functools.cached_property
     def internal_hosts(self) -> HostSet:
@@ -174,6 +183,7 @@ SECTIONS: dict[str, type[Any]] = {
     "policy": PolicySettings,
     "history": HistorySettings,
     "signing": SigningSettings,
+    "reports": ReportsSettings,
 }
 
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
@@ -191,6 +201,8 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("dkim", "timeout"): (0.1, 60),
     ("dmarc", "max_tree_walk"): (1, 8),
     ("signing", "expire_after"): (0, 10 * 366 * 86400),
+    ("reports", "period"): (SECONDS_PER_HOUR, MAX_PERIOD),
+    ("reports", "smtp_port"): (1, 65535),
 }
 
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
@@ -203,6 +215,7 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("signing", "key_permissions"): frozenset(PERMISSION_POLICIES),
     ("signing", "signing_domain"): frozenset(SIGNING_DOMAIN_SOURCES),
     ("signing", "canonicalization"): frozenset(CANONICALIZATIONS),
+    ("reports", "smtp_starttls"): SMTP_STARTTLS_MODES,
 }
 
 # Keys whose values are file names: relative names are taken from the config file's folder.
@@ -213,7 +226,7 @@ DATASET_KEYS = {("signing", "key_table"), ("signing", "signing_table")}
 
 def default_config() -> Config:
     """The built-in defaults (what an empty config file gives)."""
-    return Config(path="<defaults>")
+    return _with_report_defaults(Config(path="<defaults>"))
 
 
 def load_config(path: str | Path) -> Config:
@@ -250,6 +263,10 @@ def parse_config(text: str, path: str | Path) -> Config:
         sections[name] = _build_section(name, table, path, text)
     config = Config(path=str(path), **sections)
     try:
+        config = _with_report_defaults(config)
+    except SettingProblem as e:
+        raise ConfigError(f"{_where(path, text, 'reports', e.key)}[reports] {e.key}: {e}") from None
+    try:
         # Read the datasets, tables and keys now (cached on the Config), so that a bad one
         # refuses the (re)load instead of failing messages.
         _ = config.internal_hosts, config.signing_table
@@ -258,6 +275,11 @@ def parse_config(text: str, path: str | Path) -> Config:
             f"{_where(path, text, e.section, e.key)}[{e.section}] {e.key}: {e.problem}"
         ) from None
     return config
+
+
+def _with_report_defaults(config: Config) -> Config:
+    """``[reports]`` names and addresses left empty are derived from the authserv-id."""
+    return dataclasses.replace(config, reports=config.reports.with_defaults(config.authserv_id))
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -374,6 +396,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
             raise ValueError(f"'{plain}' is not one of: {', '.join(sorted(choices))}")
     if (section, key) in PATH_KEYS:
         return _resolve_paths(value, path)
+    if section == "reports":
+        return check_setting(key, value)
     if (section, key) == ("milter", "socket_mode") and not re.fullmatch(r"0?[0-7]{3}", value):
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):

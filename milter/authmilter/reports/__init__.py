@@ -121,7 +121,9 @@ def check_database_url(url: str) -> None:
     """
     if url.startswith(SQLITE_PREFIX):
         if not url[len(SQLITE_PREFIX) :].startswith("/"):
-            raise ValueError(f"'{url}': give an absolute path, e.g. sqlite:///var/lib/authmilter/reports.sqlite")
+            raise ValueError(
+                f"'{url}': give an absolute path, e.g. sqlite:///var/lib/authmilter/reports.sqlite"
+            )
         return
     if not url.startswith(POSTGRESQL_PREFIXES):
         raise ValueError(

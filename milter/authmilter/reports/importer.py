@@ -226,6 +226,8 @@ class _RecordReader:
     def add(self, line: bytes | None, batch: Batch) -> int:
         """Count the record of ``line`` (None: an over-long line) in ``batch``; 1 if it counted, else 0."""
         report = self._report
+        if line is not None and not line.strip():
+            return 0  # empty lines are ignored, as read_history does
         record = parse_line(line) if line is not None else None
         if record is None:
             report.corrupt += 1

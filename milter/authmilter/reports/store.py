@@ -229,6 +229,8 @@ class Store:
         Raises:
             StoreError: the database's schema is newer than this code knows, or a statement failed.
         """
+        if self._current_version() == SCHEMA_VERSION:
+            return  # the usual case: no write lock taken, so a busy database can still be read
         with self._errors("cannot set up the schema"), self._db.transaction(migration=True) as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             found = db.query("SELECT version FROM schema_version")
@@ -244,6 +246,13 @@ class Store:
                 for statement in MIGRATIONS[version]:
                     db.execute(statement)
                 db.execute("UPDATE schema_version SET version = ?", (version + 1,))
+
+    def _current_version(self) -> int | None:
+        """The schema version, or None when it cannot be read (no schema yet)."""
+        try:
+            return int(self._db.query("SELECT version FROM schema_version")[0][0])
+        except (*self._db.errors, IndexError):
+            return None
 
     def schema_version(self) -> int:
         """The schema version the database is at."""
