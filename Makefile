@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 CONFIG ?= conf/authmilter.toml
 # knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
 # unit's test; postfix: the private MTA of tests/integration; opendkim: the independent DKIM
-# verifier and signer of the interoperability tests (system services disabled below).
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools
+# verifier and signer of the interoperability tests (system services disabled below); postgresql:
+# the report store's second database, run by the tests in a temporary directory (service disabled).
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
@@ -59,6 +60,8 @@ apt:
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postfix.service || true
 	@$(SUDO) systemctl disable opendkim.service >/dev/null 2>&1 || true
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop opendkim.service || true
+	@$(SUDO) systemctl disable postgresql.service >/dev/null 2>&1 || true
+	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postgresql.service || true
 
 bench-apt:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BENCH_APT_PACKAGES)"

@@ -72,3 +72,17 @@ def test_no_module_shadows_a_wrapped_library() -> None:
         assert not (PACKAGE / f"{name}.py").exists()
         assert not (PACKAGE / name).is_dir()
     assert not (PACKAGE.parent / "milter").exists() and not (PACKAGE.parent / "__init__.py").exists()
+
+
+def test_the_reports_package_imports_only_lower_layers() -> None:
+    # reports/ is one layer ("reports" in RANKS): its modules import each other and lower layers only.
+    problems = []
+    for path in sorted((PACKAGE / "reports").glob("*.py")):
+        for name in imported_modules(path):
+            parts = name.split(".")
+            if parts[0] in CORE_FORBIDDEN:
+                problems.append(f"reports/{path.name} imports {parts[0]}")
+            lower = parts[0] != "authmilter" or len(parts) == 1 or parts[1] == "reports"
+            if not lower and RANKS[parts[1]] >= RANKS["reports"]:
+                problems.append(f"reports/{path.name} imports {parts[1]} (layer {RANKS[parts[1]]})")
+    assert not problems, "\n".join(problems)
