@@ -49,7 +49,7 @@ def service_settings(text: str) -> dict[str, list[str]]:
     return settings
 
 
-def verifiable_copy(tmp_path: Path, text: str) -> Path:
+def verifiable_copy(tmp_path: Path, text: str, name: str = "authmilter.service") -> Path:
     """The unit with only ExecStart's program swapped for an executable that exists here:
     `verify` insists the program exists, and authmilter is not installed in /opt on a test box."""
     program = tmp_path / "authmilter"
@@ -61,7 +61,7 @@ def verifiable_copy(tmp_path: Path, text: str) -> Path:
             _, arguments = line.split(" ", 1)
             line = f"ExecStart={program} {arguments}"
         lines.append(line)
-    unit = tmp_path / "authmilter.service"
+    unit = tmp_path / name
     unit.write_text("\n".join(lines) + "\n")
     return unit
 
