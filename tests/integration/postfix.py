@@ -406,6 +406,7 @@ def authmilter_config(
     dns_port: int,
     workers: int = 2,
     authserv_id: str = "mx.receiver.example",
+    history: str = "",
     extra: str = "",
 ) -> str:
     """The TOML the integration tests run authmilter with.
@@ -415,6 +416,7 @@ def authmilter_config(
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
         authserv_id: the id in our Authentication-Results.
+        history: the history file ([history] path), for the report tests; "" = none.
         extra: more TOML appended (e.g. a broken line, to test SIGHUP).
     """
     return f"""# Written by tests/integration/postfix.py.
@@ -428,6 +430,9 @@ quarantine = "hold"
 [log]
 destination = "stderr"
 level = "debug"
+
+[history]
+path = "{history}"
 
 [dns]
 nameservers = ["127.0.0.1"]
@@ -456,6 +461,7 @@ class AuthmilterProcess:
         self.workers = workers
         self.config_path = workdir / "authmilter.toml"
         self.log_path = workdir / "authmilter.log"
+        self.history_path = workdir / "history.jsonl"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -476,6 +482,7 @@ class AuthmilterProcess:
                 dns_port=self.dns_port,
                 workers=self.workers,
                 authserv_id=authserv_id,
+                history=str(self.history_path),
                 extra=extra,
             ),
             encoding="utf-8",
