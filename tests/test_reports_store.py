@@ -192,6 +192,8 @@ def test_a_last_line_being_written_waits_for_the_next_import(store: Store, tmp_p
 def test_bad_lines_are_counted_and_skipped(store: Store, tmp_path: Path) -> None:
     broken = record()
     del broken["auth_results"]
+    bad_policy = record()
+    bad_policy["policy_published"]["p"] = 5
     lines = [
         b"not json\n",
         b'{"v": 1, "time": \n',  # truncated by a crash
@@ -200,6 +202,8 @@ def test_bad_lines_are_counted_and_skipped(store: Store, tmp_path: Path) -> None
         b'{"v": 2, "time": 1}\n',  # a newer writer
         encode_record(broken),
         encode_record(record(time="yesterday")),
+        encode_record(record(source_ip=7)),
+        encode_record(bad_policy),
         encode_record(record(policy_published=None)),
         encode_record(record(action="tempfail")),
         b"\n",
@@ -208,9 +212,9 @@ def test_bad_lines_are_counted_and_skipped(store: Store, tmp_path: Path) -> None
     history = tmp_path / "history.jsonl"
     history.write_bytes(b"".join(lines))
     outcome = run_import(store, history)
-    assert (outcome.records, outcome.corrupt, outcome.unknown_version) == (1, 6, 1)
+    assert (outcome.records, outcome.corrupt, outcome.unknown_version) == (1, 8, 1)
     assert (outcome.no_policy, outcome.tempfail, outcome.failed) == (1, 1, False)
-    assert "6 corrupt line(s), 1 record(s) of unknown version, 1 tempfail" in outcome.summary()
+    assert "8 corrupt line(s), 1 record(s) of unknown version, 1 tempfail" in outcome.summary()
     assert counts(store) == {("sender.example", DAY): 1}
 
 

@@ -112,6 +112,64 @@ def policy_published(raw: Mapping[str, Any]) -> PolicyPublished:
         raise RecordProblem(f"no usable policy_published: {type(e).__name__} {e}") from None
 
 
+def row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What :func:`row_key` reads from a record, as a hashable tuple, unchecked and cheap.
+
+    Equal values make equal row keys, so an importer converts (and checks) each distinct
+    tuple once with :func:`row_key` instead of once per message.
+
+    Raises:
+        RecordProblem: a key is missing, or a list or object stands where a value belongs.
+    """
+    try:
+        evaluated = record["policy_evaluated"]
+        auth = record["auth_results"]
+        spf = auth["spf"]
+        values = (
+            record["source_ip"],
+            evaluated["disposition"],
+            evaluated["dkim"],
+            evaluated["spf"],
+            tuple((r["type"], r.get("comment", "")) for r in evaluated["reasons"]),
+            record["header_from"],
+            record["envelope_from"],
+            tuple(record["envelope_to"][:1]),
+            tuple((d["domain"], d["selector"], d["result"], d["human_result"]) for d in auth["dkim"]),
+            None if spf is None else (spf["domain"], spf["scope"], spf["result"], spf["human_result"]),
+        )
+        hash(values)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise RecordProblem(f"no usable row: {type(e).__name__} {e}") from None
+    return values
+
+
+def policy_values(raw: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What :func:`policy_published` reads, as a hashable tuple (see :func:`row_values`).
+
+    Raises:
+        RecordProblem: a key is missing, or a list or object stands where a value belongs.
+    """
+    try:
+        values = (
+            raw["domain"],
+            raw["p"],
+            raw["sp"],
+            raw["np"],
+            raw["adkim"],
+            raw["aspf"],
+            raw["testing"],
+            raw["psd"],
+            raw["fo"],
+            raw["discovery_method"],
+            tuple(raw["rua"]),
+        )
+        hash(values)
+    except (KeyError, TypeError) as e:
+        raise RecordProblem(f"no usable policy_published: {type(e).__name__} {e}") from None
+    return values
+
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")

@@ -37,8 +37,17 @@ from typing import Any
 
 from authmilter.history import KNOWN_VERSIONS, parse_line
 from authmilter.reports import normalise_domain, period_start
-from authmilter.reports.aggregate import RecordProblem, policy_published, row_key
-from authmilter.reports.store import Batch, Store
+from authmilter.reports.aggregate import (
+    RecordProblem,
+    encode_policy,
+    encode_row_key,
+    policy_published,
+    policy_values,
+    row_digest,
+    row_key,
+    row_values,
+)
+from authmilter.reports.store import Batch, Store, StoredKey
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +56,8 @@ BATCH_LINES = 50_000
 # A history record stays below a few KB (docs/history-schema.md); anything far longer is garbage.
 MAX_LINE = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
+# Distinct row keys and policies remembered as encoded, per cache.
+MAX_CACHED = 100_000
 
 
 @dataclass
@@ -215,13 +226,20 @@ def _complete_lines(stream: io.BufferedIOBase) -> Iterator[tuple[int, bytes | No
 
 
 class _RecordReader:
-    """Turns lines into counts in a batch, counting what it skips in the report."""
+    """Turns lines into counts in a batch, counting what it skips in the report.
+
+    Row keys and policies repeat across messages: each distinct one (as a tuple of the values
+    read, aggregate.row_values / policy_values) is checked and encoded once and cached, so a
+    message costs its JSON parse and a few dict lookups.
+    """
 
     def __init__(self, report: ImportReport, period: int, suppressed: tuple[str, ...]) -> None:
         self._report = report
         self._period = period
         self._suppressed = suppressed
         self._suppressed_domains: dict[str, bool] = {}
+        self._keys: dict[tuple[Any, ...], StoredKey] = {}
+        self._policies: dict[tuple[Any, ...], tuple[str, str]] = {}
 
     def add(self, line: bytes | None, batch: Batch) -> int:
         """Count the record of ``line`` (None: an over-long line) in ``batch``; 1 if it counted, else 0."""
@@ -243,26 +261,66 @@ class _RecordReader:
             report.tempfail += 1
             return 0
         try:
-            policy = policy_published(raw_policy)
-            if self._is_suppressed(policy.domain):
+            policy = self._policy(raw_policy)
+            if policy is not None and self._is_suppressed(policy[0]):
                 report.suppressed += 1
                 return 0
-            key = row_key(record)
+            key = self._key(record)
             when, host = _time_and_host(record)
         except RecordProblem:
+            policy = key = None
+        if policy is None or key is None:
             report.corrupt += 1
             return 0
         begin = period_start(when, self._period)
-        batch.add((policy.domain, begin, begin + self._period), key, when, policy, host)
+        batch.add((policy[0], begin, begin + self._period), key, when, policy[1], host)
         report.records += 1
         return 1
+
+    def _policy(self, raw: Any) -> tuple[str, str] | None:
+        """(policy domain, encoded policy), or None for an invalid one."""
+        values = policy_values(raw)
+        known = self._policies.get(values)
+        if known is None:
+            _bound(self._policies)
+            try:
+                policy = policy_published(raw)
+                known = (policy.domain, encode_policy(policy))
+            except RecordProblem:
+                known = _INVALID
+            self._policies[values] = known
+        return None if known is _INVALID else known
+
+    def _key(self, record: dict[str, Any]) -> StoredKey | None:
+        values = row_values(record)
+        known = self._keys.get(values)
+        if known is None:
+            _bound(self._keys)
+            try:
+                text = encode_row_key(row_key(record))
+                known = (row_digest(text), text)
+            except RecordProblem:
+                known = _INVALID
+            self._keys[values] = known
+        return None if known is _INVALID else known
 
     def _is_suppressed(self, domain: str) -> bool:
         known = self._suppressed_domains.get(domain)
         if known is None:
+            _bound(self._suppressed_domains)
             known = any(domain == s or domain.endswith("." + s) for s in self._suppressed)
             self._suppressed_domains[domain] = known
         return known
+
+
+# Cached for values that make no valid key or policy (the record counts as corrupt).
+_INVALID = ("", "")
+
+
+def _bound(cache: dict[Any, Any]) -> None:
+    """Empty a cache that reached :data:`MAX_CACHED` entries (memory stays bounded)."""
+    if len(cache) >= MAX_CACHED:
+        cache.clear()
 
 
 def _time_and_host(record: dict[str, Any]) -> tuple[int, str]:

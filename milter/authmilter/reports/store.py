@@ -41,12 +41,9 @@ from authmilter.reports.aggregate import (
     DomainSummary,
     decode_policy,
     decode_row_key,
-    encode_policy,
-    encode_row_key,
     report_data,
-    row_digest,
 )
-from authmilter.reports.model import PolicyPublished, ReportData, ReportPeriod, RowKey
+from authmilter.reports.model import ReportData, ReportPeriod
 
 if TYPE_CHECKING:
     import psycopg
@@ -128,21 +125,27 @@ class ReportStore(Protocol):
     def send_lock(self) -> contextlib.AbstractContextManager[None]: ...
 
 
+# A row key as stored: (digest, canonical JSON), from aggregate.row_digest / encode_row_key.
+StoredKey = tuple[str, str]
+
+
 @dataclass
 class Batch:
     """Counts gathered from history records, written by :meth:`Store.import_batch` at once.
 
+    Keys and policies come encoded (the importer encodes each distinct one once).
+
     Attributes:
-        rows: messages per (period, row key).
-        policies: per period, the newest record's time and its policy.
+        rows: messages per (period, stored row key).
+        policies: per period, the newest record's time and its policy (aggregate.encode_policy).
         hosts: the reporting hosts seen per period.
     """
 
-    rows: Counter[tuple[PeriodKey, RowKey]] = field(default_factory=Counter)
-    policies: dict[PeriodKey, tuple[int, PolicyPublished]] = field(default_factory=dict)
+    rows: Counter[tuple[PeriodKey, StoredKey]] = field(default_factory=Counter)
+    policies: dict[PeriodKey, tuple[int, str]] = field(default_factory=dict)
     hosts: set[tuple[PeriodKey, str]] = field(default_factory=set)
 
-    def add(self, period: PeriodKey, key: RowKey, when: int, policy: PolicyPublished, host: str) -> None:
+    def add(self, period: PeriodKey, key: StoredKey, when: int, policy: str, host: str) -> None:
         """Count one message."""
         self.rows[(period, key)] += 1
         seen = self.policies.get(period)
@@ -249,9 +252,10 @@ class Store:
 
     def _current_version(self) -> int | None:
         """The schema version, or None when it cannot be read (no schema yet)."""
+        unreadable: tuple[type[BaseException], ...] = (*self._db.errors, IndexError)
         try:
             return int(self._db.query("SELECT version FROM schema_version")[0][0])
-        except (*self._db.errors, IndexError):
+        except unreadable:
             return None
 
     def schema_version(self) -> int:
@@ -460,18 +464,9 @@ class Store:
 
 def _write_batch(db: _Backend, batch: Batch) -> None:
     db.executemany(
-        _UPSERT_PERIOD,
-        [(*period, encode_policy(policy), when) for period, (when, policy) in batch.policies.items()],
+        _UPSERT_PERIOD, [(*period, policy, when) for period, (when, policy) in batch.policies.items()]
     )
-    encoded: dict[RowKey, tuple[str, str]] = {}
-    values = []
-    for (period, key), count in batch.rows.items():
-        stored = encoded.get(key)
-        if stored is None:
-            text = encode_row_key(key)
-            stored = encoded[key] = (row_digest(text), text)
-        values.append((*period, *stored, count))
-    db.executemany(_UPSERT_ROW, values)
+    db.executemany(_UPSERT_ROW, [(*period, *key, count) for (period, key), count in batch.rows.items()])
     db.executemany(_INSERT_HOST, [(*period, host) for period, host in batch.hosts])
 
 
