@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -61,18 +62,20 @@ def write_history(path: Path, lines: int, domains: int, seed: int = 13) -> None:
 def measure(url: str, history: str) -> dict[str, float]:
     """In this (fresh) process: import, then build every report; times and peak RSS."""
     with open_store(url) as store:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         outcome = import_files(store, [history], period=PERIOD)
         imported = time.perf_counter()
         reports = rows = 0
         for report in store.due_reports(DAY + PERIOD):
             reports += 1
             rows += len(report.rows)
-        done = time.perf_counter()
+        done, done_cpu = time.perf_counter(), time.process_time()
     return {
         "records": outcome.records,
         "import_s": imported - started,
         "aggregate_s": done - imported,
+        "cpu_s": done_cpu - started_cpu,
+        "load": os.getloadavg()[0],
         "reports": reports,
         "rows": rows,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -116,13 +119,13 @@ def main() -> int:
     if not args.sqlite_only:
         with PostgresServer(durable=True) as server:
             results["PostgreSQL 15"] = run_measurement(server.create_database("reports"), history)
-    print("| store | import | aggregate | total | reports | rows | peak RSS |")
-    print("|---|---|---|---|---|---|---|")
+    print("| store | import | aggregate | total | our CPU | reports | rows | peak RSS | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(
             f"| {name} | {r['import_s']:.1f} s | {r['aggregate_s']:.1f} s | "
-            f"{r['import_s'] + r['aggregate_s']:.1f} s | {r['reports']:.0f} | {r['rows']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} MB |"
+            f"{r['import_s'] + r['aggregate_s']:.1f} s | {r['cpu_s']:.1f} s | {r['reports']:.0f} | "
+            f"{r['rows']:.0f} | {r['peak_rss_mb']:.0f} MB | {r['load']:.1f} |"
         )
     history.unlink()
     return 0
