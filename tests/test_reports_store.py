@@ -339,6 +339,18 @@ def test_a_locked_sqlite_database_fails_clearly_and_writes_nothing(tmp_path: Pat
         assert run_import(store, history).records == 1
 
 
+def test_a_batch_that_fails_half_way_leaves_nothing_written(store: Store, tmp_path: Path) -> None:
+    history = write_history(tmp_path / "h", [record()])
+    # The last table a batch writes is gone: periods and rows were written when the failure comes.
+    with store._db.transaction() as db:
+        db.execute("DROP TABLE reporting_hosts")
+    with pytest.raises(StoreError, match=r"report database .*: cannot import .*/h: .*reporting_hosts"):
+        run_import(store, history)
+    assert store._db.query("SELECT COUNT(*) FROM periods") == [(0,)]
+    assert store._db.query("SELECT COUNT(*) FROM report_rows") == [(0,)]
+    assert store._db.query("SELECT COUNT(*) FROM imported_files") == [(0,)]
+
+
 def test_an_unreachable_postgresql_fails_clearly() -> None:
     from dnsserver import free_port
 
