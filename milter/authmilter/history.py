@@ -38,6 +38,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from authmilter.model import (
     Action,
     AuthResult,
@@ -497,10 +499,14 @@ def read_history(path: str, stats: ReadStats | None = None) -> Iterator[dict[str
 
 
 def parse_line(line: bytes) -> dict[str, Any] | None:
-    """One history line as a record (a dict with an integer ``v``), or None when it is not one."""
+    """One history line as a record (a dict with an integer ``v``), or None when it is not one.
+
+    orjson, not json: parsing is most of a report import's time, and orjson takes less than half
+    of json's. It also refuses invalid UTF-8 and NaN, which are corrupt lines here anyway.
+    """
     try:
-        record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
         return None
     if not isinstance(record, dict) or type(record.get("v")) is not int:
         return None
