@@ -108,6 +108,7 @@ def main() -> int:
         print(json.dumps(measure(*args.measure)))
         return 0
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="authmilter-report-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     history = workdir / "history.jsonl"
     started = time.perf_counter()
     write_history(history, args.lines, args.domains)
@@ -115,6 +116,8 @@ def main() -> int:
         f"history: {args.lines} lines, {args.domains} domains, {history.stat().st_size / 1e6:.0f} MB "
         f"(written in {time.perf_counter() - started:.1f} s)"
     )
+    for old in workdir.glob("reports.sqlite*"):
+        old.unlink()  # an earlier run's store would find the file imported already
     results = {"SQLite (WAL)": run_measurement(f"sqlite://{workdir}/reports.sqlite", history)}
     if not args.sqlite_only:
         with PostgresServer(durable=True) as server:
@@ -122,6 +125,8 @@ def main() -> int:
     print("| store | import | aggregate | total | our CPU | reports | rows | peak RSS | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
+        if r["records"] != args.lines:
+            raise SystemExit(f"{name}: imported {r['records']:.0f} of {args.lines} records")
         print(
             f"| {name} | {r['import_s']:.1f} s | {r['aggregate_s']:.1f} s | "
             f"{r['import_s'] + r['aggregate_s']:.1f} s | {r['cpu_s']:.1f} s | {r['reports']:.0f} | "

@@ -93,10 +93,13 @@ _UPSERT_PERIOD = """INSERT INTO periods (policy_domain, period_begin, period_end
     ON CONFLICT (policy_domain, period_begin, period_end) DO UPDATE
     SET policy = excluded.policy, policy_time = excluded.policy_time
     WHERE periods.policy_time <= excluded.policy_time"""
-_UPSERT_ROW = """INSERT INTO report_rows (policy_domain, period_begin, period_end, digest, row_key, messages)
-    VALUES (?, ?, ?, ?, ?, ?)
-    ON CONFLICT (policy_domain, period_begin, period_end, digest) DO UPDATE
+_ROW_COLUMNS = "policy_domain, period_begin, period_end, digest, row_key, messages"
+_ADD_TO_ROW = """ON CONFLICT (policy_domain, period_begin, period_end, digest) DO UPDATE
     SET messages = report_rows.messages + excluded.messages"""
+_UPSERT_ROW = f"INSERT INTO report_rows ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) {_ADD_TO_ROW}"
+_UPSERT_ROW_FROM_INCOMING = (
+    f"INSERT INTO report_rows ({_ROW_COLUMNS}) SELECT {_ROW_COLUMNS} FROM incoming_rows {_ADD_TO_ROW}"
+)
 _INSERT_HOST = """INSERT INTO reporting_hosts (policy_domain, period_begin, period_end, host)
     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"""
 _PERIOD_MATCH = "policy_domain = ? AND period_begin = ? AND period_end = ?"
@@ -466,7 +469,7 @@ def _write_batch(db: _Backend, batch: Batch) -> None:
     db.executemany(
         _UPSERT_PERIOD, [(*period, policy, when) for period, (when, policy) in batch.policies.items()]
     )
-    db.executemany(_UPSERT_ROW, [(*period, *key, count) for (period, key), count in batch.rows.items()])
+    db.add_rows([(*period, *key, count) for (period, key), count in batch.rows.items()])
     db.executemany(_INSERT_HOST, [(*period, host) for period, host in batch.hosts])
 
 
@@ -486,6 +489,11 @@ class _Backend(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Add message counts to report_rows: (domain, begin, end, digest, row key, messages),
+        each (domain, begin, end, digest) once."""
+        ...
 
     def transaction(self, migration: bool = False) -> contextlib.AbstractContextManager[_Backend]: ...
 
@@ -526,6 +534,9 @@ class _Sqlite:
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._conn.executemany(sql, rows)
+
+    def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        self._conn.executemany(_UPSERT_ROW, rows)
 
     @contextlib.contextmanager
     def transaction(self, migration: bool = False) -> Iterator[_Sqlite]:
@@ -595,6 +606,18 @@ class _Postgres:
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._conn.cursor() as cursor:
             cursor.executemany(_placeholders(sql), rows)
+
+    def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
+        # COPY into a temporary table, then one upsert: a statement per row costs psycopg about
+        # ten times more (bench/README.md). Rows are unique, so one INSERT may update each once.
+        with self._conn.cursor() as cursor:
+            cursor.execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS incoming_rows (LIKE report_rows) ON COMMIT DELETE ROWS"
+            )
+            with cursor.copy(f"COPY incoming_rows ({_ROW_COLUMNS}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            cursor.execute(_placeholders(_UPSERT_ROW_FROM_INCOMING))
 
     @contextlib.contextmanager
     def transaction(self, migration: bool = False) -> Iterator[_Postgres]:
