@@ -130,11 +130,11 @@ def row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
             evaluated["disposition"],
             evaluated["dkim"],
             evaluated["spf"],
-            tuple((r["type"], r.get("comment", "")) for r in evaluated["reasons"]),
+            tuple([(r["type"], r.get("comment", "")) for r in evaluated["reasons"]]),
             record["header_from"],
             record["envelope_from"],
             tuple(record["envelope_to"][:1]),
-            tuple((d["domain"], d["selector"], d["result"], d["human_result"]) for d in auth["dkim"]),
+            tuple([(d["domain"], d["selector"], d["result"], d["human_result"]) for d in auth["dkim"]]),
             None if spf is None else (spf["domain"], spf["scope"], spf["result"], spf["human_result"]),
         )
         hash(values)

@@ -51,8 +51,9 @@ from authmilter.reports.store import Batch, Store, StoredKey
 
 log = logging.getLogger(__name__)
 
-# Lines per transaction: large enough that commits cost little, small enough to bound memory.
-BATCH_LINES = 50_000
+# Lines per transaction: large enough that a row key recurs in few batches (each batch upserts
+# it once), small enough to bound memory by the distinct rows of one batch.
+BATCH_LINES = 200_000
 # A history record stays below a few KB (docs/history-schema.md); anything far longer is garbage.
 MAX_LINE = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
@@ -62,24 +63,38 @@ MAX_CACHED = 100_000
 
 @dataclass
 class FileOutcome:
-    """What happened to one history file."""
+    """What happened to one history file: records imported, and a problem (a failure) or a note."""
 
     path: str
     imported: int = 0
     problem: str = ""
+    note: str = ""
 
 
 @dataclass
-class ImportReport:
-    """What an import did, per file and in total (printed by ``authmilter report import``)."""
+class LineCounts:
+    """Lines counted in, and skipped by kind."""
 
-    files: list[FileOutcome] = field(default_factory=list)
     records: int = 0
     corrupt: int = 0
     unknown_version: int = 0
     no_policy: int = 0
     tempfail: int = 0
     suppressed: int = 0
+
+    def add(self, other: LineCounts) -> None:
+        for name in LineCounts.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class ImportReport(LineCounts):
+    """What an import did, per file and in total (printed by ``authmilter report import``).
+
+    The counts are those of committed batches: a batch that was not written is not counted.
+    """
+
+    files: list[FileOutcome] = field(default_factory=list)
     vanished: list[str] = field(default_factory=list)
 
     @property
@@ -89,7 +104,7 @@ class ImportReport:
 
     def summary(self) -> str:
         """One line per file with a problem, then the totals."""
-        lines = [f"{f.path}: {f.problem}" for f in self.files if f.problem]
+        lines = [f"{f.path}: {f.problem or f.note}" for f in self.files if f.problem or f.note]
         lines += [f"{path}: vanished before it could be read (rotated away?)" for path in self.vanished]
         lines.append(
             f"imported {self.records} record(s) from {len(self.files)} file(s); skipped "
@@ -139,7 +154,7 @@ def import_files(
         StoreError: the database failed; the batches committed before stay, consistent.
     """
     report = ImportReport()
-    reader = _RecordReader(report, period, tuple(normalise_domain(d) for d in suppress_domains))
+    reader = _RecordReader(period, tuple(normalise_domain(d) for d in suppress_domains))
     for path in paths:
         try:
             source = open(path, "rb")  # noqa: SIM115 (closed below, also on errors)
@@ -153,7 +168,7 @@ def import_files(
         report.files.append(outcome)
         with source:
             try:
-                _import_file(store, source, outcome, reader, batch_lines)
+                _import_file(store, source, outcome, reader, batch_lines, report)
             except (OSError, EOFError, gzip.BadGzipFile) as e:
                 outcome.problem = f"cannot read (after {outcome.imported} record(s) imported): {e}"
     if report.corrupt or report.unknown_version:
@@ -171,7 +186,12 @@ def file_identity(first_line: bytes) -> str:
 
 
 def _import_file(
-    store: Store, source: io.BufferedIOBase, outcome: FileOutcome, reader: _RecordReader, batch_lines: int
+    store: Store,
+    source: io.BufferedIOBase,
+    outcome: FileOutcome,
+    reader: _RecordReader,
+    batch_lines: int,
+    report: ImportReport,
 ) -> None:
     stream: io.BufferedIOBase = source
     if source.read(2) == GZIP_MAGIC:
@@ -184,22 +204,36 @@ def _import_file(
     start = store.imported_bytes(identity)
     stream.seek(start)  # gzip: decompresses and drops what was imported before
     offset = start
-    batch = Batch()
-    lines = 0
+    batch, counts, lines = Batch(), LineCounts(), 0
     for length, line in _complete_lines(stream):
         offset += length
         lines += 1
-        outcome.imported += reader.add(line, batch)
+        reader.add(line, batch, counts)
         if lines >= batch_lines:
-            if not store.import_batch(identity, outcome.path, start, offset, batch):
-                outcome.problem = CONCURRENT_IMPORT
+            if not _commit(store, identity, start, offset, batch, counts, outcome, report):
                 return
-            start, batch, lines = offset, Batch(), 0
-    if offset != start and not store.import_batch(identity, outcome.path, start, offset, batch):
-        outcome.problem = CONCURRENT_IMPORT
+            start, batch, counts, lines = offset, Batch(), LineCounts(), 0
+    if offset != start:
+        _commit(store, identity, start, offset, batch, counts, outcome, report)
 
 
-CONCURRENT_IMPORT = "imported meanwhile by another run; the rest is left to the next import"
+def _commit(
+    store: Store,
+    identity: str,
+    start: int,
+    end: int,
+    batch: Batch,
+    counts: LineCounts,
+    outcome: FileOutcome,
+    report: ImportReport,
+) -> bool:
+    """Write a batch; False when another import of the file got there first."""
+    if not store.import_batch(identity, outcome.path, start, end, batch):
+        outcome.note = "imported meanwhile by another run; the rest is left to the next import"
+        return False
+    report.add(counts)
+    outcome.imported += counts.records
+    return True
 
 
 def _complete_lines(stream: io.BufferedIOBase) -> Iterator[tuple[int, bytes | None]]:
@@ -233,49 +267,46 @@ class _RecordReader:
     message costs its JSON parse and a few dict lookups.
     """
 
-    def __init__(self, report: ImportReport, period: int, suppressed: tuple[str, ...]) -> None:
-        self._report = report
+    def __init__(self, period: int, suppressed: tuple[str, ...]) -> None:
         self._period = period
         self._suppressed = suppressed
         self._suppressed_domains: dict[str, bool] = {}
         self._keys: dict[tuple[Any, ...], StoredKey] = {}
         self._policies: dict[tuple[Any, ...], tuple[str, str]] = {}
 
-    def add(self, line: bytes | None, batch: Batch) -> int:
-        """Count the record of ``line`` (None: an over-long line) in ``batch``; 1 if it counted, else 0."""
-        report = self._report
-        if line is not None and not line.strip():
-            return 0  # empty lines are ignored, as read_history does
+    def add(self, line: bytes | None, batch: Batch, report: LineCounts) -> None:
+        """Count the record of ``line`` (None: an over-long line) in ``batch``, or what was skipped."""
         record = parse_line(line) if line is not None else None
         if record is None:
+            if line is not None and not line.strip():
+                return  # empty lines are ignored, as read_history does
             report.corrupt += 1
-            return 0
+            return
         if record["v"] not in KNOWN_VERSIONS:
             report.unknown_version += 1
-            return 0
+            return
         raw_policy = record.get("policy_published")
         if raw_policy is None:
             report.no_policy += 1
-            return 0
+            return
         if record.get("action") == "tempfail":
             report.tempfail += 1
-            return 0
+            return
         try:
             policy = self._policy(raw_policy)
-            if policy is not None and self._is_suppressed(policy[0]):
+            if policy is not None and self._suppressed and self._is_suppressed(policy[0]):
                 report.suppressed += 1
-                return 0
+                return
             key = self._key(record)
-            when, host = _time_and_host(record)
         except RecordProblem:
             policy = key = None
-        if policy is None or key is None:
+        when, host = record.get("time"), record.get("reporting_host")
+        if policy is None or key is None or type(when) is not int or when < 0 or type(host) is not str:
             report.corrupt += 1
-            return 0
+            return
         begin = period_start(when, self._period)
         batch.add((policy[0], begin, begin + self._period), key, when, policy[1], host)
         report.records += 1
-        return 1
 
     def _policy(self, raw: Any) -> tuple[str, str] | None:
         """(policy domain, encoded policy), or None for an invalid one."""
@@ -322,9 +353,3 @@ def _bound(cache: dict[Any, Any]) -> None:
     if len(cache) >= MAX_CACHED:
         cache.clear()
 
-
-def _time_and_host(record: dict[str, Any]) -> tuple[int, str]:
-    when, host = record.get("time"), record.get("reporting_host")
-    if type(when) is not int or when < 0 or not isinstance(host, str):
-        raise RecordProblem("time or reporting_host missing or of the wrong type")
-    return when, host
