@@ -169,7 +169,6 @@ def policy_values(raw: Mapping[str, Any]) -> tuple[Any, ...]:
     return values
 
 
-
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")

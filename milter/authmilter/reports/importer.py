@@ -352,4 +352,3 @@ def _bound(cache: dict[Any, Any]) -> None:
     """Empty a cache that reached :data:`MAX_CACHED` entries (memory stays bounded)."""
     if len(cache) >= MAX_CACHED:
         cache.clear()
-
