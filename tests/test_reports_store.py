@@ -330,6 +330,44 @@ def test_concurrent_imports_of_one_file_count_each_line_once(report_database: st
     assert sum(outcome.records for outcome in outcomes) <= 400
 
 
+def test_hosts_importing_at_once_add_up_exactly(report_database: str, tmp_path: Path) -> None:
+    domains = [f"d{n}.example" for n in range(30)]
+    files = [
+        write_history(
+            tmp_path / f"mx{host}.jsonl",
+            [
+                record(domain=d, host=f"mx{host}.receiver.example", queue_id=f"{host}{i}")
+                for i in range(5)
+                for d in domains
+            ]
+            if host == 1
+            else [
+                record(domain=d, host=f"mx{host}.receiver.example")
+                for d in reversed(domains)
+                for _ in range(5)
+            ],
+        )
+        for host in (1, 2)
+    ]
+    failures: list[BaseException] = []
+
+    def import_one(history: Path) -> None:
+        try:
+            with open_store(report_database) as store:
+                run_import(store, history, batch_lines=11)
+        except BaseException as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=import_one, args=(history,)) for history in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert failures == []
+    with open_store(report_database) as store:
+        assert counts(store) == {(d, DAY): 10 for d in domains}
+
+
 def test_a_locked_sqlite_database_fails_clearly_and_writes_nothing(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/reports.sqlite"
     history = write_history(tmp_path / "h", [record()])

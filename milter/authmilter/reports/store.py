@@ -98,7 +98,8 @@ _ADD_TO_ROW = """ON CONFLICT (policy_domain, period_begin, period_end, digest) D
     SET messages = report_rows.messages + excluded.messages"""
 _UPSERT_ROW = f"INSERT INTO report_rows ({_ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) {_ADD_TO_ROW}"
 _UPSERT_ROW_FROM_INCOMING = (
-    f"INSERT INTO report_rows ({_ROW_COLUMNS}) SELECT {_ROW_COLUMNS} FROM incoming_rows {_ADD_TO_ROW}"
+    f"INSERT INTO report_rows ({_ROW_COLUMNS}) SELECT {_ROW_COLUMNS} FROM incoming_rows "
+    f"ORDER BY policy_domain, period_begin, period_end, digest {_ADD_TO_ROW}"
 )
 _INSERT_HOST = """INSERT INTO reporting_hosts (policy_domain, period_begin, period_end, host)
     VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"""
@@ -468,11 +469,13 @@ class Store:
 
 
 def _write_batch(db: _Backend, batch: Batch) -> None:
+    # In key order: hosts importing into one PostgreSQL database at once then lock the rows they
+    # share in the same order, and never deadlock.
     db.executemany(
-        _UPSERT_PERIOD, [(*period, policy, when) for period, (when, policy) in batch.policies.items()]
+        _UPSERT_PERIOD, [(*period, policy, when) for period, (when, policy) in sorted(batch.policies.items())]
     )
-    db.add_rows([(*period, *key, count) for (period, key), count in batch.rows.items()])
-    db.executemany(_INSERT_HOST, [(*period, host) for period, host in batch.hosts])
+    db.add_rows([(*period, *key, count) for (period, key), count in sorted(batch.rows.items())])
+    db.executemany(_INSERT_HOST, [(*period, host) for period, host in sorted(batch.hosts)])
 
 
 # ---------------------------------------------------------------------------------------------
