@@ -77,7 +77,7 @@ def test_an_unreadable_file_fails_the_import_and_a_vanished_one_does_not(
     config = write_config(tmp_path, f"sqlite://{tmp_path}/reports.sqlite")
     good = write_history(tmp_path / "history.jsonl", [record()])
     assert main(["report", "import", "--config", str(config), str(tmp_path / "gone"), str(good)]) == 0
-    assert "gone: vanished before it could be read" in capsys.readouterr().out
+    assert "gone: not found (rotated away, or not written yet)" in capsys.readouterr().out
     assert main(["report", "import", "--config", str(config), str(tmp_path)]) == 1
     assert f"{tmp_path}: cannot open" in capsys.readouterr().out
 

@@ -105,7 +105,7 @@ class ImportReport(LineCounts):
     def summary(self) -> str:
         """One line per file with a problem, then the totals."""
         lines = [f"{f.path}: {f.problem or f.note}" for f in self.files if f.problem or f.note]
-        lines += [f"{path}: vanished before it could be read (rotated away?)" for path in self.vanished]
+        lines += [f"{path}: not found (rotated away, or not written yet)" for path in self.vanished]
         lines.append(
             f"imported {self.records} record(s) from {len(self.files)} file(s); skipped "
             f"{self.corrupt} corrupt line(s), {self.unknown_version} record(s) of unknown version, "
