@@ -153,6 +153,11 @@ def normalise_domain(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+def is_within(domain: str, parents: tuple[str, ...]) -> bool:
+    """Whether ``domain`` is one of ``parents`` or a subdomain of one (all normalised)."""
+    return any(domain == parent or domain.endswith("." + parent) for parent in parents)
+
+
 def period_start(time: int, period: int) -> int:
     """The start of the period that holds ``time``: epoch-aligned, so days begin at 00:00 UTC."""
     return time - time % period

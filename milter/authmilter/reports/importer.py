@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from authmilter.history import KNOWN_VERSIONS, parse_line
-from authmilter.reports import normalise_domain, period_start
+from authmilter.reports import is_within, normalise_domain, period_start
 from authmilter.reports.aggregate import (
     RecordProblem,
     encode_policy,
@@ -339,7 +339,7 @@ class _RecordReader:
         known = self._suppressed_domains.get(domain)
         if known is None:
             _bound(self._suppressed_domains)
-            known = any(domain == s or domain.endswith("." + s) for s in self._suppressed)
+            known = is_within(domain, self._suppressed)
             self._suppressed_domains[domain] = known
         return known
 

@@ -36,7 +36,13 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from authmilter.reports import POSTGRESQL_PREFIXES, SQLITE_PREFIX, check_database_url
+from authmilter.reports import (
+    POSTGRESQL_PREFIXES,
+    SQLITE_PREFIX,
+    check_database_url,
+    is_within,
+    normalise_domain,
+)
 from authmilter.reports.aggregate import (
     DomainSummary,
     decode_policy,
@@ -159,9 +165,6 @@ class Batch:
             self.policies[period] = (when, policy)
         self.hosts.add((period, host))
 
-    def __bool__(self) -> bool:
-        return bool(self.rows)
-
 
 @dataclass(frozen=True)
 class PeriodState:
@@ -213,7 +216,7 @@ class Store:
 
     def __init__(self, backend: _Backend, suppress_domains: Collection[str] = ()) -> None:
         self._db = backend
-        self._suppressed = tuple(d.lower().rstrip(".") for d in suppress_domains)
+        self._suppressed = tuple(normalise_domain(d) for d in suppress_domains)
 
     @property
     def label(self) -> str:
@@ -238,7 +241,7 @@ class Store:
         Raises:
             StoreError: the database's schema is newer than this code knows, or a statement failed.
         """
-        if self._current_version() == SCHEMA_VERSION:
+        if self.schema_version() == SCHEMA_VERSION:
             return  # the usual case: no write lock taken, so a busy database can still be read
         with self._errors("cannot set up the schema"), self._db.transaction(migration=True) as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -256,18 +259,13 @@ class Store:
                     db.execute(statement)
                 db.execute("UPDATE schema_version SET version = ?", (version + 1,))
 
-    def _current_version(self) -> int | None:
-        """The schema version, or None when it cannot be read (no schema yet)."""
+    def schema_version(self) -> int | None:
+        """The schema version the database is at; None when it has no schema (or cannot be read)."""
         unreadable: tuple[type[BaseException], ...] = (*self._db.errors, IndexError)
         try:
             return int(self._db.query("SELECT version FROM schema_version")[0][0])
         except unreadable:
             return None
-
-    def schema_version(self) -> int:
-        """The schema version the database is at."""
-        with self._errors("cannot read the schema version"):
-            return int(self._db.query("SELECT version FROM schema_version")[0][0])
 
     # -- import ---------------------------------------------------------------------------------
 
@@ -450,12 +448,12 @@ class Store:
     def _show_filter(since: int, domain: str | None) -> tuple[str, tuple[Any, ...]]:
         if domain is None:
             return "period_end > ?", (since,)
-        return "period_end > ? AND policy_domain = ?", (since, domain.lower().rstrip("."))
+        return "period_end > ? AND policy_domain = ?", (since, normalise_domain(domain))
 
     # -- helpers ----------------------------------------------------------------------------------
 
     def _is_suppressed(self, domain: str) -> bool:
-        return any(domain == s or domain.endswith("." + s) for s in self._suppressed)
+        return is_within(domain, self._suppressed)
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
