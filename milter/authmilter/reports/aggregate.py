@@ -54,7 +54,7 @@ def row_key(record: Mapping[str, Any]) -> RowKey:
     try:
         evaluated = record["policy_evaluated"]
         auth = record["auth_results"]
-        recipients = record["envelope_to"]
+        recipients = _list(record["envelope_to"])
         spf = auth["spf"]
         return RowKey(
             source_ip=_text(record["source_ip"]),
@@ -62,7 +62,8 @@ def row_key(record: Mapping[str, Any]) -> RowKey:
             dkim=_text(evaluated["dkim"]),
             spf=_text(evaluated["spf"]),
             reasons=tuple(
-                OverrideReason(_text(r["type"]), _text(r.get("comment", ""))) for r in evaluated["reasons"]
+                OverrideReason(_text(r["type"]), _text(r.get("comment", "")))
+                for r in _list(evaluated["reasons"])
             ),
             header_from=_text(record["header_from"]),
             envelope_from=_text(record["envelope_from"]),
@@ -71,7 +72,7 @@ def row_key(record: Mapping[str, Any]) -> RowKey:
                 DkimAuthResult(
                     _text(d["domain"]), _text(d["selector"]), _text(d["result"]), _text(d["human_result"])
                 )
-                for d in auth["dkim"]
+                for d in _list(auth["dkim"])
             ),
             spf_results=()
             if spf is None
@@ -106,7 +107,7 @@ def policy_published(raw: Mapping[str, Any]) -> PolicyPublished:
             psd=_text(raw["psd"]),
             fo=_text(raw["fo"]),
             discovery_method=_text(raw["discovery_method"]),
-            rua=tuple(_text(uri) for uri in raw["rua"]),
+            rua=tuple(_text(uri) for uri in _list(raw["rua"])),
         )
     except (KeyError, TypeError) as e:
         raise RecordProblem(f"no usable policy_published: {type(e).__name__} {e}") from None
@@ -172,6 +173,13 @@ def policy_values(raw: Mapping[str, Any]) -> tuple[Any, ...]:
 def _text(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _list(value: Any) -> list[Any]:
+    # A string is iterable too: taking its letters for the items would be a silent misreading.
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
     return value
 
 
