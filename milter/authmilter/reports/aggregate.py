@@ -1,7 +1,7 @@
 """History records → the row keys and policies a report is made of, and back from the store.
 
 Pure functions over plain data (no I/O). The store keeps each distinct row key as canonical JSON
-(:func:`encode_row_key`) with a count, and the policy last seen in each period as JSON
+(:func:`encode_row`) with a count, and the policy last seen in each period as JSON
 (:func:`encode_policy`); :func:`report_data` rebuilds what the XML builder takes.
 
 Decisions (docs/history-schema.md lists the record's keys):
@@ -45,48 +45,79 @@ class RecordProblem(ValueError):
     """A record of a known version whose keys are missing or of the wrong type."""
 
 
+def row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The values of a record that make its RFC 9990 row, as a hashable tuple.
+
+    Cheap, and checked only for shape: :func:`encode_row` checks the values themselves, once per
+    distinct tuple (equal values make the same row), so an importer pays for that once per row,
+    not once per message.
+
+    Raises:
+        RecordProblem: a key is missing, a list is not a list, or an object stands where a
+            value belongs.
+    """
+    try:
+        evaluated = record["policy_evaluated"]
+        auth = record["auth_results"]
+        spf = auth["spf"]
+        values = (
+            record["source_ip"],
+            evaluated["disposition"],
+            evaluated["dkim"],
+            evaluated["spf"],
+            tuple([(r["type"], r.get("comment", "")) for r in _list(evaluated["reasons"])]),
+            record["header_from"],
+            record["envelope_from"],
+            tuple(_list(record["envelope_to"])[:1]),
+            tuple(
+                [(d["domain"], d["selector"], d["result"], d["human_result"]) for d in _list(auth["dkim"])]
+            ),
+            None if spf is None else (spf["domain"], spf["scope"], spf["result"], spf["human_result"]),
+        )
+        hash(values)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise RecordProblem(f"no usable row: {type(e).__name__} {e}") from None
+    return values
+
+
+def encode_row(values: tuple[Any, ...]) -> str:
+    """The stored form of a row key: canonical JSON of :func:`row_values`' values.
+
+    A list of the RowKey fields in declaration order (``envelope_to`` the first recipient domain
+    or "", ``spf_results`` a list of none or one); :func:`decode_row_key` reads it back. Stable
+    across versions of this code: its digest identifies the row in the store.
+
+    Raises:
+        RecordProblem: a value is not a string.
+    """
+    ip, disposition, dkim, spf, reasons, header_from, envelope_from, to, dkims, spf_result = values
+    spf_results = () if spf_result is None else (spf_result,)
+    texts = (ip, disposition, dkim, spf, header_from, envelope_from, *to)
+    nested = (*reasons, *dkims, *spf_results)
+    if not all(type(t) is str for t in texts) or not all(type(t) is str for item in nested for t in item):
+        raise RecordProblem("no usable row: a value is not a string")
+    row = [
+        ip,
+        disposition,
+        dkim,
+        spf,
+        reasons,
+        header_from,
+        envelope_from,
+        to[0] if to else "",
+        dkims,
+        spf_results,
+    ]
+    return json.dumps(row, ensure_ascii=True, separators=(",", ":"))
+
+
 def row_key(record: Mapping[str, Any]) -> RowKey:
     """The RFC 9990 row a history record counts in.
 
     Raises:
         RecordProblem: a key the row needs is missing or not of the documented type.
     """
-    try:
-        evaluated = record["policy_evaluated"]
-        auth = record["auth_results"]
-        recipients = _list(record["envelope_to"])
-        spf = auth["spf"]
-        return RowKey(
-            source_ip=_text(record["source_ip"]),
-            disposition=_text(evaluated["disposition"]),
-            dkim=_text(evaluated["dkim"]),
-            spf=_text(evaluated["spf"]),
-            reasons=tuple(
-                OverrideReason(_text(r["type"]), _text(r.get("comment", "")))
-                for r in _list(evaluated["reasons"])
-            ),
-            header_from=_text(record["header_from"]),
-            envelope_from=_text(record["envelope_from"]),
-            envelope_to=_text(recipients[0]) if recipients else "",
-            dkim_results=tuple(
-                DkimAuthResult(
-                    _text(d["domain"]), _text(d["selector"]), _text(d["result"]), _text(d["human_result"])
-                )
-                for d in _list(auth["dkim"])
-            ),
-            spf_results=()
-            if spf is None
-            else (
-                SpfAuthResult(
-                    _text(spf["domain"]),
-                    _text(spf["scope"]),
-                    _text(spf["result"]),
-                    _text(spf["human_result"]),
-                ),
-            ),
-        )
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
-        raise RecordProblem(f"no usable row: {type(e).__name__} {e}") from None
+    return decode_row_key(encode_row(row_values(record)))
 
 
 def policy_published(raw: Mapping[str, Any]) -> PolicyPublished:
@@ -111,37 +142,6 @@ def policy_published(raw: Mapping[str, Any]) -> PolicyPublished:
         )
     except (KeyError, TypeError) as e:
         raise RecordProblem(f"no usable policy_published: {type(e).__name__} {e}") from None
-
-
-def row_values(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What :func:`row_key` reads from a record, as a hashable tuple, unchecked and cheap.
-
-    Equal values make equal row keys, so an importer converts (and checks) each distinct
-    tuple once with :func:`row_key` instead of once per message.
-
-    Raises:
-        RecordProblem: a key is missing, or a list or object stands where a value belongs.
-    """
-    try:
-        evaluated = record["policy_evaluated"]
-        auth = record["auth_results"]
-        spf = auth["spf"]
-        values = (
-            record["source_ip"],
-            evaluated["disposition"],
-            evaluated["dkim"],
-            evaluated["spf"],
-            tuple([(r["type"], r.get("comment", "")) for r in evaluated["reasons"]]),
-            record["header_from"],
-            record["envelope_from"],
-            tuple(record["envelope_to"][:1]),
-            tuple([(d["domain"], d["selector"], d["result"], d["human_result"]) for d in auth["dkim"]]),
-            None if spf is None else (spf["domain"], spf["scope"], spf["result"], spf["human_result"]),
-        )
-        hash(values)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise RecordProblem(f"no usable row: {type(e).__name__} {e}") from None
-    return values
 
 
 def policy_values(raw: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -188,31 +188,11 @@ def _optional_text(value: Any) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stored forms: canonical JSON, stable across versions of this code (the digest identifies a row)
-
-
-def encode_row_key(key: RowKey) -> str:
-    """Canonical JSON of a row key: a list of the fields in declaration order."""
-    return json.dumps(
-        [
-            key.source_ip,
-            key.disposition,
-            key.dkim,
-            key.spf,
-            [[r.type, r.comment] for r in key.reasons],
-            key.header_from,
-            key.envelope_from,
-            key.envelope_to,
-            [[d.domain, d.selector, d.result, d.human_result] for d in key.dkim_results],
-            [[s.domain, s.scope, s.result, s.human_result] for s in key.spf_results],
-        ],
-        ensure_ascii=True,
-        separators=(",", ":"),
-    )
+# Stored forms
 
 
 def decode_row_key(text: str) -> RowKey:
-    """The row key :func:`encode_row_key` wrote."""
+    """The row key :func:`encode_row` wrote."""
     ip, disposition, dkim, spf, reasons, header_from, envelope_from, envelope_to, dkims, spfs = json.loads(
         text
     )

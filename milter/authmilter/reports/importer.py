@@ -40,11 +40,10 @@ from authmilter.reports import is_within, normalise_domain, period_start
 from authmilter.reports.aggregate import (
     RecordProblem,
     encode_policy,
-    encode_row_key,
+    encode_row,
     policy_published,
     policy_values,
     row_digest,
-    row_key,
     row_values,
 )
 from authmilter.reports.store import Batch, Store, StoredKey
@@ -328,7 +327,7 @@ class _RecordReader:
         if known is None:
             _bound(self._keys)
             try:
-                text = encode_row_key(row_key(record))
+                text = encode_row(values)
                 known = (row_digest(text), text)
             except RecordProblem:
                 known = _INVALID

@@ -10,7 +10,7 @@ Tables (schema version 1):
 - ``periods``: one row per (policy domain, period): the policy last seen in it (by record
   time) and, once delivered, the report id and delivery time.
 - ``report_rows``: message counts per (policy domain, period, row key); the key is stored as
-  canonical JSON (aggregate.encode_row_key) beside its digest, the primary key's last part.
+  canonical JSON (aggregate.encode_row) beside its digest, the primary key's last part.
 - ``reporting_hosts``: which hosts' records each period's counts include.
 - ``imported_files``: per history file identity, how many bytes of its (decompressed) content
   were imported. Counts and offset are written in the same transaction, so a crash or a lost
@@ -137,7 +137,7 @@ class ReportStore(Protocol):
     def send_lock(self) -> contextlib.AbstractContextManager[None]: ...
 
 
-# A row key as stored: (digest, canonical JSON), from aggregate.row_digest / encode_row_key.
+# A row key as stored: (digest, canonical JSON), from aggregate.row_digest / encode_row.
 StoredKey = tuple[str, str]
 
 
