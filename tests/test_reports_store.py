@@ -420,12 +420,15 @@ def test_summaries_count_results_per_domain(store: Store, tmp_path: Path) -> Non
     unsigned["auth_results"]["dkim"] = []
     unsigned["policy_evaluated"]["dkim"] = "fail"
     failing = record(aligned=False, source_ip="198.51.100.7")
-    run_import(store, write_history(tmp_path / "h", [record(), record(), failing, unsigned]))
+    next_day = record(time=DAY + PERIOD + 5)  # the same row key in the next period
+    run_import(store, write_history(tmp_path / "h", [record(), record(), failing, unsigned, next_day]))
     (summary,) = store.summaries()
-    assert summary.messages == 4
-    assert dict(summary.dmarc) == {"pass": 3, "fail": 1}
-    assert dict(summary.dkim_aligned) == {"pass": 2, "fail": 2}
-    assert dict(summary.dkim) == {"pass": 2, "fail": 1, "none": 1}
-    assert summary.top_sources()[0] == ("192.0.2.25", 2)
-    assert store.summaries(since=FIRST_DAY.end) == []
+    assert summary.messages == 5
+    assert dict(summary.dmarc) == {"pass": 4, "fail": 1}
+    assert dict(summary.dkim_aligned) == {"pass": 3, "fail": 2}
+    assert dict(summary.dkim) == {"pass": 3, "fail": 1, "none": 1}
+    assert summary.top_sources()[0] == ("192.0.2.25", 3)
+    (later,) = store.summaries(since=FIRST_DAY.end)
+    assert later.messages == 1
+    assert store.summaries(since=FIRST_DAY.end + PERIOD) == []
     assert store.summaries(domain="other.example") == []

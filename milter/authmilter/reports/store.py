@@ -119,6 +119,8 @@ def _advisory_key(name: bytes) -> int:
 
 # SQLite page cache per connection, in KiB.
 SQLITE_CACHE_KIB = 65536
+# Seconds between two tries to switch a new SQLite database to WAL while another connection does.
+WAL_RETRY_INTERVAL = 0.05
 SEND_LOCK_KEY = _advisory_key(b"authmilter report send")
 MIGRATION_LOCK_KEY = _advisory_key(b"authmilter report schema")
 
@@ -433,15 +435,19 @@ class Store:
         """
         where, params = self._show_filter(since, domain)
         summaries: dict[str, DomainSummary] = {}
+        # Summed per row key over the periods in the database, and streamed: memory follows the
+        # distinct rows of one domain at most, not the rows of every period.
+        found = self._db.stream(
+            f"SELECT policy_domain, MIN(row_key), SUM(messages) FROM report_rows WHERE {where} "
+            "GROUP BY policy_domain, digest",
+            params,
+        )
         with self._errors("cannot summarise the counts"):
-            found = self._db.query(
-                f"SELECT policy_domain, row_key, messages FROM report_rows WHERE {where}", params
-            )
-        for name, key, count in found:
-            summary = summaries.get(name)
-            if summary is None:
-                summary = summaries[name] = DomainSummary(name)
-            summary.add(decode_row_key(key), int(count))
+            for name, key, count in found:
+                summary = summaries.get(name)
+                if summary is None:
+                    summary = summaries[name] = DomainSummary(name)
+                summary.add(decode_row_key(key), int(count))
         return [summaries[name] for name in sorted(summaries)]
 
     @staticmethod
@@ -491,6 +497,10 @@ class _Backend(Protocol):
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
 
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of a query, fetched as they are consumed."""
+        ...
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
 
     def add_rows(self, rows: Sequence[Sequence[Any]]) -> None:
@@ -522,7 +532,7 @@ class _Sqlite:
         try:
             # isolation_level=None: no implicit transactions; ours begin with BEGIN IMMEDIATE.
             self._conn = sqlite3.connect(path, timeout=timeout, isolation_level=None, check_same_thread=False)
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = self._switch_to_wal(time.monotonic() + timeout)
             # A day of a busy site's rows is tens of MB; the default 2 MB page cache would make
             # every upsert of an import read its B-tree pages again.
             self._conn.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
@@ -532,11 +542,28 @@ class _Sqlite:
             self._conn.close()
             raise StoreError(f"report database {path}: cannot switch to WAL mode (got {mode})")
 
+    def _switch_to_wal(self, deadline: float) -> str:
+        """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock.
+
+        SQLite answers "locked" at once, without waiting for the busy timeout, when two
+        connections switch a new database to WAL at the same moment; one wins, the other retries.
+        """
+        while True:
+            try:
+                return str(self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(WAL_RETRY_INTERVAL)
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._conn.execute(sql, params).fetchall()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._conn.execute(sql, params).rowcount
+
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        yield from self._conn.execute(sql, params)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._conn.executemany(sql, rows)
@@ -608,6 +635,12 @@ class _Postgres:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         return self._conn.execute(_placeholders(sql), params).rowcount
+
+    def stream(self, sql: str, params: Sequence[Any] = ()) -> Iterator[tuple[Any, ...]]:
+        # A server-side cursor (it needs a transaction); a client-side one fetches every row first.
+        with self._conn.transaction(), self._conn.cursor(name="authmilter_stream") as cursor:
+            cursor.execute(_placeholders(sql), params)
+            yield from cursor
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         with self._conn.cursor() as cursor:
