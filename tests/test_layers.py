@@ -279,3 +279,36 @@ def test_file_and_process_calls_in_a_check_are_caught() -> None:
 def test_pure_code_passes() -> None:
     source = "import re\n\ndef f(text: str) -> list[str]:\n    return re.split(',', text.strip())\n"
     assert io_problems("dmarc", source) == []
+
+
+def _reports_imports(source: str) -> Iterator[str]:
+    """Absolute names a module of the reports/ subpackage imports (``.x`` is a sibling, ``..x`` a
+    module of authmilter), ``from P import m`` counted as importing P.m too."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parents = [PACKAGE_NAME, "reports"][: max(0, 3 - node.level)] if node.level else []
+            origin = ".".join([*parents, node.module] if node.module else parents)
+            yield origin
+            yield from (f"{origin}.{alias.name}" for alias in node.names)
+
+
+def test_the_reports_package_imports_only_lower_layers() -> None:
+    # reports/ is one layer ("reports" in RANKS): its modules import each other and lower layers only.
+    problems = []
+    for path in sorted((PACKAGE / "reports").glob("*.py")):
+        for name in _reports_imports(path.read_text()):
+            parts = name.split(".")
+            if parts[0] in CORE_FORBIDDEN:
+                problems.append(f"reports/{path.name} imports {parts[0]}")
+            if parts[0] != PACKAGE_NAME or len(parts) == 1 or parts[1] == "reports" or parts[1] not in RANKS:
+                continue
+            if RANKS[parts[1]] >= RANKS["reports"]:
+                problems.append(f"reports/{path.name} imports {parts[1]} (layer {RANKS[parts[1]]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_an_upward_import_in_the_reports_package_is_caught() -> None:
+    names = set(_reports_imports("from ..config import Config\nfrom .model import ReportData\n"))
+    assert {"authmilter.config", "authmilter.reports.model"} <= names

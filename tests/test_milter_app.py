@@ -935,7 +935,8 @@ def test_log_line(connect: Connect, signed: Callable[..., bytes], caplog: pytest
     [info] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert re.fullmatch(
         r"queue_id=4XyZ1 client=192\.0\.2\.10 from=sender\.example spf=pass dkim=pass:sender\.example "
-        r"dmarc=pass action=accept ms=\d+\.\d checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,arc:\d+\.\d,dmarc:\d+\.\d",
+        r"dmarc=pass action=accept ms=\d+\.\d "
+        r"checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,arc:\d+\.\d,dmarc:\d+\.\d",
         info,
     )
     [debug] = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]

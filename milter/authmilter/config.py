@@ -38,6 +38,14 @@ from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
 from authmilter.history import HistorySettings
 from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
+from authmilter.reports import (
+    MAX_PERIOD,
+    SECONDS_PER_HOUR,
+    SMTP_STARTTLS_MODES,
+    ReportsSettings,
+    SettingProblem,
+    check_setting,
+)
 from authmilter.resolver import DnsSettings, parse_nameserver
 from authmilter.spf_check import SpfSettings
 from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostEntry, HostSet, KeyTable, SigningTable, TableError
@@ -171,6 +179,7 @@ class Config:
     signing: SigningSettings = field(default_factory=SigningSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     arc: ArcSettings = field(default_factory=ArcSettings)
+    reports: ReportsSettings = field(default_factory=ReportsSettings)
 
     @functools.cached_property
     def internal_hosts(self) -> HostSet:
@@ -235,6 +244,7 @@ SECTIONS: dict[str, type[Any]] = {
     "signing": SigningSettings,
     "metrics": MetricsSettings,
     "arc": ArcSettings,
+    "reports": ReportsSettings,
 }
 
 # Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
@@ -258,6 +268,8 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("dkim", "timeout"): (0.1, 60),
     ("dmarc", "max_tree_walk"): (1, 8),
     ("signing", "expire_after"): (0, 10 * 366 * 86400),
+    ("reports", "period"): (SECONDS_PER_HOUR, MAX_PERIOD),
+    ("reports", "smtp_port"): (1, 65535),
 }
 
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
@@ -272,6 +284,7 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("signing", "signing_domain"): frozenset(SIGNING_DOMAIN_SOURCES),
     ("signing", "canonicalization"): frozenset(CANONICALIZATIONS),
     ("arc", "seal_mail"): frozenset(SEAL_MAIL_CHOICES),
+    ("reports", "smtp_starttls"): SMTP_STARTTLS_MODES,
 }
 
 # [milter] keys in OpenDKIM's host dataset syntax: a list of entries, or a dataset file's name.
@@ -294,7 +307,7 @@ def packaged_config_path() -> Path:
 
 def default_config() -> Config:
     """The built-in defaults (what an empty config file gives)."""
-    return Config(path="<defaults>")
+    return _with_report_defaults(Config(path="<defaults>"))
 
 
 def load_config(path: str | Path) -> Config:
@@ -330,6 +343,10 @@ def parse_config(text: str, path: str | Path) -> Config:
             raise ConfigError(f"{_where(path, text, name, None)}{name} must be a [table]")
         sections[name] = _build_section(name, table, path, text)
     config = Config(path=str(path), **sections)
+    try:
+        config = _with_report_defaults(config)
+    except SettingProblem as e:
+        raise ConfigError(f"{_where(path, text, 'reports', e.key)}[reports] {e.key}: {e}") from None
     try:
         # Read the datasets, tables and keys now (cached on the Config), so that a bad one
         # refuses the (re)load instead of failing messages.
@@ -404,6 +421,11 @@ def setting_location(path: str | Path, section: str, key: str | None = None) -> 
     except (OSError, UnicodeDecodeError):
         text = ""
     return _where(Path(path), text, section, key).removesuffix(": ")
+
+
+def _with_report_defaults(config: Config) -> Config:
+    """``[reports]`` names and addresses left empty are derived from the authserv-id."""
+    return dataclasses.replace(config, reports=config.reports.with_defaults(config.authserv_id))
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -523,6 +545,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
             raise ValueError(f"'{plain}' is not one of: {', '.join(sorted(choices))}")
     if (section, key) in PATH_KEYS:
         return _resolve_paths(value, path)
+    if section == "reports":
+        return check_setting(key, value)
     if (section, key) == ("milter", "socket_mode") and not re.fullmatch(r"0?[0-7]{3}", value):
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):

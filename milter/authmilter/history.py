@@ -38,6 +38,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
     Action,
@@ -492,7 +494,7 @@ def read_history(path: str, stats: ReadStats | None = None) -> Iterator[dict[str
         for line in source:
             if not line.strip():
                 continue
-            record = _parse_line(line)
+            record = parse_line(line)
             if record is None:
                 counts.corrupt += 1
             elif record["v"] not in KNOWN_VERSIONS:
@@ -509,10 +511,15 @@ def read_history(path: str, stats: ReadStats | None = None) -> Iterator[dict[str
         )
 
 
-def _parse_line(line: bytes) -> dict[str, Any] | None:
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """One history line as a record (a dict with an integer ``v``), or None when it is not one.
+
+    orjson, not json: parsing is most of a report import's time, and orjson takes less than half
+    of json's. It also refuses invalid UTF-8 and NaN, which are corrupt lines here anyway.
+    """
     try:
-        record = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:
         return None
     if not isinstance(record, dict) or type(record.get("v")) is not int:
         return None
