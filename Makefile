@@ -7,20 +7,28 @@ CONFIG ?= conf/authmilter.toml
 # knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
 # unit's test; postfix: the private MTA of tests/integration; opendkim: the independent DKIM
 # verifier and signer of the interoperability tests (system services disabled below); groff-base and
-# man-db: the man page's test renders it.
-APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools groff-base man-db
+# man-db: the man page's test renders it; libwrap0, m4: the unpacked Sendmail's one library not
+# installed otherwise, and its config builder; postgresql: the report store's second database,
+# run by the tests in a temporary directory (service disabled).
+APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools \
+	groff-base man-db libwrap0 m4 postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
 BENCH_APT_PACKAGES := opendmarc
 
-.PHONY: run test lint bench test-docker deps apt bench-apt clean man
+# The Sendmail of tests/integration (sendmail.py): downloaded and unpacked, never installed, since
+# Debian's sendmail-bin conflicts with postfix. Its shared libraries come with APT_PACKAGES.
+SENDMAIL_PACKAGES := sendmail-bin sendmail-cf
+SENDMAIL_CACHE    := .cache/sendmail
+
+.PHONY: run test lint bench test-docker deps apt bench-apt sendmail clean man
 
 # Starts the milter on the embedded default config (inet:8990@127.0.0.1, verify only); Ctrl-C stops it.
 run: deps
 	$(BIN)/authmilter run --config $(CONFIG)
 
-test: deps
+test: deps sendmail
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # authmilter(8) from the command line's parser and conf/authmilter.toml; tests/test_manpage.py
@@ -65,6 +73,19 @@ apt:
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postfix.service || true
 	@$(SUDO) systemctl disable opendkim.service >/dev/null 2>&1 || true
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop opendkim.service || true
+	@$(SUDO) systemctl disable postgresql.service >/dev/null 2>&1 || true
+	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postgresql.service || true
+
+sendmail: $(SENDMAIL_CACHE)/root/usr/libexec/sendmail/sendmail
+
+# apt-get download fetches the candidate version of both (they must match); the lists may be empty
+# on a fresh image, so they are updated once when the first try fails.
+$(SENDMAIL_CACHE)/root/usr/libexec/sendmail/sendmail: | apt
+	rm -rf $(SENDMAIL_CACHE) && mkdir -p $(SENDMAIL_CACHE)/debs
+	cd $(SENDMAIL_CACHE)/debs && { apt-get download -q $(SENDMAIL_PACKAGES) \
+	  || { $(SUDO) apt-get update -qq && apt-get download -q $(SENDMAIL_PACKAGES); }; }
+	for deb in $(SENDMAIL_CACHE)/debs/*.deb; do dpkg-deb -x "$$deb" $(SENDMAIL_CACHE)/root || exit 1; done
+	touch $@
 
 bench-apt:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BENCH_APT_PACKAGES)"
@@ -77,4 +98,4 @@ $(VENV)/.installed: pyproject.toml | apt
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(SENDMAIL_CACHE)

@@ -33,6 +33,12 @@ POD=authmilter-test
 # Fixed by docker/postfix/main.cf, docker/authmilter.toml and docker/knot/knot.conf.
 SMTP=127.0.0.1:2525
 DNS_PORT=5353
+MILTER_PORT=8990
+SUBMISSION_PORT=2527
+BARE_SMTP=127.0.0.1:2528
+# The containerised Sendmail (docker/sendmail): its two daemons; it relays to the sink on 2526.
+SENDMAIL_SMTP=127.0.0.1:2535
+SENDMAIL_SUBMISSION_PORT=2537
 # runc: the runtime that works on these machines; the limits: podman's defaults exceed what the
 # unprivileged parts of CI may set.
 PODMAN=(podman --runtime runc)
@@ -43,6 +49,8 @@ export CONTAINERS_CONF="$CACHE/containers.conf"
 
 TIMINGS=()
 SINK_DIR=""
+# authmilter's config file, state directory and log on the host, for the tests to drive it.
+RUN_DIR=""
 log() { echo "test-docker: $*" >&2; }
 
 timed() {
@@ -108,6 +116,18 @@ stage_context() {
     find "$CACHE/wheels" -name '*.whl' ! -name 'authmilter-*' -exec cp -p -t "$context/docker/wheels/" {} +
 }
 
+# The Sendmail image's build context: its Dockerfile and the config the tests' harness writes
+# (tests/integration/sendmail.py), so both Sendmails run the same .mc.
+stage_sendmail_context() {
+    local context="$CACHE/sendmail-context"
+    rm -rf "$context"
+    mkdir -p "$context"
+    cp docker/sendmail/Dockerfile "$context/"
+    PYTHONPATH="$REPO/tests:$REPO/tests/integration" "$VENV_PYTHON" tests/integration/sendmail.py \
+        --dir "$context" --smtp-port "${SENDMAIL_SMTP##*:}" --submission-port "$SENDMAIL_SUBMISSION_PORT" \
+        --sink-port 2526 --milter-port "$MILTER_PORT"
+}
+
 build_images() {
     local build=("${PODMAN[@]}" build -q --network host "${LIMITS[@]}" --build-arg "BASE=$BASE_IMAGE")
     # --network host for the builds only: apt-get reaches Debian's mirror. Containers get none.
@@ -115,6 +135,7 @@ build_images() {
         -f docker/Dockerfile -t "$IMAGE:latest" "$CACHE/context" >/dev/null
     "${build[@]}" -t "$IMAGE-postfix:latest" docker/postfix >/dev/null
     "${build[@]}" -t "$IMAGE-knot:latest" docker/knot >/dev/null
+    "${build[@]}" -t "$IMAGE-sendmail:latest" "$CACHE/sendmail-context" >/dev/null
 }
 
 run_in_pod() {
@@ -125,14 +146,28 @@ run_in_pod() {
 
 start_pod() {
     "${PODMAN[@]}" pod rm -f "$POD" >/dev/null 2>&1 || true
-    "${PODMAN[@]}" pod create --name "$POD" --network none >/dev/null
+    # Sendmail wants a qualified host name of its own (it waits a minute per retry otherwise).
+    "${PODMAN[@]}" pod create --name "$POD" --network none --hostname mx.receiver.example >/dev/null
     SINK_DIR=$(mktemp -d /tmp/authmilter-docker-sink.XXXXXX)
     run_in_pod sink --user 0 --entrypoint /opt/authmilter/bin/python \
         -v "$REPO/tests/integration/sink.py:/opt/sink/sink.py:ro" -v "$SINK_DIR:/var/sink" \
         "$IMAGE:latest" /opt/sink/sink.py --listen 127.0.0.1:2526 --dir /var/sink
-    run_in_pod authmilter -v "$REPO/docker/authmilter.toml:/etc/authmilter/authmilter.toml:ro" "$IMAGE:latest"
+    # A copy of the config the tests may rewrite (then SIGHUP), the state directory (history file)
+    # owned by the image's authmilter user, and the output in a file: all on the host.
+    # "shared" is mounted at the same path, so file names the tests write into the config (signing
+    # keys) mean the same inside.
+    RUN_DIR=$(mktemp -d /tmp/authmilter-docker-run.XXXXXX)
+    cp docker/authmilter.toml "$RUN_DIR/authmilter.toml"
+    mkdir "$RUN_DIR/state" "$RUN_DIR/shared"
+    chown "$("${PODMAN[@]}" run --rm "${LIMITS[@]}" --entrypoint id "$IMAGE:latest" -u)" \
+        "$RUN_DIR/state" "$RUN_DIR/shared"
+    run_in_pod authmilter -v "$RUN_DIR/authmilter.toml:/etc/authmilter/authmilter.toml:ro" \
+        -v "$RUN_DIR/state:/var/lib/authmilter" -v "$RUN_DIR/shared:$RUN_DIR/shared:ro" \
+        --log-driver k8s-file --log-opt "path=$RUN_DIR/authmilter.log" "$IMAGE:latest"
     run_in_pod knot "$IMAGE-knot:latest"
     run_in_pod postfix "$IMAGE-postfix:latest"
+    # Its hosts file names the test clients' loopback addresses (Sendmail has no XCLIENT).
+    run_in_pod sendmail -v "$CACHE/sendmail-context/hosts:/etc/hosts:ro" "$IMAGE-sendmail:latest"
 }
 
 # Runs a host command inside the pod's network namespace (that of its infra container).
@@ -153,8 +188,17 @@ run_tests() {
     # The tests' own Knot takes port 5353 (AUTHMILTER_DNS_PORT) and serves the zones they write.
     "${PODMAN[@]}" stop -t 5 "$POD-knot" >/dev/null
     # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
+    # Rootful podman: the container's authmilter has a host pid the tests can signal.
+    local pid
+    pid=$("${PODMAN[@]}" inspect --format '{{.State.Pid}}' "$POD-authmilter")
     in_pod env AUTHMILTER_SMTP="$SMTP" AUTHMILTER_SINK_DIR="$SINK_DIR" \
         AUTHMILTER_POSTFIX_EXEC="${PODMAN[*]} exec $POD-postfix" AUTHMILTER_DNS_PORT="$DNS_PORT" \
+        AUTHMILTER_PID="$pid" AUTHMILTER_CONFIG="$RUN_DIR/authmilter.toml" \
+        AUTHMILTER_STATE_DIR="$RUN_DIR/state" AUTHMILTER_SHARED_DIR="$RUN_DIR/shared" \
+        AUTHMILTER_LOG="$RUN_DIR/authmilter.log" AUTHMILTER_MILTER_PORT="$MILTER_PORT" \
+        AUTHMILTER_SUBMISSION_PORT="$SUBMISSION_PORT" AUTHMILTER_BARE_SMTP="$BARE_SMTP" \
+        AUTHMILTER_SENDMAIL_SMTP="$SENDMAIL_SMTP" AUTHMILTER_SENDMAIL_SUBMISSION_PORT="$SENDMAIL_SUBMISSION_PORT" \
+        AUTHMILTER_SENDMAIL_EXEC="${PODMAN[*]} exec $POD-sendmail" \
         "$VENV_PYTHON" -m pytest tests/integration ${PYTEST_ARGS:-}
 }
 
@@ -163,13 +207,14 @@ cleanup() {
     trap - EXIT INT TERM
     if [ "$status" -ne 0 ] && "${PODMAN[@]}" pod exists "$POD" 2>/dev/null; then
         local name
-        for name in sink authmilter knot postfix; do
+        for name in sink authmilter knot postfix sendmail; do
             log "--- last log lines of $POD-$name"
             "${PODMAN[@]}" logs --tail 40 "$POD-$name" 2>&1 | sed 's/^/    /' >&2 || true
         done
     fi
     "${PODMAN[@]}" pod rm -f -t 5 "$POD" >/dev/null 2>&1 || true
     [ -z "$SINK_DIR" ] || rm -rf "$SINK_DIR"
+    [ -z "$RUN_DIR" ] || rm -rf "$RUN_DIR"
     local timing
     for timing in "${TIMINGS[@]}"; do log "$timing"; done
     exit "$status"
@@ -194,6 +239,7 @@ main() {
     trap 'exit 130' INT TERM
     timed "base image (debootstrap + import, or cached)" build_base
     timed "wheelhouse" stage_context
+    timed "Sendmail config" stage_sendmail_context
     timed "image builds" build_images
     timed "pod start" start_pod
     timed "trial (readiness included)" run_trial

@@ -18,6 +18,7 @@ from authmilter.authresults import (
     sanitize_property_value,
 )
 from authmilter.authresults import render_authentication_results as render_results
+from authmilter.checks import Decided
 from authmilter.dkim_verify import DkimCheck
 from authmilter.dmarc import DmarcCheck
 from authmilter.message import headers_from_pairs, parse_message, unfold
@@ -55,16 +56,16 @@ def render_authentication_results(
     dmarc: DmarcVerdict | None,
 ) -> str:
     """The header the pipeline writes when the checks given (not None) ran, DKIM with any of them."""
-    action = _APPLIED[dmarc.disposition] if dmarc else Action.ACCEPT
+    decided = Decided(_APPLIED[dmarc.disposition] if dmarc else Action.ACCEPT)
     found: list[MethodResult] = []
     if spf is not None:
-        found.extend(MailFromCheck().method_results(spf, action))
+        found.extend(MailFromCheck().method_results(spf, decided))
     if helo is not None:
-        found.extend(HeloCheck().method_results(helo, action))
+        found.extend(HeloCheck().method_results(helo, decided))
     if dkim or found or dmarc is not None:
-        found.extend(DkimCheck().method_results(tuple(dkim), action))
+        found.extend(DkimCheck().method_results(tuple(dkim), decided))
     if dmarc is not None:
-        found.extend(DmarcCheck().method_results(dmarc, action))
+        found.extend(DmarcCheck().method_results(dmarc, decided))
     return render_results(authserv_id, found)
 
 

@@ -413,3 +413,35 @@ def test_dkim_max_signatures_has_one_bound() -> None:
     # signature as policy, which no config file could ask for.
     with pytest.raises(ValueError, match=r"max_signatures: 0 is out of range \(1 to 50\)"):
         DkimSettings(max_signatures=0)
+
+
+def test_metrics_listen_is_off_by_default_and_takes_ipv4_or_bracketed_ipv6() -> None:
+    assert default_config().metrics.address is None
+    ipv4 = parse_config('[metrics]\nlisten = "127.0.0.1:9465"\n', "/a.toml")
+    assert ipv4.metrics.address == ("127.0.0.1", 9465)
+    assert parse_config('[metrics]\nlisten = "[::1]:9465"\n', "/a.toml").metrics.address == ("::1", 9465)
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("localhost:9465", '\'localhost:9465\' is not an address like "127.0.0.1:9465" or "[::1]:9465"'),
+        ("::1:9465", "is not an address like"),
+        ("[127.0.0.1]:9465", "is not an address like"),
+        ("127.0.0.1", "is not an address like"),
+        ("127.0.0.1:http", "is not an address like"),
+        ("127.0.0.1:70000", "'127.0.0.1:70000': port 70000 is out of range (1 to 65535)"),
+    ],
+)
+def test_metrics_listen_errors_name_file_line_and_form(listen: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(f'[metrics]\n\nlisten = "{listen}"\n', "/etc/authmilter.toml")
+    assert str(info.value).startswith("/etc/authmilter.toml:3: [metrics] listen: ")
+    assert message in str(info.value)
+
+
+def test_log_format_is_text_or_json() -> None:
+    assert default_config().log.format == "text"
+    assert parse_config('[log]\nformat = "json"\n', "/a.toml").log.format == "json"
+    with pytest.raises(ConfigError, match=r":2: \[log\] format: 'xml' is not one of: json, text"):
+        parse_config('[log]\nformat = "xml"\n', "/a.toml")

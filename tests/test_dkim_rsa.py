@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.metadata
+import inspect
 import random
 import re
 import time
@@ -325,3 +327,50 @@ def test_dkim_verify_round_trip_through_the_adapter(key: rsa.RSAPrivateKey, open
     signed = _sign(_pem(key), b"rsa-sha256", (b"relaxed", b"relaxed")) + MESSAGE
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
     assert not dkim.verify(signed.replace(b"Hello.", b"Hullo."), dnsfunc=lambda name, timeout=5: record)
+
+
+# What dkim_rsa.py was tested against (dkimpy 1.1.8): the source of each dkimpy object it replaces
+# (PATCHES) and of the dkimpy code that calls them by the patched name. sha256 of inspect.getsource
+# (of the pattern text for RE_BTAG), first 16 hex digits.
+TESTED_DKIMPY = "1.1.8"
+TESTED_SOURCES = {
+    "dkim.RSASSA_PKCS1_v1_5_sign": "88352188b2ba2ad9",
+    "dkim.RSASSA_PKCS1_v1_5_verify": "8398ae89bb481414",
+    "dkim.RE_BTAG": "9462d3ccdeee123a",
+    "dkim.canonicalization.strip_trailing_whitespace": "07ef48de2ef08e4b",
+    "dkim.canonicalization.compress_whitespace": "7ee4d82e06fc310a",
+    "dkim.canonicalization.unfold_header_value": "28ed65c29158c5a4",
+    "dkim.hash_headers": "216b8155ca91b6f8",
+    "dkim.hash_headers_ed25519": "588e63563ac6fe29",
+    "dkim.DomainSigner.gen_header": "e86f61152fe59398",
+    "dkim.DomainSigner.verify_sig_process": "ab008897178aa566",
+    "dkim.canonicalization.Relaxed": "47cb7b7e4754edf7",
+}
+
+
+def _source_digest(thing: object) -> str:
+    text = thing.pattern if isinstance(thing, re.Pattern) else inspect.getsource(thing)  # type: ignore[arg-type]
+    data = text if isinstance(text, bytes) else text.encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _dkimpy_sources() -> dict[str, str]:
+    originals = {f"{module.__name__}.{name}": dkimpys for module, name, _, dkimpys in dkim_rsa.PATCHES}
+    callers = {
+        "dkim.hash_headers": dkim.hash_headers,
+        "dkim.hash_headers_ed25519": dkim.hash_headers_ed25519,
+        "dkim.DomainSigner.gen_header": dkim.DomainSigner.gen_header,
+        "dkim.DomainSigner.verify_sig_process": dkim.DomainSigner.verify_sig_process,
+        "dkim.canonicalization.Relaxed": dkim.canonicalization.Relaxed,
+    }
+    return {name: _source_digest(thing) for name, thing in {**originals, **callers}.items()}
+
+
+def test_patched_dkimpy_code_is_what_the_adapter_was_tested_with() -> None:
+    changed = sorted(name for name, digest in _dkimpy_sources().items() if TESTED_SOURCES.get(name) != digest)
+    assert not changed, (
+        f"dkimpy {importlib.metadata.version('dkimpy')} changed {', '.join(changed)} since dkimpy "
+        f"{TESTED_DKIMPY}, which milter/authmilter/dkim_rsa.py patches or relies on. Re-check that each "
+        "patch in dkim_rsa.PATCHES still replaces the same behaviour (its docstring lists the call "
+        "sites), run tests/test_dkim_rsa.py, then update TESTED_SOURCES and the dkimpy pin in pyproject.toml."
+    )

@@ -32,8 +32,11 @@ from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
 from authmilter.dkim_verify import DkimSettings, verify_dkim
 from authmilter.dmarc import DmarcSettings, organizational_domain
-from authmilter.history import HistorySettings, read_history
+from authmilter.history import HistoryError, HistorySettings, read_history
 from authmilter.keys import KeyFileError
+from authmilter.logformat import JsonFormatter
+from authmilter.metrics import MULTIPROCESS_ENV, Metrics
+from authmilter.metrics import enable as enable_metrics
 from authmilter.milter_app import (
     ACTIONS,
     AuthMilter,
@@ -49,6 +52,8 @@ from authmilter.pipeline import Transaction
 from authmilter.resolver import DnsAnswer, DnsSettings, Resolver, ZoneFileSource, tempfail
 from authmilter.session import MAX_RECIPIENTS
 from milterclient import split_message
+from scrape import parse
+from scrape import value as sample
 from signing import SigningKey, ed25519_key, make_message, rsa_key, sign, with_tight_fields, zone_txt
 
 AUTHSERV_ID = "mx.receiver.example"
@@ -273,9 +278,11 @@ def connect(zone_files: list[Path], history: History, monkeypatch: pytest.Monkey
         resolver: Resolver | None = None,
         macros: dict[int, dict[str, str]] | None = None,
         offer: tuple[int, int, int, int] = MTA_OFFER,
+        metrics: Metrics | None = None,
         **kw: Any,
     ) -> MtaCtx:
-        runtime = Runtime(config or make_config(), resolver or Resolver(ScriptedSource(zone_files)), history)
+        resolver = resolver or Resolver(ScriptedSource(zone_files), observer=metrics)
+        runtime = Runtime(config or make_config(), resolver, history, metrics=metrics)
         monkeypatch.setattr(Milter, "factory", lambda: AuthMilter(runtime))
         ctx = MtaCtx()
         ctx.macros = macros or {}
@@ -713,6 +720,7 @@ def test_a_check_that_raises_keeps_the_other_results(connect: Connect) -> None:
         "spf=none",
         "dkim=none",
         "dmarc=temperror",
+        "arc=none",
     ]
 
 
@@ -795,6 +803,36 @@ def test_history_failure_does_not_change_the_verdict(
         assert ctx.send(signed()) == Milter.ACCEPT
     assert len(our_ar(ctx)) == 1
     assert "cannot write the history record" in caplog.text
+
+
+def test_metrics_count_connections_verdicts_and_lost_history_records(
+    connect: Connect,
+    signed: Callable[..., bytes],
+    history: History,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(verdict: Verdict, transaction: Transaction, now: float) -> None:
+        raise HistoryError("disk full")
+
+    history.record = broken  # type: ignore[method-assign]
+    monkeypatch.delenv(MULTIPROCESS_ENV, raising=False)  # enable() sets it; restored afterwards
+    metrics = enable_metrics(str(tmp_path))
+    try:
+        ctx = connect(metrics=metrics)
+        assert ctx.send(signed()) == Milter.ACCEPT
+        during = parse(metrics.render()[0].decode())
+        ctx.app.close()
+        after = parse(metrics.render()[0].decode())
+    finally:
+        metrics.close()
+    assert sample(during, "authmilter_connections_in_flight") == 1
+    assert sample(after, "authmilter_connections_in_flight") == 0
+    assert sample(after, "authmilter_actions_total", action="accept", direction="inbound") == 1
+    assert sample(after, "authmilter_auth_results_total", method="dkim", result="pass") == 1
+    assert sample(after, "authmilter_check_duration_seconds_count", check="dmarc") == 1
+    assert sample(after, "authmilter_dns_cache_lookups_total", result="miss") > 0
+    assert sample(after, "authmilter_history_write_errors_total") == 1
 
 
 def test_history_gets_dmarc_evaluated_messages_only(
@@ -903,11 +941,50 @@ def test_log_line(connect: Connect, signed: Callable[..., bytes], caplog: pytest
     [info] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert re.fullmatch(
         r"queue_id=4XyZ1 client=192\.0\.2\.10 from=sender\.example spf=pass dkim=pass:sender\.example "
-        r"dmarc=pass action=accept ms=\d+\.\d",
+        r"dmarc=pass action=accept ms=\d+\.\d "
+        r"checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,arc:\d+\.\d,dmarc:\d+\.\d",
         info,
     )
     [debug] = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert debug.startswith("queue_id=4XyZ1 why: action=accept") and "dmarc: " in debug
+
+
+def test_log_line_as_json(
+    connect: Connect, signed: Callable[..., bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    ctx = connect()
+    ctx.macros[Milter.M_EOM] = {"i": "4XyZ1"}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(signed()) == Milter.ACCEPT
+    [info] = [r for r in caplog.records if r.levelno == logging.INFO]
+    line = JsonFormatter().format(info)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert {k: entry[k] for k in ("queue_id", "client", "from", "spf", "helo", "dmarc", "action")} == {
+        "queue_id": "4XyZ1",
+        "client": "192.0.2.10",
+        "from": "sender.example",
+        "spf": "pass",
+        "helo": "none",
+        "dmarc": "pass",
+        "action": "accept",
+    }
+    assert entry["dkim"] == [{"result": "pass", "domain": "sender.example", "selector": "rsa1"}]
+    assert list(entry["check_ms"]) == ["spf", "helo", "dkim", "arc", "dmarc"]
+    assert all(isinstance(ms, float) for ms in entry["check_ms"].values())
+    assert isinstance(entry["ms"], float) and entry["level"] == "info"
+    assert entry["message"] == info.getMessage()
+
+
+def test_log_values_are_one_bounded_json_line(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:
+    ctx = connect(ip=OUTSIDE_IP)
+    ctx.macros[Milter.M_ENVFROM] = {"{auth_authen}": "bob\r\nqueue_id=FAKE " + "x" * 500}
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        assert ctx.send(make_message()) == Milter.ACCEPT
+    [record] = caplog.records
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line and len(line) < 1000
+    assert json.loads(line)["reason"].startswith("outbound: authenticated as bob??queue_id=FAKE xxx")
 
 
 def test_log_values_are_one_bounded_line(connect: Connect, caplog: pytest.LogCaptureFixture) -> None:

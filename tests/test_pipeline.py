@@ -12,7 +12,7 @@ import dns.rdatatype
 import pytest
 
 from authmilter.actions import FailureAction, MultipleFromDomains
-from authmilter.checks import Check, Outcomes, Registration, Registry
+from authmilter.checks import Check, Decided, Outcomes, Registration, Registry
 from authmilter.config import Config, default_config
 from authmilter.dkim_body import BodyHashSpec, digest_body
 from authmilter.dkim_sign import SigningSettings
@@ -202,6 +202,7 @@ def test_a_check_that_raises_is_its_temperror_and_the_others_stand(
         ("spf", False),
         ("helo", False),
         ("dkim", False),
+        ("arc", False),
         ("dmarc", True),
     ]
     (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]  # one traceback, once
@@ -290,7 +291,7 @@ class XTestCheck(Check[None, str]):
     def failed(self, transaction: Transaction, settings: None, reason: str) -> str:
         return "temperror"
 
-    def method_results(self, outcome: str, action: Action) -> tuple[MethodResult, ...]:
+    def method_results(self, outcome: str, decided: Decided) -> tuple[MethodResult, ...]:
         return (MethodResult("x-test", AuthResult(outcome), (("header", "x", "probe.example"),), "seen"),)
 
 
@@ -299,7 +300,7 @@ def test_a_check_is_one_class_and_one_registration(resolver: Resolver, key: Sign
     raw = sign(make_message(), key, "sender.example", "s1")
     verdict = run(raw, resolver, registry=registry)
     clauses = [" ".join(clause.split()) for clause in verdict.authentication_results.split(";")]
-    assert [c.split("=")[0] for c in clauses[1:]] == ["spf", "spf", "dkim", "dmarc", "x-test"]
+    assert [c.split("=")[0] for c in clauses[1:]] == ["spf", "spf", "dkim", "dmarc", "arc", "x-test"]
     assert clauses[-1] == "x-test=pass (seen) header.x=probe.example"
     assert verdict.results[-1].method == "x-test" and verdict.timings[-1].check == "x-test"
     # The JSON verdict (docs/verdict-json.md) is that of the built-in checks, and the A-R theirs plus ours.
@@ -321,6 +322,7 @@ def test_checks_name_the_dns_questions_they_will_ask(key: SigningKey) -> None:
         "spf": [("sender.example", dns.rdatatype.TXT)],
         "helo": [("mx.sender.example", dns.rdatatype.TXT)],
         "dkim": [("s1._domainkey.sender.example", dns.rdatatype.TXT)],
+        "arc": [],  # no ARC Set: nothing to ask
         "dmarc": [("_dmarc.sender.example", dns.rdatatype.TXT)],
     }
 
@@ -332,6 +334,31 @@ def test_a_registry_refuses_a_check_before_one_it_requires() -> None:
         Registry().register(XTestCheck(), lambda c: None)
     with pytest.raises(ValueError, match="'dkim' is registered twice"):
         CHECKS.register(DkimCheck(), lambda c: c.dkim)
+
+
+class AfterArcCheck(XTestCheck):
+    """Wants its resinfo after ARC's, which wants its own after DMARC's: fine, a chain."""
+
+    name = "x-after-arc"
+    results_after = ("arc",)
+
+
+class BeforeArcCheck(XTestCheck):
+    """Wants its resinfo after ARC's while ARC wants its own after this one's: no order exists."""
+
+    name = "dmarc"
+    requires = ()
+    results_after = ("arc",)
+
+
+def test_the_header_order_places_a_check_after_the_results_it_follows() -> None:
+    chained = Registry((*CHECKS, Registration(AfterArcCheck(), lambda c: None)))
+    assert [r.check.name for r in CHECKS] == ["spf", "helo", "dkim", "arc", "dmarc"]
+    in_header = [r.check.name for r in chained.header_order()]
+    assert in_header == ["spf", "helo", "dkim", "dmarc", "arc", "x-after-arc"]
+    arc = next(r for r in CHECKS if r.check.name == "arc")
+    with pytest.raises(ValueError, match="checks arc, dmarc each want their results after another's"):
+        Registry((arc, Registration(BeforeArcCheck(), lambda c: None)))
 
 
 class FailingKeys:

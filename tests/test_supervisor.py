@@ -35,6 +35,8 @@ from authmilter.supervisor import (
     worker_count,
 )
 from milterclient import MessageResult, MilterClient, MilterProtocolError, check_message
+from scrape import scrape
+from scrape import value as sample
 from signing import rsa_key
 
 CONFIG_FILE = Path(__file__).resolve().parents[1] / "conf" / "authmilter.toml"
@@ -312,6 +314,29 @@ def test_run_on_a_busy_port_exits_1(
         config.write_text(f'[milter]\nsocket = "inet:{port}@127.0.0.1"\n')
         assert cli.main(["run", "--config", str(config)]) == 1
     assert "cannot bind" in capsys.readouterr().err
+
+
+def test_run_with_a_busy_metrics_port_exits_1_and_leaves_no_directory(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    root_logging: logging.Logger,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "a.toml"
+        config.write_text(
+            f'[milter]\nsocket = "inet:{free_port()}@127.0.0.1"\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        )
+        assert cli.main(["run", "--config", str(config)]) == 1
+    assert (
+        f"[metrics] listen = 127.0.0.1:{port}: cannot bind: Address already in use" in capsys.readouterr().err
+    )
+    assert not list(tmp_path.glob("authmilter-metrics-*"))
 
 
 # --- `authmilter run` as real processes ------------------------------------------------------
@@ -1015,3 +1040,52 @@ def test_the_descriptor_limit_is_raised_and_never_leaves_a_connection_unanswered
             client.close()
     assert closed.count(False) <= 2 * 68 and closed.count(True) >= 400 - 2 * 68, closed.count(False)
     assert "has no room for more MTA connections (68 open, limit 68" in daemon.log()
+
+
+# --- [metrics]: the endpoint of a running daemon -------------------------------------------------
+
+
+def test_metrics_are_summed_over_the_workers_and_count_their_lives_and_reloads(
+    start_daemon: Callable[..., Daemon], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime_directory = tmp_path / "run"
+    runtime_directory.mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime_directory))  # as systemd's RuntimeDirectory=
+    port = free_port()
+    daemon = start_daemon(extra=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    daemon.notification("READY=1")
+    [multiprocess_directory] = [p for p in runtime_directory.iterdir() if p.is_dir()]  # beside "status"
+    assert multiprocess_directory.name.startswith("authmilter-metrics-")
+    assert sample(scrape(port), "authmilter_worker_starts_total") == 2
+    for _ in range(3):  # whichever workers take them
+        assert check_message(daemon.socket, MESSAGE, client_ip=AUTHORISED_IP).response.kind == "accept"
+    assert check_message(daemon.socket, MESSAGE, client_ip=SPOOFING_IP).response.kind == "replycode"
+    samples = scrape(port)
+    assert sample(samples, "authmilter_actions_total", action="accept", direction="inbound") == 3
+    assert sample(samples, "authmilter_actions_total", action="reject", direction="inbound") == 1
+    assert sample(samples, "authmilter_auth_results_total", method="dmarc", result="pass") == 3
+    assert sample(samples, "authmilter_auth_results_total", method="spf", result="fail") == 1
+    assert sample(samples, "authmilter_check_duration_seconds_count", check="spf") == 4
+    assert sample(samples, "authmilter_dns_cache_lookups_total", result="miss") > 0
+    # The client has its reply before the worker sees the connection close.
+    wait_for(lambda: sample(scrape(port), "authmilter_connections_in_flight") == 0, "no connection in flight")
+
+    victim = min(daemon.workers())
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(daemon.workers()) == 2 and victim not in daemon.workers(), "a new worker")
+    wait_for(lambda: sample(scrape(port), "authmilter_worker_starts_total") == 3, "the start counted")
+    samples = scrape(port)
+    assert sample(samples, "authmilter_worker_exits_total", reason="died") == 1
+    assert sample(samples, "authmilter_actions_total", action="accept", direction="inbound") == 3, "kept"
+
+    daemon.process.send_signal(signal.SIGHUP)
+    daemon.wait_log("configuration reloaded: serving")
+    samples = scrape(port)
+    assert sample(samples, "authmilter_reloads_total", outcome="succeeded") == 1
+    wait_for(
+        lambda: sample(scrape(port), "authmilter_worker_exits_total", reason="stopped") == 2,
+        "the old workers' exits counted",
+    )
+    daemon.stop()
+    assert daemon.process.returncode == 0
+    assert not multiprocess_directory.exists(), "the supervisor removes it when it stops"

@@ -23,6 +23,7 @@ import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import authres
 import authres.core
@@ -186,8 +187,8 @@ def _fold_clause(pieces: Sequence[str], last: bool) -> str:
 def render_authentication_results(authserv_id: str, results: Sequence[MethodResult]) -> str:
     """The Authentication-Results value (after the colon) for one message, folded.
 
-    Resinfos come in the order given (the check registry's order: spf for MAIL FROM, spf for
-    HELO, dkim per signature, dmarc). With no result at all the value is ``authserv-id; none``
+    Resinfos come in the order given (the check registry's header order: spf for MAIL FROM, spf
+    for HELO, dkim per signature, dmarc, arc). With no result at all the value is ``authserv-id; none``
     (RFC 8601 §2.2).
 
     Args:
@@ -240,6 +241,18 @@ def _incoming_authserv_id(value: str) -> str:
     except Exception:
         return ""
     return str(parsed.authserv_id or "").lower().rstrip(".")
+
+
+def parse_authentication_results(payload: str) -> Any:
+    """An A-R payload (``authserv-id; resinfo...``) parsed by authres, or None when it does not
+    parse or is longer than MAX_INCOMING_LENGTH (ARC-Authentication-Results, RFC 8617 §4.1.1)."""
+    text = unfold(payload).strip()
+    if len(text) > MAX_INCOMING_LENGTH:
+        return None
+    try:
+        return _FEATURES.parse_value(text)
+    except Exception:  # hostile input: see _incoming_authserv_id
+        return None
 
 
 def inspect_authentication_results(

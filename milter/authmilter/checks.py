@@ -1,10 +1,11 @@
 """The interface every check implements, and the registry that orders them.
 
-A check (SPF, HELO, DKIM, DMARC; later ARC, iprev...) is one module holding one :class:`Check`
+A check (SPF, HELO, DKIM, ARC, DMARC; later iprev...) is one module holding one :class:`Check`
 subclass: its name, the checks whose outcomes it reads (``requires``), the DNS names it could ask
 for before it runs (:meth:`Check.prefetch`), how it evaluates, what it stands for when it fails
 (:meth:`Check.failed`), and its per-method results for Authentication-Results
-(:meth:`Check.method_results`), which the one renderer (authresults.py) writes.
+(:meth:`Check.method_results`, given the :class:`Decided` context), which the one renderer
+(authresults.py) writes.
 
 The pipeline runs the checks of a :class:`Registry` in its declared order, measures each run, and
 turns an exception in one check into that check's ``temperror`` (authentication_milter's
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, TypeVar
+from types import MappingProxyType
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import dns.rdatatype
 
@@ -36,6 +38,21 @@ Question = tuple[str, dns.rdatatype.RdataType]
 Outcomes = Mapping[str, object]
 
 
+class Decided(NamedTuple):
+    """What a check's results for Authentication-Results are written against.
+
+    Attributes:
+        action: the action decided for the message.
+        client_ip: the SMTP client's address ("" when unknown).
+        outcomes: every check's final outcome by name (after the pipeline's post-decision steps,
+            e.g. ARC's with the trusted sealer that lifted a DMARC failure).
+    """
+
+    action: Action
+    client_ip: str = ""
+    outcomes: Outcomes = MappingProxyType({})
+
+
 class Check(Generic[SettingsT, OutcomeT]):
     """One check behind the pipeline's small interface; only ``evaluate``, ``failed`` and
     ``method_results`` must be written, the rest have defaults.
@@ -44,11 +61,14 @@ class Check(Generic[SettingsT, OutcomeT]):
         name: the registry name (also the key of its outcome and timing).
         label: how logs name it (the DNS budget says which check used it up).
         requires: names of checks that must come earlier (their outcomes are in ``earlier``).
+        results_after: names of checks whose resinfos come before this one's in the header,
+            though this one runs first (ARC runs before DMARC, and is written after it).
     """
 
     name: ClassVar[str]
     label: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
+    results_after: ClassVar[tuple[str, ...]] = ()
 
     def enabled(self, settings: SettingsT) -> bool:
         """Whether the check runs at all with these settings (default: always)."""
@@ -79,7 +99,7 @@ class Check(Generic[SettingsT, OutcomeT]):
         """What the check stands for when it raised: its ``temperror`` with ``reason``."""
         raise NotImplementedError
 
-    def method_results(self, outcome: OutcomeT, action: Action) -> tuple[MethodResult, ...]:
+    def method_results(self, outcome: OutcomeT, decided: Decided) -> tuple[MethodResult, ...]:
         """The check's resinfos for Authentication-Results, given the action decided."""
         raise NotImplementedError
 
@@ -104,13 +124,15 @@ class Registry:
         registrations: the checks, in order.
 
     Raises:
-        ValueError: two checks share a name, or a check comes before one it requires.
+        ValueError: two checks share a name, a check comes before one it requires, or checks
+            want their results after each other's.
     """
 
     def __init__(self, registrations: Iterable[Registration] = ()) -> None:
         self._registrations: tuple[Registration, ...] = ()
         for registration in registrations:
             self._registrations = self._validated(registration)
+        self._header_order = self._placed_in_header()
 
     def register(self, check: Check[Any, Any], settings: Callable[[Any], Any]) -> Registry:
         """A new registry with ``check`` added last.
@@ -134,3 +156,22 @@ class Registry:
 
     def __iter__(self) -> Iterator[Registration]:
         return iter(self._registrations)
+
+    def header_order(self) -> tuple[Registration, ...]:
+        """The checks in the order of their resinfos: the run order, except that a check with
+        ``results_after`` comes right after the last of those checks that is registered."""
+        return self._header_order
+
+    def _placed_in_header(self) -> tuple[Registration, ...]:
+        names = {r.check.name for r in self._registrations}
+        placed: list[Registration] = []
+        waiting = list(self._registrations)
+        while waiting:
+            done = {r.check.name for r in placed}
+            ready = [r for r in waiting if all(n in done or n not in names for n in r.check.results_after)]
+            if not ready:
+                cycle = ", ".join(r.check.name for r in waiting)
+                raise ValueError(f"checks {cycle} each want their results after another's")
+            waiting.remove(ready[0])
+            placed.append(ready[0])
+        return tuple(placed)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import grp
 import ipaddress
 import json
@@ -20,6 +21,7 @@ import logging
 import os
 import pwd
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,6 +51,9 @@ from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
 from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
+from authmilter.reports.importer import history_files, import_files
+from authmilter.reports.show import show as show_reports
+from authmilter.reports.store import StoreError, open_store
 from authmilter.resolver import (
     DnsSettings,
     DnsStatus,
@@ -219,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_sign_parser(commands)
     _add_genkey_parser(commands)
     _add_keys_parser(commands)
+    _add_report_parser(commands)
     return parser
 
 
@@ -342,6 +348,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("reload: --timeout must be a positive number of seconds")
     if args.command == "reload" and args.config is None and DEFAULT_CONFIG.is_file():
         args.config = DEFAULT_CONFIG
+    if args.command == "report":
+        _check_report_options(parser, args)
     # The daemon and the check of its config read the same file by default.
     if args.command in ("run", "checkconf") and args.config is None:
         args.config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else packaged_config_path()
@@ -764,6 +772,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_daemon(args)
+        if args.command == "report":
+            return run_report(args)
         if args.command == "keys":
             output, all_ok = run_keys_test(args)
             print(output)
@@ -790,3 +800,113 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(output)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `authmilter report`: DMARC aggregate reports (docs/reports.md)
+
+
+def _add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = commands.add_parser(
+        "report",
+        help="DMARC aggregate reports (RFC 9990): import the history, show the counts",
+        description="DMARC aggregate reports (RFC 9990) from the history file, through the store "
+        "named by [reports] database (docs/reports.md).",
+    )
+    report_commands = report.add_subparsers(dest="report_command", required=True, metavar="SUBCOMMAND")
+    importing = report_commands.add_parser(
+        "import",
+        help="read history files into the report store",
+        description="Read history files into the report store. What was imported before (the same "
+        "file, a grown one, a rotated or gzip copy) is never counted again. Corrupt lines, records of "
+        "unknown versions and tempfail records are skipped and counted. Exit status 1 when a file "
+        "could not be read or the database failed.",
+    )
+    importing.add_argument(
+        "history",
+        nargs="*",
+        metavar="HISTORY",
+        help="history files, plain or gzip (default: [history] path and its rotated siblings)",
+    )
+    importing.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    showing = report_commands.add_parser(
+        "show",
+        help="show the counts per policy domain",
+        description="Per policy domain: messages, DMARC, aligned SPF and DKIM, raw SPF and DKIM "
+        "results, dispositions, top source addresses, and its reporting periods.",
+    )
+    showing.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    showing.add_argument("--domain", help="only this policy domain")
+    showing.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only periods ending after TIME: 2026-12-05, 2026-12-05T10:00 (UTC), seconds since "
+        "the epoch, or an age such as 7d or 12h",
+    )
+    showing.add_argument("--json", action="store_true", help="print JSON")
+
+
+def parse_time(text: str, now: float) -> int:
+    """A point in time from the command line, as seconds since the epoch.
+
+    Accepts seconds since the epoch, an ISO 8601 date or date and time (UTC unless it names a
+    zone), or an age: a number followed by d (days) or h (hours) before ``now``.
+
+    Raises:
+        ValueError: none of these.
+    """
+    if text.isdigit():
+        return int(text)
+    if len(text) > 1 and text[:-1].isdigit() and text[-1] in "dh":
+        return int(now) - int(text[:-1]) * (86400 if text[-1] == "d" else 3600)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"'{text}' is not a time: use 2026-12-05, 2026-12-05T10:00 (UTC), epoch seconds, or 7d / 12h"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp())
+
+
+def _check_report_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default --config; parse --since into ``args.since_time``."""
+    if args.config is None:
+        if not DEFAULT_CONFIG.is_file():
+            parser.error(f"no --config given and {DEFAULT_CONFIG} does not exist")
+        args.config = DEFAULT_CONFIG
+    args.since_time = 0
+    if getattr(args, "since", None) is not None:
+        try:
+            args.since_time = parse_time(args.since, time.time())
+        except ValueError as e:
+            parser.error(f"--since: {e}")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``authmilter report SUBCOMMAND``: the exit status (0 done, 1 a file or the database failed)."""
+    config = _load(args.config)
+    settings = config.reports
+    try:
+        with open_store(settings.database, suppress_domains=settings.suppress_domains) as store:
+            if args.report_command == "import":
+                outcome = import_files(
+                    store,
+                    args.history or _default_history(config),
+                    period=settings.period,
+                    suppress_domains=settings.suppress_domains,
+                )
+                print(outcome.summary())
+                return 1 if outcome.failed else 0
+            print(show_reports(store, since=args.since_time, domain=args.domain, as_json=args.json))
+            return 0
+    except StoreError as e:
+        print(f"authmilter: {e}", file=sys.stderr)
+        return 1
+
+
+def _default_history(config: Config) -> list[str]:
+    if not config.history.path:
+        raise CliError(f"{config.path}: [history] path is not set: give the HISTORY files to import")
+    return history_files(config.history.path)

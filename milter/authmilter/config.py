@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from authmilter.actions import FailureAction, PolicySettings
+from authmilter.arc_check import ArcSettings, normalise_sealers
 from authmilter.authresults import sanitize_authserv_id
 from authmilter.dkim_sign import (
     SigningSettings,
@@ -36,6 +37,7 @@ from authmilter.dmarc import DmarcSettings
 from authmilter.domains import normalize
 from authmilter.history import HistorySettings
 from authmilter.keys import KeyFileError, load_private_key
+from authmilter.reports import ReportsSettings, SettingProblem, check_setting
 from authmilter.resolver import DnsSettings, parse_nameserver
 from authmilter.settings import bounds_of, choice_problem, choices_of, range_problem
 from authmilter.spf_check import SpfSettings
@@ -129,11 +131,31 @@ class LogSettings:
         destination: "stderr" (journald under systemd) or "syslog".
         level: "debug", "info", "warning" or "error".
         syslog_facility: the facility for "syslog" (e.g. "mail", "local0").
+        format: "text" (``key=value`` lines) or "json" (one JSON object per record, for
+            journald and log shippers).
     """
 
     destination: str = "stderr"
     level: str = "info"
     syslog_facility: str = "mail"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Section ``[metrics]``.
+
+    Attributes:
+        listen: where the Prometheus endpoint listens, ``HOST:PORT`` or ``[IPv6]:PORT``; empty:
+            no metrics (nothing is measured). Read at start only: a reload keeps the address.
+    """
+
+    listen: str = ""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """``listen`` as (host, port); None when metrics are off."""
+        return listen_address(self.listen) if self.listen else None
 
 
 @dataclass(frozen=True)
@@ -148,6 +170,9 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     history: HistorySettings = field(default_factory=HistorySettings)
     signing: SigningSettings = field(default_factory=SigningSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    arc: ArcSettings = field(default_factory=ArcSettings)
+    reports: ReportsSettings = field(default_factory=ReportsSettings)
 
     @functools.cached_property
     def internal_hosts(self) -> HostSet:
@@ -210,6 +235,9 @@ SECTIONS: dict[str, type[Any]] = {
     "policy": PolicySettings,
     "history": HistorySettings,
     "signing": SigningSettings,
+    "metrics": MetricsSettings,
+    "arc": ArcSettings,
+    "reports": ReportsSettings,
 }
 
 # Numeric bounds, inclusive, of the settings defined here. A section defined elsewhere declares its
@@ -229,6 +257,7 @@ CHOICES: dict[tuple[str, str], frozenset[str]] = {
     ("log", "destination"): frozenset({"stderr", "syslog"}),
     ("log", "level"): frozenset({"debug", "info", "warning", "error"}),
     ("log", "syslog_facility"): frozenset({"mail", "daemon", "user", *(f"local{i}" for i in range(8))}),
+    ("log", "format"): frozenset({"text", "json"}),
 }
 
 # [milter] keys in OpenDKIM's host dataset syntax: a list of entries, or a dataset file's name.
@@ -251,7 +280,7 @@ def packaged_config_path() -> Path:
 
 def default_config() -> Config:
     """The built-in defaults (what an empty config file gives)."""
-    return Config(path="<defaults>")
+    return _with_report_defaults(Config(path="<defaults>"))
 
 
 def load_config(path: str | Path) -> Config:
@@ -288,6 +317,10 @@ def parse_config(text: str, path: str | Path) -> Config:
         sections[name] = _build_section(name, table, path, text)
     config = Config(path=str(path), **sections)
     try:
+        config = _with_report_defaults(config)
+    except SettingProblem as e:
+        raise ConfigError(f"{_where(path, text, 'reports', e.key)}[reports] {e.key}: {e}") from None
+    try:
         # Read the datasets, tables and keys now (cached on the Config), so that a bad one
         # refuses the (re)load instead of failing messages.
         _ = config.internal_hosts, config.ignore_hosts, config.signing_table
@@ -296,7 +329,28 @@ def parse_config(text: str, path: str | Path) -> Config:
             f"{_where(path, text, e.section, e.key)}[{e.section}] {e.key}: {e.problem}"
         ) from None
     _check_host_lists_apart(config, path, text)
+    _check_arc(config, path, text)
     return config
+
+
+def _check_arc(config: Config, path: Path, text: str) -> None:
+    """``[arc] seal`` needs its d=, s= and a usable RSA key (checked as signing keys are), and a
+    chain validation to record (cv=) on the inbound mail it seals."""
+    settings = config.arc
+    if not settings.seal:
+        return
+    for key in ("signing_domain", "selector", "key_file"):
+        if not getattr(settings, key):
+            raise ConfigError(f"{_where(path, text, 'arc', 'seal')}[arc] seal = true needs {key}")
+    if settings.seals(outbound=False) and not settings.verify:
+        raise ConfigError(
+            f"{_where(path, text, 'arc', 'verify')}[arc] verify = false: sealing inbound mail needs the "
+            'chain validated (cv=); set verify = true or seal_mail = "outbound"'
+        )
+    try:
+        load_private_key(settings.key_file, "rsa-sha256", permissions=config.signing.key_permissions)
+    except KeyFileError as e:
+        raise ConfigError(f"{_where(path, text, 'arc', 'key_file')}[arc] key_file: {e}") from None
 
 
 def _check_host_lists_apart(config: Config, path: Path, text: str) -> None:
@@ -342,6 +396,11 @@ def setting_location(path: str | Path, section: str, key: str | None = None) -> 
     return _where(Path(path), text, section, key).removesuffix(": ")
 
 
+def _with_report_defaults(config: Config) -> Config:
+    """``[reports]`` names and addresses left empty are derived from the authserv-id."""
+    return dataclasses.replace(config, reports=config.reports.with_defaults(config.authserv_id))
+
+
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
     """``file:line: `` of ``key`` in ``[section]`` (or of the section header), best effort."""
     line = _find_line(text, section, key)
@@ -375,6 +434,9 @@ def _build_section(name: str, table: Mapping[str, Any], path: Path, text: str) -
         try:
             if (name, key) in HOST_LIST_KEYS:
                 values[key] = _host_list(key, raw, path)
+                continue
+            if (name, key) == ("arc", "trusted_sealers"):
+                values[key] = _trusted_sealers(raw, path)
                 continue
             value = _convert(hints[key], raw)
             values[key] = _check_value(name, key, value, path)
@@ -455,6 +517,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         raise ValueError(problem)
     if (section, key) in PATH_KEYS:
         return _resolve_paths(value, path)
+    if section == "reports":
+        return check_setting(key, value)
     if (section, key) == ("milter", "socket_mode") and not re.fullmatch(r"0?[0-7]{3}", value):
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):
@@ -464,6 +528,8 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
             parse_nameserver(text)
     if (section, key) == ("milter", "status_file") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /run/authmilter/status")
+    if (section, key) == ("metrics", "listen") and value:
+        listen_address(value)
     if (section, key) == ("history", "path") and value and not value.startswith("/"):
         raise ValueError("must be an absolute path, e.g. /var/lib/authmilter/history.jsonl")
     if (section, key) == ("milter", "authserv_id") and value:
@@ -478,6 +544,10 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
         return check_header_names(value, require_from=key == "headers")
     if (section, key) == ("signing", "sign_daemon_names") and not all(value):
         raise ValueError("empty daemon name")
+    if (section, key) == ("arc", "key_file") and value:
+        return _resolve_paths(value, path)
+    if (section, key) in (("arc", "signing_domain"), ("arc", "selector")) and value:
+        return sanitize_authserv_id(value)  # a host name (RFC 6376 §3.5 d=, s= are domain names)
     return value
 
 
@@ -487,6 +557,29 @@ def _domain_name(text: str) -> str:
     if name is None:
         raise ValueError(f"'{text}' is not a domain name")
     return name
+
+
+def _trusted_sealers(raw: Any, path: Path) -> frozenset[str]:
+    """``[arc] trusted_sealers``: a list of domains, or a file of them (one a line, ``#`` comments)."""
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return normalise_sealers(_sealer_domain(item, f"entry '{item}'") for item in raw)
+    if not isinstance(raw, str) or not raw:
+        raise TypeError('expected a list of domains (e.g. ["lists.example.org"]) or a file of them')
+    file = _resolve_paths(raw, path)
+    domains = []
+    with open(file, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            entry = line.partition("#")[0].strip()
+            if entry:
+                domains.append(_sealer_domain(entry, f"{file}:{number}"))
+    return normalise_sealers(domains)
+
+
+def _sealer_domain(entry: str, where: str) -> str:
+    try:
+        return sanitize_authserv_id(entry.rstrip("."))
+    except ValueError:
+        raise ValueError(f"{where}: '{entry}' is not a domain name (the d= of an ARC-Seal)") from None
 
 
 def _host_list(key: str, raw: Any, path: Path) -> tuple[str, ...] | str:
@@ -565,6 +658,29 @@ def _check_socket(value: str) -> None:
     raise ValueError(f"'{value}' is not a milter socket: use inet:PORT@HOST, inet6:PORT@HOST or unix:/PATH")
 
 
+def listen_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` → (host, port); the host is an IP address.
+
+    Raises:
+        ValueError: not that form, the host is not an IP address, or the port is not 1-65535.
+    """
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        versions = {6}
+    else:
+        versions = {4}
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if not colon or address is None or address.version not in versions or not port.isdigit():
+        raise ValueError(f"'{value}' is not an address like \"127.0.0.1:9465\" or \"[::1]:9465\"")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"'{value}': port {port} is out of range (1 to 65535)")
+    return host, int(port)
+
+
 def _resolve_paths(value: Any, path: Path) -> Any:
     def resolve(name: str) -> str:
         if not name:
@@ -585,6 +701,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FailureAction",
+    "MetricsSettings",
     "MilterSettings",
     "default_config",
     "load_config",

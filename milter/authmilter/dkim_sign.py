@@ -283,7 +283,7 @@ def sign_message(
         signer = dkim.DKIM(message, linesep=b"\r\n")
     except dkim.MessageFormatError as e:
         raise SigningError(f"header block not parseable: {e}") from None
-    include = _include_headers([name for name, _ in signer.headers], settings)
+    include = signed_header_names([name for name, _ in signer.headers], settings)
     if b"from" not in include:
         raise SigningError("no From field (RFC 6376 §5.4: From MUST be signed)")
     policy = CanonicalizationPolicy.from_c_value(settings.canonicalization.encode())
@@ -297,8 +297,16 @@ def sign_message(
     )
 
 
-def _include_headers(present: Sequence[bytes], settings: SigningSettings) -> tuple[bytes, ...]:
-    """h=: each name as often as it occurs, oversigned names once more; absent names left out."""
+def signed_header_names(present: Sequence[bytes], settings: SigningSettings) -> tuple[bytes, ...]:
+    """h=: each name as often as it occurs, oversigned names once more; absent names left out.
+
+    Args:
+        present: the message's field names, in order (any case).
+        settings: ``signed_headers`` and ``oversign_headers``.
+
+    Returns:
+        The h= names, lower-case (also the ARC-Message-Signature's, arc_seal.py).
+    """
     counts: dict[str, int] = {}
     for raw_name in present:
         key = raw_name.decode("ascii", "replace").lower()
@@ -352,12 +360,13 @@ def _one_signature(
 
 def _private_key(key: PrivateKey) -> Any:
     if key.key_type == "rsa":
-        return _rsa_private_key(key.dkim_private)
+        return rsa_private_key(key.dkim_private)
     return nacl.signing.SigningKey(key.dkim_private, encoder=nacl.encoding.Base64Encoder)
 
 
 @functools.lru_cache(maxsize=64)
-def _rsa_private_key(pem: bytes) -> dict[str, int]:
+def rsa_private_key(pem: bytes) -> dict[str, int]:
+    """An RSA key as dkimpy's signing takes it (PKCS#1 PEM in), parsed once per key."""
     # dkimpy's own parse (a dict of integers) is what its RSA signing, and dkim_rsa's, take.
     parsed: dict[str, int] = dkim.crypto.parse_pem_private_key(pem)
     return parsed

@@ -39,9 +39,9 @@ import dns.rdatatype
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
-from authmilter.checks import Check, Outcomes, Question
+from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
-from authmilter.model import Action, AuthResult, DkimResult, MethodResult
+from authmilter.model import AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
 from authmilter.transaction import Transaction
@@ -97,8 +97,15 @@ class _Stop(Exception):
 
 
 @dataclass(frozen=True)
-class _Key:
-    """A usable public key: dkimpy's key object and what the key record says about it."""
+class PublicKey:
+    """A usable public key: dkimpy's key object and what the key record says about it.
+
+    Attributes:
+        pk: dkimpy's key (for ``verify_sig_process``).
+        bits: the RSA modulus size (256 for Ed25519).
+        ktag: the k= type, ``rsa`` or ``ed25519``.
+        testing: the key record has t=y.
+    """
 
     pk: Any
     bits: int
@@ -228,7 +235,44 @@ def _check_times(tags: dict[bytes, bytes], now: float) -> None:
         raise _Stop(AuthResult.FAIL, "signature expired")
 
 
-def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> _Key:
+@dataclass(frozen=True)
+class KeyProblem:
+    """Why no usable key was found (RFC 6376 §6.1.2): the result word it gives, and why."""
+
+    result: AuthResult
+    reason: str
+
+
+def lookup_public_key(
+    domain: bytes, selector: bytes, algorithm: bytes, resolver: Resolver, settings: DkimSettings
+) -> PublicKey | KeyProblem:
+    """The key at ``selector._domainkey.domain`` for a DKIM-style signature (ARC's too, RFC 8617 §4.1).
+
+    Args:
+        domain, selector, algorithm: the signature's d=, s= and a=.
+        resolver: where the key record comes from (answers cached as for DKIM signatures).
+        settings: ``min_rsa_bits``.
+
+    Returns:
+        The usable key, or the problem (``temperror`` for a DNS failure, ``fail`` for a revoked
+        or short key, ``permerror`` otherwise).
+    """
+    try:
+        return _fetch_key({b"d": domain, b"s": selector, b"a": algorithm}, resolver, settings)
+    except _Stop as stop:
+        return KeyProblem(stop.result, stop.reason)
+
+
+def parsed_header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields as dkimpy's ``rfc822_parse`` reads them (name, raw value with CRLFs).
+
+    Raises:
+        dkim.MessageFormatError: a header block dkimpy refuses.
+    """
+    return list(_parsed(message, DkimSettings()).headers)
+
+
+def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
     """RFC 6376 §6.1.2: look up ``s._domainkey.d`` and pick a usable key record; raises _Stop.
 
     The outcome depends only on the key records and the tags read below, so it is kept as long as
@@ -248,14 +292,14 @@ def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSetti
 
 def _key_or_stop(
     name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings
-) -> _Key | _Stop:
+) -> PublicKey | _Stop:
     try:
         return _lookup_key(name, tags, resolver, settings)
     except _Stop as stop:
         return _Stop(stop.result, stop.reason)  # kept without the traceback and its frames
 
 
-def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> _Key:
+def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
     answer = resolver.txt(name)
     if answer.status is DnsStatus.TEMPFAIL:
         # §6.1.2 step 2: TEMPFAIL (key unavailable).
@@ -275,7 +319,7 @@ def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, setting
     raise first_problem
 
 
-def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSettings) -> _Key:
+def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSettings) -> PublicKey:
     """RFC 6376 §3.6.1 and §6.1.2 steps 5-8 for one key record; raises _Stop."""
     try:
         key_tags = _tag_list(record.encode("utf-8"))
@@ -294,7 +338,7 @@ def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSe
         # RFC 8301 §3.2: signatures with RSA keys under 1024 bits MUST NOT be considered valid.
         raise _Stop(AuthResult.FAIL, f"key too small: {bits} bits")
     # §3.6.1 t=y: the domain is testing DKIM; the result stands, the flag is only reported.
-    return _Key(pk=pk, bits=bits, ktag=ktag, testing=b"y" in _colon_list(key_tags.get(b"t")))
+    return PublicKey(pk=pk, bits=bits, ktag=ktag, testing=b"y" in _colon_list(key_tags.get(b"t")))
 
 
 def _check_key_tags(key_tags: dict[bytes, bytes], tags: dict[bytes, bytes]) -> None:
@@ -386,7 +430,7 @@ def _compute(
     header: tuple[bytes, bytes],
     tags: dict[bytes, bytes],
     signed: list[bytes],
-    key: _Key,
+    key: PublicKey,
     body: BodyDigests,
 ) -> str:
     """RFC 6376 §6.1.3 with dkimpy; returns the reason to note on a pass, raises _Stop otherwise."""
@@ -604,7 +648,7 @@ class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
     def failed(self, transaction: Transaction, settings: DkimSettings, reason: str) -> tuple[DkimResult, ...]:
         return (DkimResult(AuthResult.TEMPERROR, "", "", "", reason=reason),)
 
-    def method_results(self, outcome: tuple[DkimResult, ...], action: Action) -> tuple[MethodResult, ...]:
+    def method_results(self, outcome: tuple[DkimResult, ...], decided: Decided) -> tuple[MethodResult, ...]:
         if not outcome:
             return _NOT_SIGNED  # RFC 8601 §2.7.1: none, the message was not signed
         return tuple(_method_result(signature) for signature in outcome)

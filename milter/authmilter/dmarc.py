@@ -64,14 +64,14 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import dns.rdatatype
-from publicsuffixlist import PublicSuffixList
 
-from authmilter.checks import Check, Outcomes, Question
+from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import is_within, normalize
 from authmilter.message import FromAuthors
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
     Action,
+    ArcResult,
     AuthResult,
     Disposition,
     DkimResult,
@@ -83,6 +83,7 @@ from authmilter.model import (
 )
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, one_of, validate
+from authmilter.suffix_list import public_suffix_list
 from authmilter.transaction import Transaction
 
 # RFC 9989 §4.10: "Author Domains with more than eight labels do not result in more than eight DNS
@@ -316,20 +317,11 @@ def load_public_suffix_list(settings: DmarcSettings) -> None:
         UnicodeDecodeError: it is not UTF-8 text.
     """
     if settings.org_domain == "psl":
-        _public_suffix_list(settings.psl_file)
-
-
-@lru_cache(maxsize=8)
-def _public_suffix_list(psl_file: str | None) -> PublicSuffixList:
-    # Loaded once per file and process (load_public_suffix_list, at worker start-up).
-    if psl_file is None:
-        return PublicSuffixList()
-    with open(psl_file, encoding="utf-8") as source:
-        return PublicSuffixList(source)
+        public_suffix_list(settings.psl_file)
 
 
 def _psl_org(domain: str, settings: DmarcSettings) -> str:
-    registrable = _public_suffix_list(settings.psl_file).privatesuffix(domain)
+    registrable = public_suffix_list(settings.psl_file).privatesuffix(domain)
     return registrable.lower() if isinstance(registrable, str) else domain
 
 
@@ -460,6 +452,34 @@ def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: 
         # Author's Organizational Domain cannot share it: no walk needed.
         return False
     return orgs.of(identifier) == author_org
+
+
+def identifier_aligned(
+    identifier: str, author: str, strict: bool, resolver: Resolver, settings: DmarcSettings
+) -> bool:
+    """Whether an authenticated identifier aligns with an Author Domain (RFC 9989 §3.2.2, §4.4).
+
+    For a result another host recorded (ARC's trusted-sealer check, arc_check.py): the same rule
+    as for our own SPF and DKIM results.
+
+    Args:
+        identifier: the authenticated domain (a DKIM d=, an SPF MAIL FROM domain).
+        author: the RFC5322.From domain.
+        strict: strict alignment (the record's ``adkim=s`` / ``aspf=s``).
+        resolver: for the Organizational Domains.
+        settings: ``org_domain`` (tree walk or PSL).
+
+    Returns:
+        True when aligned; False otherwise, also when a DNS failure leaves it unknown.
+    """
+    name, author_name = normalize(identifier), normalize(author)
+    if not name or not author_name:
+        return False
+    orgs = _OrgDomains(resolver, settings)
+    try:
+        return _aligned(name, author_name, strict, orgs.of(author_name), orgs)
+    except _TempFail:
+        return False
 
 
 class _Alignment(NamedTuple):
@@ -788,8 +808,11 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
     def failed(self, transaction: Transaction, settings: DmarcSettings, reason: str) -> DmarcVerdict:
         return DmarcVerdict(AuthResult.TEMPERROR, reason=reason, from_domains=transaction.authors.domains)
 
-    def method_results(self, outcome: DmarcVerdict, action: Action) -> tuple[MethodResult, ...]:
-        return _method_results(outcome, unenforced_disposition(outcome, action))
+    def method_results(self, outcome: DmarcVerdict, decided: Decided) -> tuple[MethodResult, ...]:
+        # A trusted ARC sealer that lifted the failure is named (pipeline's trusted-forwarder step).
+        arc = decided.outcomes.get("arc")
+        sealer = arc.override if isinstance(arc, ArcResult) else ""
+        return _method_results(outcome, unenforced_disposition(outcome, decided.action), sealer)
 
 
 def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
@@ -800,12 +823,15 @@ def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
 
 
 @lru_cache(maxsize=RESULT_CACHE_SIZE)
-def _method_results(dmarc: DmarcVerdict, applied: Disposition | None) -> tuple[MethodResult, ...]:
+def _method_results(
+    dmarc: DmarcVerdict, applied: Disposition | None, trusted_sealer: str
+) -> tuple[MethodResult, ...]:
     # dis= says what was done: when local policy did not apply the disposition DMARC asked for
     # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
     comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
     if dmarc.policy and applied is not None and applied is not dmarc.disposition:
-        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {NOT_ENFORCED_NOTE}"
+        why = f"overridden by trusted ARC sealer {trusted_sealer}" if trusted_sealer else NOT_ENFORCED_NOTE
+        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {why}"
     return (MethodResult("dmarc", dmarc.result, (("header", "from", dmarc.from_domain),), comment),)
 
 

@@ -42,6 +42,7 @@ import Milter
 
 from authmilter import dkim_rsa
 from authmilter.actions import internal_error_decision
+from authmilter.arc_seal import ARC_SET_FIELDS
 from authmilter.authresults import (
     HEADER_NAME,
 )
@@ -57,6 +58,8 @@ from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
 from authmilter.dmarc import load_public_suffix_list
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
 from authmilter.keys import KeyCache
+from authmilter.logformat import FIELDS
+from authmilter.metrics import Metrics
 from authmilter.model import Action, Verdict
 from authmilter.pipeline import evaluate, failure_verdict, ignored_host
 from authmilter.quickack import QuickAck
@@ -166,6 +169,7 @@ class Runtime:
     resolver: Resolver
     history: HistorySink | None
     keys: KeyCache = field(default_factory=KeyCache)
+    metrics: Metrics | None = None  # None: [metrics] is off, nothing is counted
 
 
 class HistoryRecorder:
@@ -193,13 +197,16 @@ class HistoryRecorder:
         self._writer.reopen()
 
 
-def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime:
+def build_runtime(
+    config: Config, history: HistorySink | None = None, metrics: Metrics | None = None
+) -> Runtime:
     """Build what the milter needs from a validated config.
 
     Args:
         config: the configuration.
         history: where DMARC-evaluated messages are recorded; None = the config's ``[history] path``
             (no history when that is empty).
+        metrics: where messages, connections and DNS lookups are counted; None: nowhere.
 
     Returns:
         The runtime: config, the resolver it describes, the history sink, and the worker's
@@ -210,7 +217,7 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
         KeyFileError: a KeyTable key became unusable since the configuration was checked.
         OSError: the pinned Public Suffix List became unreadable since then.
     """
-    resolver = build_resolver(config.dns)
+    resolver = build_resolver(config.dns, metrics)
     load_public_suffix_list(config.dmarc)  # ~10,000 rules: parsed here, not on the first message
     dkim_rsa.install()  # RSA signing and verifying through OpenSSL
     keys = KeyCache(follow_changes=False)  # keys change on SIGHUP only, all at once
@@ -219,7 +226,7 @@ def build_runtime(config: Config, history: HistorySink | None = None) -> Runtime
             keys.get(entry.key_path, entry.algorithm, config.signing.key_permissions)
     if history is None and config.history.path:
         history = HistoryRecorder(_history_writer(config.history.path), config)
-    return Runtime(config, resolver, history, keys)
+    return Runtime(config, resolver, history, keys, metrics)
 
 
 def _history_writer(path: str) -> HistoryWriter:
@@ -412,6 +419,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._gate = gate
         self._open = True
         self._runtime = runtime
+        self._metrics = runtime.metrics
+        if self._metrics is not None:
+            self._metrics.connection_opened()
         self._config = runtime.config
         # The connection and its current message, fed by the callbacks below.
         self._session = Session(runtime.config)
@@ -558,6 +568,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if self._open:
             self._open = False
             _messages.closed()
+            if self._metrics is not None:
+                self._metrics.connection_closed()
         return int(Milter.CONTINUE)
 
     def _end_of_message(self, started: float) -> int:
@@ -567,6 +579,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         transaction = self._session.transaction()
         verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
         code = self._apply(verdict)
+        if self._metrics is not None:
+            self._metrics.message(verdict)
         if verdict.dmarc is not None:
             self._record_history(verdict, transaction)
         if log.isEnabledFor(logging.INFO):  # the line costs more than its check at level warning
@@ -585,13 +599,17 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         except Exception:
             log.exception("queue_id=%s cannot apply the failure action", _log_value(self._queue_id()))
             return int(_MILTER_CODES[decision.action])
+        if self._metrics is not None:
+            self._metrics.message(verdict)
+        fields = {
+            "queue_id": _log_value(self._queue_id()),
+            "client": _log_value(self._session.client_ip),
+            "action": decision.action.value,
+            "reason": _log_value(decision.reason),
+            "ms": round(_elapsed_ms(started), 1),
+        }
         log.info(
-            "queue_id=%s client=%s action=%s reason=%s ms=%.1f",
-            _log_value(self._queue_id()),
-            _log_value(self._session.client_ip),
-            decision.action.value,
-            _log_value(decision.reason),
-            _elapsed_ms(started),
+            "queue_id=%s client=%s action=%s reason=%s ms=%.1f", *fields.values(), extra={FIELDS: fields}
         )
         return code
 
@@ -611,6 +629,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         # Each at the top (RFC 6376 §5.6: prepended), the last first, so the first ends on top.
         for signature in reversed(verdict.signatures):
             self.addheader(SIGNATURE_HEADER, self._field_value(signature), 0)
+        # Our ARC Set on top (RFC 8617 §4.1: ARC fields are prepended), ARC-Seal first.
+        for name, value in reversed(tuple(zip(ARC_SET_FIELDS, verdict.arc_seal, strict=False))):
+            self.addheader(name, self._field_value(value), 0)
         if verdict.action is Action.QUARANTINE:
             self._quarantine(verdict.reason)
         return int(Milter.ACCEPT)
@@ -647,9 +668,15 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         except HistoryError as e:
             # A full disk would otherwise print a traceback per message.
             log.error("queue_id=%s history record lost: %s", _log_value(transaction.queue_id), e)
+            self._history_lost()
         except Exception:
             # The message is judged already; a lost history row must not change what happens to it.
             log.exception("queue_id=%s cannot write the history record", _log_value(transaction.queue_id))
+            self._history_lost()
+
+    def _history_lost(self) -> None:
+        if self._metrics is not None:
+            self._metrics.history_write_error()
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -685,31 +712,52 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         return {name: value for name in names if (value := self._macro(name))}
 
     def _log_verdict(self, transaction: Transaction, verdict: Verdict, started: float) -> None:
-        from_domains = ",".join(transaction.authors.domains) or "-"
+        # One line per message; in [log] format = "json" the fields below are the object's keys.
+        fields: dict[str, object] = {
+            "queue_id": _log_value(transaction.queue_id),
+            "client": _log_value(transaction.connection.client_ip),
+            "from": _log_value(",".join(transaction.authors.domains) or "-"),
+        }
         if verdict.outbound:
             # OpenDKIM's LogWhy at INFO: why it is outbound, and what was signed or why not.
+            fields |= {
+                "reason": _log_value(verdict.reason),
+                "signatures": len(verdict.signatures),
+                "action": verdict.action.value,
+                "ms": round(_elapsed_ms(started), 1),
+            }
             log.info(
                 "queue_id=%s client=%s from=%s %s signatures=%d action=%s ms=%.1f",
-                _log_value(transaction.queue_id),
-                _log_value(transaction.connection.client_ip),
-                _log_value(from_domains),
-                _log_value(verdict.reason),
-                len(verdict.signatures),
-                verdict.action.value,
-                _elapsed_ms(started),
+                *fields.values(),
+                extra={FIELDS: fields},
             )
             return
         dkim = ",".join(f"{d.result.value}:{d.domain or '-'}" for d in verdict.dkim) or "none"
+        check_ms = {timing.check: round(timing.ms, 2) for timing in verdict.timings}
+        fields |= {
+            "spf": verdict.spf.result.value if verdict.spf else "-",
+            "helo": verdict.helo.result.value if verdict.helo else "-",
+            "dkim": [
+                {"result": d.result.value, "domain": _log_value(d.domain), "selector": _log_value(d.selector)}
+                for d in verdict.dkim
+            ],
+            "dmarc": verdict.dmarc.result.value if verdict.dmarc else "-",
+            "action": verdict.action.value,
+            "ms": round(_elapsed_ms(started), 1),
+            "check_ms": check_ms,
+        }
         log.info(
-            "queue_id=%s client=%s from=%s spf=%s dkim=%s dmarc=%s action=%s ms=%.1f",
-            _log_value(transaction.queue_id),
-            _log_value(transaction.connection.client_ip),
-            _log_value(from_domains),
-            verdict.spf.result.value if verdict.spf else "-",
+            "queue_id=%s client=%s from=%s spf=%s dkim=%s dmarc=%s action=%s ms=%.1f checks=%s",
+            fields["queue_id"],
+            fields["client"],
+            fields["from"],
+            fields["spf"],
             _log_value(dkim),
-            verdict.dmarc.result.value if verdict.dmarc else "-",
-            verdict.action.value,
-            _elapsed_ms(started),
+            fields["dmarc"],
+            fields["action"],
+            fields["ms"],
+            ",".join(f"{check}:{ms:.1f}" for check, ms in check_ms.items()) or "-",
+            extra={FIELDS: fields},
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

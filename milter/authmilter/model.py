@@ -154,6 +154,34 @@ class DmarcVerdict:
     from_domains: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class ArcResult:
+    """The validation of a message's Authenticated Received Chain (RFC 8617 §5.2; arc_check.py).
+
+    Attributes:
+        result: the Chain Validation Status: pass, fail or none (no ARC Set at all).
+        instances: the highest instance number seen (0 without ARC header fields).
+        oldest_pass: on pass, the instance of the oldest ARC-Message-Signature that still
+            validates, 0 when all do (RFC 8617 §5.2 step 5, ``header.oldest-pass``); None otherwise.
+        sealers: the ARC-Seal ``d=`` of each instance, oldest first (as read, even on fail).
+        reason: why the chain failed, in a few words ("" on pass and none).
+        latest_results: the ARC-Authentication-Results payload of the highest instance, without
+            its ``i=`` tag, for the trusted-sealer check ("" unless the chain passed).
+        override: the trusted sealer whose chain made us not apply a failing DMARC policy, or "".
+    """
+
+    result: AuthResult
+    instances: int = 0
+    oldest_pass: int | None = None
+    sealers: tuple[str, ...] = ()
+    reason: str = ""
+    latest_results: str = ""
+    override: str = ""
+
+
+ARC_NONE = ArcResult(AuthResult.NONE)
+
+
 # Why a DMARC disposition was not applied: in the A-R comment and the history record's
 # local_policy reason alike (docs/history-schema.md).
 NOT_ENFORCED_NOTE = "not enforced by local configuration"
@@ -227,7 +255,11 @@ class Verdict:
         signatures: DKIM-Signature values to add (without the name), the first on top.
         results: every check's per-method results in the registry's order: what
             ``authentication_results`` was rendered from.
-        timings: one entry per check run, in the order they ran (for logs and metrics).
+        timings: one entry per check run, in the order they ran (for logs and metrics); not
+            part of :meth:`as_json`.
+        arc: the ARC chain validation (None when ``[arc] verify`` is off or the mail is outbound).
+        arc_seal: the ARC Set to add (ARC-Seal, ARC-Message-Signature, ARC-Authentication-Results
+            values without the names, in that order, for the top of the header), or ().
     """
 
     spf: SpfResult | None
@@ -242,7 +274,9 @@ class Verdict:
     outbound: bool = False
     signatures: tuple[str, ...] = ()
     results: tuple[MethodResult, ...] = ()
-    timings: tuple[CheckTiming, ...] = ()
+    timings: tuple[CheckTiming, ...] = field(default=(), compare=False)
+    arc: ArcResult | None = None
+    arc_seal: tuple[str, ...] = ()
 
     def as_json(self) -> dict[str, Any]:
         """The stable, documented JSON form (docs/verdict-json.md)."""
@@ -272,7 +306,21 @@ class Verdict:
             ),
             "reason": self.reason,
             "authentication_results": self.authentication_results,
+            "arc": _arc_json(self.arc),
         }
+
+
+def _arc_json(arc: ArcResult | None) -> dict[str, Any] | None:
+    if arc is None:
+        return None
+    return {
+        "result": arc.result.value,
+        "instances": arc.instances,
+        "oldest_pass": arc.oldest_pass,
+        "sealers": list(arc.sealers),
+        "override": arc.override or None,
+        "reason": arc.reason,
+    }
 
 
 def _spf_json(spf: SpfResult | None) -> dict[str, Any] | None:

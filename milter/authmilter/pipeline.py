@@ -1,12 +1,14 @@
 """The order of the checks and the one place a verdict is made.
 
 ``evaluate()`` first decides the direction (:func:`outbound_reason`). Inbound mail gets the checks
-of :data:`CHECKS` in their declared order (SPF for MAIL FROM, then HELO, DKIM verification, DMARC
-over both: checks.py), each measured and each contained (an exception in one is its temperror),
-then the local policy (actions.py) and our Authentication-Results from every check's results.
-Outbound mail (an internal host, a SASL-authenticated client, a signing ``{daemon_name}``) is not
-verified and gets no Authentication-Results; it is signed when the SigningTable has an entry for
-it (:func:`sign_transaction`, which ``authmilter sign`` calls too).
+of :data:`CHECKS` in their declared order (SPF for MAIL FROM, then HELO, DKIM verification, ARC
+chain validation, DMARC over SPF and DKIM: checks.py), each measured and each contained (an
+exception in one is its temperror), then the local policy (actions.py), the trusted-forwarder step
+(a trusted ARC sealer may lift a DMARC failure), our Authentication-Results from every check's
+results, and our ARC Set when we seal inbound mail. Outbound mail (an internal host, a
+SASL-authenticated client, a signing ``{daemon_name}``) is not verified and gets no
+Authentication-Results; it is signed when the SigningTable has an entry for it
+(:func:`sign_transaction`, which ``authmilter sign`` calls too), and sealed when configured.
 Forged Authentication-Results are listed for deletion in both directions (RFC 8601 §5).
 
 Nothing here does I/O of its own: DNS goes through the resolver passed in, private keys through
@@ -19,11 +21,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from authmilter.actions import Decision, decide_action, internal_error_decision
+from authmilter.arc_check import ArcCheck, ArcCheckSettings, arc_body_hashes, trusted_forwarder, with_override
+from authmilter.arc_seal import (
+    SEAL_BODY_HASH,
+    Sealer,
+    SealOutcome,
+    own_results,
+    recorded_status,
+    seal_message,
+)
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
-from authmilter.checks import Registration, Registry
+from authmilter.checks import Decided, Registration, Registry
 from authmilter.config import Config
 from authmilter.dkim_body import BodyHashSpec
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
@@ -39,7 +50,17 @@ from authmilter.dkim_verify import DkimCheck, body_hashes_needed
 from authmilter.dmarc import DmarcCheck
 from authmilter.keys import KeyCache, PrivateKey
 from authmilter.message import MessageHeaders
-from authmilter.model import Action, CheckTiming, DkimResult, DmarcVerdict, SpfResult, Verdict
+from authmilter.model import (
+    Action,
+    ArcResult,
+    AuthResult,
+    CheckTiming,
+    Disposition,
+    DkimResult,
+    DmarcVerdict,
+    SpfResult,
+    Verdict,
+)
 from authmilter.resolver import DnsBudget, Resolver
 from authmilter.spf_check import HeloCheck, MailFromCheck
 from authmilter.tables import HostEntry, KeyEntry
@@ -63,6 +84,7 @@ CHECKS = Registry(
         Registration(MailFromCheck(), lambda config: config.spf),
         Registration(HeloCheck(), lambda config: config.spf),
         Registration(DkimCheck(), lambda config: config.dkim),
+        Registration(ArcCheck(), lambda config: ArcCheckSettings(config.arc, config.dkim)),
         Registration(DmarcCheck(), lambda config: config.dmarc),
     )
 )
@@ -145,12 +167,15 @@ def body_hashes(connection: Connection, headers: MessageHeaders, config: Config)
 
     Returns:
         For outbound mail, the hash our signatures carry; for inbound mail, one per distinct body
-        canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7).
+        canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7), and
+        of the ARC-Message-Signatures (RFC 8617 §4.1.2); the hash of our ARC seal when we seal.
     """
-    if outbound_reason(connection, config):
-        return frozenset({signing_body_hash(config.signing)})
+    outbound = bool(outbound_reason(connection, config))
+    sealing = {SEAL_BODY_HASH} if config.arc.seals(outbound) else set()
+    if outbound:
+        return frozenset({signing_body_hash(config.signing), *sealing})
     values = (field.value.encode("latin-1") for field in headers.get_all(SIGNATURE_HEADER))
-    return body_hashes_needed(values, config.dkim)
+    return body_hashes_needed(values, config.dkim) | arc_body_hashes(headers, config.arc) | sealing
 
 
 def sign_transaction(
@@ -226,7 +251,7 @@ def evaluate(
         why_outbound = outbound_reason(transaction.connection, config)
         if why_outbound:
             return _evaluate_outbound(transaction, config, why_outbound, keys, now)
-        return _evaluate(transaction, resolver, config, registry)
+        return _evaluate(transaction, resolver, config, registry, keys, now)
     except Exception as e:
         log.exception(
             "queue_id=%s internal error checking the message from %s: %s",
@@ -276,6 +301,7 @@ def _evaluate_outbound(
     # never in h= (config.py refuses it), so the signatures cover the header set as delivered.
     forged = _removed_authentication_results(transaction.message.headers, config)
     outcome = sign_transaction(transaction, config, keys, now)
+    seal = _seal_outbound(transaction, config, keys, now) if config.arc.seals(outbound=True) else None
     return Verdict(
         spf=None,
         helo=None,
@@ -283,15 +309,62 @@ def _evaluate_outbound(
         dmarc=None,
         action=Action.ACCEPT,
         reply=None,
-        reason=f"outbound: {why}; {outcome.reason}",
+        reason=f"outbound: {why}; {outcome.reason}" + (f"; ARC {seal.reason}" if seal else ""),
         authentication_results="",
         forged_authentication_results=forged,
         outbound=True,
         signatures=outcome.signatures,
+        arc_seal=seal.fields if seal else (),
     )
 
 
-def _evaluate(transaction: Transaction, resolver: Resolver, config: Config, registry: Registry) -> Verdict:
+def _seal_outbound(
+    transaction: Transaction, config: Config, keys: KeyCache | None, now: float | None
+) -> SealOutcome:
+    """Mail leaving (a list's re-sent copy) is sealed with the A-R we wrote when it came in, and
+    the chain status it records: the chain as it arrived, before the list changed the message.
+
+    Only mail from an internal host (the list software): an authenticated user could write an A-R
+    with our authserv-id claiming any pass, and our seal would vouch for it."""
+    entry = transaction.connection.internal_host
+    if entry is None or not entry.included:
+        return SealOutcome((), "not sealed: outbound mail not from an internal host")
+    results = own_results(transaction.message.headers, config.authserv_id)
+    if not results:
+        return SealOutcome((), f"not sealed: no Authentication-Results of {config.authserv_id} to record")
+    status = recorded_status(results)
+    if status is None:
+        return SealOutcome((), "not sealed: our Authentication-Results record no single arc= result")
+    return _seal(transaction, status, results, config, keys, now)
+
+
+def _seal(
+    transaction: Transaction,
+    status: AuthResult,
+    results: str,
+    config: Config,
+    keys: KeyCache | None,
+    now: float | None,
+) -> SealOutcome:
+    """Our ARC Set (arc_seal.py); a key file gone unusable raises KeyFileError (our fault)."""
+    settings = config.arc
+    key = (keys or KeyCache()).get(settings.key_file, "rsa-sha256", config.signing.key_permissions)
+    sealer = Sealer(settings.signing_domain, settings.selector, key)
+    sealed_at = time.time() if now is None else now
+    outcome = seal_message(transaction.message, status, results, sealer, sealed_at, transaction.body)
+    if not outcome.fields:
+        log.info("queue_id=%s ARC %s", transaction.queue_id or "-", outcome.reason)
+    return outcome
+
+
+def _evaluate(
+    transaction: Transaction,
+    resolver: Resolver,
+    config: Config,
+    registry: Registry,
+    keys: KeyCache | None,
+    now: float | None,
+) -> Verdict:
     early = _prechecks(transaction, config, registry)
     if early:
         # A result known without DNS that the policy rejects on (DMARC's structural caps on the
@@ -301,9 +374,51 @@ def _evaluate(transaction: Transaction, resolver: Resolver, config: Config, regi
             return _inbound_verdict(transaction, config, registry, early, (), decision)
     dns_config = config.dns
     budget = DnsBudget(dns_config.message_time_budget, dns_config.message_query_budget, transaction.queue_id)
-    outcomes, timings = run_checks(registry, transaction, resolver.for_message(budget), config, budget)
+    message_resolver = resolver.for_message(budget)
+    outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
     decision = _decide(transaction, outcomes, config)
-    return _inbound_verdict(transaction, config, registry, outcomes, timings, decision)
+    if decision.action in (Action.REJECT, Action.QUARANTINE):
+        decision = _trusted_forwarder_override(transaction, outcomes, decision, message_resolver, config)
+    verdict = _inbound_verdict(transaction, config, registry, outcomes, timings, decision)
+    return _sealed_inbound(verdict, transaction, config, keys, now)
+
+
+def _trusted_forwarder_override(
+    transaction: Transaction,
+    outcomes: dict[str, object],
+    decision: Decision,
+    resolver: Resolver,
+    config: Config,
+) -> Decision:
+    """A trusted sealer vouches for the message (arc_check.trusted_forwarder): the decision as if
+    DMARC had asked for nothing, and ARC's outcome names the sealer (outcomes is updated). Only
+    DMARC's part is lifted: a reject for another reason stands."""
+    arc, dmarc = _arc_of(outcomes), _dmarc_of(outcomes)
+    if arc is None or dmarc is None:
+        return decision
+    sealer = trusted_forwarder(arc, dmarc, config.arc, resolver, config.dmarc)
+    if not sealer:
+        return decision
+    lifted = replace(dmarc, disposition=Disposition.NONE)
+    client_ip = transaction.connection.client_ip
+    relaxed = decide_action(client_ip, _spf_of(outcomes, "spf"), lifted, config.policy)
+    if relaxed.action is decision.action:
+        return decision
+    outcomes["arc"] = with_override(arc, sealer)
+    reason = relaxed.reason or f"dmarc=fail not applied: arc=pass sealed by trusted forwarder {sealer}"
+    return Decision(relaxed.action, relaxed.reply, reason)
+
+
+def _sealed_inbound(
+    verdict: Verdict, transaction: Transaction, config: Config, keys: KeyCache | None, now: float | None
+) -> Verdict:
+    """The verdict with our ARC Set when we seal inbound mail that is delivered (RFC 8617 §5.1):
+    the chain status we found and the A-R we wrote."""
+    delivered = verdict.action in (Action.ACCEPT, Action.QUARANTINE)
+    if verdict.arc is None or not delivered or not config.arc.seals(outbound=False):
+        return verdict
+    seal = _seal(transaction, verdict.arc.result, verdict.authentication_results, config, keys, now)
+    return replace(verdict, arc_seal=seal.fields)
 
 
 def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> dict[str, object]:
@@ -380,7 +495,7 @@ def _decide(transaction: Transaction, outcomes: Mapping[str, object], config: Co
     )
 
 
-# The four built-in checks' typed outcomes are the Verdict's stable fields (docs/verdict-json.md,
+# The built-in checks' typed outcomes are the Verdict's stable fields (docs/verdict-json.md,
 # history records); any other check reaches the verdict through its method results and timing.
 
 
@@ -392,6 +507,11 @@ def _spf_of(outcomes: Mapping[str, object], name: str) -> SpfResult | None:
 def _dmarc_of(outcomes: Mapping[str, object]) -> DmarcVerdict | None:
     outcome = outcomes.get("dmarc")
     return outcome if isinstance(outcome, DmarcVerdict) else None
+
+
+def _arc_of(outcomes: Mapping[str, object]) -> ArcResult | None:
+    outcome = outcomes.get("arc")
+    return outcome if isinstance(outcome, ArcResult) else None
 
 
 def _dkim_of(outcomes: Mapping[str, object]) -> tuple[DkimResult, ...]:
@@ -407,11 +527,12 @@ def _inbound_verdict(
     timings: tuple[CheckTiming, ...],
     decision: Decision,
 ) -> Verdict:
+    decided = Decided(decision.action, transaction.connection.client_ip, outcomes)
     results = tuple(
         result
-        for registration in registry
+        for registration in registry.header_order()
         if registration.check.name in outcomes
-        for result in registration.check.method_results(outcomes[registration.check.name], decision.action)
+        for result in registration.check.method_results(outcomes[registration.check.name], decided)
     )
     return Verdict(
         spf=_spf_of(outcomes, "spf"),
@@ -425,4 +546,5 @@ def _inbound_verdict(
         forged_authentication_results=_removed_authentication_results(transaction.message.headers, config),
         results=results,
         timings=timings,
+        arc=_arc_of(outcomes),
     )

@@ -70,12 +70,14 @@ class DnsAnswer:
         records: the answer's rdata (dnspython objects) when status is OK.
         ttl: seconds this answer may be cached (0 for TEMPFAIL: never cached).
         reason: for TEMPFAIL, what went wrong (``timeout``, ``SERVFAIL``...), for logs.
+        timed_out: a TEMPFAIL because no nameserver answered in time (counted apart in metrics).
     """
 
     status: DnsStatus
     records: tuple[dns.rdata.Rdata, ...] = ()
     ttl: int = 0
     reason: str = ""
+    timed_out: bool = False
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -96,8 +98,8 @@ class DnsAnswer:
         return self.status in (DnsStatus.OK, DnsStatus.NODATA)
 
 
-def tempfail(reason: str) -> DnsAnswer:
-    return DnsAnswer(DnsStatus.TEMPFAIL, reason=reason)
+def tempfail(reason: str, timed_out: bool = False) -> DnsAnswer:
+    return DnsAnswer(DnsStatus.TEMPFAIL, reason=reason, timed_out=timed_out)
 
 
 class DnsSource(Protocol):
@@ -147,7 +149,7 @@ class NameserverSource:
             last = next(reversed(responses.values()), None) if responses else None
             return DnsAnswer(DnsStatus.NXDOMAIN, ttl=_negative_ttl(last))
         except dns.resolver.LifetimeTimeout:
-            return tempfail(f"timeout asking {self.description}")
+            return tempfail(f"timeout asking {self.description}", timed_out=True)
         except dns.resolver.NoNameservers as e:
             return tempfail(f"no nameserver answered ({e.msg if hasattr(e, 'msg') else e})")
         except dns.exception.DNSException as e:
@@ -375,6 +377,19 @@ class DnsBudget:
         return why
 
 
+class DnsObserver(Protocol):
+    """Told about every lookup of a resolver (metrics.py counts them); None: nobody is told."""
+
+    def cache_hit(self) -> None:
+        """A lookup was answered from the cache."""
+
+    def budget_refused(self) -> None:
+        """A lookup was answered TEMPFAIL unasked: the message's DNS budget is spent."""
+
+    def answered(self, rdtype: dns.rdatatype.RdataType, answer: DnsAnswer, seconds: float) -> None:
+        """A query went to the source (a cache miss) and got ``answer`` after ``seconds``."""
+
+
 class _Usage:
     """What the DNS answers read by one derived computation allow: when it expires, if at all."""
 
@@ -402,6 +417,7 @@ class Resolver:
         source: where answers come from.
         cache_size: entries kept; the least recently used goes first. 0 disables the cache.
         clock: monotonic seconds (a test may pass its own).
+        observer: told about each cache hit, refused lookup and query sent (metrics).
     """
 
     def __init__(
@@ -409,8 +425,10 @@ class Resolver:
         source: DnsSource,
         cache_size: int = 10000,
         clock: Callable[[], float] = time.monotonic,
+        observer: DnsObserver | None = None,
     ) -> None:
         self.source = source
+        self._observer = observer
         self._cache_size = cache_size
         self._clock = clock
         # Keyed by the name's text (see _cache_key), not by dns.name.Name: a hit then costs no
@@ -454,6 +472,8 @@ class Resolver:
             if hit is not None and hit[0] > now:
                 self._cache.move_to_end(key)
                 self._used(hit[0], hit[1])
+                if self._observer is not None:
+                    self._observer.cache_hit()
                 return hit[1]
         try:
             qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
@@ -464,10 +484,12 @@ class Resolver:
         if refused:
             answer = tempfail(refused)
             self._used(now, answer)
+            if self._observer is not None:
+                self._observer.budget_refused()
             return answer
         with self._lock:
             self._counts.sent += 1
-        answer = self.source.lookup(qname, qtype)
+        answer = self._ask(qname, qtype)
         expires = now + min(answer.ttl, MAX_CACHE_TTL)
         self._used(expires, answer)
         if answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0:
@@ -476,6 +498,14 @@ class Resolver:
                 self._cache.move_to_end(key)
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
+        return answer
+
+    def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        if self._observer is None:
+            return self.source.lookup(qname, qtype)
+        started = time.perf_counter()
+        answer = self.source.lookup(qname, qtype)
+        self._observer.answered(qtype, answer, time.perf_counter() - started)
         return answer
 
     def derived(self, key: Hashable, compute: Callable[[], T], keep: Callable[[T], bool] = _always) -> T:
@@ -562,8 +592,8 @@ class DnsSettings:
         validate(self)
 
 
-def build_resolver(settings: DnsSettings) -> Resolver:
-    """The resolver a config describes.
+def build_resolver(settings: DnsSettings, observer: DnsObserver | None = None) -> Resolver:
+    """The resolver a config describes; ``observer`` is told about every lookup (metrics).
 
     Raises:
         ZoneFileError: a zone file is unreadable or invalid.
@@ -573,4 +603,4 @@ def build_resolver(settings: DnsSettings) -> Resolver:
         source = ZoneFileSource(settings.zone_files)
     else:
         source = NameserverSource(settings.nameservers, settings.port, settings.timeout)
-    return Resolver(source, cache_size=settings.cache_size)
+    return Resolver(source, cache_size=settings.cache_size, observer=observer)

@@ -21,9 +21,9 @@ import dns.rdata
 import dns.rdatatype
 import spf
 
-from authmilter.checks import Check, Outcomes, Question
+from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a_labels
-from authmilter.model import Action, AuthResult, MethodResult, SpfResult, SpfScope
+from authmilter.model import AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
 from authmilter.transaction import Transaction
@@ -335,7 +335,7 @@ class MailFromCheck(Check[SpfSettings, SpfResult]):
             local, domain = "postmaster", transaction.connection.helo
         return SpfResult(AuthResult.TEMPERROR, domain, SpfScope.MFROM, f"{local}@{domain}", reason)
 
-    def method_results(self, outcome: SpfResult, action: Action) -> tuple[MethodResult, ...]:
+    def method_results(self, outcome: SpfResult, decided: Decided) -> tuple[MethodResult, ...]:
         return _mail_from_results(outcome)
 
 
@@ -361,7 +361,7 @@ class HeloCheck(Check[SpfSettings, SpfResult]):
         helo = transaction.connection.helo
         return SpfResult(AuthResult.TEMPERROR, helo, SpfScope.HELO, f"postmaster@{helo}", reason)
 
-    def method_results(self, outcome: SpfResult, action: Action) -> tuple[MethodResult, ...]:
+    def method_results(self, outcome: SpfResult, decided: Decided) -> tuple[MethodResult, ...]:
         return _helo_results(outcome)
 
 

@@ -25,7 +25,9 @@ libmilter instance whose threads serve connections. The supervisor
 - on SIGHUP reloads the config: a valid one is served by a fresh generation of workers, started
   before the old one is stopped, on the same socket; an invalid one is logged and the old workers
   keep serving. Fresh workers also reopen every file they write (the history file);
-- tells systemd (``Type=notify``) when the workers accept, reload and stop.
+- tells systemd (``Type=notify``) when the workers accept, reload and stop;
+- with ``[metrics] listen``, serves the Prometheus endpoint from its poll loop (metrics.py says why)
+  and counts worker starts, exits and reloads there.
 
 The supervisor runs no threads: one ``poll()`` loop, with signals delivered through a wakeup pipe.
 Each worker has a socketpair to it: the worker sends "ready", the supervisor sends "stop" (or
@@ -71,6 +73,9 @@ from typing import NoReturn
 
 from authmilter.config import Config, ConfigError, LogSettings, MilterSettings, load_config
 from authmilter.keys import KeyFileError
+from authmilter.logformat import JsonFormatter
+from authmilter.metrics import Metrics, MetricsEndpoint
+from authmilter.metrics import enable as enable_metrics
 from authmilter.milter_app import (
     HistoryRecorder,
     Runtime,
@@ -137,6 +142,20 @@ class _JournalFormatter(logging.Formatter):
         return f"<{_SEVERITIES.get(record.levelno, 6)}>{super().format(record)}"
 
 
+class _JournalJsonFormatter(_JournalFormatter, JsonFormatter):
+    """JSON lines (``[log] format = "json"``) with the severity prefix journald reads."""
+
+
+def _formatter(settings: LogSettings, syslog: bool) -> logging.Formatter:
+    if settings.format == "json":
+        if syslog:
+            return JsonFormatter(syslog_tag=True)
+        return _JournalJsonFormatter() if _stderr_is_journal() else JsonFormatter()
+    if syslog:
+        return logging.Formatter(_FORMAT)
+    return _JournalFormatter(_FORMAT) if _stderr_is_journal() else logging.Formatter(_FORMAT)
+
+
 def _stderr_is_journal() -> bool:
     # systemd sets JOURNAL_STREAM to "DEVICE:INODE" of the stream it connected (systemd.exec(5)).
     expected = os.environ.get("JOURNAL_STREAM", "")
@@ -174,12 +193,10 @@ def configure_logging(settings: LogSettings, syslog_address: str = "/dev/log") -
         else:
             facility = logging.handlers.SysLogHandler.facility_names[settings.syslog_facility]
             handler = logging.handlers.SysLogHandler(syslog_address, facility)
-            handler.setFormatter(logging.Formatter(_FORMAT))
+            handler.setFormatter(_formatter(settings, syslog=True))
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            _JournalFormatter(_FORMAT) if _stderr_is_journal() else logging.Formatter(_FORMAT)
-        )
+        handler.setFormatter(_formatter(settings, syslog=False))
     root.addHandler(handler)
     root.setLevel(_LEVELS[settings.level])
     if failure:
@@ -349,7 +366,7 @@ def serve_worker(listener: socket.socket, runtime: Runtime, ready: Callable[[], 
     serve(f"fd:{listener.fileno()}", runtime, ready=ready)
 
 
-def load_runtime(config: Config) -> Runtime:
+def load_runtime(config: Config, metrics: Metrics | None = None) -> Runtime:
     """Load what every worker of a generation uses (milter_app.build_runtime), in the supervisor.
 
     Raises:
@@ -357,7 +374,7 @@ def load_runtime(config: Config) -> Runtime:
             message names the file and why.
     """
     try:
-        runtime = build_runtime(config)
+        runtime = build_runtime(config, metrics=metrics)
     except (ZoneFileError, KeyFileError, OSError) as e:
         raise StartupError(str(e)) from None
     configured = config.milter.max_connections
@@ -486,6 +503,7 @@ class Supervisor:
         runtime: what the first workers get (:func:`load_runtime`).
         listener: from :func:`open_listener`; it lives as long as the supervisor.
         worker_main: what a worker process runs after the fork.
+        endpoint: the metrics endpoint, served from the poll loop (metrics.py says why).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -496,8 +514,10 @@ class Supervisor:
         listener: Listener,
         worker_main: WorkerMain = serve_worker,
         status: StatusFile | None = None,
+        endpoint: MetricsEndpoint | None = None,
     ) -> None:
         self.runtime = runtime
+        self.endpoint = endpoint
         self.listener = listener
         self.worker_main = worker_main
         self.workers: dict[int, Worker] = {}
@@ -517,6 +537,8 @@ class Supervisor:
         self.reloads = 0
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller.register(self.wakeup_r, select.POLLIN)
+        if endpoint is not None:
+            endpoint.watch(self.poller)
 
     @property
     def config(self) -> Config:
@@ -552,10 +574,14 @@ class Supervisor:
         deadlines = [*self.respawn_at, *(w.kill_at for w in self.workers.values() if w.kill_at)]
         if self.pending is not None:
             deadlines.append(self.pending[2])
+        if self.endpoint is not None and (client_deadline := self.endpoint.deadline()) is not None:
+            deadlines.append(client_deadline)
         timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000 if deadlines else None
         for fd, _ in self.poller.poll(timeout):
             if fd == self.wakeup_r:
                 self._handle_signals()
+            elif self.endpoint is not None and self.endpoint.owns(fd):
+                self.endpoint.handle(fd)
             else:
                 self._handle_control(fd)
 
@@ -574,6 +600,8 @@ class Supervisor:
 
     def _handle_timers(self) -> None:
         now = time.monotonic()
+        if self.endpoint is not None:
+            self.endpoint.expire(now)
         for worker in self.workers.values():
             if worker.kill_at is not None and now >= worker.kill_at:
                 log.warning("worker %d did not stop within the shutdown timeout: killing it", worker.pid)
@@ -600,6 +628,8 @@ class Supervisor:
             ours.close()
             self._become_worker(runtime, theirs)
         theirs.close()
+        if runtime.metrics is not None:
+            runtime.metrics.worker_started()
         self.workers[pid] = Worker(pid, generation, ours, time.monotonic())
         self.poller.register(ours.fileno(), select.POLLIN)
         log.debug("worker %d started (generation %d)", pid, generation)
@@ -620,6 +650,8 @@ class Supervisor:
             for worker in self.workers.values():
                 if worker.control is not None:
                     worker.control.close()
+            if self.endpoint is not None:
+                self.endpoint.close()  # the supervisor's: a worker must not hold the port
             threading.Thread(
                 target=_stop_when_asked, args=(control, self.listener.sock), name="stop", daemon=True
             ).start()
@@ -667,6 +699,8 @@ class Supervisor:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
+                if self.runtime.metrics is not None:
+                    self.runtime.metrics.worker_exited(pid, worker.stopping)
                 self._forget_control(worker)
                 self._worker_exited(worker, status)
                 self._announce_after_handover()
@@ -747,6 +781,8 @@ class Supervisor:
                 self._retire(worker, config.milter.shutdown_timeout, RETIRE)
         status = f"serving {config.milter.socket} with {len(workers)} workers, config {config.path}"
         self.handover = status if first else f"configuration reloaded: {status}"
+        if not first:
+            self._count_reload("succeeded")
         self._announce_after_handover()
 
     def _announce_after_handover(self) -> None:
@@ -782,6 +818,7 @@ class Supervisor:
             self._stop("start-up failure")
             return
         log.error("the new configuration's workers could not start (%s); the running ones stay", why)
+        self._count_reload("failed")
         status = f"reload failed ({why}); serving with {self.config.path}"
         self.status.write(self.reloads, Outcome.FAILED, status)
         notify("READY=1", f"STATUS={status}")
@@ -794,9 +831,10 @@ class Supervisor:
         self.reloads += 1
         try:
             config = load_config(self.config.path)
-            runtime = load_runtime(config)
+            runtime = load_runtime(config, self.runtime.metrics)
         except (ConfigError, StartupError) as e:
             log.error("reload refused, the running configuration stays: %s", e)
+            self._count_reload("refused")
             self.status.write(self.reloads, Outcome.REFUSED, f"reload refused: {e}")
             notify("READY=1", f"STATUS=reload refused: {e}")
             return
@@ -806,9 +844,19 @@ class Supervisor:
                 self.config.milter.socket,
                 config.milter.socket,
             )
+        if config.metrics.listen != self.config.metrics.listen:
+            log.warning(
+                "[metrics] listen does not change on reload: still %r (restart for %r)",
+                self.config.metrics.listen,
+                config.metrics.listen,
+            )
         configure_logging(config.log)
         self._discard_pending()  # a reload during a reload: the newest file wins
         self._start_generation(runtime)
+
+    def _count_reload(self, outcome: str) -> None:
+        if self.runtime.metrics is not None:
+            self.runtime.metrics.reload(outcome)
 
     def _stop(self, why: str) -> None:
         if self.stopping:
@@ -841,15 +889,41 @@ def run(config: Config) -> int:
     """
     configure_logging(config.log)
     raise_descriptor_limit()
-    runtime = load_runtime(config)
-    listener = open_listener(config.milter)
-    status = StatusFile(status_path(config.milter.status_file))
+    metrics, endpoint = start_metrics(config)
     try:
-        log.info("listening on %s", config.milter.socket)
-        return Supervisor(runtime, listener, status=status).run()
+        runtime = load_runtime(config, metrics)
+        listener = open_listener(config.milter)
+        status = StatusFile(status_path(config.milter.status_file))
+        try:
+            log.info("listening on %s", config.milter.socket)
+            return Supervisor(runtime, listener, status=status, endpoint=endpoint).run()
+        finally:
+            status.remove()
+            listener.close()
     finally:
-        status.remove()
-        listener.close()
+        if endpoint is not None:
+            endpoint.close()
+        if metrics is not None:
+            metrics.close()
+
+
+def start_metrics(config: Config) -> tuple[Metrics | None, MetricsEndpoint | None]:
+    """``[metrics] listen``: the metrics (multiprocess directory made) and their bound endpoint.
+
+    Raises:
+        StartupError: the endpoint's address cannot be bound.
+    """
+    address = config.metrics.address
+    if address is None:
+        return None, None
+    metrics = enable_metrics()
+    try:
+        endpoint = MetricsEndpoint(address, metrics.render)
+    except OSError as e:
+        metrics.close()
+        raise StartupError(f"[metrics] listen = {config.metrics.listen}: cannot bind: {e.strerror}") from None
+    log.info("metrics at http://%s/metrics", config.metrics.listen)
+    return metrics, endpoint
 
 
 __all__ = [

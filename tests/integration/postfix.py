@@ -15,11 +15,13 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -30,9 +32,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from sink import DeliveredMessage, MessageStore
 
@@ -52,6 +56,14 @@ SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin"
 # Postfix's smtpd exposes the milter macros the adapter reads (issue 3: {auth_type}, {auth_authen}, i).
 MILTER_MAIL_MACROS = "i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}"
 MILTER_CONNECT_MACROS = "j {daemon_name} {daemon_addr} v _ {client_addr} {client_name}"
+# The {daemon_name} of each MTA's submission port, which authmilter's sign_daemon_names lists in the
+# signing tests: mail through it is outbound whoever sends it.
+SUBMISSION_DAEMON = "submission"
+# The SASL mechanism both MTAs offer the tests: ANONYMOUS (RFC 4505) needs no password database, so
+# neither MTA needs SASL files outside its private folder. authmilter sees only what the MTA then
+# sends as {auth_authen} ("anonymous"); the mechanism does not matter to it. A real site allows no
+# anonymous AUTH (Postfix's default smtpd_sasl_security_options = noanonymous).
+SASL_MECHANISM = "ANONYMOUS"
 
 
 class HarnessError(RuntimeError):
@@ -140,13 +152,21 @@ class PostfixInstance:
         bare_smtp_port: a second smtpd on 127.0.0.1 without milters (checks the harness itself).
         sink_port: the sink on 127.0.0.1 that every message is relayed to.
         milter: Postfix's milter address (``inet:127.0.0.1:PORT``), or "" for none.
+        submission_port: a third smtpd whose {daemon_name} is :data:`SUBMISSION_DAEMON`, or 0 for none.
 
     Raises:
         HarnessError: Postfix is not installed, or we are not root.
     """
 
     def __init__(
-        self, log_dir: Path, *, smtp_port: int, bare_smtp_port: int, sink_port: int, milter: str
+        self,
+        log_dir: Path,
+        *,
+        smtp_port: int,
+        bare_smtp_port: int,
+        sink_port: int,
+        milter: str,
+        submission_port: int = 0,
     ) -> None:
         if os.geteuid() != 0:
             # master(8) must start as root: it binds, then runs its daemons as mail_owner.
@@ -158,6 +178,7 @@ class PostfixInstance:
         self.root.chmod(0o755)
         self.log_dir = log_dir
         self.config_dir = self.root / "conf"
+        self.sasl_dir = self.config_dir / "sasl"
         self.queue_dir = self.root / "queue"
         self.data_dir = self.root / "data"
         self.log_path = self.root / "maillog"
@@ -166,11 +187,14 @@ class PostfixInstance:
         self.bare_smtp_port = bare_smtp_port
         self.sink_port = sink_port
         self.milter = milter
+        self.submission_port = submission_port
 
     def write_config(self) -> None:
         """Write main.cf and master.cf (both replaced wholesale)."""
-        for directory in (self.config_dir, self.queue_dir, self.data_dir):
+        for directory in (self.config_dir, self.queue_dir, self.data_dir, self.sasl_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        # Cyrus SASL's application config, read by smtpd from cyrus_sasl_config_path.
+        (self.sasl_dir / "smtpd.conf").write_text(f"mech_list: {SASL_MECHANISM}\n", encoding="utf-8")
         postfix_user = pwd.getpwnam("postfix")
         # postfix check wants the data directory owned by mail_owner.
         os.chown(self.data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
@@ -200,6 +224,12 @@ local_recipient_maps =
 alias_maps =
 alias_database =
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+# AUTH for the signing tests ({{auth_authen}}): Cyrus SASL, configured in our folder only.
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+cyrus_sasl_config_path = {self.sasl_dir}
+smtpd_sasl_security_options =
 relayhost = [127.0.0.1]:{self.sink_port}
 relay_transport = smtp:[127.0.0.1]:{self.sink_port}
 default_transport = smtp:[127.0.0.1]:{self.sink_port}
@@ -229,10 +259,17 @@ milter_content_timeout = 60s
     def _master_cf(self) -> str:
         # No chroot (the queue is not laid out as a chroot); the standard services otherwise.
         bare = "-o smtpd_milters= -o syslog_name=postfix/bare"
+        # Postfix sends milter_macro_daemon_name as {daemon_name} (default: $myhostname).
+        submission = f"-o milter_macro_daemon_name={SUBMISSION_DAEMON} -o syslog_name=postfix/submission"
+        submission_line = (
+            f"{self.host}:{self.submission_port} inet n - n - - smtpd {submission}\n"
+            if self.submission_port
+            else ""
+        )
         return f"""# Written by tests/integration/postfix.py.
 {self.host}:{self.smtp_port} inet n - n - - smtpd
 {self.host}:{self.bare_smtp_port} inet n - n - - smtpd {bare}
-pickup    unix  n       -       n       60      1       pickup
+{submission_line}pickup    unix  n       -       n       60      1       pickup
 cleanup   unix  n       -       n       -       0       cleanup
 qmgr      unix  n       -       n       300     1       qmgr
 rewrite   unix  -       -       n       -       -       trivial-rewrite
@@ -277,7 +314,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                     f"postfix -c {self.config_dir} {command} failed ({done.returncode}): "
                     f"{done.stdout}{done.stderr}\n{tail(self.log_path)}"
                 )
-        for port in (self.smtp_port, self.bare_smtp_port):
+        for port in (p for p in (self.smtp_port, self.bare_smtp_port, self.submission_port) if p):
             if not _wait_for(lambda p=port: smtp_banner_ready(self.host, p), READY_TIMEOUT):  # type: ignore[misc]
                 raise HarnessError(
                     f"Postfix smtpd on {self.host}:{port} did not greet within {READY_TIMEOUT} s:\n"
@@ -303,15 +340,22 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 
     def remove(self) -> None:
         """Delete ROOT (call after :meth:`stop`); the log is copied into ``log_dir`` first."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.log_path.exists():
-            kept = self.log_dir / self.log_path.name
-            shutil.copyfile(self.log_path, kept)
-            self.log_path = kept
-        shutil.rmtree(self.root, ignore_errors=True)
+        self.log_path = remove_keeping_log(self.root, self.log_path, self.log_dir)
 
     def hold_queue(self) -> HoldQueue:
         return HoldQueue(lambda args: self._run(args[0], *args[1:]), self._postqueue, self._postsuper)
+
+
+def remove_keeping_log(root: Path, log_path: Path, log_dir: Path) -> Path:
+    """Delete a server's private ROOT after copying its log into ``log_dir``; returns where the log is."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if not log_path.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        return log_path
+    kept = log_dir / log_path.name
+    shutil.copyfile(log_path, kept)
+    shutil.rmtree(root, ignore_errors=True)
+    return kept
 
 
 def _alive(pid: int) -> bool:
@@ -371,6 +415,10 @@ def external_hold_queue(command_prefix: str) -> HoldQueue:
 
 # --- authmilter ----------------------------------------------------------------------------------
 
+HISTORY_FILE = "history.jsonl"
+# The authmilter image's state directory (docker/Dockerfile), where the config puts the history.
+CONTAINER_STATE_DIR = Path("/var/lib/authmilter")
+
 # The milter protocol's option negotiation (libmilter's mfdef.h): the MTA sends SMFIC_OPTNEG with
 # version 6, the actions it allows and the protocol steps it offers; a serving milter answers with
 # its own SMFIC_OPTNEG packet. SMFIC_QUIT then closes the session cleanly.
@@ -406,8 +454,10 @@ def authmilter_config(
     dns_port: int,
     workers: int = 2,
     authserv_id: str = "mx.receiver.example",
+    history_path: Path | None = None,
     extra: str = "",
     milter: str = "",
+    metrics_port: int = 0,
 ) -> str:
     """The TOML the integration tests run authmilter with.
 
@@ -416,9 +466,12 @@ def authmilter_config(
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
         authserv_id: the id in our Authentication-Results.
+        history_path: the history file (``[history] path``), or None for none.
         extra: more TOML appended (e.g. a broken line, to test SIGHUP).
         milter: more ``[milter]`` keys (TOML allows each table once).
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1; 0: no metrics.
     """
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port else ""
     return f"""# Written by tests/integration/postfix.py.
 [milter]
 socket = "inet:{milter_port}@127.0.0.1"
@@ -436,76 +489,78 @@ nameservers = ["127.0.0.1"]
 port = {dns_port}
 # A stopped DNS server must turn into a 451 quickly, not after Postfix's milter timeout.
 timeout = 1.0
-{extra}"""
+
+[history]
+path = "{history_path or ""}"
+{metrics}{extra}"""
 
 
-class AuthmilterProcess:
-    """``python -m authmilter run --config FILE`` with its output in ``workdir/authmilter.log``.
+class Authmilter(ABC):
+    """An authmilter daemon the tests drive: its config file, its signals and workers, its log and
+    history file. :class:`AuthmilterProcess` is started by the tests, :class:`ContainerAuthmilter`
+    by ``make test-docker``.
 
     Args:
-        workdir: a directory this process owns.
-        milter_port: TCP port on 127.0.0.1 (must match Postfix's smtpd_milters).
+        config_path: the config file it reads (rewritten by :meth:`write_config`).
+        log_path: its output.
+        history_path: its history file, as the tests read it.
+        milter_port: TCP port on 127.0.0.1 (must match the MTA's milter setting).
         dns_port: the test DNS server's port on 127.0.0.1.
         workers: worker processes.
+        config_history_path: the history file as its config names it (default ``history_path``).
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1 (``[metrics] listen``); 0: none.
     """
 
-    def __init__(self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.workdir = workdir
-        self.host = "127.0.0.1"
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        *,
+        config_path: Path,
+        log_path: Path,
+        history_path: Path,
+        milter_port: int,
+        dns_port: int,
+        workers: int = 2,
+        config_history_path: Path | None = None,
+        metrics_port: int = 0,
+    ) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.history_path = history_path
         self.milter_port = milter_port
         self.dns_port = dns_port
         self.workers = workers
-        self.config_path = workdir / "authmilter.toml"
-        self.log_path = workdir / "authmilter.log"
-        self._process: subprocess.Popen[bytes] | None = None
+        self.config_history_path = config_history_path or history_path
+        self.metrics_port = metrics_port
 
     @property
+    @abstractmethod
     def pid(self) -> int:
-        if self._process is None:
-            raise HarnessError("authmilter is not running")
-        return self._process.pid
+        """The supervisor's pid (on this machine's /proc)."""
 
     @property
+    @abstractmethod
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        """The supervisor is alive."""
 
     def write_config(
         self, *, authserv_id: str = "mx.receiver.example", extra: str = "", milter: str = ""
     ) -> None:
-        """(Re)write the config file; a running daemon reads it on SIGHUP."""
+        """(Re)write the config file in place; a running daemon reads it on SIGHUP."""
         self.config_path.write_text(
             authmilter_config(
                 milter_port=self.milter_port,
                 dns_port=self.dns_port,
                 workers=self.workers,
                 authserv_id=authserv_id,
+                history_path=self.config_history_path,
                 extra=extra,
                 milter=milter,
+                metrics_port=self.metrics_port,
             ),
             encoding="utf-8",
         )
-
-    def start(self) -> None:
-        """Start the supervisor; return once a worker completes milter option negotiation.
-
-        Raises:
-            HarnessError: it exited or did not serve within :data:`READY_TIMEOUT`; the message has its log.
-        """
-        self.write_config()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.log_path.open("ab") as log:
-            log.write(f"--- authmilter run on {self.host}:{self.milter_port}\n".encode())
-            log.flush()
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "authmilter", "run", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        self.wait_until_serving()
 
     def wait_until_serving(self, timeout: float = READY_TIMEOUT) -> None:
         """Return once a worker answers option negotiation.
@@ -546,6 +601,80 @@ class AuthmilterProcess:
     def log_size(self) -> int:
         return size_of(self.log_path)
 
+    @abstractmethod
+    def folder_for_files(self, name: str) -> Path:
+        """A folder for files the daemon reads (signing keys), at a path it sees as the tests do."""
+
+    @abstractmethod
+    def hand_over(self, folder: Path) -> None:
+        """Give the files in ``folder`` to the daemon's user, as a deployment gives it its keys."""
+
+
+class AuthmilterProcess(Authmilter):
+    """``python -m authmilter run --config FILE`` with its output in ``workdir/authmilter.log``.
+
+    Args:
+        workdir: a directory this process owns.
+        milter_port: TCP port on 127.0.0.1 (must match the MTA's milter setting).
+        dns_port: the test DNS server's port on 127.0.0.1.
+        workers: worker processes.
+        metrics_port: the Prometheus endpoint's port on 127.0.0.1; 0: none.
+    """
+
+    def __init__(
+        self, workdir: Path, *, milter_port: int, dns_port: int, workers: int = 2, metrics_port: int = 0
+    ) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            config_path=workdir / "authmilter.toml",
+            log_path=workdir / "authmilter.log",
+            history_path=workdir / HISTORY_FILE,
+            milter_port=milter_port,
+            dns_port=dns_port,
+            workers=workers,
+            metrics_port=metrics_port,
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise HarnessError("authmilter is not running")
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def folder_for_files(self, name: str) -> Path:
+        folder = self.config_path.parent / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def hand_over(self, folder: Path) -> None:
+        """Nothing to do: the daemon runs as the tests' own user."""
+
+    def start(self) -> None:
+        """Start the supervisor; return once a worker completes milter option negotiation.
+
+        Raises:
+            HarnessError: it exited or did not serve within :data:`READY_TIMEOUT`; the message has its log.
+        """
+        self.write_config()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log_path.open("ab") as log:
+            log.write(f"--- authmilter run on {self.host}:{self.milter_port}\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "authmilter", "run", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        self.wait_until_serving()
+
     def stop(self) -> None:
         """SIGTERM the supervisor (it stops its workers); SIGKILL whatever is left after the timeout."""
         process, self._process = self._process, None
@@ -556,6 +685,64 @@ class AuthmilterProcess:
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class ContainerAuthmilter(Authmilter):
+    """The authmilter of the containerised set-up (``make test-docker``), driven from the host.
+
+    Rootful podman runs the container's processes in the host's pid view too, so the supervisor
+    (the container's first process) is signalled and its workers are found by host pid. Its config
+    file and state directory are host paths mounted into the container; podman writes its output.
+
+    Args:
+        pid: the supervisor's pid on the host.
+        config_path: the host file mounted as its config.
+        state_dir: the host folder mounted as its state directory, ``/var/lib/authmilter``; its
+            owner is the container's authmilter user.
+        shared_dir: a host folder mounted at the same path in the container (signing keys).
+        log_path: the file podman writes its output to.
+        milter_port, dns_port: what its config names.
+    """
+
+    def __init__(
+        self,
+        *,
+        pid: int,
+        config_path: Path,
+        state_dir: Path,
+        shared_dir: Path,
+        log_path: Path,
+        milter_port: int,
+        dns_port: int,
+    ) -> None:
+        super().__init__(
+            config_path=config_path,
+            log_path=log_path,
+            history_path=state_dir / HISTORY_FILE,
+            milter_port=milter_port,
+            dns_port=dns_port,
+            config_history_path=CONTAINER_STATE_DIR / HISTORY_FILE,
+        )
+        self._pid = pid
+        self._shared_dir = shared_dir
+        self._user_id = state_dir.stat().st_uid
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def running(self) -> bool:
+        return _alive(self._pid)
+
+    def folder_for_files(self, name: str) -> Path:
+        folder = self._shared_dir / name
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def hand_over(self, folder: Path) -> None:
+        for path in (folder, *folder.iterdir()):
+            os.chown(path, self._user_id, -1)
 
 
 def children_of(pid: int) -> list[int]:
@@ -578,15 +765,31 @@ def children_of(pid: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Client:
-    """Who the message claims to come from, via XCLIENT (RFC-less Postfix extension, XCLIENT_README)."""
+    """Who the message claims to come from, via XCLIENT (RFC-less Postfix extension, XCLIENT_README).
+
+    An MTA without XCLIENT (Sendmail) sees the client's real address instead: the client then
+    connects from :attr:`loopback`, its own address on the loopback network, which the MTA's
+    hosts file names :attr:`name`. SPF records of the test senders authorise both addresses.
+    """
 
     address: str = "203.0.113.5"
     name: str = "mx.sender.example"
     helo: str = "mx.sender.example"
+    loopback: str = "127.0.0.5"
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address this client may appear with (XCLIENT's, then the loopback one)."""
+        return (self.address, self.loopback) if self.loopback else (self.address,)
 
 
-# The claimed client of every test sender: the address their SPF records authorise.
+# The claimed client of every test sender: the addresses their SPF records authorise.
 SENDING_CLIENT = Client()
+
+
+def spf_record(client: Client) -> str:
+    """An SPF record (RFC 7208) authorising ``client`` at each of its addresses, failing the rest."""
+    return "v=spf1 " + " ".join(f"ip4:{address}" for address in client.addresses) + " -all"
 
 
 @dataclass(frozen=True)
@@ -610,9 +813,13 @@ class Outcome:
 
     @property
     def queue_id(self) -> str:
-        """Postfix's queue id from "250 2.0.0 Ok: queued as ID", or ""."""
-        _, found, rest = self.text.partition("queued as ")
-        return rest.split()[0] if found and rest.split() else ""
+        """The queue id from Postfix's "250 2.0.0 Ok: queued as ID" or Sendmail's
+        "250 2.0.0 ID Message accepted for delivery", or ""."""
+        found = _ACCEPTED_AS.search(self.text)
+        return next((group for group in found.groups() if group), "") if found else ""
+
+
+_ACCEPTED_AS = re.compile(r"queued as (\S+)|^\d\.\d+\.\d+ (\S+) Message accepted for delivery")
 
 
 def send(
@@ -623,6 +830,8 @@ def send(
     mail_from: str,
     rcpt_to: Sequence[str] = ("alice@receiver.example",),
     client: Client | None = SENDING_CLIENT,
+    xclient: bool = True,
+    authenticate: bool = False,
     timeout: float = SMTP_TIMEOUT,
 ) -> Outcome:
     """Send one message over one connection and report the server's answer (never raises on a refusal).
@@ -632,27 +841,51 @@ def send(
         message: the message, CRLF line ends.
         mail_from: the envelope sender.
         rcpt_to: the envelope recipients.
-        client: the client identity to claim with XCLIENT, or None to send as ourselves.
+        client: the client identity to claim, or None to send as ourselves (from 127.0.0.1).
+        xclient: claim ``client`` with XCLIENT (Postfix); else connect from its loopback address.
+        authenticate: log in with AUTH (:data:`SASL_MECHANISM`) before MAIL FROM.
         timeout: seconds per SMTP command.
 
     Returns:
         the reply to DATA (or to the command that refused the transaction); code 0 if the
         connection broke without a reply.
     """
+    source: tuple[str, int] | None = None
+    if client is not None and not xclient:
+        if not client.loopback:
+            raise HarnessError(f"client {client.name} has no loopback address to connect from (no XCLIENT)")
+        source = (client.loopback, 0)
     try:
-        with smtplib.SMTP(host, port, timeout=timeout) as smtp:
-            smtp.ehlo("client.test-harness.example")
-            if client is not None:
-                code, text = smtp.docmd(
-                    "XCLIENT", f"ADDR={client.address} NAME={client.name} HELO={client.helo}"
-                )
-                if code != 220:
-                    raise HarnessError(f"XCLIENT refused: {code} {text.decode(errors='replace')}")
-                # XCLIENT resets the session (Postfix XCLIENT_README): greet again as the claimed host.
+        with smtplib.SMTP(host, port, timeout=timeout, source_address=source) as smtp:
+            if client is None:
+                smtp.ehlo("client.test-harness.example")
+            elif source is not None:
+                # The connection itself is the client's identity: greet as it.
                 smtp.ehlo(client.helo)
+            else:
+                _claim_with_xclient(smtp, client)
+            if authenticate:
+                _authenticate(smtp)
             return _transaction(smtp, message, mail_from, rcpt_to)
     except smtplib.SMTPServerDisconnected as e:
         return Outcome(0, f"disconnected: {e}")
+
+
+def _claim_with_xclient(smtp: smtplib.SMTP, client: Client) -> None:
+    smtp.ehlo("client.test-harness.example")
+    code, text = smtp.docmd("XCLIENT", f"ADDR={client.address} NAME={client.name} HELO={client.helo}")
+    if code != 220:
+        raise HarnessError(f"XCLIENT refused: {code} {text.decode(errors='replace')}")
+    # XCLIENT resets the session (Postfix XCLIENT_README): greet again as the claimed host.
+    smtp.ehlo(client.helo)
+
+
+def _authenticate(smtp: smtplib.SMTP) -> None:
+    # RFC 4505 §2: the initial response is optional trace information (here: who is testing).
+    trace = base64.b64encode(b"authmilter-tests").decode()
+    code, text = smtp.docmd("AUTH", f"{SASL_MECHANISM} {trace}")
+    if code != 235:
+        raise HarnessError(f"AUTH {SASL_MECHANISM} refused: {code} {text.decode(errors='replace')}")
 
 
 def _transaction(smtp: smtplib.SMTP, message: bytes, mail_from: str, rcpt_to: Sequence[str]) -> Outcome:
@@ -692,14 +925,16 @@ class Sender:
 
 
 # The address outside every sender's SPF record: mail claimed from it fails SPF.
-SPOOFING_CLIENT = Client("198.51.100.7", "spoofer.attacker.example", "spoofer.attacker.example")
+SPOOFING_CLIENT = Client("198.51.100.7", "spoofer.attacker.example", "spoofer.attacker.example", "127.0.0.7")
 
 
 @dataclass(frozen=True)
 class Senders:
     reject: Sender
     quarantine: Sender
-    outage: Sender  # looked up by no other test, so nothing of it is cached when DNS goes away
+    # By MTA: each looked up by no other test, so nothing of it is cached when DNS goes away, even
+    # where both MTAs ask one authmilter (make test-docker).
+    outage: dict[str, Sender]
 
 
 @dataclass(frozen=True)
@@ -711,21 +946,61 @@ class LocalPostfix:
     milter_port: int
 
 
+class HeldMessages(Protocol):
+    """Where an MTA keeps the messages authmilter quarantined: Postfix's hold queue, Sendmail's quarantine."""
+
+    def queue_ids(self) -> list[str]: ...
+
+    def delete(self, queue_id: str) -> None: ...
+
+
 @dataclass
 class Mta:
-    """What a test talks to: an SMTP address, the sink's messages and Postfix's hold queue."""
+    """What a test talks to: an MTA's SMTP address, the sink's messages and the MTA's held messages.
 
+    Attributes:
+        name: "postfix" or "sendmail" (the test parameter).
+        xclient: the MTA takes XCLIENT (Postfix); else clients connect from their loopback address.
+        milter: the authmilter daemon this MTA asks, or None when it runs outside the tests.
+        submission_port: where the MTA's {daemon_name} is :data:`SUBMISSION_DAEMON` (0: none).
+    """
+
+    name: str
     host: str
     port: int
     sink: MessageStore
-    hold: HoldQueue
+    hold: HeldMessages
+    xclient: bool = True
+    milter: Authmilter | None = None
+    submission_port: int = 0
 
-    def send(self, message: bytes, *, mail_from: str, client: Client | None = SENDING_CLIENT) -> Outcome:
-        """One message over one connection, with XCLIENT claiming ``client``; never raises on a refusal."""
-        return send(self.host, self.port, message, mail_from=mail_from, client=client)
+    def send(
+        self,
+        message: bytes,
+        *,
+        mail_from: str,
+        client: Client | None = SENDING_CLIENT,
+        port: int = 0,
+        authenticate: bool = False,
+    ) -> Outcome:
+        """One message over one connection from ``client`` (None: 127.0.0.1) to ``port`` (0: the
+        MTA's port with authmilter), after AUTH if ``authenticate``; never raises on a refusal."""
+        return send(
+            self.host,
+            port or self.port,
+            message,
+            mail_from=mail_from,
+            client=client,
+            xclient=self.xclient,
+            authenticate=authenticate,
+        )
+
+    def client_address(self, client: Client) -> str:
+        """The address the MTA (and so authmilter) sees for ``client``."""
+        return client.address if self.xclient else client.loopback
 
     def delivered(self, message_id: str) -> DeliveredMessage:
-        """The delivered copy of the message, waiting for Postfix to relay it.
+        """The delivered copy of the message, waiting for the MTA to relay it.
 
         Raises:
             AssertionError: it did not reach the sink within :data:`DELIVERY_TIMEOUT`.

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import dkim
 import pytest
-from postfix import SPOOFING_CLIENT, AuthmilterProcess, Mta, Senders
+from postfix import SPOOFING_CLIENT, Authmilter, Mta, Senders
 from sink import DeliveredMessage
 from test_postfix import Clause, message_id, result_of, results_of, signed, unsigned
 from test_signing import knot_dnsfunc, line_after, run_cli
@@ -45,20 +45,21 @@ SESSION_AUTHSERV_ID = "mx.receiver.example"
 RELOAD_TIMEOUT = 20.0
 @dataclass(frozen=True)
 class OldSite:
-    """The folder holding the old pair's configs, tables and key."""
+    """The folder holding the old pair's tables and key."""
 
     folder: Path
-    milter_port: int
 
 
 @pytest.fixture(scope="module")
 def old_site(
-    dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory
 ) -> OldSite:
     """OpenDKIM's tables and key as a Debian site has them, the key's record published."""
     if os.environ.get("AUTHMILTER_SMTP"):
-        pytest.skip("AUTHMILTER_SMTP is set: the authmilter process is not ours to reconfigure")
-    process: AuthmilterProcess = request.getfixturevalue("authmilter")
+        pytest.skip(
+            "AUTHMILTER_SMTP is set (containers): the migrated config names this test's KeyTable, "
+            "SigningTable and key, which the containerised authmilter cannot read"
+        )
     folder = tmp_path_factory.mktemp("old-pair")
     output = run_cli("genkey", "--domain", DOMAIN, "--selector", SELECTOR, "--dir", str(folder))
     (folder / "KeyTable").write_text(line_after(output, "# add to the KeyTable") + "\n")
@@ -69,7 +70,14 @@ def old_site(
         + (folder / f"{SELECTOR}.txt").read_text(),
     )
     dns_server.reload()
-    (folder / "opendkim.conf").write_text(
+    return OldSite(folder)
+
+
+def opendkim_conf(site: OldSite, milter_port: int) -> Path:
+    """Debian's /etc/opendkim.conf with signing set up, on the port of the MTA's authmilter."""
+    folder = site.folder
+    path = folder / f"opendkim-{milter_port}.conf"
+    path.write_text(
         f"""# as Debian's /etc/opendkim.conf, with signing set up
 SyslogSuccess\t\tyes
 Canonicalization\trelaxed/simple
@@ -79,12 +87,12 @@ KeyTable\t\tfile:{folder}/KeyTable
 SigningTable\t\trefile:{folder}/SigningTable
 UserID\t\t\topendkim
 UMask\t\t\t007
-Socket\t\t\tinet:{process.milter_port}@127.0.0.1
+Socket\t\t\tinet:{milter_port}@127.0.0.1
 PidFile\t\t\t/run/opendkim/opendkim.pid
 TrustAnchorFile\t\t/usr/share/dns/root.key
 """
     )
-    return OldSite(folder, process.milter_port)
+    return path
 
 
 def opendmarc_conf(site: OldSite, authserv_id: str, enforcing: bool) -> Path:
@@ -104,11 +112,12 @@ TrustedAuthservIDs {authserv_id}
     return path
 
 
-def migrated_config(site: OldSite, dmarc: Path, dns_port: int) -> Path:
+def migrated_config(site: OldSite, dmarc: Path, process: Authmilter) -> Path:
     """`authmilter migrate` to a file, checked by `authmilter checkconf`; DNS pointed at Knot."""
-    output = site.folder / f"{dmarc.stem}.toml"
+    output = site.folder / f"{dmarc.stem}-{process.milter_port}.toml"
+    dkim = opendkim_conf(site, process.milter_port)
     done = subprocess.run(
-        [sys.executable, "-m", "authmilter", "migrate", "--opendkim", str(site.folder / "opendkim.conf"),
+        [sys.executable, "-m", "authmilter", "migrate", "--opendkim", str(dkim),
          "--opendmarc", str(dmarc), "--output", str(output)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -116,7 +125,7 @@ def migrated_config(site: OldSite, dmarc: Path, dns_port: int) -> Path:
     assert done.stdout == "", "with --output the config goes to the file only"
     kept = output.read_text().splitlines()
     # The test's resolver: the Knot server (OpenDKIM's Nameservers takes no port).
-    output.write_text("\n".join(kept) + f'\n\n[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n')
+    output.write_text("\n".join(kept) + f'\n\n[dns]\nnameservers = ["127.0.0.1:{process.dns_port}"]\n')
     # As the user the test's daemon runs as (as root, checkconf would otherwise take the unit's).
     run_cli("checkconf", "--config", str(output), "--user", pwd.getpwuid(os.geteuid()).pw_name)
     return output
@@ -141,7 +150,7 @@ def inbound_authserv_id(mta: Mta, senders: Senders, subject: str) -> str:
 
 @contextmanager
 def serving(
-    process: AuthmilterProcess, config: Path, authserv_id: str, mta: Mta, senders: Senders
+    process: Authmilter, config: Path, authserv_id: str, mta: Mta, senders: Senders
 ) -> Iterator[None]:
     """The session's authmilter on ``config`` while the block runs, then on its own again."""
     process.config_path.write_text(config.read_text())
@@ -177,13 +186,13 @@ def clauses_of(delivered: DeliveredMessage, authserv_id: str) -> list[Clause]:
 
 def test_an_enforcing_pair_migrates_to_a_config_that_signs_rejects_and_holds_as_it_did(
     old_site: OldSite,
-    milter_process: AuthmilterProcess,
+    milter_process: Authmilter,
     mta: Mta,
     senders: Senders,
     dns_server: AuthoritativeDns,
 ) -> None:
     authserv_id = "mx-enforcing.receiver.example"
-    config = migrated_config(old_site, opendmarc_conf(old_site, authserv_id, enforcing=True), dns_server.port)
+    config = migrated_config(old_site, opendmarc_conf(old_site, authserv_id, enforcing=True), milter_process)
     text = config.read_text()
     assert "enforce = true" in text and 'quarantine = "hold"' in text
     with serving(milter_process, config, authserv_id, mta, senders):
@@ -210,7 +219,7 @@ def test_an_enforcing_pair_migrates_to_a_config_that_signs_rejects_and_holds_as_
 
 def test_debians_default_opendmarc_migrates_to_a_config_that_only_reports(
     old_site: OldSite,
-    milter_process: AuthmilterProcess,
+    milter_process: Authmilter,
     mta: Mta,
     senders: Senders,
     dns_server: AuthoritativeDns,
@@ -218,7 +227,7 @@ def test_debians_default_opendmarc_migrates_to_a_config_that_only_reports(
     """RejectFailures and HoldQuarantinedMessages default to false: nothing was rejected or held."""
     authserv_id = "mx-reporting.receiver.example"
     config = migrated_config(
-        old_site, opendmarc_conf(old_site, authserv_id, enforcing=False), dns_server.port
+        old_site, opendmarc_conf(old_site, authserv_id, enforcing=False), milter_process
     )
     text = config.read_text()
     assert "enforce = false" in text and 'quarantine = "header"' in text

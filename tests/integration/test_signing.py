@@ -1,22 +1,24 @@
-"""Signing through the real Postfix (issue 4): outbound mail gets RSA and Ed25519 signatures.
+"""Signing through the real MTAs (issue 4, issue 14): outbound mail gets RSA and Ed25519 signatures.
 
-The session's authmilter is switched to a config with ``[signing]`` (keys from ``authmilter genkey``,
+Each MTA's authmilter is switched to a config with ``[signing]`` (keys from ``authmilter genkey``,
 its KeyTable and SigningTable lines, ``multiple_signatures = true``) by SIGHUP for this module and
 switched back at its end. Its ``internal_hosts`` is the default, 127.0.0.1 and ::1, so:
 
-- a message Postfix receives from 127.0.0.1 itself (no XCLIENT) is outbound: signed, not verified;
-- a message whose client claims an outside address with XCLIENT is inbound: verified, not signed;
-- a SASL-authenticated client (the ``{auth_authen}`` macro, sent with tests/milterclient.py straight
-  to authmilter: no SASL backend is needed) and a ``{daemon_name}`` in ``sign_daemon_names`` are
-  outbound too.
+- a message the MTA receives from 127.0.0.1 itself is outbound: signed, not verified;
+- a message from an outside client (XCLIENT for Postfix, another loopback address for Sendmail)
+  is inbound: verified, not signed;
+- a message to the MTA's submission port, whose ``{daemon_name}`` is in ``sign_daemon_names``, is
+  outbound whoever sends it;
+- a client that logged in with AUTH (the MTA then sends ``{auth_type}``, ``{auth_authen}``) is
+  outbound too. Both MTAs offer the ANONYMOUS mechanism for it (postfix.SASL_MECHANISM), which
+  needs no password database: the private instances need no SASL files outside their own folders.
 
 Delivered signatures are checked by dkimpy (key records from the Knot server through our resolver)
-and by OpenDKIM (tests/opendkim.py), so they must survive Postfix's delivery byte for byte.
+and by OpenDKIM (tests/opendkim.py), so they must survive the MTA's delivery byte for byte.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -29,12 +31,19 @@ from pathlib import Path
 import authres
 import dkim
 import pytest
-from postfix import SPOOFING_CLIENT, AuthmilterProcess, Client, Mta
+from postfix import (
+    SENDING_CLIENT,
+    SPOOFING_CLIENT,
+    SUBMISSION_DAEMON,
+    Authmilter,
+    Client,
+    Mta,
+    spf_record,
+)
 from sink import DeliveredMessage
 
 from authmilter.resolver import NameserverSource, Resolver
 from dnsserver import AuthoritativeDns
-from milterclient import MessageResult, check_message
 from opendkim import DkimResult, OpenDkim, OpenDkimError, key_records
 from signing import make_message, zone_txt
 
@@ -43,7 +52,6 @@ SENDER = f"bob@{DOMAIN}"
 RSA_SELECTOR = "rsa2026"
 ED_SELECTOR = "ed2026"
 OUR_AUTHSERV_ID = "mx.receiver.example"
-SUBMISSION_DAEMON = "submission"
 RELOAD_TIMEOUT = 20.0
 # What survives an SMTP round trip only if nothing rewrites the message: a folded header, trailing
 # whitespace, a lone dot (dot-stuffed on the wire, RFC 5321 §4.5.2) and "From " at a line start.
@@ -100,9 +108,12 @@ def _eventually(condition: Callable[[], bool], timeout: float = RELOAD_TIMEOUT) 
 
 
 @pytest.fixture(scope="module")
-def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory) -> SigningSite:
+def site(mta: Mta, dns_server: AuthoritativeDns) -> SigningSite:
     """Keys made by genkey, its table lines, its zone-file records published on the Knot server."""
-    folder = tmp_path_factory.mktemp("signing-keys")
+    if mta.milter is None:
+        pytest.skip("AUTHMILTER_SMTP is set without AUTHMILTER_PID: the authmilter process is not ours")
+    # One folder per MTA: in make test-docker both MTAs ask one authmilter (genkey never overwrites).
+    folder = mta.milter.folder_for_files(f"signing-keys-{mta.name}")
     key_lines, signing_lines, records = [], [], []
     for kind, selector in (("rsa", RSA_SELECTOR), ("ed25519", ED_SELECTOR)):
         output = run_cli(
@@ -113,10 +124,11 @@ def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory)
         records.append((folder / f"{selector}.txt").read_text())
     (folder / "KeyTable").write_text("\n".join(key_lines) + "\n")
     (folder / "SigningTable").write_text("\n".join(signing_lines) + "\n")
+    mta.milter.hand_over(folder)
     # SPF allows the harness's claimed outside client, so inbound mail from it passes DMARC by SPF.
     zone = dns_server.add_zone(
         DOMAIN,
-        f'@ TXT {zone_txt("v=spf1 ip4:203.0.113.5 -all")}\n_dmarc TXT "v=DMARC1; p=reject"\n'
+        f'@ TXT {zone_txt(spf_record(SENDING_CLIENT))}\n_dmarc TXT "v=DMARC1; p=reject"\n'
         + "".join(records),
     )
     dns_server.reload()
@@ -131,13 +143,10 @@ def site(dns_server: AuthoritativeDns, tmp_path_factory: pytest.TempPathFactory)
 
 
 @pytest.fixture(scope="module")
-def signing_milter(
-    request: pytest.FixtureRequest, mta: Mta, site: SigningSite
-) -> Iterator[AuthmilterProcess]:
-    """The session's authmilter, reloaded with the signing config for this module, then restored."""
-    if os.environ.get("AUTHMILTER_SMTP"):
-        pytest.skip("AUTHMILTER_SMTP is set: the authmilter process is not ours to reconfigure")
-    process: AuthmilterProcess = request.getfixturevalue("authmilter")
+def signing_milter(mta: Mta, site: SigningSite) -> Iterator[Authmilter]:
+    """The MTA's authmilter, reloaded with the signing config for this module, then restored."""
+    assert mta.milter is not None  # the site fixture skipped otherwise
+    process = mta.milter
     process.write_config(extra=site.config)
     process.signal(signal.SIGHUP)
     try:
@@ -208,11 +217,11 @@ def our_results(delivered: DeliveredMessage) -> list[str]:
     ]
 
 
-# --- through Postfix ----------------------------------------------------------------------------------
+# --- through the MTA ----------------------------------------------------------------------------------
 
 
 def test_loopback_mail_is_delivered_with_rsa_and_ed25519_signatures_that_verify(
-    signing_milter: AuthmilterProcess, mta: Mta, dns_server: AuthoritativeDns, opendkim: OpenDkim
+    signing_milter: Authmilter, mta: Mta, dns_server: AuthoritativeDns, opendkim: OpenDkim
 ) -> None:
     delivered = send_from_loopback(mta, "outbound from loopback")
     signatures = delivered.header_values("DKIM-Signature")
@@ -224,7 +233,7 @@ def test_loopback_mail_is_delivered_with_rsa_and_ed25519_signatures_that_verify(
 
 
 def test_mail_from_an_outside_address_is_verified_not_signed(
-    signing_milter: AuthmilterProcess, mta: Mta
+    signing_milter: Authmilter, mta: Mta
 ) -> None:
     """From the signing domain, but over XCLIENT from outside: inbound, so checked and left unsigned."""
     message = outbound_message("inbound from outside")
@@ -239,7 +248,7 @@ def test_mail_from_an_outside_address_is_verified_not_signed(
 
 
 def test_spoofed_outside_mail_from_the_signing_domain_is_still_rejected(
-    signing_milter: AuthmilterProcess, mta: Mta
+    signing_milter: Authmilter, mta: Mta
 ) -> None:
     """Being in the SigningTable does not make a domain's inbound mail outbound."""
     message = outbound_message("spoofed from outside")
@@ -248,29 +257,27 @@ def test_spoofed_outside_mail_from_the_signing_domain_is_still_rejected(
     assert mta.sink.find(message_id(message)) == []
 
 
-IGNORED_CLIENT = Client("192.0.2.9", "peer.relay.example", "peer.relay.example")
-INTERNAL_CLIENT = Client("192.0.2.200", "app.internal.example", "app.internal.example")
+# Each with an XCLIENT address (Postfix) and a loopback one to connect from (Sendmail).
+IGNORED_CLIENT = Client("192.0.2.9", "peer.relay.example", "peer.relay.example", "127.0.0.9")
+INTERNAL_CLIENT = Client("192.0.2.200", "app.internal.example", "app.internal.example", "127.0.0.20")
 HOST_LISTS = (
-    'internal_hosts = ["127.0.0.1", "::1", "192.0.2.128/25"]\n'
-    'ignore_hosts = ["192.0.2.0/25"]\n'
+    'internal_hosts = ["127.0.0.1", "::1", "192.0.2.128/25", "127.0.0.20"]\n'
+    'ignore_hosts = ["192.0.2.0/25", "127.0.0.9"]\n'
 )
 
 
 @pytest.fixture
-def ignoring_milter(
-    signing_milter: AuthmilterProcess, mta: Mta, site: SigningSite, tmp_path: Path
-) -> Iterator[Path]:
-    """The signing config plus ignore_hosts and a history file, for one test; then back."""
-    history = tmp_path / "history.jsonl"
+def ignoring_milter(signing_milter: Authmilter, mta: Mta, site: SigningSite) -> Iterator[Path]:
+    """The signing config plus ignore_hosts, for one test; then back. Yields the history file."""
 
     def ignored_mail_accepted() -> bool:
         return mta.send(outbound_message("ignored?"), mail_from=SENDER, client=IGNORED_CLIENT).accepted
 
-    signing_milter.write_config(milter=HOST_LISTS, extra=f'{site.config}[history]\npath = "{history}"\n')
+    signing_milter.write_config(milter=HOST_LISTS, extra=site.config)
     signing_milter.signal(signal.SIGHUP)
     try:
         assert _eventually(ignored_mail_accepted), "mail from the ignored client was never accepted"
-        yield history
+        yield signing_milter.history_path
     finally:
         signing_milter.write_config(extra=site.config)
         signing_milter.signal(signal.SIGHUP)
@@ -309,73 +316,29 @@ def test_ignored_client_gets_no_processing_while_an_internal_one_is_signed(
     assert _eventually(lambda: len(history_lines(ignoring_milter)) == before + 1)
 
 
-# --- straight to authmilter with the milter protocol -----------------------------------------------
-
-
-def milter_signatures(result: MessageResult) -> list[str]:
-    return [
-        m.value
-        for m in result.modifications
-        if m.kind in ("insheader", "addheader") and m.name.lower() == "dkim-signature"
-    ]
-
-
-def with_signatures(message: bytes, signatures: list[str]) -> bytes:
-    """The message as an MTA writes it after the milter's insertions (``Name:`` + value, CRLF)."""
-    fields = b"".join(
-        b"DKIM-Signature:" + v.replace("\r\n", "\n").replace("\n", "\r\n").encode() + b"\r\n"
-        for v in signatures
-    )
-    return fields + message
-
-
-@pytest.mark.parametrize(
-    ("mail_macros", "connect_macros"),
-    [
-        ({"{auth_authen}": "bob", "{auth_type}": "PLAIN"}, {}),
-        ({}, {"{daemon_name}": SUBMISSION_DAEMON}),
-    ],
-    ids=["sasl-authenticated", "submission-daemon"],
-)
-def test_authenticated_or_submission_mail_from_outside_is_signed_not_verified(
-    signing_milter: AuthmilterProcess,
-    dns_server: AuthoritativeDns,
-    opendkim: OpenDkim,
-    mail_macros: dict[str, str],
-    connect_macros: dict[str, str],
+@pytest.mark.parametrize("route", ["submission-port", "sasl-auth"])
+def test_outside_mail_through_the_submission_port_or_after_auth_is_signed_not_verified(
+    signing_milter: Authmilter, mta: Mta, dns_server: AuthoritativeDns, opendkim: OpenDkim, route: str
 ) -> None:
+    """What makes mail from outside outbound, as each MTA tells authmilter:
+
+    - ``{daemon_name}`` at connect: Postfix's ``milter_macro_daemon_name`` (master.cf ``-o``),
+      Sendmail's ``DaemonPortOptions`` ``Name=`` (in its default confMILTER_MACROS_CONNECT);
+    - ``{auth_type}`` and ``{auth_authen}`` with MAIL FROM after AUTH (postfix.SASL_MECHANISM):
+      Postfix's milter_mail_macros and Sendmail's confMILTER_MACROS_ENVFROM carry them by default.
+    """
+    message = outbound_message(f"outbound by {route}")
     # From an address SPF fails and p=reject: verified, this message would be rejected.
-    message = outbound_message("submitted")
-    address = f"inet:{signing_milter.milter_port}@{signing_milter.host}"
-    result = check_message(
-        address,
-        message,
-        client_ip=SPOOFING_CLIENT.address,
-        client_name=SPOOFING_CLIENT.name,
-        mail_from=SENDER,
-        mail_macros=mail_macros,
-        connect_macros=connect_macros,
-    )
-    assert (result.stage, result.response.kind) == ("eom", "accept"), result
-    signatures = milter_signatures(result)
-    assert signature_summary([" ".join(s.split()) for s in signatures]) == BOTH_SIGNATURES, signatures
-    assert not [m for m in result.modifications if m.name.lower() == "authentication-results"], result
-    signed = with_signatures(message, signatures)
-    assert dkimpy_verdicts(signed, dns_server, 2) == [True, True]
-    assert sorted(opendkim.verify(signed)) == both_pass()
-
-
-def test_the_same_client_without_authentication_is_verified_and_rejected(
-    signing_milter: AuthmilterProcess,
-) -> None:
-    """The control for the test above: without the macro the message is inbound and fails DMARC."""
-    result = check_message(
-        f"inet:{signing_milter.milter_port}@{signing_milter.host}",
-        outbound_message("not submitted"),
-        client_ip=SPOOFING_CLIENT.address,
-        client_name=SPOOFING_CLIENT.name,
-        mail_from=SENDER,
-    )
-    assert result.response.kind in ("replycode", "reject"), result
-    assert result.response.code in ("", "550"), result
-    assert milter_signatures(result) == []
+    if route == "submission-port":
+        if not mta.submission_port:
+            pytest.skip("the set-up started elsewhere has no submission port")
+        outcome = mta.send(message, mail_from=SENDER, client=SPOOFING_CLIENT, port=mta.submission_port)
+    else:
+        outcome = mta.send(message, mail_from=SENDER, client=SPOOFING_CLIENT, authenticate=True)
+    assert outcome.accepted, outcome
+    delivered = mta.delivered(message_id(message))
+    signatures = delivered.header_values("DKIM-Signature")
+    assert signature_summary(signatures) == BOTH_SIGNATURES, signatures
+    assert our_results(delivered) == [], delivered.header_values("Authentication-Results")
+    assert dkimpy_verdicts(delivered.data, dns_server, 2) == [True, True]
+    assert sorted(opendkim.verify(delivered.data)) == both_pass()
