@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import importlib
 import ipaddress
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from authmilter import __version__
@@ -38,6 +41,15 @@ from authmilter.keys import (
 from authmilter.message import parse_message
 from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
+from authmilter.reports.delivery import (
+    DeliverySettings,
+    Outcome,
+    ReportStore,
+    SendRun,
+    SettingsError,
+    SmtpRelay,
+    Status,
+)
 from authmilter.resolver import DnsSettings, DnsStatus, Resolver, ZoneFileError, build_resolver
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
@@ -109,7 +121,62 @@ def _parser() -> argparse.ArgumentParser:
     _add_sign_parser(commands)
     _add_genkey_parser(commands)
     _add_keys_parser(commands)
+    report_commands = _add_report_parser(commands)
+    _add_report_send(report_commands)
     return parser
+
+
+def _add_report_parser(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    report = commands.add_parser(
+        "report",
+        help="DMARC aggregate reports (RFC 9990)",
+        description="DMARC aggregate reports (RFC 9990): see docs/reports.md.",
+    )
+    return report.add_subparsers(dest="report_command", required=True, metavar="REPORT_COMMAND")
+
+
+def _add_report_send(report_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    send = report_commands.add_parser(
+        "send",
+        help="deliver the reports of every ended period",
+        description="Build and deliver one report per policy domain and ended period, to its verified "
+        "mailto: rua destinations through the [reports] relay, or as files with --out. Each report is "
+        "recorded as delivered once the relay accepted it or its file is complete; a second run delivers "
+        "nothing again. Exit status 1 when a report had to be left for the next run.",
+    )
+    send.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    send.add_argument(
+        "--out", type=Path, metavar="DIR", help="write the reports (.xml.gz, named as mailed) into DIR"
+    )
+    send.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be delivered; send nothing, record nothing (--out still writes the files)",
+    )
+    send.add_argument(
+        "--until",
+        type=parse_until,
+        metavar="TIME",
+        help="only periods ended by TIME: seconds since the epoch, YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS] "
+        "(UTC unless an offset is given; default: now)",
+    )
+
+
+def parse_until(text: str) -> int:
+    """``--until``: epoch seconds, or an ISO 8601 date or date-time (UTC unless it has an offset)."""
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is neither seconds since the epoch nor YYYY-MM-DD[THH:MM[:SS]]"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp())
 
 
 def _add_sign_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -242,6 +309,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("sign: give --config FILE, or --key-table FILE and --signing-table FILE")
     if args.command == "genkey":
         _check_genkey_options(parser, args)
+    if args.command == "report" and args.report_command == "send":
+        _check_report_send_options(parser, args)
     # The daemon and the check of its config read the same file by default.
     if args.command in ("run", "checkconf") and args.config is None:
         if not DEFAULT_CONFIG.is_file():
@@ -264,6 +333,16 @@ def _check_dns_options(parser: argparse.ArgumentParser, args: argparse.Namespace
     if len(ports) > 1:
         parser.error("--nameserver: all nameservers must use the same port")
     args.nameservers = servers
+
+
+def _check_report_send_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.out is not None and not args.out.is_dir():
+        parser.error(f"report send: --out {args.out}: not a directory")
+    # The same config file as the daemon's, whose history the reports come from.
+    if args.config is None:
+        if not DEFAULT_CONFIG.is_file():
+            parser.error(f"report send: no --config given and {DEFAULT_CONFIG} does not exist")
+        args.config = DEFAULT_CONFIG
 
 
 def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -500,6 +579,55 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def _reports_section(config: Config) -> object:
+    """The config's ``[reports]`` section (its settings are defined and validated in config.py)."""
+    section = getattr(config, "reports", None)
+    if section is None:
+        raise CliError(f"{config.path}: no [reports] section; set [reports] database (docs/reports.md)")
+    return section
+
+
+def _delivery_settings(section: object, config_path: str) -> DeliverySettings:
+    """DeliverySettings from the ``[reports]`` keys of the same names."""
+    names = [f.name for f in dataclasses.fields(DeliverySettings)]
+    try:
+        return DeliverySettings(**{name: getattr(section, name) for name in names if hasattr(section, name)})
+    except (SettingsError, TypeError) as e:
+        raise CliError(f"{config_path}: [reports]: {e}") from None
+
+
+def _open_report_store(url: str) -> ReportStore:
+    """The store at ``url`` (authmilter.reports.store.open_store)."""
+    try:
+        store_module = importlib.import_module("authmilter.reports.store")
+    except ImportError as e:
+        raise CliError(f"the report store is not available in this build: {e}") from None
+    open_store: Callable[[str], ReportStore] = store_module.open_store
+    try:
+        return open_store(url)
+    except store_module.StoreError as e:
+        raise CliError(str(e)) from None
+
+
+def run_report_send(args: argparse.Namespace) -> list[Outcome]:
+    """``authmilter report send``: what happened to each due report."""
+    config = _load(args.config)
+    section = _reports_section(config)
+    delivery = _delivery_settings(section, config.path)
+    store = _open_report_store(str(getattr(section, "database", "")))
+    resolver = _resolver(config.dns)
+    until = args.until if args.until is not None else int(time.time())
+    with SmtpRelay(delivery) as relay:
+        return SendRun(store, delivery, resolver, config.dmarc, relay, args.out, args.dry_run).run(until)
+
+
+def format_send_outcomes(outcomes: Sequence[Outcome], dry_run: bool) -> str:
+    prefix = "dry run: " if dry_run else ""
+    if not outcomes:
+        return f"{prefix}no report due"
+    return "\n".join(prefix + outcome.line() for outcome in outcomes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -517,6 +645,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
             print(f"authmilter: {outcome.reason}", file=sys.stderr)
             return 0
+        if args.command == "report" and args.report_command == "send":
+            outcomes = run_report_send(args)
+            print(format_send_outcomes(outcomes, args.dry_run))
+            left = (Status.DEFERRED, Status.FAILED)
+            return 1 if any(outcome.status in left for outcome in outcomes) else 0
         if args.command == "genkey":
             output = run_genkey(args)
         elif args.command == "check":
