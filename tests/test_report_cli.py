@@ -31,10 +31,15 @@ def config_file(tmp_path: Path, dns_server: AuthoritativeDns) -> Path:
     return path
 
 
+class StoreError(Exception):
+    pass
+
+
 @pytest.fixture
 def store(monkeypatch: pytest.MonkeyPatch) -> MemoryStore:
     memory = MemoryStore([report(DOMAIN, (f"mailto:dmarc@{DOMAIN}",))])
-    monkeypatch.setattr(cli, "_open_report_store", lambda url: memory)
+    stores = SimpleNamespace(open_store=lambda url: memory, StoreError=StoreError)
+    monkeypatch.setattr(cli, "_report_store_module", lambda: stores)
     return memory
 
 
@@ -123,6 +128,19 @@ def test_a_relay_that_is_down_exits_1_and_keeps_the_report(
     assert send(config_file) == 1
     assert ": failed to dmarc@" in capsys.readouterr().out
     assert store.delivered == {}
+
+
+def test_a_store_error_is_a_clear_error(
+    config_file: Path, relay_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def down(url: str) -> MemoryStore:
+        raise StoreError(f"report store {url}: cannot connect: connection refused")
+
+    stores = SimpleNamespace(open_store=down, StoreError=StoreError)
+    monkeypatch.setattr(cli, "_report_store_module", lambda: stores)
+    assert send(config_file) == 1
+    error = "authmilter: report store sqlite:///unused: cannot connect: connection refused\n"
+    assert capsys.readouterr().err == error
 
 
 def test_a_config_without_reports_is_refused(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:

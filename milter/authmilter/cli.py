@@ -20,8 +20,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from authmilter import __version__
 from authmilter.config import Config, ConfigError, default_config, load_config
@@ -596,17 +597,12 @@ def _delivery_settings(section: object, config_path: str) -> DeliverySettings:
         raise CliError(f"{config_path}: [reports]: {e}") from None
 
 
-def _open_report_store(url: str) -> ReportStore:
-    """The store at ``url`` (authmilter.reports.store.open_store)."""
+def _report_store_module() -> ModuleType:
+    """authmilter.reports.store: ``open_store(url)`` and ``StoreError``."""
     try:
-        store_module = importlib.import_module("authmilter.reports.store")
+        return importlib.import_module("authmilter.reports.store")
     except ImportError as e:
         raise CliError(f"the report store is not available in this build: {e}") from None
-    open_store: Callable[[str], ReportStore] = store_module.open_store
-    try:
-        return open_store(url)
-    except store_module.StoreError as e:
-        raise CliError(str(e)) from None
 
 
 def run_report_send(args: argparse.Namespace) -> list[Outcome]:
@@ -614,11 +610,15 @@ def run_report_send(args: argparse.Namespace) -> list[Outcome]:
     config = _load(args.config)
     section = _reports_section(config)
     delivery = _delivery_settings(section, config.path)
-    store = _open_report_store(str(getattr(section, "database", "")))
     resolver = _resolver(config.dns)
     until = args.until if args.until is not None else int(time.time())
-    with SmtpRelay(delivery) as relay:
-        return SendRun(store, delivery, resolver, config.dmarc, relay, args.out, args.dry_run).run(until)
+    stores = _report_store_module()
+    try:
+        store: ReportStore = stores.open_store(str(getattr(section, "database", "")))
+        with SmtpRelay(delivery) as relay:
+            return SendRun(store, delivery, resolver, config.dmarc, relay, args.out, args.dry_run).run(until)
+    except stores.StoreError as e:
+        raise CliError(str(e)) from None
 
 
 def format_send_outcomes(outcomes: Sequence[Outcome], dry_run: bool) -> str:
