@@ -536,3 +536,24 @@ def test_an_unreadable_password_file_is_named(handler: RelayHandler, relay_port:
     with pytest.raises(RelayUnavailable, match=f"smtp_password_file {missing}: cannot read"):
         send_one(settings(smtp_port=relay_port, smtp_user="reports", smtp_password_file=str(missing)))
 
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        replace(sample(), policy_domain="../../etc/evil.example"),
+        replace(sample(), policy_domain="Upper.Example"),
+        replace(sample(), rows=()),
+        replace(sample(), period=ReportPeriod(PERIOD.begin, PERIOD.begin)),
+    ],
+    ids=["path", "upper-case", "no-rows", "empty-period"],
+)
+def test_a_report_that_cannot_be_built_is_recorded_and_never_written(
+    broken: ReportData, resolver: Resolver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore([broken, sample("rpt-good.example")])
+    with caplog.at_level(logging.ERROR):
+        assert run(store, resolver, settings(), out_dir=tmp_path) == [Status.UNREPORTABLE, Status.WRITTEN]
+    assert len(list(tmp_path.iterdir())) == 1
+    assert store.delivered[(broken.policy_domain, broken.period)] == ""
+    assert "not sent" in caplog.text

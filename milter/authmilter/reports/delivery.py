@@ -596,6 +596,7 @@ class Status(StrEnum):
     WRITTEN = "written"
     WOULD_SEND = "would send"
     NO_DESTINATION = "no usable destination"
+    UNREPORTABLE = "unreportable"
     DEFERRED = "deferred"
     FAILED = "failed"
 
@@ -668,6 +669,12 @@ class SendRun:
             log.error("relay unavailable (%s): %d more report(s) left for the next run", reason, left)
 
     def _deliver(self, report: ReportData) -> Outcome:
+        problem = _unreportable(report)
+        if problem:
+            # It can never be sent: recorded, so that it does not come back on every run.
+            log.error("report for %r not sent: %s", report.policy_domain, problem)
+            self._mark_unsendable(report)
+            return Outcome(report, Status.UNREPORTABLE, detail=problem)
         built = build_report(report, self.settings)
         try:
             destinations = usable_destinations(report, self.settings, self.resolver, self.dmarc)
@@ -716,3 +723,18 @@ class SendRun:
     def _mark(self, built: BuiltReport) -> None:
         if not self.dry_run:
             self.store.mark_delivered(built.report.policy_domain, built.report.period, built.report_id)
+
+    def _mark_unsendable(self, report: ReportData) -> None:
+        if not self.dry_run:
+            self.store.mark_delivered(report.policy_domain, report.period, "")
+
+
+def _unreportable(report: ReportData) -> str:
+    # The policy domain goes into the Subject and the file name: it must be a plain host name.
+    if _hostname(report.policy_domain) != report.policy_domain:
+        return "the policy domain is not a valid lower-case host name"
+    if not report.rows:
+        return "no rows (RFC 9990 requires at least one record)"
+    if report.period.end <= report.period.begin:
+        return f"empty period {report.period.begin}-{report.period.end}"
+    return ""
