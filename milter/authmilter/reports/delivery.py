@@ -339,13 +339,13 @@ def usable_destinations(
         if _suppressed(destination.host, suppressed):
             log.info("report for %s: %s skipped: suppressed domain", report.policy_domain, destination.uri)
             continue
+        if destination.size_limit is not None:
+            log.info(
+                "report for %s: %s: size limit not applied (RFC 9989 Appendix C.4 removed it)",
+                report.policy_domain,
+                destination.uri,
+            )
         for verified in verify_destination(report.policy_domain, destination, resolver, dmarc):
-            if destination.size_limit is not None:
-                log.info(
-                    "report for %s: %s: size limit not applied (RFC 9989 Appendix C.4 removed it)",
-                    report.policy_domain,
-                    destination.uri,
-                )
             chosen.setdefault(verified.address.lower(), verified)
     return list(chosen.values())
 
