@@ -163,6 +163,13 @@ def test_the_report_id_is_stable_and_unique_per_domain_and_period() -> None:
     assert report_id(RECEIVER, data) not in others and len(others) == 2
 
 
+def test_the_gzip_file_has_no_time_stamp_so_a_resent_report_is_identical() -> None:
+    gzipped = build_report(sample(), settings()).gzipped
+    # RFC 1952 §2.3: MTIME (bytes 4-7) 0 means "no time stamp is available"; FLG has no FNAME.
+    assert gzipped[4:8] == b"\0\0\0\0" and gzipped[3] == 0
+    assert gzipped == build_report(sample(), settings()).gzipped
+
+
 def parse_mail(data: bytes) -> EmailMessage:
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
