@@ -1,4 +1,4 @@
-"""Report data for the report tests: a small, varied ReportData and an in-memory ReportStore."""
+"""Report data for the report tests: a small, varied ReportData, an in-memory ReportStore, the schema."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import xmlschema
 
 from authmilter.reports.model import (
     DkimAuthResult,
@@ -18,6 +21,8 @@ from authmilter.reports.model import (
     SpfAuthResult,
 )
 
+# RFC 9990 Appendix A as of draft -32 (copied from the IETF WG repository, dmarc-xml-0.2.xsd).
+SCHEMA = xmlschema.XMLSchema(str(Path(__file__).parent / "data" / "rfc9990-draft32.xsd"))
 DAY = 86400
 # 2025-12-05 00:00:00 UTC.
 PERIOD = ReportPeriod(1764892800, 1764892800 + DAY)

@@ -40,9 +40,8 @@ from authmilter.reports.model import ReportData, ReportPeriod
 from authmilter.reports.xml import report_xml
 from authmilter.resolver import NameserverSource, Resolver
 from dnsserver import AuthoritativeDns, free_port
-from reportdata import PERIOD, MemoryStore, report, with_rua
+from reportdata import PERIOD, SCHEMA, MemoryStore, report, with_rua
 from smtprelay import HOST, RelayHandler, running_relay, self_signed_certificate
-from test_report_xml import SCHEMA
 
 POLICY_DOMAIN = "rpt-sender.example"
 RECEIVER = "receiver.example"

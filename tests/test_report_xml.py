@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import parsedmarc
 import pytest
-import xmlschema
 
 from authmilter import __version__
 from authmilter.reports.model import DkimAuthResult, ReportData, ReportRow
 from authmilter.reports.xml import NAMESPACE, ReporterInfo, date_range, report_xml
-from reportdata import PERIOD, report
+from reportdata import PERIOD, SCHEMA, report
 
-# RFC 9990 Appendix A as of draft -32 (copied from the IETF WG repository, dmarc-xml-0.2.xsd).
-SCHEMA = xmlschema.XMLSchema(str(Path(__file__).parent / "data" / "rfc9990-draft32.xsd"))
 REPORTER = ReporterInfo("Receiver Org", "dmarc-reports@receiver.example", "https://receiver.example/dmarc")
 
 

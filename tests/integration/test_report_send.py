@@ -18,8 +18,7 @@ from authmilter.dmarc import DmarcSettings
 from authmilter.reports.delivery import DeliverySettings, SendRun, SmtpRelay, Status, report_id
 from authmilter.resolver import NameserverSource, Resolver
 from dnsserver import AuthoritativeDns
-from reportdata import PERIOD, MemoryStore, report
-from test_report_xml import SCHEMA
+from reportdata import PERIOD, SCHEMA, MemoryStore, report
 
 POLICY_DOMAIN = "rpt-postfix.example"
 RECEIVER = "receiver.example"
