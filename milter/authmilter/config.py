@@ -270,6 +270,7 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("signing", "expire_after"): (0, 10 * 366 * 86400),
     ("reports", "period"): (SECONDS_PER_HOUR, MAX_PERIOD),
     ("reports", "smtp_port"): (1, 65535),
+    ("reports", "smtp_timeout"): (1, 600),
 }
 
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
