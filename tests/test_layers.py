@@ -38,7 +38,7 @@ RANKS = {
     "actions": 2,
     "arc_check": 2.5,  # ARC reuses DKIM key lookup, DMARC alignment and the A-R parser
     "arc_seal": 2.6,
-    "reports": 2,
+    "reports": 2.7,  # report delivery reuses dmarc (organizational domain, record parsing)
     "config": 3,
     "pipeline": 4,
     "session": 4.5,  # the SMTP transaction state machine, fed by the edge

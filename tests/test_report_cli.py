@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from authmilter.cli import main, parse_args, parse_time
-from dnsserver import free_port
+from dnsserver import AuthoritativeDns, free_port
 from historydata import DAY, record, write_history
+from smtprelay import HOST, RelayHandler, running_relay
 
 NOW = 1_800_000_000
 
@@ -126,3 +128,125 @@ def test_report_needs_a_subcommand() -> None:
     with pytest.raises(SystemExit) as info:
         parse_args(["report"])
     assert info.value.code == 2
+
+
+# --- report send: a real SQLite store, filled by report import, and a loopback relay ---------------
+
+SEND_DOMAIN = "rpt-cli.example"
+SEND_UNTIL = str(DAY + 86400)  # the day of the records has ended
+
+
+@pytest.fixture
+def relay() -> Iterator[tuple[RelayHandler, int]]:
+    handler = RelayHandler()
+    with running_relay(handler) as port:
+        yield handler, port
+
+
+def send_site(tmp_path: Path, dns_server: AuthoritativeDns, relay_port: int) -> Path:
+    """A config whose store holds one ended day of one domain's mail (imported, as in production)."""
+    history = write_history(
+        tmp_path / "history.jsonl",
+        [
+            record(domain=SEND_DOMAIN, time=DAY + 60),
+            record(domain=SEND_DOMAIN, time=DAY + 120, aligned=False),
+        ],
+    )
+    config = write_config(
+        tmp_path,
+        f"sqlite://{tmp_path}/reports.sqlite",
+        str(history),
+        extra=f'org_name = "Receiver Org"\nemail = "dmarc-reports@receiver.example"\n'
+        f'smtp_host = "{HOST}"\nsmtp_port = {relay_port}\nsmtp_starttls = "no"\n'
+        f'[dns]\nnameservers = ["{dns_server.host}"]\nport = {dns_server.port}\ntimeout = 2.0\n',
+    )
+    assert main(["report", "import", "--config", str(config)]) == 0
+    return config
+
+
+def send(config: Path, *options: str) -> int:
+    return main(["report", "send", "--config", str(config), "--until", SEND_UNTIL, *options])
+
+
+def test_send_mails_each_report_once(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler, port = relay
+    config = send_site(tmp_path, dns_server, port)
+    capsys.readouterr()
+    assert send(config) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{SEND_DOMAIN} {DAY}-{DAY + 86399}: sent to dmarc@{SEND_DOMAIN} "), out
+    assert len(handler.received) == 1
+    assert send(config) == 0, "a second run delivers nothing again"
+    assert capsys.readouterr().out == "no report due\n"
+    assert len(handler.received) == 1
+
+
+def test_dry_run_prints_and_records_nothing_and_out_writes_files(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler, port = relay
+    config = send_site(tmp_path, dns_server, port)
+    capsys.readouterr()
+    assert send(config, "--dry-run") == 0
+    assert capsys.readouterr().out.startswith(f"dry run: {SEND_DOMAIN} {DAY}-{DAY + 86399}: would send to ")
+    assert handler.received == []
+    out = tmp_path / "out"
+    out.mkdir()
+    assert send(config, "--out", str(out)) == 0
+    files = list(out.iterdir())
+    assert len(files) == 1 and files[0].name.endswith(".xml.gz")
+    assert f": written to dmarc@{SEND_DOMAIN} {files[0]}" in capsys.readouterr().out
+    assert send(config) == 0 and handler.received == [], "the written report counts as delivered"
+
+
+def test_a_period_not_yet_ended_is_not_due(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = send_site(tmp_path, dns_server, relay[1])
+    capsys.readouterr()
+    assert main(["report", "send", "--config", str(config), "--until", str(DAY + 86399)]) == 0
+    assert capsys.readouterr().out == "no report due\n"
+
+
+def test_a_relay_that_is_down_exits_1_and_keeps_the_report(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = send_site(tmp_path, dns_server, free_port(HOST))
+    capsys.readouterr()
+    assert send(config) == 1
+    assert ": failed to dmarc@" in capsys.readouterr().out
+    handler, port = relay
+    config.write_text(_with_relay_port(config.read_text(), port))
+    assert send(config) == 0 and len(handler.received) == 1, "the report was kept for the next run"
+
+
+def _with_relay_port(text: str, port: int) -> str:
+    return "\n".join(
+        f"smtp_port = {port}" if line.startswith("smtp_port") else line for line in text.splitlines()
+    )
+
+
+def test_send_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, f"sqlite://{tmp_path}/reports.sqlite")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "send", "--config", str(config), "--until", "yesterday"])
+    assert exit_info.value.code == 2
+    assert "--until: 'yesterday' is not a time" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "send", "--config", str(config), "--out", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -51,9 +51,10 @@ from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
 from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
+from authmilter.reports.delivery import DeliverySettings, Outcome, SendRun, SettingsError, SmtpRelay, Status
 from authmilter.reports.importer import history_files, import_files
 from authmilter.reports.show import show as show_reports
-from authmilter.reports.store import StoreError, open_store
+from authmilter.reports.store import Store, StoreError, open_store
 from authmilter.resolver import (
     DnsSettings,
     DnsStatus,
@@ -226,6 +227,32 @@ def _parser() -> argparse.ArgumentParser:
     _add_keys_parser(commands)
     _add_report_parser(commands)
     return parser
+
+
+def _add_report_send(report_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    send = report_commands.add_parser(
+        "send",
+        help="deliver the reports of every ended period",
+        description="Build and deliver one report per policy domain and ended period, to its verified "
+        "mailto: rua destinations through the [reports] relay, or as files with --out. Each report is "
+        "recorded as delivered once the relay accepted it or its file is complete; a second run delivers "
+        "nothing again. Exit status 1 when a report had to be left for the next run.",
+    )
+    send.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    send.add_argument(
+        "--out", type=Path, metavar="DIR", help="write the reports (.xml.gz, named as mailed) into DIR"
+    )
+    send.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be delivered; send nothing, record nothing (--out still writes the files)",
+    )
+    send.add_argument(
+        "--until",
+        metavar="TIME",
+        help="only periods ended by TIME: 2026-12-05, 2026-12-05T10:00 (UTC unless an offset is "
+        "given), seconds since the epoch, or an age such as 1d (default: now)",
+    )
 
 
 def _add_sign_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -765,6 +792,23 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def _delivery_settings(config: Config) -> DeliverySettings:
+    """DeliverySettings from the ``[reports]`` keys of the same names (validated at load)."""
+    names = [f.name for f in dataclasses.fields(DeliverySettings)]
+    section = config.reports
+    try:
+        return DeliverySettings(**{name: getattr(section, name) for name in names if hasattr(section, name)})
+    except (SettingsError, TypeError) as e:
+        raise CliError(f"{config.path}: [reports]: {e}") from None
+
+
+def format_send_outcomes(outcomes: Sequence[Outcome], dry_run: bool) -> str:
+    prefix = "dry run: " if dry_run else ""
+    if not outcomes:
+        return f"{prefix}no report due"
+    return "\n".join(prefix + outcome.line() for outcome in outcomes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -809,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = commands.add_parser(
         "report",
-        help="DMARC aggregate reports (RFC 9990): import the history, show the counts",
+        help="DMARC aggregate reports (RFC 9990): import the history, show the counts, send",
         description="DMARC aggregate reports (RFC 9990) from the history file, through the store "
         "named by [reports] database (docs/reports.md).",
     )
@@ -844,6 +888,7 @@ def _add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "the epoch, or an age such as 7d or 12h",
     )
     showing.add_argument("--json", action="store_true", help="print JSON")
+    _add_report_send(report_commands)
 
 
 def parse_time(text: str, now: float) -> int:
@@ -871,17 +916,21 @@ def parse_time(text: str, now: float) -> int:
 
 
 def _check_report_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Default --config; parse --since into ``args.since_time``."""
+    """Default --config; parse --since and --until into ``args.since_time`` / ``args.until_time``."""
     if args.config is None:
         if not DEFAULT_CONFIG.is_file():
             parser.error(f"no --config given and {DEFAULT_CONFIG} does not exist")
         args.config = DEFAULT_CONFIG
-    args.since_time = 0
-    if getattr(args, "since", None) is not None:
-        try:
-            args.since_time = parse_time(args.since, time.time())
-        except ValueError as e:
-            parser.error(f"--since: {e}")
+    now = time.time()
+    args.since_time, args.until_time = 0, int(now)
+    for option in ("since", "until"):
+        if getattr(args, option, None) is not None:
+            try:
+                setattr(args, f"{option}_time", parse_time(getattr(args, option), now))
+            except ValueError as e:
+                parser.error(f"--{option}: {e}")
+    if getattr(args, "out", None) is not None and not args.out.is_dir():
+        parser.error(f"report send: --out {args.out}: not a directory")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -899,11 +948,26 @@ def run_report(args: argparse.Namespace) -> int:
                 )
                 print(outcome.summary())
                 return 1 if outcome.failed else 0
+            if args.report_command == "send":
+                outcomes = _send_reports(store, config, args)
+                print(format_send_outcomes(outcomes, args.dry_run))
+                left = (Status.DEFERRED, Status.FAILED)
+                return 1 if any(outcome.status in left for outcome in outcomes) else 0
             print(show_reports(store, since=args.since_time, domain=args.domain, as_json=args.json))
             return 0
     except StoreError as e:
         print(f"authmilter: {e}", file=sys.stderr)
         return 1
+
+
+def _send_reports(store: Store, config: Config, args: argparse.Namespace) -> list[Outcome]:
+    """``report send``: what happened to each report due by ``--until``."""
+    delivery = _delivery_settings(config)
+    resolver = _resolver(config.dns)
+    with SmtpRelay(delivery) as relay:
+        return SendRun(store, delivery, resolver, config.dmarc, relay, args.out, args.dry_run).run(
+            args.until_time
+        )
 
 
 def _default_history(config: Config) -> list[str]:

@@ -1,8 +1,9 @@
-"""The history file the real daemon wrote behind Postfix, imported end to end by ``authmilter report``.
+"""The history file the real daemon wrote behind the MTA, taken end to end by ``authmilter report``.
 
-Mail goes through Postfix and ``authmilter run`` (the session's, writing ``[history] path``); then
+Mail goes through the MTA and ``authmilter run`` (the session's, writing ``[history] path``); then
 ``authmilter report import`` and ``report show`` run as commands, and the store's reports are
-compared with the file read by the reference reader (history.read_history).
+compared with the file read by the reference reader (history.read_history); ``report send`` mails
+them through the same MTA to the sink, where parsedmarc, an independent reader, reads them back.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import parsedmarc
 import pytest
-from postfix import SPOOFING_CLIENT, Authmilter, Mta, Senders
+from postfix import DELIVERY_TIMEOUT, SPOOFING_CLIENT, Authmilter, Mta, Senders
 
 from authmilter.history import read_history
 from authmilter.reports.store import open_store
@@ -63,7 +65,8 @@ def test_the_daemons_history_imports_into_reports(
     database = f"sqlite://{tmp_path}/reports.sqlite"
     config.write_text(
         f'[milter]\nauthserv_id = "mx.receiver.example"\n[history]\npath = "{history}"\n'
-        f'[reports]\ndatabase = "{database}"\n'
+        f'[reports]\ndatabase = "{database}"\nsmtp_host = "{mta.host}"\nsmtp_port = {mta.port}\n'
+        f'smtp_starttls = "no"\n[dns]\nnameservers = ["127.0.0.1"]\nport = {milter_process.dns_port}\n'
     )
     first = authmilter("report", "import", "--config", str(config))
     assert first.returncode == 0, first.stderr
@@ -100,3 +103,17 @@ def test_the_daemons_history_imports_into_reports(
     rejected = [row.key for row in report.rows if row.key.source_ip == spoofer]
     assert rejected and rejected[0].disposition == "reject"
     assert (rejected[0].spf, rejected[0].dkim) == ("fail", "fail")
+
+    # report send: the day is over by --until; the report goes through the MTA to the sink.
+    until = str(int(time.time()) + 2 * 86400)
+    sent = authmilter("report", "send", "--config", str(config), "--until", until)
+    line = next((x for x in sent.stdout.splitlines() if x.startswith(f"{sender.domain} ")), "")
+    assert f": sent to dmarc@{sender.domain} " in line, sent.stdout + sent.stderr
+    unique_id = line.rsplit("!", 1)[1].removesuffix(".xml.gz")
+    delivered = mta.sink.wait_for(f"<{unique_id}@mx.receiver.example>", DELIVERY_TIMEOUT)
+    parsed = parsedmarc.parse_report_email(delivered.data, offline=True, always_use_local_files=True)
+    records = parsed["report"]["records"]
+    assert sum(r["count"] for r in records) == expected[sender.domain]
+    assert {r["policy_evaluated"]["disposition"] for r in records} >= {"pass", "reject"}
+    again = authmilter("report", "send", "--config", str(config), "--until", until)
+    assert again.returncode == 0 and f"{sender.domain} " not in again.stdout, "sent once only"

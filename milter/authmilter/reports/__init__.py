@@ -24,6 +24,11 @@ SQLITE_PREFIX = "sqlite://"
 POSTGRESQL_PREFIXES = ("postgresql://", "postgres://")
 SMTP_STARTTLS_MODES = frozenset({"no", "opportunistic", "required"})
 
+# Files read by `report send`, which may run from anywhere: absolute paths only.
+_ABSOLUTE_PATH_EXAMPLES = {
+    "smtp_password_file": "/etc/authmilter/smtp-password",
+    "smtp_ca_file": "/etc/ssl/certs/relay-ca.pem",
+}
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 
 
@@ -49,6 +54,9 @@ class ReportsSettings:
         smtp_password_file: a file holding the SMTP AUTH password (first line).
         envelope_sender: MAIL FROM of report messages; empty = ``email``.
         from_address: the From of report messages; empty = ``email``.
+        smtp_ca_file: CA certificates that sign the relay's certificate with ``required``
+            STARTTLS (absolute path); empty = the system's.
+        smtp_timeout: seconds for one SMTP exchange with the relay.
     """
 
     database: str = "sqlite:///var/lib/authmilter/reports.sqlite"
@@ -64,6 +72,8 @@ class ReportsSettings:
     smtp_password_file: str = ""
     envelope_sender: str = ""
     from_address: str = ""
+    smtp_ca_file: str = ""
+    smtp_timeout: float = bounded(60.0, 1, 600)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -113,8 +123,8 @@ def check_setting(key: str, value: object) -> object:
             raise ValueError(f"'{value}' is not a mail address like dmarc-reports@example.org")
     elif key == "suppress_domains" and isinstance(value, tuple):
         return tuple(normalise_domain(d) for d in value)
-    elif key == "smtp_password_file" and isinstance(value, str) and value and not value.startswith("/"):
-        raise ValueError("must be an absolute path, e.g. /etc/authmilter/smtp-password")
+    elif key in _ABSOLUTE_PATH_EXAMPLES and isinstance(value, str) and value and not value.startswith("/"):
+        raise ValueError(f"must be an absolute path, e.g. {_ABSOLUTE_PATH_EXAMPLES[key]}")
     return value
 
 
