@@ -9,8 +9,10 @@ import parsedmarc
 import pytest
 
 from authmilter import __version__
+from authmilter.reports.aggregate import decode_row_key, encode_row, row_values
 from authmilter.reports.model import DkimAuthResult, ReportData, ReportRow
 from authmilter.reports.xml import NAMESPACE, ReporterInfo, date_range, report_xml
+from historydata import record
 from reportdata import PERIOD, SCHEMA, report
 
 REPORTER = ReporterInfo("Receiver Org", "dmarc-reports@receiver.example", "https://receiver.example/dmarc")
@@ -160,3 +162,22 @@ def test_only_the_mail_from_spf_result_is_written() -> None:
     document = report_xml(replace(base, rows=(replace(row, key=key),)), REPORTER, "x1")
     SCHEMA.validate(document)
     assert document.count(b"<scope>") == 1
+
+
+def test_a_trusted_forwarder_override_in_the_history_is_the_reason_of_its_report_row() -> None:
+    """ARC (issue 15): a trusted sealer's override, as the daemon records it, reaches the report's
+    row through the store's encoding, and a reader of the report sees it (RFC 9990 PolicyOverrideType)."""
+    made = record(aligned=False, action="accept")
+    comment = "arc=pass sealed by lists.example.org"
+    override = [{"type": "trusted_forwarder", "comment": comment}]
+    made["policy_evaluated"].update(disposition="none", reasons=override)
+    key = decode_row_key(encode_row(row_values(made)))
+    data = replace(report(), rows=(ReportRow(key, 1),))
+    document = report_xml(data, ReporterInfo("Receiver Org", "dmarc-reports@receiver.example"), "id1")
+    SCHEMA.validate(document)
+    [only] = parsed(document)["records"]
+    evaluated = only["policy_evaluated"]
+    assert evaluated["disposition"] == "none"
+    assert [(r["type"], r["comment"]) for r in evaluated["policy_override_reasons"]] == [
+        ("trusted_forwarder", comment)
+    ]
