@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from test_systemd import MAX_EXPOSURE_TENTHS, ROOT, service_settings, tool, verifiable_copy
+from test_systemd import ROOT, assert_low_exposure, service_settings, tool, verifiable_copy
 
 SERVICE = ROOT / "systemd" / "authmilter-report.service"
 TIMER = ROOT / "systemd" / "authmilter-report.timer"
@@ -68,20 +68,4 @@ def test_the_timer_runs_hourly_and_catches_up_after_downtime() -> None:
 
 
 def test_exposure_is_low(tmp_path: Path) -> None:
-    unit = verifiable_copy(tmp_path, SERVICE.read_text(), name=SERVICE.name)
-    result = subprocess.run(
-        [
-            tool("systemd-analyze"),
-            "security",
-            "--offline=yes",
-            f"--threshold={MAX_EXPOSURE_TENTHS}",
-            "--no-pager",
-            str(unit),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    summary = [line for line in result.stdout.splitlines() if "Overall exposure" in line]
-    assert result.returncode == 0, f"exposure above {MAX_EXPOSURE_TENTHS / 10}: {summary}"
+    assert_low_exposure(verifiable_copy(tmp_path, SERVICE.read_text(), name=SERVICE.name))
