@@ -8,9 +8,10 @@ CONFIG ?= conf/authmilter.toml
 # unit's test; postfix: the private MTA of tests/integration; opendkim: the independent DKIM
 # verifier and signer of the interoperability tests (system services disabled below); groff-base and
 # man-db: the man page's test renders it; libwrap0, m4: the unpacked Sendmail's one library not
-# installed otherwise, and its config builder.
+# installed otherwise, and its config builder; postgresql: the report store's second database,
+# run by the tests in a temporary directory (service disabled).
 APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix opendkim opendkim-tools \
-	groff-base man-db libwrap0 m4
+	groff-base man-db libwrap0 m4 postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
@@ -72,6 +73,8 @@ apt:
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postfix.service || true
 	@$(SUDO) systemctl disable opendkim.service >/dev/null 2>&1 || true
 	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop opendkim.service || true
+	@$(SUDO) systemctl disable postgresql.service >/dev/null 2>&1 || true
+	@[ ! -d /run/systemd/system ] || $(SUDO) systemctl stop postgresql.service || true
 
 sendmail: $(SENDMAIL_CACHE)/root/usr/libexec/sendmail/sendmail
 

@@ -6,7 +6,8 @@ The message is built as the milter adapter builds it (header callbacks through `
 header block then body in one buffer), signed with one RSA-2048 DKIM signature, and evaluated
 against zone files that mirror the benchmark's zone (SPF ``ip4:203.0.113.5 -all``, the DKIM key,
 ``_dmarc`` ``p=reject``). The resolver's cache is warm after the first call, as in a worker.
-Prints the time per call (best of five rounds) and, with ``--profile``, cProfile's top functions.
+Prints the time per call (the median of five rounds, every round listed) and, with ``--profile``,
+cProfile's top functions.
 With ``--metrics`` each call also does what a worker does per message when ``[metrics] listen`` is
 set: the resolver reports to the metrics, and the connection and the verdict are counted
 (prometheus_client in multiprocess mode, in a temporary directory).
@@ -128,10 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert "dmarc=pass" in verdict.authentication_results, verdict
         queries = resolver.queries
         if metrics is None:
-            best = min(_round(transaction, resolver, config, args.calls, None) for _ in range(5))
-            print(
-                f"{len(transaction.message.raw)} bytes: {best * 1e6:.0f} µs per evaluate (best of 5 rounds)"
-            )
+            rounds = [_round(transaction, resolver, config, args.calls, None) for _ in range(ROUNDS)]
+            print(f"{len(transaction.message.raw)} bytes: {_median_and_rounds(rounds)} per evaluate")
         else:
             _compare_metrics(transaction, resolver, config, args.calls, metrics)
         print(f"DNS source queries after warm-up: {resolver.queries - queries} (cache hits otherwise)")
@@ -152,17 +151,20 @@ def _compare_metrics(
     plain = Resolver(observed.source)
     verdict = evaluate(transaction, plain, config)  # warms its cache
     off, on = [], []
-    for _ in range(5):
+    for _ in range(ROUNDS):
         off.append(_round(transaction, plain, config, calls, None, time.process_time))
         on.append(_round(transaction, observed, config, calls, metrics, time.process_time))
-    print(
-        f"{len(transaction.message.raw)} bytes, best of 5 interleaved rounds, CPU per message: metrics off "
-        f"{min(off) * 1e6:.0f} µs, on {min(on) * 1e6:.0f} µs ({(min(on) - min(off)) * 1e6:+.0f} µs)"
-    )
-    counting = min(_count(metrics, verdict, calls) for _ in range(5))
-    print(
-        f"the counting alone (what a message adds with metrics on): {counting * 1e6:.1f} µs CPU per message"
-    )
+    difference = (statistics.median(on) - statistics.median(off)) * 1e6
+    print(f"{len(transaction.message.raw)} bytes, interleaved rounds, CPU per message:")
+    print(f"  metrics off {_median_and_rounds(off)}")
+    print(f"  metrics on  {_median_and_rounds(on)} ({difference:+.0f} µs)")
+    counting = [_count(metrics, verdict, calls) for _ in range(ROUNDS)]
+    print(f"the counting alone (what a message adds with metrics on): {_median_and_rounds(counting)}")
+
+
+def _median_and_rounds(seconds: list[float]) -> str:
+    listed = ", ".join(f"{t * 1e6:.0f}" for t in seconds)
+    return f"median {statistics.median(seconds) * 1e6:.0f} µs (rounds: {listed})"
 
 
 def _count(metrics: Metrics, verdict: Verdict, calls: int) -> float:
@@ -174,6 +176,9 @@ def _count(metrics: Metrics, verdict: Verdict, calls: int) -> float:
         metrics.message(verdict)
         metrics.connection_closed()
     return (time.process_time() - started) / calls
+
+
+ROUNDS = 5
 
 
 def _round(

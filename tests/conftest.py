@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from dnsserver import AuthoritativeDns, DnsServerMissing
+from pgserver import PostgresError, PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +28,28 @@ def dns_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Authoritati
     server.add_zone("example", "")
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server (Debian's) on 127.0.0.1 for the session (tests/pgserver.py)."""
+    try:
+        with PostgresServer() as server:
+            yield server
+    except PostgresError as e:
+        raise pytest.fail.Exception(str(e), pytrace=False) from None
+
+
+_DATABASE_NUMBERS = itertools.count(1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def report_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty report database, once SQLite and once PostgreSQL (same tests, both stores)."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/reports.sqlite"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database(f"reports_{next(_DATABASE_NUMBERS)}")
 
 
 _CONFORMANCE_LINES: list[str] = []

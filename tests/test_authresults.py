@@ -14,24 +14,59 @@ from authmilter.authresults import (
     MAX_PROPERTY_VALUE_LENGTH,
     find_forged_authentication_results,
     inspect_authentication_results,
-    render_authentication_results,
     sanitize_authserv_id,
     sanitize_property_value,
 )
+from authmilter.authresults import render_authentication_results as render_results
+from authmilter.checks import Decided
+from authmilter.dkim_verify import DkimCheck
+from authmilter.dmarc import DmarcCheck
 from authmilter.message import headers_from_pairs, parse_message, unfold
 from authmilter.model import (
+    Action,
     AuthResult,
     Disposition,
     DkimResult,
     DmarcVerdict,
+    MethodResult,
     SpfResult,
     SpfScope,
 )
+from authmilter.spf_check import HeloCheck, MailFromCheck
 
 SPF_PASS = SpfResult(AuthResult.PASS, "sender.example", SpfScope.MFROM, "bob@sender.example")
 HELO_NONE = SpfResult(AuthResult.NONE, "mx.sender.example", SpfScope.HELO, "postmaster@mx.sender.example")
 DKIM_PASS = DkimResult(AuthResult.PASS, "sender.example", "s1", "rsa-sha256", header_b="abcdEFGH")
 DMARC_PASS = DmarcVerdict(AuthResult.PASS, from_domain="sender.example", policy=Disposition.REJECT)
+
+
+# The action that applies what a DMARC disposition asks (nothing overridden by local policy).
+_APPLIED = {
+    Disposition.NONE: Action.ACCEPT,
+    Disposition.QUARANTINE: Action.QUARANTINE,
+    Disposition.REJECT: Action.REJECT,
+}
+
+
+def render_authentication_results(
+    authserv_id: str,
+    spf: SpfResult | None,
+    helo: SpfResult | None,
+    dkim: list[DkimResult],
+    dmarc: DmarcVerdict | None,
+) -> str:
+    """The header the pipeline writes when the checks given (not None) ran, DKIM with any of them."""
+    decided = Decided(_APPLIED[dmarc.disposition] if dmarc else Action.ACCEPT)
+    found: list[MethodResult] = []
+    if spf is not None:
+        found.extend(MailFromCheck().method_results(spf, decided))
+    if helo is not None:
+        found.extend(HeloCheck().method_results(helo, decided))
+    if dkim or found or dmarc is not None:
+        found.extend(DkimCheck().method_results(tuple(dkim), decided))
+    if dmarc is not None:
+        found.extend(DmarcCheck().method_results(dmarc, decided))
+    return render_results(authserv_id, found)
 
 
 def parse(value: str) -> authres.AuthenticationResultsHeader:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+from enum import Enum
 from pathlib import Path
 
 import pytest
 
 from authmilter.actions import FailureAction
 from authmilter.config import SECTIONS, ConfigError, default_config, load_config, parse_config
+from authmilter.dkim_verify import DkimSettings
 from authmilter.keys import generate_key
 from authmilter.resolver import NameserverSource
+from authmilter.settings import bounds_of, choices_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -375,6 +378,41 @@ def test_readable_key_refused_or_warned(
     config.write_text(config.read_text().replace("'warn'", "'ignore'"))
     caplog.clear()
     assert load_config(config).signing_table is not None and not caplog.records
+
+
+def _declared_limits() -> list[tuple[str, str, tuple[float, float] | None, frozenset[str] | None]]:
+    return [
+        (section, field.name, bounds_of(cls, field.name), choices_of(cls, field.name))
+        for section, cls in SECTIONS.items()
+        for field in dataclasses.fields(cls)
+        if bounds_of(cls, field.name) or choices_of(cls, field.name)
+    ]
+
+
+@pytest.mark.parametrize(("section", "key", "bounds", "choices"), _declared_limits())
+def test_a_setting_has_one_bound_at_load_and_where_it_is_defined(
+    section: str, key: str, bounds: tuple[float, float] | None, choices: frozenset[str] | None
+) -> None:
+    cls = SECTIONS[section]
+    default = getattr(cls(), key)
+    # Just outside the bound (or an unknown word): refused by the settings class and by the loader.
+    bad: object = (bounds[0] - 1 if isinstance(default, int) else bounds[0] / 2) if bounds else "nonsense"
+    with pytest.raises(ValueError, match=key):
+        cls(**{key: bad})
+    text = f'[{section}]\n{key} = {bad!r}\n'.replace("'", '"')
+    with pytest.raises(ConfigError, match=rf":2: \[{section}\] {key}: "):
+        parse_config(text, "/etc/authmilter.toml")
+    # And the edge itself is taken by both.
+    edge: object = bounds[0] if bounds else sorted(choices or ())[0]
+    cls(**{key: edge} if not isinstance(default, Enum) else {key: type(default)(edge)})
+    parse_config(f'[{section}]\n{key} = {edge!r}\n'.replace("'", '"'), "/etc/authmilter.toml")
+
+
+def test_dkim_max_signatures_has_one_bound() -> None:
+    # Was >= 0 in dkim_verify.py and 1 to 50 in config.py: 0 verified nothing and reported every
+    # signature as policy, which no config file could ask for.
+    with pytest.raises(ValueError, match=r"max_signatures: 0 is out of range \(1 to 50\)"):
+        DkimSettings(max_signatures=0)
 
 
 def test_metrics_listen_is_off_by_default_and_takes_ipv4_or_bracketed_ipv6() -> None:

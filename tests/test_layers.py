@@ -18,6 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "milter" / PACKAGE_NAME
 
 RANKS = {
     "model": 0,
+    "settings": 0,
+    "domains": 0.5,  # names and envelope paths, below everything that reads them
     "message": 1,
     "resolver": 1,
     "tables": 1,
@@ -26,6 +28,8 @@ RANKS = {
     "history": 1,
     "dkim_body": 1.5,  # a foundation of the DKIM checks, built on message and dkim_rsa
     "suffix_list": 1,
+    "transaction": 1.6,  # what every check reads: connection, envelope, message
+    "checks": 1.8,  # the interface every check implements, and the registry
     "spf_check": 2,
     "dkim_verify": 2,
     "dkim_sign": 2,
@@ -34,9 +38,10 @@ RANKS = {
     "actions": 2,
     "arc_check": 2.5,  # ARC reuses DKIM key lookup, DMARC alignment and the A-R parser
     "arc_seal": 2.6,
-    "reports": 2,
+    "reports": 2.7,  # report delivery reuses dmarc (organizational domain, record parsing)
     "config": 3,
     "pipeline": 4,
+    "session": 4.5,  # the SMTP transaction state machine, fed by the edge
     "cli": 5,
     "milter_app": 5,
     "quickack": 5,
@@ -64,6 +69,11 @@ PER_MESSAGE_CORE = (
     "actions",
     "message",
     "model",
+    "domains",
+    "settings",
+    "transaction",
+    "checks",
+    "session",
 )
 # Modules whose only use is I/O: importing them into an I/O-free module is already a violation.
 IO_LIBRARIES = {"socket", "subprocess", "multiprocessing", "pty", "shutil", "tempfile", "asyncio"}
@@ -279,3 +289,36 @@ def test_file_and_process_calls_in_a_check_are_caught() -> None:
 def test_pure_code_passes() -> None:
     source = "import re\n\ndef f(text: str) -> list[str]:\n    return re.split(',', text.strip())\n"
     assert io_problems("dmarc", source) == []
+
+
+def _reports_imports(source: str) -> Iterator[str]:
+    """Absolute names a module of the reports/ subpackage imports (``.x`` is a sibling, ``..x`` a
+    module of authmilter), ``from P import m`` counted as importing P.m too."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            parents = [PACKAGE_NAME, "reports"][: max(0, 3 - node.level)] if node.level else []
+            origin = ".".join([*parents, node.module] if node.module else parents)
+            yield origin
+            yield from (f"{origin}.{alias.name}" for alias in node.names)
+
+
+def test_the_reports_package_imports_only_lower_layers() -> None:
+    # reports/ is one layer ("reports" in RANKS): its modules import each other and lower layers only.
+    problems = []
+    for path in sorted((PACKAGE / "reports").glob("*.py")):
+        for name in _reports_imports(path.read_text()):
+            parts = name.split(".")
+            if parts[0] in CORE_FORBIDDEN:
+                problems.append(f"reports/{path.name} imports {parts[0]}")
+            if parts[0] != PACKAGE_NAME or len(parts) == 1 or parts[1] == "reports" or parts[1] not in RANKS:
+                continue
+            if RANKS[parts[1]] >= RANKS["reports"]:
+                problems.append(f"reports/{path.name} imports {parts[1]} (layer {RANKS[parts[1]]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_an_upward_import_in_the_reports_package_is_caught() -> None:
+    names = set(_reports_imports("from ..config import Config\nfrom .model import ReportData\n"))
+    assert {"authmilter.config", "authmilter.reports.model"} <= names

@@ -71,3 +71,8 @@ def test_the_page_renders_without_warnings() -> None:
         env={**os.environ, "MANPAGER": "cat", "MANWIDTH": "200"},
     ).stdout
     assert "authmilter keys test" in shown and "remove_authserv_ids" in shown
+
+
+def test_text_outside_ascii_is_escaped_for_groff() -> None:
+    # groff reads Latin-1: a UTF-8 "…" from a config comment would be three invalid input characters.
+    assert roff_text("3600 … 43200") == "3600 \\[u2026] 43200"

@@ -25,7 +25,16 @@ from authmilter.metrics import (
     MetricsEndpoint,
     enable,
 )
-from authmilter.model import Action, AuthResult, DkimResult, DmarcVerdict, SpfResult, SpfScope, Verdict
+from authmilter.model import (
+    Action,
+    AuthResult,
+    CheckTiming,
+    DkimResult,
+    DmarcVerdict,
+    SpfResult,
+    SpfScope,
+    Verdict,
+)
 from authmilter.resolver import DnsBudget, NameserverSource, Resolver, ZoneFileSource
 from scrape import Samples, parse, value
 
@@ -60,7 +69,12 @@ def inbound_verdict() -> Verdict:
         reply=None,
         reason="",
         authentication_results="",
-        check_seconds=(("spf", 0.002), ("helo", 0.0004), ("dkim", 0.03), ("dmarc", 0.3)),
+        timings=(
+            CheckTiming("spf", 2),
+            CheckTiming("helo", 0.4),
+            CheckTiming("dkim", 30),
+            CheckTiming("dmarc", 300),
+        ),
     )
 
 
@@ -90,7 +104,7 @@ def test_a_verdict_counts_each_method_result_the_action_and_each_check(metrics: 
 
 
 def test_an_unsigned_message_counts_dkim_none_and_outbound_mail_its_signing_keys(metrics: Metrics) -> None:
-    unsigned = Verdict(None, None, (), None, Action.REJECT, None, "", "", check_seconds=(("dkim", 0.001),))
+    unsigned = Verdict(None, None, (), None, Action.REJECT, None, "", "", timings=(CheckTiming("dkim", 1),))
     signed = Verdict(
         None,
         None,

@@ -39,7 +39,6 @@ from authmilter.metrics import MULTIPROCESS_ENV, Metrics
 from authmilter.metrics import enable as enable_metrics
 from authmilter.milter_app import (
     ACTIONS,
-    MAX_RECIPIENTS,
     AuthMilter,
     HistoryRecorder,
     Runtime,
@@ -47,11 +46,11 @@ from authmilter.milter_app import (
     client_ip_from,
     message_counts,
     serve,
-    strip_angle_brackets,
 )
 from authmilter.model import AuthResult, Verdict
 from authmilter.pipeline import Transaction
 from authmilter.resolver import DnsAnswer, DnsSettings, Resolver, ZoneFileSource, tempfail
+from authmilter.session import MAX_RECIPIENTS
 from milterclient import split_message
 from scrape import parse
 from scrape import value as sample
@@ -673,15 +672,6 @@ def test_client_ip_from(family: int, hostaddr: object, expected: str) -> None:
     assert client_ip_from(family, hostaddr) == expected
 
 
-@pytest.mark.parametrize(
-    "path, expected",
-    [("<bob@x.example>", "bob@x.example"), ("<>", ""), ("bob@x.example", "bob@x.example"),
-     (" <@relay.example,@b.example:bob@x.example> ", "bob@x.example")],
-)  # fmt: skip
-def test_strip_angle_brackets(path: str, expected: str) -> None:
-    assert strip_angle_brackets(path) == expected
-
-
 def test_envelope_and_macros_reach_the_transaction(
     connect: Connect, signed: Callable[..., bytes], history: History
 ) -> None:
@@ -706,7 +696,7 @@ def test_envelope_and_macros_reach_the_transaction(
 # --- failures -------------------------------------------------------------------------------------
 
 
-def test_resolver_exception_tempfails_with_queue_id(
+def test_a_check_that_raises_is_its_temperror_with_queue_id(
     connect: Connect, caplog: pytest.LogCaptureFixture
 ) -> None:
     ctx = connect(ip=OUTSIDE_IP)
@@ -714,9 +704,24 @@ def test_resolver_exception_tempfails_with_queue_id(
     raw = make_message(from_header="bob@bug.example")
     with caplog.at_level(logging.INFO):
         assert ctx.send(raw, mail_from="bob@bug.example") == Milter.TEMPFAIL
-    assert ctx.reply[:2] == ("451", "4.3.0")
+    assert ctx.reply[:2] == ("451", "4.4.3")  # [policy] dmarc_temperror, not internal_error
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors and "QBUG1" in errors[0].getMessage() and errors[0].exc_info is not None
+    assert len(errors) == 1 and "QBUG1" in errors[0].getMessage() and errors[0].exc_info is not None
+
+
+def test_a_check_that_raises_keeps_the_other_results(connect: Connect) -> None:
+    ctx = connect(config=make_config(policy={"dmarc_temperror": FailureAction.ACCEPT}), ip=OUTSIDE_IP)
+    raw = make_message(from_header="bob@bug.example")
+    assert ctx.send(raw, mail_from="bob@bug.example") == Milter.ACCEPT
+    (value,) = our_ar(ctx)
+    # pyspf turns the resolver's exception into its own permerror; DMARC's becomes dmarc=temperror.
+    assert [clause.split()[0] for clause in value.split(";")[1:]] == [
+        "spf=permerror",
+        "spf=none",
+        "dkim=none",
+        "dmarc=temperror",
+        "arc=none",
+    ]
 
 
 @pytest.mark.parametrize("stage", [Milter.M_CONNECT, Milter.M_ENVFROM, Milter.M_EOM])
@@ -910,7 +915,8 @@ def test_body_is_hashed_as_it_streams_and_never_kept(
     body_bytes = message.split(b"\r\n\r\n", 1)[1]
     for offset in range(0, len(body_bytes), chunk_size):
         assert ctx.app.body(body_bytes[offset : offset + chunk_size]) == Milter.NOREPLY
-    kept = [value for value in vars(ctx.app._message).values() if isinstance(value, (bytes, bytearray))]
+    gathered = vars(ctx.app._session._message).values()
+    kept = [value for value in gathered if isinstance(value, (bytes, bytearray))]
     assert not kept
     assert ctx._eom() == Milter.ACCEPT
     [ar] = our_ar(ctx)
@@ -935,7 +941,8 @@ def test_log_line(connect: Connect, signed: Callable[..., bytes], caplog: pytest
     [info] = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert re.fullmatch(
         r"queue_id=4XyZ1 client=192\.0\.2\.10 from=sender\.example spf=pass dkim=pass:sender\.example "
-        r"dmarc=pass action=accept ms=\d+\.\d checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,arc:\d+\.\d,dmarc:\d+\.\d",
+        r"dmarc=pass action=accept ms=\d+\.\d "
+        r"checks=spf:\d+\.\d,helo:\d+\.\d,dkim:\d+\.\d,arc:\d+\.\d,dmarc:\d+\.\d",
         info,
     )
     [debug] = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]

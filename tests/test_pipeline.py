@@ -5,20 +5,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import dns.name
 import dns.rdatatype
 import pytest
 
-from authmilter.actions import MultipleFromDomains
+from authmilter.actions import FailureAction, MultipleFromDomains
+from authmilter.checks import Check, Decided, Outcomes, Registration, Registry
 from authmilter.config import Config, default_config
 from authmilter.dkim_body import BodyHashSpec, digest_body
 from authmilter.dkim_sign import SigningSettings
+from authmilter.dkim_verify import DkimCheck
+from authmilter.dmarc import DmarcCheck
 from authmilter.history import Envelope, make_record
 from authmilter.keys import KeyCache
 from authmilter.message import parse_message
-from authmilter.model import Action, AuthResult, Disposition, Verdict
+from authmilter.model import Action, AuthResult, Disposition, MethodResult, SpfResult, Verdict
 from authmilter.pipeline import (
+    CHECKS,
     Connection,
     Transaction,
     body_hashes,
@@ -28,6 +33,7 @@ from authmilter.pipeline import (
     sign_transaction,
 )
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
+from authmilter.spf_check import MailFromCheck
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
 
 SOA = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
@@ -65,6 +71,7 @@ def run(
     client_ip: str = "192.0.2.10",
     mail_from: str = "bob@sender.example",
     queue_id: str = "4XyZ1",
+    registry: Registry = CHECKS,
 ) -> Verdict:
     transaction = Transaction(
         connection=Connection(client_ip=client_ip, helo="mx.sender.example"),
@@ -73,7 +80,7 @@ def run(
         message=parse_message(raw, max_headers=config.milter.max_headers),
         queue_id=queue_id,
     )
-    return evaluate(transaction, resolver, config)
+    return evaluate(transaction, resolver, config, registry=registry)
 
 
 def test_signed_message_passes_everything(resolver: Resolver, key: SigningKey) -> None:
@@ -164,26 +171,194 @@ def test_from_field_with_several_domains(
         )
 
 
-class ExplodingSource:
-    """A source with a bug in it: the pipeline must contain the failure."""
+class ExplodingDmarc:
+    """The test zones, but a bug in the resolver trips on every _dmarc name."""
+
+    def __init__(self, resolver: Resolver) -> None:
+        self.source = resolver.source
 
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
-        raise RuntimeError("resolver bug")
+        if name.labels[0] == b"_dmarc":
+            raise RuntimeError("resolver bug")
+        return self.source.lookup(name, rdtype)
 
 
-def test_internal_error_tempfails_and_logs_queue_id(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_check_that_raises_is_its_temperror_and_the_others_stand(
+    resolver: Resolver, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = sign(make_message(), key, "sender.example", "s1")
     with caplog.at_level(logging.ERROR):
-        verdict = run(make_message(), Resolver(ExplodingSource()), queue_id="QID42")
+        verdict = run(raw, Resolver(ExplodingDmarc(resolver)), queue_id="QID42")
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.PASS
+    assert [d.result for d in verdict.dkim] == [AuthResult.PASS]
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.TEMPERROR
+    assert verdict.dmarc.from_domains == ("sender.example",)
+    # [policy] dmarc_temperror decides (tempfail by default), not internal_error.
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("451", "4.4.3")
+    assert "spf=pass" in verdict.authentication_results and "dkim=pass" in verdict.authentication_results
+    assert "dmarc=temperror" in verdict.authentication_results
+    assert [(t.check, t.failed) for t in verdict.timings] == [
+        ("spf", False),
+        ("helo", False),
+        ("dkim", False),
+        ("arc", False),
+        ("dmarc", True),
+    ]
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]  # one traceback, once
+    assert "QID42" in error.getMessage() and "DMARC" in error.getMessage() and error.exc_info is not None
+
+
+def test_a_dmarc_temperror_from_a_bug_follows_the_policy(resolver: Resolver, key: SigningKey) -> None:
+    accepting = dataclasses.replace(
+        CONFIG, policy=dataclasses.replace(CONFIG.policy, dmarc_temperror=FailureAction.ACCEPT)
+    )
+    raw = sign(make_message(), key, "sender.example", "s1")
+    verdict = run(raw, Resolver(ExplodingDmarc(resolver)), accepting)
+    assert verdict.action is Action.ACCEPT and "dmarc=temperror" in verdict.authentication_results
+
+
+class BrokenSpf(MailFromCheck):
+    def evaluate(self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: Any) -> Any:
+        raise RuntimeError("spf bug")
+
+
+def test_dmarc_sees_the_temperror_of_a_check_that_raised(resolver: Resolver) -> None:
+    registry = Registry(
+        (
+            Registration(BrokenSpf(), lambda config: config.spf),
+            Registration(DkimCheck(), lambda config: config.dkim),
+            Registration(DmarcCheck(), lambda config: config.dmarc),
+        )
+    )
+    verdict = run(make_message(), resolver, registry=registry)
+    assert verdict.spf is not None and verdict.spf.result is AuthResult.TEMPERROR
+    assert verdict.spf.identity == "bob@sender.example"
+    assert "spf=temperror smtp.mailfrom=bob@sender.example" in verdict.authentication_results
+    # No DKIM signature, SPF unknown: DMARC cannot say fail, so it says temperror too (RFC 9989 §5.3).
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.TEMPERROR
+    assert verdict.action is Action.TEMPFAIL
+
+
+class BrokenPrecheck(DmarcCheck):
+    def precheck(self, transaction: Transaction, settings: Any) -> Any:
+        raise RuntimeError("precheck bug")
+
+
+def test_a_precheck_that_raises_only_loses_the_shortcut(
+    resolver: Resolver, key: SigningKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = Registry(
+        (*list(CHECKS)[:-1], Registration(BrokenPrecheck(), lambda config: config.dmarc))
+    )
+    raw = sign(make_message(), key, "sender.example", "s1")
+    with caplog.at_level(logging.ERROR):
+        verdict = run(raw, resolver, queue_id="QPRE", registry=registry)
+    assert verdict.dmarc is not None and verdict.dmarc.result is AuthResult.PASS
+    assert verdict.action is Action.ACCEPT
+    (error,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "QPRE" in error.getMessage() and "precheck" in error.getMessage() and error.exc_info is not None
+
+
+def test_internal_error_outside_the_checks_tempfails_and_logs_queue_id(
+    resolver: Resolver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def policy_bug(*args: object) -> None:
+        raise RuntimeError("policy bug")
+
+    monkeypatch.setattr("authmilter.pipeline.decide_action", policy_bug)
+    forged = "Authentication-Results: mx.receiver.example; dmarc=pass header.from=sender.example\r\n"
+    with caplog.at_level(logging.ERROR):
+        verdict = run(make_message(extra_headers=forged), resolver, queue_id="QID42")
     assert verdict.action is Action.TEMPFAIL
     assert verdict.reply is not None and (verdict.reply.code, verdict.reply.enhanced) == ("451", "4.3.0")
-    assert "QID42" in caplog.text and "resolver bug" in caplog.text
-    assert verdict.authentication_results.startswith("mx.receiver.example;")
-
-
-def test_internal_error_still_lists_forged_authentication_results() -> None:
-    forged = "Authentication-Results: mx.receiver.example; dmarc=pass header.from=sender.example\r\n"
-    verdict = run(make_message(extra_headers=forged), Resolver(ExplodingSource()))
+    assert "QID42" in caplog.text and "policy bug" in caplog.text
+    assert verdict.authentication_results == "mx.receiver.example; none"
     assert verdict.forged_authentication_results == (1,)
+
+
+class XTestCheck(Check[None, str]):
+    """A check of the tests' own: one module's worth, registered with one line."""
+
+    name = "x-test"
+    label = "X-TEST"
+    requires = ("spf",)
+
+    def evaluate(self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: None) -> str:  # noqa: E501
+        spf = earlier["spf"]
+        return "pass" if isinstance(spf, SpfResult) and spf.result is AuthResult.PASS else "fail"
+
+    def failed(self, transaction: Transaction, settings: None, reason: str) -> str:
+        return "temperror"
+
+    def method_results(self, outcome: str, decided: Decided) -> tuple[MethodResult, ...]:
+        return (MethodResult("x-test", AuthResult(outcome), (("header", "x", "probe.example"),), "seen"),)
+
+
+def test_a_check_is_one_class_and_one_registration(resolver: Resolver, key: SigningKey) -> None:
+    registry = CHECKS.register(XTestCheck(), lambda config: None)
+    raw = sign(make_message(), key, "sender.example", "s1")
+    verdict = run(raw, resolver, registry=registry)
+    clauses = [" ".join(clause.split()) for clause in verdict.authentication_results.split(";")]
+    assert [c.split("=")[0] for c in clauses[1:]] == ["spf", "spf", "dkim", "dmarc", "arc", "x-test"]
+    assert clauses[-1] == "x-test=pass (seen) header.x=probe.example"
+    assert verdict.results[-1].method == "x-test" and verdict.timings[-1].check == "x-test"
+    # The JSON verdict (docs/verdict-json.md) is that of the built-in checks, and the A-R theirs plus ours.
+    without = run(raw, resolver).as_json()
+    assert {**verdict.as_json(), "authentication_results": ""} == {**without, "authentication_results": ""}
+    assert verdict.authentication_results.startswith(without["authentication_results"] + ";")
+
+
+def test_checks_name_the_dns_questions_they_will_ask(key: SigningKey) -> None:
+    raw = sign(make_message(), key, "sender.example", "s1")
+    transaction = Transaction(
+        connection=Connection(client_ip="192.0.2.10", helo="mx.sender.example"),
+        mail_from="<bob@sender.example>",
+        recipients=(),
+        message=parse_message(raw),
+    )
+    asked = {r.check.name: r.check.prefetch(transaction, r.settings(CONFIG)) for r in CHECKS}
+    assert asked == {
+        "spf": [("sender.example", dns.rdatatype.TXT)],
+        "helo": [("mx.sender.example", dns.rdatatype.TXT)],
+        "dkim": [("s1._domainkey.sender.example", dns.rdatatype.TXT)],
+        "arc": [],  # no ARC Set: nothing to ask
+        "dmarc": [("_dmarc.sender.example", dns.rdatatype.TXT)],
+    }
+
+
+def test_a_registry_refuses_a_check_before_one_it_requires() -> None:
+    with pytest.raises(ValueError, match="'dmarc' requires spf, which must be registered before it"):
+        Registry((Registration(DkimCheck(), lambda c: c.dkim), Registration(DmarcCheck(), lambda c: c.dmarc)))
+    with pytest.raises(ValueError, match="'x-test' requires spf"):
+        Registry().register(XTestCheck(), lambda c: None)
+    with pytest.raises(ValueError, match="'dkim' is registered twice"):
+        CHECKS.register(DkimCheck(), lambda c: c.dkim)
+
+
+class AfterArcCheck(XTestCheck):
+    """Wants its resinfo after ARC's, which wants its own after DMARC's: fine, a chain."""
+
+    name = "x-after-arc"
+    results_after = ("arc",)
+
+
+class BeforeArcCheck(XTestCheck):
+    """Wants its resinfo after ARC's while ARC wants its own after this one's: no order exists."""
+
+    name = "dmarc"
+    requires = ()
+    results_after = ("arc",)
+
+
+def test_the_header_order_places_a_check_after_the_results_it_follows() -> None:
+    chained = Registry((*CHECKS, Registration(AfterArcCheck(), lambda c: None)))
+    assert [r.check.name for r in CHECKS] == ["spf", "helo", "dkim", "arc", "dmarc"]
+    in_header = [r.check.name for r in chained.header_order()]
+    assert in_header == ["spf", "helo", "dkim", "dmarc", "arc", "x-after-arc"]
+    arc = next(r for r in CHECKS if r.check.name == "arc")
+    with pytest.raises(ValueError, match="checks arc, dmarc each want their results after another's"):
+        Registry((arc, Registration(BeforeArcCheck(), lambda c: None)))
 
 
 class FailingKeys:

@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from encodings.idna import ToUnicode
 from pathlib import Path
 
 import dns.name
@@ -13,11 +14,10 @@ import dns.rdatatype
 import pytest
 import spf
 
+from authmilter.domains import MAX_LABEL_LENGTH, MAX_NAME_LENGTH
 from authmilter.model import AuthResult, SpfResult, SpfScope
 from authmilter.resolver import DnsAnswer, DnsSource, Resolver, ZoneFileSource, tempfail
 from authmilter.spf_check import (
-    MAX_LABEL_LENGTH,
-    MAX_NAME_LENGTH,
     SpfSettings,
     _checkable_domain,
     check_helo,
@@ -285,8 +285,18 @@ def test_junk_sender_domain_gives_none(resolver: Resolver, sender: str) -> None:
     assert resolver.queries == 0, "a malformed domain is judged without asking DNS"
 
 
+def _round_trips(a_label: str, u_label: str) -> bool:
+    try:
+        return bool(ToUnicode(a_label) == u_label.lower())
+    except UnicodeError:
+        return False
+
+
 def _checkable_domain_by_codec(domain: str) -> str | None:
-    """The domain check as it was before ASCII names skipped the codec: the reference."""
+    """The domain check as it was before ASCII names skipped the codec: the reference, with the
+    one IDNA policy (domains.py): IDNA's other full stops are dots (RFC 3490 §3.1), and a label
+    IDNA 2003 maps to another text is refused."""
+    domain = domain.replace("\u3002", ".").replace("\uff0e", ".")
     name = domain[:-1] if domain.endswith(".") else domain
     if not name or name.startswith("["):
         return None
@@ -294,6 +304,10 @@ def _checkable_domain_by_codec(domain: str) -> str | None:
         ascii_name = name.encode("idna").decode("ascii")
     except UnicodeError:
         return None
+    if not name.isascii():
+        pairs = zip(ascii_name.split("."), name.split("."), strict=False)
+        if not all(_round_trips(a, u) for a, u in pairs if not u.isascii()):
+            return None
     labels = ascii_name.split(".")
     if len(labels) < 2 or len(ascii_name) > MAX_NAME_LENGTH:
         return None
@@ -327,7 +341,7 @@ def test_checkable_domain_agrees_with_the_idna_codec() -> None:
     names = _generated_domains(random.Random(7208), 5000)
     results = [(name.isascii(), _checkable_domain(name) is not None) for name in names]
     for ascii_name, valid in [(True, True), (True, False), (False, True), (False, False)]:
-        assert results.count((ascii_name, valid)) > 100, "every path is exercised"
+        assert results.count((ascii_name, valid)) > 30, "every path is exercised"
     for name in names:
         assert _checkable_domain(name) == _checkable_domain_by_codec(name), repr(name)
 
@@ -354,8 +368,9 @@ def test_pyspf_raising_is_permerror_not_an_exception(tmp_path: Path) -> None:
 
 def test_overall_timeout_gives_temperror(tmp_path: Path) -> None:
     zones = ZoneFileSource([write_zone(tmp_path, "sender.example", SENDER_ZONE)])
-    resolver = Resolver(Hooked(zones, lambda: time.sleep(0.05)))
-    settings = SpfSettings(timeout=0.08)
+    # Four lookups (the record, h1, h2, h3); the smallest timeout [spf] allows runs out at the third.
+    resolver = Resolver(Hooked(zones, lambda: time.sleep(0.4)))
+    settings = SpfSettings(timeout=1)
     got = check_mail_from(BAD_IP, "x", "user@slow.sender.example", resolver, settings)
     assert got.result is AuthResult.TEMPERROR
     assert "time limit" in got.explanation

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from authmilter.domains import is_within
 from authmilter.model import Action, AuthResult, Disposition, DmarcVerdict, Reply, SpfResult
+from authmilter.settings import one_of, validate
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -100,6 +102,18 @@ class MultipleFromDomains(StrEnum):
     REJECT = "reject"  # OpenDMARC's RejectMultiValueFrom
 
 
+# The choices each failure setting accepts (config.py validates against these): a reply must fit
+# its action, so e.g. a DNS failure may defer but not reject.
+ALLOWED_FAILURE_ACTIONS: dict[str, frozenset[FailureAction]] = {
+    "dmarc_temperror": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.QUARANTINE}),
+    "from_error": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
+    "internal_error": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.REJECT}),
+    "spf_fail": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
+}
+# The same choices as words, as the settings field declares them (settings.py).
+_ALLOWED_WORDS = {name: frozenset(a.value for a in ok) for name, ok in ALLOWED_FAILURE_ACTIONS.items()}
+
+
 @dataclass(frozen=True)
 class PolicySettings:
     """Local policy on top of the published ones (config section ``[policy]``).
@@ -108,7 +122,8 @@ class PolicySettings:
         enforce: apply DMARC reject/quarantine; false only annotates (a trial mode).
         dmarc_temperror: action when DMARC cannot be evaluated because DNS failed.
         from_error: action for no From, several From headers, or an author without a domain.
-        internal_error: action when authmilter itself fails (an exception in a check).
+        internal_error: action when authmilter itself fails outside its checks (a check that
+            raises gives its own temperror: pipeline.run_checks).
         spf_fail: action for an SPF ``fail`` of the MAIL FROM identity on its own (policyd-spf's
             behaviour); "accept" leaves SPF to DMARC.
         never_reject_domains: From or policy domains never rejected or quarantined (local override).
@@ -119,13 +134,16 @@ class PolicySettings:
     """
 
     enforce: bool = True
-    dmarc_temperror: FailureAction = FailureAction.TEMPFAIL
-    from_error: FailureAction = FailureAction.REJECT
-    internal_error: FailureAction = FailureAction.TEMPFAIL
-    spf_fail: FailureAction = FailureAction.ACCEPT
+    dmarc_temperror: FailureAction = one_of(FailureAction.TEMPFAIL, _ALLOWED_WORDS["dmarc_temperror"])
+    from_error: FailureAction = one_of(FailureAction.REJECT, _ALLOWED_WORDS["from_error"])
+    internal_error: FailureAction = one_of(FailureAction.TEMPFAIL, _ALLOWED_WORDS["internal_error"])
+    spf_fail: FailureAction = one_of(FailureAction.ACCEPT, _ALLOWED_WORDS["spf_fail"])
     never_reject_domains: tuple[str, ...] = ()
     never_reject_networks: tuple[Network, ...] = ()
     from_multiple_domains: MultipleFromDomains = MultipleFromDomains.EVALUATE
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 @dataclass(frozen=True)
@@ -145,16 +163,6 @@ _FAILURE_TO_ACTION = {
 }
 
 
-# The choices each failure setting accepts (config.py validates against these): a reply must fit
-# its action, so e.g. a DNS failure may defer but not reject.
-ALLOWED_FAILURE_ACTIONS: dict[str, frozenset[FailureAction]] = {
-    "dmarc_temperror": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.QUARANTINE}),
-    "from_error": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
-    "internal_error": frozenset({FailureAction.ACCEPT, FailureAction.TEMPFAIL, FailureAction.REJECT}),
-    "spf_fail": frozenset({FailureAction.ACCEPT, FailureAction.REJECT, FailureAction.QUARANTINE}),
-}
-
-
 def _failure(choice: FailureAction, replies: dict[Action, Reply], reason: str) -> Decision:
     action = _FAILURE_TO_ACTION[choice]
     return Decision(action, replies.get(action), reason)
@@ -163,9 +171,8 @@ def _failure(choice: FailureAction, replies: dict[Action, Reply], reason: str) -
 def is_overridden(client_ip: str, domains: Sequence[str], settings: PolicySettings) -> bool:
     """The client network or one of the domains is on the local never-reject list."""
     for domain in domains:
-        for listed in settings.never_reject_domains:
-            if domain == listed or domain.endswith("." + listed):
-                return True
+        if any(is_within(domain, listed) for listed in settings.never_reject_domains):
+            return True
     try:
         address = ipaddress.ip_address(client_ip)
     except ValueError:
@@ -246,34 +253,6 @@ def _decide_unchecked(
             f"spf=fail: {reason}",
         )
     return ACCEPT
-
-
-# What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed
-# message is not delivered yet: nothing was applied.
-_ACTION_DISPOSITION = {
-    Action.ACCEPT: Disposition.NONE,
-    Action.QUARANTINE: Disposition.QUARANTINE,
-    Action.REJECT: Disposition.REJECT,
-    Action.TEMPFAIL: Disposition.NONE,
-}
-
-
-def unenforced_disposition(dmarc: DmarcVerdict | None, action: Action) -> Disposition | None:
-    """What was done instead of the disposition DMARC asked for, when local policy overrode it.
-
-    Args:
-        dmarc: the DMARC verdict.
-        action: the action decided (``[policy] enforce = false`` and the never-reject lists
-            accept where DMARC asks for reject or quarantine).
-
-    Returns:
-        The disposition applied when it differs from the one asked for; None when DMARC asked
-        for nothing or got what it asked.
-    """
-    if dmarc is None or dmarc.disposition is Disposition.NONE:
-        return None
-    applied = _ACTION_DISPOSITION[action]
-    return None if applied is dmarc.disposition else applied
 
 
 def internal_error_decision(reason: str, settings: PolicySettings) -> Decision:

@@ -1,8 +1,10 @@
 """ARC (RFC 8617): chain validation (§5.2) and the trusted-sealer override of a DMARC failure.
 
-Interface, for the pipeline (and for the check registry it is meant to move into: each function is
-pure over headers, body digests and the resolver, and never raises for anything in the message):
+Interface, for the pipeline (each function is pure over headers, body digests and the resolver,
+and never raises for anything in the message):
 
+- :class:`ArcCheck`: the registered check (checks.py), run after DKIM and before DMARC, its
+  resinfo written after DMARC's.
 - :class:`ArcSettings`: section ``[arc]`` (verification, trusted sealers, sealing; arc_seal.py
   reads the sealing part).
 - :func:`arc_body_hashes` (at the end of the header block): the body hashes the
@@ -14,8 +16,8 @@ pure over headers, body digests and the resolver, and never raises for anything 
 - :func:`trusted_forwarder` (after DMARC): the trusted sealer that vouches for a message DMARC
   failed, or "": then the pipeline does not apply the DMARC policy and says why (A-R comment,
   history reason ``trusted_forwarder``).
-- The A-R clause is rendered by authresults.py (``arc=... smtp.remote-ip=... header.oldest-pass=``,
-  RFC 8617 §10.1 registers both properties).
+- The A-R clause (:meth:`ArcCheck.method_results`, rendered by authresults.py):
+  ``arc=... smtp.remote-ip=... header.oldest-pass=``, RFC 8617 §10.1 registers both properties.
 
 Validation follows RFC 8617 §5.2 step by step (see :func:`verify_arc`). dkimpy does the header
 canonicalization and the signature arithmetic (``verify_sig_process``, as dkim_verify.py uses it);
@@ -43,13 +45,15 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import lru_cache
+from typing import Any, NamedTuple
 
 import dkim
 import dkim.util
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
 from authmilter.authresults import parse_authentication_results
+from authmilter.checks import Check, Decided, Outcomes
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
 from authmilter.dkim_verify import (
     DkimSettings,
@@ -60,8 +64,10 @@ from authmilter.dkim_verify import (
 )
 from authmilter.dmarc import DmarcSettings, identifier_aligned
 from authmilter.message import MessageHeaders, ParsedMessage, unfold
-from authmilter.model import ARC_NONE, ArcResult, AuthResult, DmarcRecord, DmarcVerdict
+from authmilter.model import ARC_NONE, ArcResult, AuthResult, DmarcRecord, DmarcVerdict, MethodResult
 from authmilter.resolver import Resolver
+from authmilter.settings import one_of, validate
+from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
 _dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
@@ -101,14 +107,65 @@ class ArcSettings:
     verify: bool = True
     trusted_sealers: frozenset[str] = frozenset()
     seal: bool = False
-    seal_mail: str = "inbound"
+    seal_mail: str = one_of("inbound", frozenset(SEAL_MAIL_CHOICES))
     signing_domain: str = ""
     selector: str = ""
     key_file: str = ""
 
+    def __post_init__(self) -> None:
+        validate(self)
+
     def seals(self, outbound: bool) -> bool:
         """Whether mail in this direction gets an ARC Set."""
         return self.seal and self.seal_mail in ("all", "outbound" if outbound else "inbound")
+
+
+class ArcCheckSettings(NamedTuple):
+    """What the ARC check reads: ``[arc]`` (``verify``) and ``[dkim]`` (``min_rsa_bits`` for the
+    chain's keys)."""
+
+    arc: ArcSettings
+    dkim: DkimSettings
+
+
+class ArcCheck(Check[ArcCheckSettings, ArcResult]):
+    """ARC chain validation (RFC 8617 §5.2) over the body digests streamed in with DKIM's.
+
+    It runs before DMARC (the trusted-forwarder step after the decision reads both), and its
+    resinfo follows DMARC's in the header (the A-R form authmilter has written since ARC came).
+    """
+
+    name = "arc"
+    label = "ARC"
+    results_after = ("dmarc",)
+
+    def enabled(self, settings: ArcCheckSettings) -> bool:
+        return settings.arc.verify
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: ArcCheckSettings
+    ) -> ArcResult:
+        return verify_arc(transaction.message, resolver, settings.dkim, transaction.body)
+
+    def failed(self, transaction: Transaction, settings: ArcCheckSettings, reason: str) -> ArcResult:
+        # RFC 8617 has no temperror for ARC (§4.4): a chain that could not be validated fails.
+        return ArcResult(AuthResult.FAIL, reason=reason[:MAX_REASON_LENGTH])
+
+    def method_results(self, outcome: ArcResult, decided: Decided) -> tuple[MethodResult, ...]:
+        return _method_results(outcome, decided.client_ip)
+
+
+@lru_cache(maxsize=1024)
+def _method_results(arc: ArcResult, client_ip: str) -> tuple[MethodResult, ...]:
+    # RFC 8617 §10.1 registers smtp.remote-ip and header.oldest-pass for arc; the comment names
+    # the sealing domains, oldest first, or why the chain failed.
+    if arc.result is AuthResult.NONE:
+        return (MethodResult("arc", AuthResult.NONE),)
+    sealers = " ".join(arc.sealers)
+    comment = f"{arc.reason}, sealers {sealers}" if arc.reason else f"i={arc.instances} sealers {sealers}"
+    oldest = "" if arc.oldest_pass is None else str(arc.oldest_pass)
+    properties = (("smtp", "remote-ip", client_ip), ("header", "oldest-pass", oldest))
+    return (MethodResult("arc", arc.result, properties, comment),)
 
 
 class _Broken(Exception):

@@ -20,10 +20,9 @@ Decisions:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from encodings.idna import ToASCII
-from functools import lru_cache, partial
+from functools import lru_cache
 from typing import Any
 
 import authres
@@ -31,16 +30,9 @@ import authres.core
 import authres.dkim_b
 import authres.dmarc
 
+from authmilter.domains import DomainError, a_label, normalize
 from authmilter.message import MessageHeaders, unfold
-from authmilter.model import (
-    NOT_ENFORCED_NOTE,
-    ArcResult,
-    AuthResult,
-    Disposition,
-    DkimResult,
-    DmarcVerdict,
-    SpfResult,
-)
+from authmilter.model import AuthResult, MethodResult
 
 HEADER_NAME = "Authentication-Results"
 # RFC 5321 §4.5.3.1.3: a path is at most 256 octets; nothing we echo is legitimately longer.
@@ -79,8 +71,9 @@ def _idna_or_drop(text: str) -> str:
     if text.isascii():
         return text
     try:
-        return ".".join(ToASCII(label).decode("ascii") if label else "" for label in text.split("."))
-    except UnicodeError:
+        # Empty labels are left for _dot_atom to squeeze out.
+        return ".".join(a_label(label) if label else "" for label in text.split("."))
+    except DomainError:
         return "".join(char for char in text if char.isascii())
 
 
@@ -136,12 +129,8 @@ def sanitize_authserv_id(value: str) -> str:
     Raises:
         ValueError: the value is not a hostname, so it could not be told apart reliably.
     """
-    text = value.strip().rstrip(".")
-    try:
-        text = ".".join(ToASCII(label).decode("ascii") for label in text.split(".")).lower()
-    except UnicodeError as exc:
-        raise ValueError(f"authserv-id is not a hostname: {value!r}") from exc
-    if len(text) > 253 or not _HOSTNAME.fullmatch(text):
+    text = normalize(value.strip().rstrip("."))
+    if text is None or not _HOSTNAME.fullmatch(text):
         raise ValueError(f"authserv-id is not a hostname: {value!r}")
     return text
 
@@ -151,137 +140,35 @@ def _sanitize_comment(text: str) -> str:
     return cleaned[:MAX_COMMENT_LENGTH].strip()
 
 
-def _properties(*pairs: tuple[str, str, str]) -> list[authres.core.AuthenticationResultProperty]:
-    """(ptype, property, raw value) triples; empty values are left out."""
-    out = []
-    for ptype, name, raw in pairs:
-        value = sanitize_property_value(raw)
-        if value:
-            out.append(authres.core.AuthenticationResultProperty(ptype, name, value))
-    return out
+# Rendering is pure and the same resinfos recur message after message (SPF, HELO and DMARC results,
+# a DKIM signature's d=, s= and a=): sanitizing and rendering them costs as much as a DNS cache
+# hit, so the pieces are cached. A DKIM header.b is new in every message.
 
 
-def _clause_pieces(
-    method: str,
-    result: AuthResult,
-    comment: str,
-    properties: list[authres.core.AuthenticationResultProperty],
-) -> list[str]:
-    """One resinfo, ``method=result (comment)`` followed by its properties, in unfolded pieces."""
+@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
+def _head_piece(method: str, result: AuthResult, comment: str) -> str:
+    """``method=result (comment)``."""
     head = authres.core.AuthenticationResult(
         method, result=result.value, result_comment=_sanitize_comment(comment) or None
     )
-    return [str(head), *(str(prop) for prop in properties)]
-
-
-# Results are frozen values and rendering is pure: the same SPF, HELO and DMARC results recur
-# message after message, and sanitizing and folding them costs as much as a DNS cache hit. A DKIM
-# signature recurs too, except for its header.b, which is new in every message.
+    return str(head)
 
 
 @lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _spf_clause(spf: SpfResult, last: bool) -> str:
-    # RFC 8601 §2.7.2: smtp.mailfrom carries the MAIL FROM identity checked.
-    properties = _properties(("smtp", "mailfrom", spf.identity or spf.domain))
-    return _fold_clause(_clause_pieces("spf", spf.result, "", properties), last)
+def _property_piece(ptype: str, name: str, raw: str) -> str:
+    """``ptype.property=value``, or "" when nothing of the value is safe to echo."""
+    value = sanitize_property_value(raw)
+    if not value:
+        return ""
+    return str(authres.core.AuthenticationResultProperty(ptype, name, value))
 
 
 @lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _helo_clause(helo: SpfResult, last: bool) -> str:
-    properties = _properties(("smtp", "helo", helo.domain))
-    return _fold_clause(_clause_pieces("spf", helo.result, "", properties), last)
-
-
-def _dkim_clause(dkim: DkimResult, last: bool) -> str:
-    # RFC 8601 §2.7.1 (header.d, header.i), RFC 6008 (header.b, last: authres only reads a
-    # quoted value when a ";" or the end follows), header.s/header.a as registered by RFC 8601 §6.
-    # header.b differs in every message, so only the pieces before it are cached.
-    header_b = _properties(("header", "b", dkim.header_b))
-    pieces = _dkim_pieces(
-        dkim.result, dkim.reason, dkim.testing, dkim.domain, dkim.identity, dkim.selector, dkim.algorithm
-    )
-    return _fold_clause([*pieces, *(str(prop) for prop in header_b)], last)
-
-
-@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _dkim_pieces(
-    result: AuthResult, reason: str, testing: bool, domain: str, identity: str, selector: str, algorithm: str
-) -> tuple[str, ...]:
-    notes = [reason, "test mode" if testing else ""]
-    props = _properties(
-        ("header", "d", domain),
-        ("header", "i", identity),
-        ("header", "s", selector),
-        ("header", "a", algorithm),
-    )
-    return tuple(_clause_pieces("dkim", result, ", ".join(note for note in notes if note), props))
-
-
-@lru_cache(maxsize=CLAUSE_CACHE_SIZE)
-def _dmarc_clause(
-    dmarc: DmarcVerdict, last: bool, applied: Disposition | None = None, trusted_sealer: str = ""
-) -> str:
-    # dis= says what was done: when local policy did not apply the disposition DMARC asked for
-    # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
-    comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
-    if dmarc.policy and applied is not None and applied is not dmarc.disposition:
-        why = f"overridden by trusted ARC sealer {trusted_sealer}" if trusted_sealer else NOT_ENFORCED_NOTE
-        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {why}"
-    properties = _properties(("header", "from", dmarc.from_domain))
-    return _fold_clause(_clause_pieces("dmarc", dmarc.result, comment, properties), last)
-
-
-def _arc_clause(arc: ArcResult, last: bool, client_ip: str = "") -> str:
-    # RFC 8617 §10.1 registers smtp.remote-ip and header.oldest-pass for arc; the comment names
-    # the sealing domains, oldest first, or why the chain failed.
-    if arc.result is AuthResult.NONE:
-        return _no_arc_clause(last)
-    sealers = " ".join(arc.sealers)
-    comment = f"{arc.reason}, sealers {sealers}" if arc.reason else f"i={arc.instances} sealers {sealers}"
-    oldest = "" if arc.oldest_pass is None else str(arc.oldest_pass)
-    properties = _properties(("smtp", "remote-ip", client_ip), ("header", "oldest-pass", oldest))
-    return _fold_clause(_clause_pieces("arc", arc.result, comment, properties), last)
-
-
-@lru_cache(maxsize=2)
-def _no_arc_clause(last: bool) -> str:
-    return _fold_clause(_clause_pieces("arc", AuthResult.NONE, "", []), last)
-
-
-@lru_cache(maxsize=2)
-def _no_signature_clause(_: None, last: bool) -> str:
-    return _fold_clause(_clause_pieces("dkim", AuthResult.NONE, "", []), last)
-
-
-# A resinfo's renderer (given the result and whether it is the last resinfo) and its result.
-_Entry = tuple[Callable[[Any, bool], str], SpfResult | DkimResult | DmarcVerdict | ArcResult | None]
-
-
-def _entries(
-    spf: SpfResult | None,
-    helo: SpfResult | None,
-    dkim: Sequence[DkimResult],
-    dmarc: DmarcVerdict | None,
-    applied: Disposition | None,
-    arc: ArcResult | None,
-    client_ip: str,
-) -> list[_Entry]:
-    """What each resinfo is made from: its renderer and its result, in header order."""
-    entries: list[_Entry] = []
-    if spf is not None:
-        entries.append((_spf_clause, spf))
-    if helo is not None:
-        entries.append((_helo_clause, helo))
-    if dkim:
-        entries.extend((_dkim_clause, result) for result in dkim)
-    elif entries or dmarc is not None:
-        entries.append((_no_signature_clause, None))
-    if dmarc is not None:
-        override = arc.override if arc is not None else ""
-        entries.append((partial(_dmarc_clause, applied=applied, trusted_sealer=override), dmarc))
-    if arc is not None:
-        entries.append((partial(_arc_clause, client_ip=client_ip), arc))
-    return entries
+def _clause(result: MethodResult, last: bool) -> str:
+    """One resinfo on its own line(s), with its ";" unless it is the last."""
+    properties = (_property_piece(*triple) for triple in result.properties)
+    pieces = [_head_piece(result.method, result.result, result.comment), *(p for p in properties if p)]
+    return _fold_clause(pieces, last)
 
 
 def _fold_clause(pieces: Sequence[str], last: bool) -> str:
@@ -297,33 +184,16 @@ def _fold_clause(pieces: Sequence[str], last: bool) -> str:
     return _FOLD.join(lines)
 
 
-def render_authentication_results(
-    authserv_id: str,
-    spf: SpfResult | None,
-    helo: SpfResult | None,
-    dkim: Sequence[DkimResult],
-    dmarc: DmarcVerdict | None,
-    applied: Disposition | None = None,
-    arc: ArcResult | None = None,
-    client_ip: str = "",
-) -> str:
+def render_authentication_results(authserv_id: str, results: Sequence[MethodResult]) -> str:
     """The Authentication-Results value (after the colon) for one message, folded.
 
-    Clauses come in the order spf (MAIL FROM), spf (HELO), dkim (one per signature), dmarc, arc.
-    With no signature ``dkim=none`` is written, unless nothing at all was evaluated: then the
-    value is ``authserv-id; none`` (RFC 8601 §2.2).
+    Resinfos come in the order given (the check registry's header order: spf for MAIL FROM, spf
+    for HELO, dkim per signature, dmarc, arc). With no result at all the value is ``authserv-id; none``
+    (RFC 8601 §2.2).
 
     Args:
         authserv_id: our authserv-id (checked with :func:`sanitize_authserv_id`).
-        spf: the MAIL FROM result, or None to leave it out.
-        helo: the HELO result, or None to leave it out.
-        dkim: one result per DKIM-Signature.
-        dmarc: the DMARC verdict, or None to leave it out.
-        applied: what was done with the message, as a disposition, when that is not what the
-            DMARC verdict asks (actions.unenforced_disposition); None when it is.
-        arc: the ARC chain validation, or None to leave it out; its ``override`` names the
-            trusted sealer in the dmarc comment.
-        client_ip: the SMTP client, for ``arc``'s ``smtp.remote-ip`` (RFC 8617 §10.1).
+        results: every check's per-method results, in order.
 
     Returns:
         The value without the leading space, folded with LF + TAB.
@@ -332,12 +202,10 @@ def render_authentication_results(
         ValueError: the authserv-id is not a hostname (configuration must catch this first).
     """
     server = sanitize_authserv_id(authserv_id)
-    entries = _entries(spf, helo, dkim, dmarc, applied, arc, client_ip)
-    if not entries:
+    if not results:
         return str(authres.AuthenticationResultsHeader(authserv_id=server).header_value())
-    last = len(entries) - 1
-    folded = [render(result, i == last) for i, (render, result) in enumerate(entries)]
-    return _FOLD.join([server + ";", *folded])
+    last = len(results) - 1
+    return _FOLD.join([server + ";", *(_clause(result, i == last) for i, result in enumerate(results))])
 
 
 # --- incoming headers ---------------------------------------------------------------------------

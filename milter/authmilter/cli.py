@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import grp
 import ipaddress
 import json
@@ -20,12 +21,14 @@ import logging
 import os
 import pwd
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from authmilter import __version__
 from authmilter.config import Config, ConfigError, default_config, load_config, packaged_config_path
 from authmilter.dkim_rsa import install as install_openssl_rsa
+from authmilter.domains import path_address, to_a_labels
 from authmilter.keys import (
     KEY_TYPES,
     MAX_RSA_BITS,
@@ -48,6 +51,10 @@ from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
 from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
+from authmilter.reports.delivery import DeliverySettings, Outcome, SendRun, SettingsError, SmtpRelay, Status
+from authmilter.reports.importer import history_files, import_files
+from authmilter.reports.show import show as show_reports
+from authmilter.reports.store import Store, StoreError, open_store
 from authmilter.resolver import (
     DnsSettings,
     DnsStatus,
@@ -56,6 +63,7 @@ from authmilter.resolver import (
     build_resolver,
     parse_nameserver,
 )
+from authmilter.session import Session
 from authmilter.supervisor import StartupError
 from authmilter.supervisor import run as run_supervisor
 from authmilter.tables import SENDER_DOMAIN, KeyEntry, KeyTable, TableError
@@ -217,7 +225,34 @@ def _parser() -> argparse.ArgumentParser:
     _add_sign_parser(commands)
     _add_genkey_parser(commands)
     _add_keys_parser(commands)
+    _add_report_parser(commands)
     return parser
+
+
+def _add_report_send(report_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    send = report_commands.add_parser(
+        "send",
+        help="deliver the reports of every ended period",
+        description="Build and deliver one report per policy domain and ended period, to its verified "
+        "mailto: rua destinations through the [reports] relay, or as files with --out. Each report is "
+        "recorded as delivered once the relay accepted it or its file is complete; a second run delivers "
+        "nothing again. Exit status 1 when a report had to be left for the next run.",
+    )
+    send.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    send.add_argument(
+        "--out", type=Path, metavar="DIR", help="write the reports (.xml.gz, named as mailed) into DIR"
+    )
+    send.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be delivered; send nothing, record nothing (--out still writes the files)",
+    )
+    send.add_argument(
+        "--until",
+        metavar="TIME",
+        help="only periods ended by TIME: 2026-12-05, 2026-12-05T10:00 (UTC unless an offset is "
+        "given), seconds since the epoch, or an age such as 1d (default: now)",
+    )
 
 
 def _add_sign_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -340,6 +375,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("reload: --timeout must be a positive number of seconds")
     if args.command == "reload" and args.config is None and DEFAULT_CONFIG.is_file():
         args.config = DEFAULT_CONFIG
+    if args.command == "report":
+        _check_report_options(parser, args)
     # The daemon and the check of its config read the same file by default.
     if args.command in ("run", "checkconf") and args.config is None:
         args.config = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else packaged_config_path()
@@ -359,8 +396,8 @@ def _check_dns_options(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def _check_genkey_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Validate genkey's options; normalise the domain, default the bits, make --dir absolute."""
-    args.domain = args.domain.removesuffix(".").lower()
     try:
+        args.domain = to_a_labels(args.domain).lower()  # as DNS and d= want it (domains.py)
         key_record_name(args.selector, args.domain)
     except ValueError as e:
         parser.error(str(e))
@@ -439,13 +476,16 @@ def run_check(args: argparse.Namespace) -> Verdict:
     resolver = _resolver(config.dns)
     install_openssl_rsa()
     message = parse_message(_read_message(args.message), max_headers=config.milter.max_headers)
-    transaction = Transaction(
-        connection=Connection(client_ip=args.client_ip, helo=args.helo),
-        mail_from=args.mail_from,
-        recipients=tuple(args.rcpt),
-        message=message,
-    )
-    return evaluate(transaction, resolver, config)
+    # The milter's state machine, fed from the file: the message arrives whole.
+    session = Session(config)
+    session.connect(args.client_ip, "", {})
+    session.hello(args.helo)
+    session.mail(args.mail_from)
+    for recipient in args.rcpt:
+        session.rcpt(recipient)
+    session.whole_message(message)
+    session.end_of_message()
+    return evaluate(session.transaction(), resolver, config)
 
 
 def format_verdict(verdict: Verdict) -> str:
@@ -484,7 +524,7 @@ def run_sign(args: argparse.Namespace) -> tuple[bytes, SigningOutcome]:
     raw = _read_message(args.message)
     transaction = Transaction(
         connection=Connection(client_ip="", helo=""),
-        mail_from=args.mail_from.strip().removeprefix("<").removesuffix(">"),
+        mail_from=path_address(args.mail_from),
         recipients=(),
         message=parse_message(raw, max_headers=config.milter.max_headers),
     )
@@ -752,6 +792,23 @@ def run_daemon(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
 
 
+def _delivery_settings(config: Config) -> DeliverySettings:
+    """DeliverySettings from the ``[reports]`` keys of the same names (validated at load)."""
+    names = [f.name for f in dataclasses.fields(DeliverySettings)]
+    section = config.reports
+    try:
+        return DeliverySettings(**{name: getattr(section, name) for name in names if hasattr(section, name)})
+    except (SettingsError, TypeError) as e:
+        raise CliError(f"{config.path}: [reports]: {e}") from None
+
+
+def format_send_outcomes(outcomes: Sequence[Outcome], dry_run: bool) -> str:
+    prefix = "dry run: " if dry_run else ""
+    if not outcomes:
+        return f"{prefix}no report due"
+    return "\n".join(prefix + outcome.line() for outcome in outcomes)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
@@ -759,6 +816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_daemon(args)
+        if args.command == "report":
+            return run_report(args)
         if args.command == "keys":
             output, all_ok = run_keys_test(args)
             print(output)
@@ -785,3 +844,133 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(output)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# `authmilter report`: DMARC aggregate reports (docs/reports.md)
+
+
+def _add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    report = commands.add_parser(
+        "report",
+        help="DMARC aggregate reports (RFC 9990): import the history, show the counts, send",
+        description="DMARC aggregate reports (RFC 9990) from the history file, through the store "
+        "named by [reports] database (docs/reports.md).",
+    )
+    report_commands = report.add_subparsers(dest="report_command", required=True, metavar="SUBCOMMAND")
+    importing = report_commands.add_parser(
+        "import",
+        help="read history files into the report store",
+        description="Read history files into the report store. What was imported before (the same "
+        "file, a grown one, a rotated or gzip copy) is never counted again. Corrupt lines, records of "
+        "unknown versions and tempfail records are skipped and counted. Exit status 1 when a file "
+        "could not be read or the database failed.",
+    )
+    importing.add_argument(
+        "history",
+        nargs="*",
+        metavar="HISTORY",
+        help="history files, plain or gzip (default: [history] path and its rotated siblings)",
+    )
+    importing.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    showing = report_commands.add_parser(
+        "show",
+        help="show the counts per policy domain",
+        description="Per policy domain: messages, DMARC, aligned SPF and DKIM, raw SPF and DKIM "
+        "results, dispositions, top source addresses, and its reporting periods.",
+    )
+    showing.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    showing.add_argument("--domain", help="only this policy domain")
+    showing.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only periods ending after TIME: 2026-12-05, 2026-12-05T10:00 (UTC), seconds since "
+        "the epoch, or an age such as 7d or 12h",
+    )
+    showing.add_argument("--json", action="store_true", help="print JSON")
+    _add_report_send(report_commands)
+
+
+def parse_time(text: str, now: float) -> int:
+    """A point in time from the command line, as seconds since the epoch.
+
+    Accepts seconds since the epoch, an ISO 8601 date or date and time (UTC unless it names a
+    zone), or an age: a number followed by d (days) or h (hours) before ``now``.
+
+    Raises:
+        ValueError: none of these.
+    """
+    if text.isdigit():
+        return int(text)
+    if len(text) > 1 and text[:-1].isdigit() and text[-1] in "dh":
+        return int(now) - int(text[:-1]) * (86400 if text[-1] == "d" else 3600)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"'{text}' is not a time: use 2026-12-05, 2026-12-05T10:00 (UTC), epoch seconds, or 7d / 12h"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return int(moment.timestamp())
+
+
+def _check_report_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default --config; parse --since and --until into ``args.since_time`` / ``args.until_time``."""
+    if args.config is None:
+        if not DEFAULT_CONFIG.is_file():
+            parser.error(f"no --config given and {DEFAULT_CONFIG} does not exist")
+        args.config = DEFAULT_CONFIG
+    now = time.time()
+    args.since_time, args.until_time = 0, int(now)
+    for option in ("since", "until"):
+        if getattr(args, option, None) is not None:
+            try:
+                setattr(args, f"{option}_time", parse_time(getattr(args, option), now))
+            except ValueError as e:
+                parser.error(f"--{option}: {e}")
+    if getattr(args, "out", None) is not None and not args.out.is_dir():
+        parser.error(f"report send: --out {args.out}: not a directory")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``authmilter report SUBCOMMAND``: the exit status (0 done, 1 a file or the database failed)."""
+    config = _load(args.config)
+    settings = config.reports
+    try:
+        with open_store(settings.database, suppress_domains=settings.suppress_domains) as store:
+            if args.report_command == "import":
+                outcome = import_files(
+                    store,
+                    args.history or _default_history(config),
+                    period=settings.period,
+                    suppress_domains=settings.suppress_domains,
+                )
+                print(outcome.summary())
+                return 1 if outcome.failed else 0
+            if args.report_command == "send":
+                outcomes = _send_reports(store, config, args)
+                print(format_send_outcomes(outcomes, args.dry_run))
+                left = (Status.DEFERRED, Status.FAILED)
+                return 1 if any(outcome.status in left for outcome in outcomes) else 0
+            print(show_reports(store, since=args.since_time, domain=args.domain, as_json=args.json))
+            return 0
+    except StoreError as e:
+        print(f"authmilter: {e}", file=sys.stderr)
+        return 1
+
+
+def _send_reports(store: Store, config: Config, args: argparse.Namespace) -> list[Outcome]:
+    """``report send``: what happened to each report due by ``--until``."""
+    delivery = _delivery_settings(config)
+    resolver = _resolver(config.dns)
+    with SmtpRelay(delivery) as relay:
+        return SendRun(store, delivery, resolver, config.dmarc, relay, args.out, args.dry_run).run(
+            args.until_time
+        )
+
+
+def _default_history(config: Config) -> list[str]:
+    if not config.history.path:
+        raise CliError(f"{config.path}: [history] path is not set: give the HISTORY files to import")
+    return history_files(config.history.path)

@@ -25,20 +25,21 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from authmilter.actions import ALLOWED_FAILURE_ACTIONS, FailureAction, PolicySettings
-from authmilter.arc_check import SEAL_MAIL_CHOICES, ArcSettings, normalise_sealers
+from authmilter.actions import FailureAction, PolicySettings
+from authmilter.arc_check import ArcSettings, normalise_sealers
 from authmilter.authresults import sanitize_authserv_id
 from authmilter.dkim_sign import (
-    CANONICALIZATIONS,
-    SIGNING_DOMAIN_SOURCES,
     SigningSettings,
     check_header_names,
 )
 from authmilter.dkim_verify import DkimSettings
 from authmilter.dmarc import DmarcSettings
+from authmilter.domains import normalize
 from authmilter.history import HistorySettings
-from authmilter.keys import PERMISSION_POLICIES, KeyFileError, load_private_key
+from authmilter.keys import KeyFileError, load_private_key
+from authmilter.reports import ReportsSettings, SettingProblem, check_setting
 from authmilter.resolver import DnsSettings, parse_nameserver
+from authmilter.settings import bounds_of, choice_problem, choices_of, range_problem
 from authmilter.spf_check import SpfSettings
 from authmilter.tables import DEFAULT_INTERNAL_HOSTS, HostEntry, HostSet, KeyTable, SigningTable, TableError
 
@@ -171,6 +172,7 @@ class Config:
     signing: SigningSettings = field(default_factory=SigningSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     arc: ArcSettings = field(default_factory=ArcSettings)
+    reports: ReportsSettings = field(default_factory=ReportsSettings)
 
     @functools.cached_property
     def internal_hosts(self) -> HostSet:
@@ -235,43 +237,27 @@ SECTIONS: dict[str, type[Any]] = {
     "signing": SigningSettings,
     "metrics": MetricsSettings,
     "arc": ArcSettings,
+    "reports": ReportsSettings,
 }
 
-# Numeric bounds, inclusive. RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
+# Numeric bounds, inclusive, of the settings defined here. A section defined elsewhere declares its
+# bounds and choices on its own fields (settings.py), where they are read from.
 RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("milter", "max_headers"): (10, 100000),
     ("milter", "workers"): (0, 64),
     ("milter", "max_connections"): (1, 1_000_000),
     ("milter", "shutdown_timeout"): (1, 600),
     ("milter", "body_memory_limit"): (65536, 1 << 30),
-    ("dns", "port"): (1, 65535),
-    ("dns", "timeout"): (0.1, 60),
-    ("dns", "cache_size"): (0, 10_000_000),
-    # Below Postfix's milter_content_timeout (300 s) with room for the last query's [dns] timeout.
-    ("dns", "message_time_budget"): (1, 240),
-    ("dns", "message_query_budget"): (10, 10_000),
     # Up to libmilter's own default (7210 s, what Sendmail's 1 h command timeout needs).
     ("milter", "idle_timeout"): (1, 7210),
-    ("spf", "timeout"): (1, 120),
-    ("dkim", "max_signatures"): (1, 50),
-    ("dkim", "min_rsa_bits"): (1024, 16384),
-    ("dkim", "timeout"): (0.1, 60),
-    ("dmarc", "max_tree_walk"): (1, 8),
-    ("signing", "expire_after"): (0, 10 * 366 * 86400),
 }
 
 CHOICES: dict[tuple[str, str], frozenset[str]] = {
-    ("dmarc", "org_domain"): frozenset({"treewalk", "psl"}),
     ("milter", "quarantine"): frozenset({"hold", "header"}),
     ("log", "destination"): frozenset({"stderr", "syslog"}),
     ("log", "level"): frozenset({"debug", "info", "warning", "error"}),
     ("log", "syslog_facility"): frozenset({"mail", "daemon", "user", *(f"local{i}" for i in range(8))}),
     ("log", "format"): frozenset({"text", "json"}),
-    **{("policy", k): frozenset(a.value for a in v) for k, v in ALLOWED_FAILURE_ACTIONS.items()},
-    ("signing", "key_permissions"): frozenset(PERMISSION_POLICIES),
-    ("signing", "signing_domain"): frozenset(SIGNING_DOMAIN_SOURCES),
-    ("signing", "canonicalization"): frozenset(CANONICALIZATIONS),
-    ("arc", "seal_mail"): frozenset(SEAL_MAIL_CHOICES),
 }
 
 # [milter] keys in OpenDKIM's host dataset syntax: a list of entries, or a dataset file's name.
@@ -294,7 +280,7 @@ def packaged_config_path() -> Path:
 
 def default_config() -> Config:
     """The built-in defaults (what an empty config file gives)."""
-    return Config(path="<defaults>")
+    return _with_report_defaults(Config(path="<defaults>"))
 
 
 def load_config(path: str | Path) -> Config:
@@ -330,6 +316,10 @@ def parse_config(text: str, path: str | Path) -> Config:
             raise ConfigError(f"{_where(path, text, name, None)}{name} must be a [table]")
         sections[name] = _build_section(name, table, path, text)
     config = Config(path=str(path), **sections)
+    try:
+        config = _with_report_defaults(config)
+    except SettingProblem as e:
+        raise ConfigError(f"{_where(path, text, 'reports', e.key)}[reports] {e.key}: {e}") from None
     try:
         # Read the datasets, tables and keys now (cached on the Config), so that a bad one
         # refuses the (re)load instead of failing messages.
@@ -404,6 +394,11 @@ def setting_location(path: str | Path, section: str, key: str | None = None) -> 
     except (OSError, UnicodeDecodeError):
         text = ""
     return _where(Path(path), text, section, key).removesuffix(": ")
+
+
+def _with_report_defaults(config: Config) -> Config:
+    """``[reports]`` names and addresses left empty are derived from the authserv-id."""
+    return dataclasses.replace(config, reports=config.reports.with_defaults(config.authserv_id))
 
 
 def _where(path: Path, text: str, section: str, key: str | None) -> str:
@@ -513,16 +508,17 @@ def _toml_type(raw: Any) -> str:
 
 
 def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
-    bounds = RANGES.get((section, key))
-    if bounds is not None and not bounds[0] <= value <= bounds[1]:
-        raise ValueError(f"{value} is out of range ({bounds[0]:g} to {bounds[1]:g})")
-    choices = CHOICES.get((section, key))
-    if choices is not None:
-        plain = value.value if isinstance(value, Enum) else value
-        if plain not in choices:
-            raise ValueError(f"'{plain}' is not one of: {', '.join(sorted(choices))}")
+    settings = SECTIONS[section]
+    bounds = RANGES.get((section, key)) or bounds_of(settings, key)
+    problem = range_problem(value, bounds) if bounds is not None else ""
+    choices = CHOICES.get((section, key)) or choices_of(settings, key)
+    problem = problem or (choice_problem(value, choices) if choices is not None else "")
+    if problem:
+        raise ValueError(problem)
     if (section, key) in PATH_KEYS:
         return _resolve_paths(value, path)
+    if section == "reports":
+        return check_setting(key, value)
     if (section, key) == ("milter", "socket_mode") and not re.fullmatch(r"0?[0-7]{3}", value):
         raise ValueError(f"'{value}' is not an octal mode like \"0660\"")
     if (section, key) == ("milter", "socket"):
@@ -541,7 +537,7 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
     if (section, key) == ("milter", "remove_authserv_ids"):
         return tuple(sanitize_authserv_id(v) for v in value)
     if (section, key) == ("policy", "never_reject_domains"):
-        return tuple(d.lower().rstrip(".") for d in value)
+        return tuple(_domain_name(d) for d in value)
     if (section, key) in DATASET_KEYS:
         return _dataset_path(value, path)
     if (section, key) in (("signing", "headers"), ("signing", "oversign_headers")):
@@ -553,6 +549,14 @@ def _check_value(section: str, key: str, value: Any, path: Path) -> Any:
     if (section, key) in (("arc", "signing_domain"), ("arc", "selector")) and value:
         return sanitize_authserv_id(value)  # a host name (RFC 6376 §3.5 d=, s= are domain names)
     return value
+
+
+def _domain_name(text: str) -> str:
+    """A domain as it is compared: lower-case A-labels (domains.py)."""
+    name = normalize(text)
+    if name is None:
+        raise ValueError(f"'{text}' is not a domain name")
+    return name
 
 
 def _trusted_sealers(raw: Any, path: Path) -> frozenset[str]:

@@ -35,8 +35,9 @@ import nacl.signing
 from dkim.canonicalization import CanonicalizationPolicy
 
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
-from authmilter.keys import PrivateKey
+from authmilter.keys import PERMISSION_POLICIES, PrivateKey
 from authmilter.message import HeaderField, MessageHeaders, parse_from
+from authmilter.settings import bounded, one_of, validate
 from authmilter.tables import KeyEntry, Signer, SigningTable
 
 HEADER_NAME = "DKIM-Signature"
@@ -110,13 +111,16 @@ class SigningSettings:
     key_table: str = ""
     signing_table: str = ""
     multiple_signatures: bool = False
-    key_permissions: str = "refuse"
-    signing_domain: str = "from"
-    canonicalization: str = "relaxed/relaxed"
+    key_permissions: str = one_of("refuse", frozenset(PERMISSION_POLICIES))
+    signing_domain: str = one_of("from", frozenset(SIGNING_DOMAIN_SOURCES))
+    canonicalization: str = one_of("relaxed/relaxed", frozenset(CANONICALIZATIONS))
     headers: tuple[str, ...] = ()
     oversign_headers: tuple[str, ...] = DEFAULT_OVERSIGN_HEADERS
-    expire_after: int = 0
+    expire_after: int = bounded(0, 0, 10 * 366 * 86400)
     sign_daemon_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     @property
     def signed_headers(self) -> tuple[str, ...]:

@@ -35,12 +35,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import dns.rdatatype
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
+from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
-from authmilter.model import AuthResult, DkimResult
+from authmilter.model import AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.settings import bounded, validate
+from authmilter.transaction import Transaction
 
 logger = logging.getLogger(__name__)
 _dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
@@ -74,17 +78,13 @@ class DkimSettings:
     """
 
     enabled: bool = True
-    max_signatures: int = 5
-    min_rsa_bits: int = 1024
-    timeout: float = 5.0
+    max_signatures: int = bounded(5, 1, 50)
+    # RFC 8301 §3.2: verifiers MUST NOT accept RSA keys under 1024 bits.
+    min_rsa_bits: int = bounded(1024, 1024, 16384)
+    timeout: float = bounded(5.0, 0.1, 60)
 
     def __post_init__(self) -> None:
-        if self.max_signatures < 0:
-            raise ValueError(f"max_signatures must be >= 0, not {self.max_signatures}")
-        if self.min_rsa_bits < 1024:
-            raise ValueError(f"min_rsa_bits must be >= 1024 (RFC 8301 §3.2), not {self.min_rsa_bits}")
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be > 0, not {self.timeout}")
+        validate(self)
 
 
 class _Stop(Exception):
@@ -614,3 +614,58 @@ def verify_dkim(
     for result in results:
         logger.debug("dkim=%s d=%s s=%s (%s)", result.result, result.domain, result.selector, result.reason)
     return tuple(results)
+
+
+# ---------------------------------------------------------------------------------------------
+# The check as the pipeline runs it (checks.py)
+
+
+class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
+    """DKIM verification of every signature (RFC 6376 §6)."""
+
+    name = "dkim"
+    label = "DKIM"
+
+    def enabled(self, settings: DkimSettings) -> bool:
+        return settings.enabled
+
+    def prefetch(self, transaction: Transaction, settings: DkimSettings) -> list[Question]:
+        # RFC 6376 §3.6.2.1: each signature's key is the TXT set at s=._domainkey.d=.
+        fields = transaction.message.headers.get_all("DKIM-Signature")[: settings.max_signatures]
+        questions = []
+        for field in fields:
+            tags = _lenient_tags(field.value.encode("latin-1"))
+            selector, domain = _text(tags.get(b"s", b"")), _text(tags.get(b"d", b""))
+            if selector and domain:
+                questions.append((f"{selector}._domainkey.{domain}", dns.rdatatype.TXT))
+        return list(dict.fromkeys(questions))
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DkimSettings
+    ) -> tuple[DkimResult, ...]:
+        return verify_dkim(transaction.message.raw, resolver, settings, body=transaction.body)
+
+    def failed(self, transaction: Transaction, settings: DkimSettings, reason: str) -> tuple[DkimResult, ...]:
+        return (DkimResult(AuthResult.TEMPERROR, "", "", "", reason=reason),)
+
+    def method_results(self, outcome: tuple[DkimResult, ...], decided: Decided) -> tuple[MethodResult, ...]:
+        if not outcome:
+            return _NOT_SIGNED  # RFC 8601 §2.7.1: none, the message was not signed
+        return tuple(_method_result(signature) for signature in outcome)
+
+
+_NOT_SIGNED = (MethodResult("dkim", AuthResult.NONE),)
+
+
+def _method_result(signature: DkimResult) -> MethodResult:
+    # RFC 8601 §2.7.1 (header.d, header.i), header.s/header.a as registered by RFC 8601 §6, and
+    # RFC 6008 header.b last: authres only reads a quoted value when a ";" or the end follows.
+    notes = (signature.reason, "test mode" if signature.testing else "")
+    properties = (
+        ("header", "d", signature.domain),
+        ("header", "i", signature.identity),
+        ("header", "s", signature.selector),
+        ("header", "a", signature.algorithm),
+        ("header", "b", signature.header_b),
+    )
+    return MethodResult("dkim", signature.result, properties, ", ".join(note for note in notes if note))

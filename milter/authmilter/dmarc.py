@@ -63,17 +63,28 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+import dns.rdatatype
+
+from authmilter.checks import Check, Decided, Outcomes, Question
+from authmilter.domains import is_within, normalize
+from authmilter.message import FromAuthors
 from authmilter.model import (
+    NOT_ENFORCED_NOTE,
+    Action,
+    ArcResult,
     AuthResult,
     Disposition,
     DkimResult,
     DmarcRecord,
     DmarcVerdict,
+    MethodResult,
     SpfResult,
     SpfScope,
 )
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.settings import bounded, one_of, validate
 from authmilter.suffix_list import public_suffix_list
+from authmilter.transaction import Transaction
 
 # RFC 9989 §4.10: "Author Domains with more than eight labels do not result in more than eight DNS
 # queries".
@@ -83,13 +94,8 @@ RFC9989_MAX_WALK_QUERIES = 8
 MAX_AUTHOR_DOMAINS = 5
 # A message can carry many signatures; each alignment walk is bounded, this bounds how many run.
 MAX_SIGNATURES_CHECKED = 10
-# RFC 1035 §2.3.4 limits.
-MAX_DOMAIN_LENGTH = 253
-MAX_LABEL_LENGTH = 63
-# _normalize keeps this many names, each of at most MAX_CACHED_DOMAIN_LENGTH characters: the
-# names are attacker-chosen, so the cache holds a few MB at most.
-DOMAIN_CACHE_SIZE = 4096
-MAX_CACHED_DOMAIN_LENGTH = 4 * MAX_DOMAIN_LENGTH
+# Rendered method results kept (the same verdicts recur message after message).
+RESULT_CACHE_SIZE = 4096
 
 _POLICIES = {d.value: d for d in Disposition}
 # §4.8: tag names are 1*ALPHA.
@@ -114,18 +120,12 @@ class DmarcSettings:
     """
 
     enabled: bool = True
-    org_domain: str = "treewalk"
+    org_domain: str = one_of("treewalk", frozenset({"treewalk", "psl"}))
     psl_file: str | None = None
-    max_tree_walk: int = RFC9989_MAX_WALK_QUERIES
+    max_tree_walk: int = bounded(RFC9989_MAX_WALK_QUERIES, 1, RFC9989_MAX_WALK_QUERIES)
 
     def __post_init__(self) -> None:
-        if self.org_domain not in ("treewalk", "psl"):
-            raise ValueError(f"org_domain must be 'treewalk' or 'psl', not {self.org_domain!r}")
-        if not 1 <= self.max_tree_walk <= RFC9989_MAX_WALK_QUERIES:
-            raise ValueError(
-                f"max_tree_walk must be between 1 and {RFC9989_MAX_WALK_QUERIES} (RFC 9989 §4.10), "
-                f"not {self.max_tree_walk}"
-            )
+        validate(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,46 +228,6 @@ def _failure_options(value: str | None) -> str:
     if value is None or not all(len(o) == 1 and o in _FO_OPTIONS for o in options):
         return "0"  # §4.7 default
     return ":".join(options)
-
-
-# ---------------------------------------------------------------------------------------------
-# Domains
-
-
-def _normalize(domain: str) -> str | None:
-    """Lower-case A-label form without the trailing dot, or None if it cannot be a DNS name."""
-    # Longer values are rare and not kept. They are not all invalid (leading spaces, characters
-    # nameprep maps to nothing), so they are still normalised.
-    if len(domain) <= MAX_CACHED_DOMAIN_LENGTH:
-        return _normalized(domain)
-    return _normalized.__wrapped__(domain)
-
-
-@lru_cache(maxsize=DOMAIN_CACHE_SIZE)
-def _normalized(domain: str) -> str | None:
-    # Pure in the name; each evaluation asks for the same From, SPF and DKIM domains several
-    # times, and they recur message after message.
-    name = domain.strip()
-    name = name[:-1] if name.endswith(".") else name
-    labels = [_a_label(label) for label in name.split(".")]
-    if not name or any(label is None for label in labels):
-        return None
-    result = ".".join(label for label in labels if label is not None)
-    return result if len(result) <= MAX_DOMAIN_LENGTH else None
-
-
-def _a_label(label: str) -> str | None:
-    if not label.isascii():
-        try:
-            label = label.encode("idna").decode("ascii")  # §5.3.1: U-label -> A-label
-        except UnicodeError:
-            return None
-    valid = 0 < len(label) <= MAX_LABEL_LENGTH and label.isprintable() and " " not in label
-    return label.lower() if valid else None
-
-
-def _is_within(domain: str, ancestor: str) -> bool:
-    return domain == ancestor or domain.endswith("." + ancestor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +362,7 @@ def organizational_domain(domain: str, resolver: Resolver, settings: DmarcSettin
         place (a public suffix itself, or a walk that ended in a DNS error) is its own
         Organizational Domain; "" when ``domain`` cannot be a DNS name.
     """
-    name = _normalize(domain)
+    name = normalize(domain)
     if name is None:
         return ""
     try:
@@ -487,7 +447,7 @@ def _aligned(identifier: str, author: str, strict: bool, author_org: str, orgs: 
     """Raises _TempFail when the identifier's Organizational Domain could not be found."""
     if identifier == author:
         return True
-    if strict or not _is_within(identifier, author_org):
+    if strict or not is_within(identifier, author_org):
         # An Organizational Domain is the name itself or a parent, so an identifier outside the
         # Author's Organizational Domain cannot share it: no walk needed.
         return False
@@ -512,7 +472,7 @@ def identifier_aligned(
     Returns:
         True when aligned; False otherwise, also when a DNS failure leaves it unknown.
     """
-    name, author_name = _normalize(identifier), _normalize(author)
+    name, author_name = normalize(identifier), normalize(author)
     if not name or not author_name:
         return False
     orgs = _OrgDomains(resolver, settings)
@@ -536,7 +496,7 @@ def _spf_identifier(spf: SpfResult | None) -> str | None:
     # §3.2 (SPF Domain), §4.4.2: only a passing MAIL FROM check gives an identifier.
     if spf is None or spf.result is not AuthResult.PASS or spf.scope is not SpfScope.MFROM:
         return None
-    return _normalize(spf.domain)
+    return normalize(spf.domain)
 
 
 def _check_alignment(
@@ -560,7 +520,7 @@ def _check_alignment(
 
     spf_domain = _spf_identifier(spf)
     signatures = dkim[:MAX_SIGNATURES_CHECKED]
-    dkim_domains = [_normalize(s.domain) if s.result is AuthResult.PASS else None for s in signatures]
+    dkim_domains = [normalize(s.domain) if s.result is AuthResult.PASS else None for s in signatures]
     spf_ok = check(spf_domain, record.aspf_strict)
     dkim_ok = any(check(domain, record.adkim_strict) for domain in dkim_domains)
     if spf_ok or dkim_ok:
@@ -581,14 +541,14 @@ def _unverified_identifiers(
     found: list[tuple[str | None, bool, str]] = []
     if spf is not None and spf.result is AuthResult.TEMPERROR and spf.scope is SpfScope.MFROM:
         why = f"SPF of the aligned MAIL FROM domain {spf.domain} could not be checked: {spf.explanation}"
-        found.append((_normalize(spf.domain), record.aspf_strict, why))
+        found.append((normalize(spf.domain), record.aspf_strict, why))
     for signature in signatures:
         if signature.result is AuthResult.TEMPERROR:
             why = (
                 f"aligned DKIM signature d={signature.domain} s={signature.selector} could not be "
                 f"checked: {signature.reason}"
             )
-            found.append((_normalize(signature.domain), record.adkim_strict, why))
+            found.append((normalize(signature.domain), record.adkim_strict, why))
     return found
 
 
@@ -669,7 +629,7 @@ def evaluate_dmarc(
 
 
 def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(_normalize(d) or d for d in from_domains))
+    return tuple(dict.fromkeys(normalize(d) or d for d in from_domains))
 
 
 def too_many_author_domains(from_domains: Sequence[str]) -> DmarcVerdict | None:
@@ -726,7 +686,7 @@ def _evaluate_one(
     resolver: Resolver,
     settings: DmarcSettings,
 ) -> DmarcVerdict:
-    if _normalize(author) != author:
+    if normalize(author) != author:
         return from_header_error(f"From domain {author!r} is not a domain name", from_domains)
     orgs = _OrgDomains(resolver, settings)
     try:
@@ -800,3 +760,104 @@ def _apply(
     disposition = policy.on_failure(found.record.testing)
     testing = f"; t=y, so {disposition}" if found.record.testing and policy is not Disposition.NONE else ""
     return _Outcome(AuthResult.FAIL, f"{alignment.reason} ({source}{testing})", policy, disposition)
+
+
+# ---------------------------------------------------------------------------------------------
+# The check as the pipeline runs it (checks.py)
+
+
+class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
+    """DMARC over the SPF (MAIL FROM) and DKIM outcomes and the From domains (RFC 9989 §5.3)."""
+
+    name = "dmarc"
+    label = "DMARC"
+    requires = ("spf", "dkim")
+
+    def enabled(self, settings: DmarcSettings) -> bool:
+        return settings.enabled
+
+    def precheck(self, transaction: Transaction, settings: DmarcSettings) -> DmarcVerdict | None:
+        # The cheap structural caps come before any DNS query: a From that gives no Author Domain,
+        # several From fields, more than MAX_AUTHOR_DOMAINS domains (§11.5).
+        return unusable_from(transaction.authors)
+
+    def prefetch(self, transaction: Transaction, settings: DmarcSettings) -> list[Question]:
+        # RFC 9989 §4.10: the walk starts at the Author Domain's own _dmarc name.
+        if self.precheck(transaction, settings) is not None:
+            return []
+        domains = _author_domains(transaction.authors.domains)
+        return [(f"_dmarc.{domain}", dns.rdatatype.TXT) for domain in domains]
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings
+    ) -> DmarcVerdict:
+        authors = transaction.authors
+        if authors.error:
+            return from_header_error(authors.error)
+        spf = earlier.get("spf")
+        dkim = earlier.get("dkim", ())
+        # evaluate_dmarc applies the cap on Author Domains of precheck() itself.
+        return evaluate_dmarc(
+            authors.domains,
+            spf if isinstance(spf, SpfResult) else None,
+            dkim if isinstance(dkim, tuple) else (),
+            resolver,
+            settings,
+        )
+
+    def failed(self, transaction: Transaction, settings: DmarcSettings, reason: str) -> DmarcVerdict:
+        return DmarcVerdict(AuthResult.TEMPERROR, reason=reason, from_domains=transaction.authors.domains)
+
+    def method_results(self, outcome: DmarcVerdict, decided: Decided) -> tuple[MethodResult, ...]:
+        # A trusted ARC sealer that lifted the failure is named (pipeline's trusted-forwarder step).
+        arc = decided.outcomes.get("arc")
+        sealer = arc.override if isinstance(arc, ArcResult) else ""
+        return _method_results(outcome, unenforced_disposition(outcome, decided.action), sealer)
+
+
+def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
+    """The permerror verdict for a From that gives no Author Domain DMARC can evaluate, else None."""
+    if authors.error:
+        return from_header_error(authors.error)
+    return too_many_author_domains(authors.domains)
+
+
+@lru_cache(maxsize=RESULT_CACHE_SIZE)
+def _method_results(
+    dmarc: DmarcVerdict, applied: Disposition | None, trusted_sealer: str
+) -> tuple[MethodResult, ...]:
+    # dis= says what was done: when local policy did not apply the disposition DMARC asked for
+    # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
+    comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
+    if dmarc.policy and applied is not None and applied is not dmarc.disposition:
+        why = f"overridden by trusted ARC sealer {trusted_sealer}" if trusted_sealer else NOT_ENFORCED_NOTE
+        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {why}"
+    return (MethodResult("dmarc", dmarc.result, (("header", "from", dmarc.from_domain),), comment),)
+
+
+# What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed
+# message is not delivered yet: nothing was applied.
+_ACTION_DISPOSITION = {
+    Action.ACCEPT: Disposition.NONE,
+    Action.QUARANTINE: Disposition.QUARANTINE,
+    Action.REJECT: Disposition.REJECT,
+    Action.TEMPFAIL: Disposition.NONE,
+}
+
+
+def unenforced_disposition(dmarc: DmarcVerdict | None, action: Action) -> Disposition | None:
+    """What was done instead of the disposition DMARC asked for, when local policy overrode it.
+
+    Args:
+        dmarc: the DMARC verdict.
+        action: the action decided (``[policy] enforce = false`` and the never-reject lists
+            accept where DMARC asks for reject or quarantine).
+
+    Returns:
+        The disposition applied when it differs from the one asked for; None when DMARC asked
+        for nothing or got what it asked.
+    """
+    if dmarc is None or dmarc.disposition is Disposition.NONE:
+        return None
+    applied = _ACTION_DISPOSITION[action]
+    return None if applied is dmarc.disposition else applied

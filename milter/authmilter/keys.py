@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from authmilter.domains import to_a_labels
+
 # The signing algorithms (RFC 8301 §3.1 forbids signing with rsa-sha1) and their key record k= tags.
 KEY_TYPES = {"rsa-sha256": "rsa", "ed25519-sha256": "ed25519"}
 ALGORITHMS = tuple(KEY_TYPES)
@@ -342,7 +344,8 @@ def key_record_name(selector: str, domain: str) -> str:
 
     Args:
         selector: the ``s=`` value; dot-separated sub-domains (RFC 6376 §3.1).
-        domain: the ``d=`` domain, at least two labels (RFC 6376 §3.5); a final dot is dropped.
+        domain: the ``d=`` domain, at least two labels (RFC 6376 §3.5); a final dot is dropped,
+            U-labels become A-labels (RFC 6376 §3.5: d= holds A-labels; domains.py).
 
     Returns:
         the name, without a final dot.
@@ -351,6 +354,8 @@ def key_record_name(selector: str, domain: str) -> str:
         ValueError: either is not a valid name, or the whole is too long for DNS.
     """
     domain = domain.removesuffix(".")
+    if not domain.isascii():
+        domain = to_a_labels(domain)
     _check_labels("selector", selector)
     _check_labels("domain", domain)
     if "." not in domain:

@@ -37,6 +37,8 @@ class Setting:
 def roff_text(text: str) -> str:
     """Plain text as roff: backslashes escaped, no line taken for a request, hyphens literal."""
     escaped = text.replace("\\", "\\e").replace("-", "\\-")
+    # groff reads its input as Latin-1 (-Tutf8 is the output): other characters as \[uXXXX].
+    escaped = "".join(c if c.isascii() else f"\\[u{ord(c):04X}]" for c in escaped)
     return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in escaped.splitlines())
 
 

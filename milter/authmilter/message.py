@@ -29,9 +29,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from encodings.idna import ToASCII, ToUnicode
 from functools import lru_cache
 from typing import NamedTuple
+
+from authmilter.domains import MAX_NAME_LENGTH, DomainError, a_label
 
 # Far above what real mail carries (a few dozen fields; long Received chains stay in the
 # hundreds) and low enough that a hostile header block costs bounded memory.
@@ -680,27 +681,18 @@ def _quote(content: str) -> str:
 
 
 def _dmarc_domain(domain: str) -> str:
-    """Lower-cased A-labels without the trailing dot (RFC 9989 §4.4 compares domains so)."""
-    result = ".".join(_a_label(label) for label in domain.removesuffix(".").split("."))
-    if len(result) > 253:
+    """Lower-cased A-labels without the trailing dot (RFC 9989 §4.4 compares domains so), each
+    label a host name's (letters, digits, inner hyphens, and "_"), IDNA as domains.py decides."""
+    labels = []
+    for label in domain.removesuffix(".").split("."):
+        try:
+            ascii_label = a_label(label).lower()
+        except DomainError as exc:
+            raise _FromError(str(exc)) from exc
+        if not _LABEL.fullmatch(ascii_label):
+            raise _FromError(f"invalid domain label {label[:64]!r}")
+        labels.append(ascii_label)
+    result = ".".join(labels)
+    if len(result) > MAX_NAME_LENGTH:
         raise _FromError("domain too long")
     return result
-
-
-def _a_label(label: str) -> str:
-    if label.isascii():
-        ascii_label = label.lower()
-    else:
-        try:
-            ascii_label = ToASCII(label).decode("ascii").lower()
-            # IDNA 2003 (Python's codec) maps some characters IDNA 2008 keeps (ß, ς, ZWJ):
-            # "faß" would become "fass", another domain. Accept only labels whose A-label maps
-            # back to the same text up to case.
-            round_trip = ToUnicode(ascii_label)
-        except UnicodeError as exc:
-            raise _FromError(f"invalid internationalised domain label {label[:64]!r}") from exc
-        if round_trip != label.lower():
-            raise _FromError(f"ambiguous internationalised domain label {label[:64]!r}")
-    if not _LABEL.fullmatch(ascii_label):
-        raise _FromError(f"invalid domain label {label[:64]!r}")
-    return ascii_label

@@ -191,8 +191,8 @@ class Metrics:
             self.dns_cache("hit").inc(hits)
         direction = "outbound" if verdict.outbound else "inbound"
         self.actions(verdict.action.value, direction).inc()
-        for check, seconds in verdict.check_seconds:
-            self.check_seconds(check).observe(seconds)
+        for timing in verdict.timings:
+            self.check_seconds(timing.check).observe(timing.ms / 1000)
         for method, result in _results(verdict):
             self.results(method, result).inc()
         for signature in verdict.signatures:
@@ -259,7 +259,7 @@ def _results(verdict: Verdict) -> list[tuple[str, str]]:
         results.append(("spf", verdict.spf.result.value))
     if verdict.helo is not None:
         results.append(("helo", verdict.helo.result.value))
-    if any(check == "dkim" for check, _ in verdict.check_seconds):  # DKIM was verified
+    if any(timing.check == "dkim" for timing in verdict.timings):  # DKIM was verified
         results.extend(("dkim", d.result.value) for d in verdict.dkim)
         if not verdict.dkim:
             results.append(("dkim", "none"))  # what the A-R says for an unsigned message

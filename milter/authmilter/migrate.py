@@ -544,67 +544,53 @@ def _set_enforcement(migration: Migration, setting: Setting, enforce: bool) -> N
         migration.carry(setting, "policy", "dmarc_temperror", "accept", "no 4xx when DNS fails, as before")
 
 
-def _hold_quarantined(migration: Migration, setting: Setting) -> None:
-    value = _boolean(migration, setting)
-    if value is not None:
-        _set_quarantine(migration, setting, value)
+@dataclass(frozen=True)
+class _Choice:
+    """What a yes/no setting of the old pair becomes: ``[section] key`` = the value for its answer,
+    with the detail shown to the administrator."""
+
+    section: str
+    key: str
+    if_yes: tuple[Value, str]
+    if_no: tuple[Value, str]
+
+    def carry(self, migration: Migration, setting: Setting, yes: bool) -> None:
+        value, detail = self.if_yes if yes else self.if_no
+        migration.carry(setting, self.section, self.key, value, detail)
+
+    def handler(self) -> Handler:
+        def handle(migration: Migration, setting: Setting) -> None:
+            value = _boolean(migration, setting)
+            if value is not None:
+                self.carry(migration, setting, value)
+
+        return handle
 
 
-def _set_quarantine(migration: Migration, setting: Setting, hold: bool) -> None:
-    if hold:
-        migration.carry(setting, "milter", "quarantine", "hold", "the MTA's hold queue, as before")
-    else:
-        migration.carry(
-            setting,
-            "milter",
-            "quarantine",
-            "header",
-            "delivered with an X-Authmilter-Quarantine header for a later filter, not held, as before",
-        )
-
-
-def _required_headers(migration: Migration, setting: Setting) -> None:
-    value = _boolean(migration, setting)
-    if value is not None:
-        _set_from_error(migration, setting, value)
-
-
-def _set_from_error(migration: Migration, setting: Setting, reject: bool) -> None:
-    if reject:
-        migration.carry(setting, "policy", "from_error", "reject", "no From, several From fields, no domain")
-    else:
-        migration.carry(
-            setting,
-            "policy",
-            "from_error",
-            "accept",
-            "a message with no From, several From fields or a From without a domain is accepted, as before",
-        )
-
-
-def _reject_multi_value_from(migration: Migration, setting: Setting) -> None:
-    value = _boolean(migration, setting)
-    if value is not None:
-        _set_multiple_domains(migration, setting, value)
-
-
-def _set_multiple_domains(migration: Migration, setting: Setting, reject: bool) -> None:
-    if reject:
-        migration.carry(
-            setting,
-            "policy",
-            "from_multiple_domains",
-            "reject",
-            "a From field whose addresses name different domains is rejected, as before",
-        )
-    else:
-        migration.carry(
-            setting,
-            "policy",
-            "from_multiple_domains",
-            "evaluate",
-            "differs: OpenDMARC skipped such messages; authmilter evaluates each domain (RFC 9989 §5.3.1)",
-        )
+_HOLD_QUARANTINED = _Choice(
+    "milter",
+    "quarantine",
+    ("hold", "the MTA's hold queue, as before"),
+    ("header", "delivered with an X-Authmilter-Quarantine header for a later filter, not held, as before"),
+)
+_REQUIRED_HEADERS = _Choice(
+    "policy",
+    "from_error",
+    ("reject", "no From, several From fields, no domain"),
+    (
+        "accept",
+        "a message with no From, several From fields or a From without a domain is accepted, as before",
+    ),
+)
+_REJECT_MULTI_VALUE_FROM = _Choice(
+    "policy",
+    "from_multiple_domains",
+    ("reject", "a From field whose addresses name different domains is rejected, as before"),
+    (
+        "evaluate",
+        "differs: OpenDMARC skipped such messages; authmilter evaluates each domain (RFC 9989 §5.3.1)",
+    ),
+)
 
 
 def _set_skip_authenticated(migration: Migration, setting: Setting, ignored: bool) -> None:
@@ -726,12 +712,12 @@ OPENDMARC_SETTINGS: dict[str, Handler] = {
     "IgnoreMailFrom": _ignore_mail_from,
     "IgnoreAuthenticatedClients": lambda m, s: None,  # see _opendmarc_defaults: signing decides
     "RejectFailures": _reject_failures,
-    "RejectMultiValueFrom": _reject_multi_value_from,
-    "RequiredHeaders": _required_headers,
+    "RejectMultiValueFrom": _REJECT_MULTI_VALUE_FROM.handler(),
+    "RequiredHeaders": _REQUIRED_HEADERS.handler(),
     "SPFSelfValidate": _not_needed("authmilter always checks SPF itself ([spf] enabled)"),
     "SPFIgnoreResults": _not_needed("authmilter never takes SPF results from incoming headers"),
     "HistoryFile": _history_file,
-    "HoldQuarantinedMessages": _hold_quarantined,
+    "HoldQuarantinedMessages": _HOLD_QUARANTINED.handler(),
     "PublicSuffixList": _public_suffix_list,
     "FailureReports": _FAILURE_REPORTS,
     "FailureReportsBcc": _FAILURE_REPORTS,
@@ -934,11 +920,13 @@ def _opendmarc_defaults(migration: Migration, name: str, settings: dict[str, Set
     if "RejectFailures" not in settings:
         _set_enforcement(migration, _default_setting(name, "RejectFailures", "false"), False)
     if "HoldQuarantinedMessages" not in settings:
-        _set_quarantine(migration, _default_setting(name, "HoldQuarantinedMessages", "false"), False)
+        _HOLD_QUARANTINED.carry(migration, _default_setting(name, "HoldQuarantinedMessages", "false"), False)
     if "RequiredHeaders" not in settings:
-        _set_from_error(migration, _default_setting(name, "RequiredHeaders", "false"), False)
+        _REQUIRED_HEADERS.carry(migration, _default_setting(name, "RequiredHeaders", "false"), False)
     if "RejectMultiValueFrom" not in settings:
-        _set_multiple_domains(migration, _default_setting(name, "RejectMultiValueFrom", "false"), False)
+        _REJECT_MULTI_VALUE_FROM.carry(
+            migration, _default_setting(name, "RejectMultiValueFrom", "false"), False
+        )
     ignore = settings.get("IgnoreAuthenticatedClients")
     if ignore is None:
         _set_skip_authenticated(

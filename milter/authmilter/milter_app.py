@@ -1,7 +1,9 @@
 """The milter adapter: the only ``Milter.Base`` subclass (STYLE.md §5, §6).
 
-It gathers what the MTA tells, builds one :class:`~authmilter.pipeline.Transaction` per message,
-calls ``pipeline.evaluate`` at end of message and applies the :class:`~authmilter.model.Verdict`.
+It translates each callback into one event of the connection's
+:class:`~authmilter.session.Session` (the transaction state machine, which owns the message being
+built), calls ``pipeline.evaluate`` on its transaction at end of message and applies the
+:class:`~authmilter.model.Verdict`.
 It decides nothing of its own, beyond what only the edge can know: which ``internal_hosts`` entry
 matches the client (at connect, put into the Connection), whether an ``ignore_hosts`` client is to
 be left alone (accepted at connect), and that one of its own callbacks failed.
@@ -52,33 +54,19 @@ from authmilter.connection_socket import (
     listener_identity,
     shut_down,
 )
-from authmilter.dkim_body import BodyHasher
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
 from authmilter.dmarc import load_public_suffix_list
 from authmilter.history import Envelope, HistoryError, HistoryWriter, make_record
 from authmilter.keys import KeyCache
 from authmilter.logformat import FIELDS
-from authmilter.message import (
-    HeaderCollector,
-    MessageHeaders,
-    ParsedMessage,
-    assemble_message,
-    parse_from,
-)
 from authmilter.metrics import Metrics
 from authmilter.model import Action, Verdict
-from authmilter.pipeline import (
-    Connection,
-    Transaction,
-    body_hashes,
-    evaluate,
-    failure_verdict,
-    ignored_host,
-    match_internal_host,
-)
+from authmilter.pipeline import evaluate, failure_verdict, ignored_host
 from authmilter.quickack import QuickAck
 from authmilter.resolver import Resolver, build_resolver
-from authmilter.tables import IPV4_MAPPED_PREFIX, HostEntry, packed_client_ip
+from authmilter.session import Session
+from authmilter.tables import IPV4_MAPPED_PREFIX, packed_client_ip
+from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +76,6 @@ MILTER_NAME = "authmilter"
 ACTIONS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
 # Protocol extensions pymilter leaves off by default that we take when offered (see the top).
 EXTENSIONS = Milter.P_HDR_LEADSPC
-# Recipients kept per message (history rows need the envelope-to domain, not thousands of them).
-# RFC 5321 §4.5.3.1.8 asks servers to take at least 100; Postfix's smtpd_recipient_limit is 1000.
-MAX_RECIPIENTS = 1000
 # Log values come from the network: one line each, bounded.
 MAX_LOG_VALUE = 200
 QUARANTINE_HEADER = "X-Authmilter-Quarantine"
@@ -416,21 +401,6 @@ def _header_values_as_bytes(callback: _Callback[P]) -> _Callback[P]:
     return decoded
 
 
-class _Message:
-    """What one message has gathered, from MAIL FROM to end of message."""
-
-    def __init__(self, max_headers: int) -> None:
-        # Headers are gathered even when MAIL FROM could not be read, so forged A-R can be deleted.
-        self.headers = HeaderCollector(max_headers)
-        self.connection = Connection(client_ip="", helo="")
-        self.mail_from = ""
-        self.queue_id = ""
-        self.recipients: list[str] = []
-        self.parsed_headers: MessageHeaders | None = None
-        # Started by the first body chunk (or at eom), when the header block is complete.
-        self.body: BodyHasher | None = None
-
-
 class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type information
     """One SMTP connection: gathers each message and applies its verdict.
 
@@ -453,17 +423,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if self._metrics is not None:
             self._metrics.connection_opened()
         self._config = runtime.config
-        self._client_ip = ""
-        self._client_name = ""
-        self._internal_host: HostEntry | None = None
-        self._helo = ""
-        self._connect_macros: dict[str, str] = {}
-        # Why a callback failed (the exception's type), for the connection or the current message.
-        self._connection_failure = ""
-        self._message_failure = ""
+        # The connection and its current message, fed by the callbacks below.
+        self._session = Session(runtime.config)
         # Header changes were sent for the current message: a failure after that must not resend them.
         self._modifying = False
-        self._message: _Message | None = None
         self._quickack = quickack or QuickAck(None)
         self._ack_fd: int | None = None
 
@@ -516,8 +479,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if gate is not None and not gate.admits(count) and gate.refuse(self._ctx, count):
             return int(Milter.CONTINUE)  # libmilter reads EOF next and ends the connection (close())
         try:
-            self._gather_client(hostname, family, hostaddr)
-            ignored = ignored_host(self._client_ip, self._client_name, self._config)
+            client_ip, client_name = self._gather_client(hostname, family, hostaddr)
+            ignored = ignored_host(client_ip, client_name, self._config)
         except Exception as exc:
             self._record_failure("connect", exc)
             return int(Milter.CONTINUE)
@@ -525,67 +488,57 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             return int(Milter.CONTINUE)
         log.info(
             "client=%s name=%s ignored (ignore_hosts: %s at %s): accepted without any processing",
-            _log_value(self._client_ip),
-            _log_value(self._client_name),
+            _log_value(client_ip),
+            _log_value(client_name),
             _log_value(ignored.text),
             ignored.source,
         )
         return int(Milter.ACCEPT)
 
-    def _gather_client(self, hostname: str, family: int, hostaddr: object) -> None:
+    def _gather_client(self, hostname: str, family: int, hostaddr: object) -> tuple[str, str]:
         # Our negotiation reply made the connection "interactive": acknowledge what the MTA sends
         # from here on promptly, or its Nagle algorithm stalls each message ~40 ms (quickack.py).
         self._ack_fd = self._quickack.connection_fd(self._ctx)
         self._quickack.acknowledge(self._ack_fd)
-        self._client_ip = client_ip_from(family, hostaddr)
-        self._client_name = _ptr_name(hostname)
-        self._connect_macros = self._macros(CONNECT_MACROS)
-        self._internal_host = match_internal_host(self._client_ip, self._client_name, self._config)
+        client_ip, client_name = client_ip_from(family, hostaddr), _ptr_name(hostname)
+        self._session.connect(client_ip, client_name, self._macros(CONNECT_MACROS))
         if log.isEnabledFor(logging.DEBUG):
-            entry = self._internal_host
+            entry = self._session.internal_host
             log.debug(
                 "client=%s name=%s internal_hosts: %s",
-                _log_value(self._client_ip),
-                _log_value(self._client_name),
+                _log_value(client_ip),
+                _log_value(client_name),
                 "no entry" if entry is None else f"{entry.text} at {entry.source}",
             )
+        return client_ip, client_name
 
     @_gathers
     def hello(self, hostname: str) -> None:
-        self._helo = hostname
+        self._session.hello(hostname)
 
     @_gathers
     def envfrom(self, mail_from: str, *params: str) -> None:
         self._quickack.acknowledge(self._ack_fd)  # our reply to the previous message, as at connect
         self._reset_message()
-        message = self._message = _Message(self._config.milter.max_headers)
+        # Started before the macros are read: should that fail, the headers are still gathered,
+        # so forged A-R can be deleted whatever the failure action.
+        self._session.mail(mail_from)
         _messages.started()  # first, so a stopping worker waits for this message
-        message.mail_from = strip_angle_brackets(mail_from)
-        message.queue_id = self._macro(QUEUE_ID_MACRO)
-        auth_macros = self._macros(MAIL_MACROS)
-        message.connection = Connection(
-            client_ip=self._client_ip,
-            helo=self._helo,
-            client_name=self._client_name,
-            macros={**self._connect_macros, **auth_macros},
-            internal_host=self._internal_host,
-        )
+        self._session.mail_macros(self._macro(QUEUE_ID_MACRO), self._macros(MAIL_MACROS))
 
     @_gathers
     def envrcpt(self, recipient: str, *params: str) -> None:
-        message = self._current_message()
-        if len(message.recipients) < MAX_RECIPIENTS:
-            message.recipients.append(strip_angle_brackets(recipient))
+        self._session.rcpt(recipient)
 
     @_header_values_as_bytes
     @_gathers
     def header(self, name: str, value: bytes) -> None:
-        self._current_message().headers.add(name, value, leading_space_included=self._leading_space)
+        self._session.header(name, value, leading_space_included=self._leading_space)
 
     @_gathers
     def body(self, chunk: bytes) -> None:
         self._quickack.acknowledge(self._ack_fd)  # the MTA may hold the next chunk for our ACK
-        self._body_hasher(self._current_message()).update(chunk)
+        self._session.body(chunk)
 
     # --- end of message ----------------------------------------------------------------------
 
@@ -620,11 +573,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         return int(Milter.CONTINUE)
 
     def _end_of_message(self, started: float) -> int:
-        message = self._current_message()
-        message.queue_id = self._macro(QUEUE_ID_MACRO) or message.queue_id
-        if self._connection_failure or self._message_failure:
+        self._session.end_of_message(self._macro(QUEUE_ID_MACRO))
+        if self._session.failure:
             return self._end_failed_message(started)
-        transaction = self._transaction(message)
+        transaction = self._session.transaction()
         verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
         code = self._apply(verdict)
         if self._metrics is not None:
@@ -632,17 +584,17 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if verdict.dmarc is not None:
             self._record_history(verdict, transaction)
         if log.isEnabledFor(logging.INFO):  # the line costs more than its check at level warning
-            self._log_verdict(message, verdict, _from_domains(transaction.message.headers), started)
+            self._log_verdict(transaction, verdict, started)
         return code
 
     def _end_failed_message(self, started: float) -> int:
-        reason = self._connection_failure or self._message_failure
+        reason = self._session.failure
         decision = internal_error_decision(reason, self._config.policy)
         if self._modifying and decision.action in (Action.ACCEPT, Action.QUARANTINE):
             # The failure came while applying a verdict: its header changes are sent, send no more.
             return int(_MILTER_CODES[decision.action])
         try:
-            verdict = failure_verdict(reason, self._headers(self._message), self._config, self._queue_id())
+            verdict = failure_verdict(reason, self._session.headers(), self._config, self._queue_id())
             code = self._apply(verdict)
         except Exception:
             log.exception("queue_id=%s cannot apply the failure action", _log_value(self._queue_id()))
@@ -651,7 +603,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             self._metrics.message(verdict)
         fields = {
             "queue_id": _log_value(self._queue_id()),
-            "client": _log_value(self._client_ip),
+            "client": _log_value(self._session.client_ip),
             "action": decision.action.value,
             "reason": _log_value(decision.reason),
             "ms": round(_elapsed_ms(started), 1),
@@ -660,19 +612,6 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             "queue_id=%s client=%s action=%s reason=%s ms=%.1f", *fields.values(), extra={FIELDS: fields}
         )
         return code
-
-    def _transaction(self, message: _Message) -> Transaction:
-        headers = self._headers(message)
-        body = self._body_hasher(message).finish()
-        head = assemble_message(headers, b"")  # the MTA always separates header and body
-        return Transaction(
-            connection=message.connection,
-            mail_from=message.mail_from,
-            recipients=tuple(message.recipients),
-            message=ParsedMessage(headers, len(head), head, has_separator=True),
-            queue_id=message.queue_id,
-            body=body,
-        )
 
     # --- applying a verdict ------------------------------------------------------------------
 
@@ -741,51 +680,25 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def _current_message(self) -> _Message:
-        if self._message is None:
-            raise RuntimeError("message callback without MAIL FROM")
-        return self._message
-
-    def _headers(self, message: _Message | None) -> MessageHeaders:
-        if message is None:
-            return MessageHeaders(())
-        if message.parsed_headers is None:
-            message.parsed_headers = message.headers.result()
-        return message.parsed_headers
-
-    def _body_hasher(self, message: _Message) -> BodyHasher:
-        """The message's body hashes, started on the first body chunk (or at eom): by then every
-        header field has arrived, so the DKIM-Signature fields say which hashes are needed."""
-        if message.body is None:
-            needed = body_hashes(message.connection, self._headers(message), self._config)
-            message.body = BodyHasher(needed)
-        return message.body
-
     def _reset_message(self) -> None:
-        if self._message is not None:
-            self._message = None
+        if self._session.in_message:
             _messages.ended()
-        self._message_failure = ""
+        self._session.abort()
         self._modifying = False
 
     def _record_failure(self, stage: str, exc: Exception) -> None:
-        already = self._connection_failure or self._message_failure
-        if stage in ("connect", "hello"):
-            self._connection_failure = self._connection_failure or type(exc).__name__
-        else:
-            self._message_failure = self._message_failure or type(exc).__name__
-        if not already:  # one traceback per message, not one per body chunk
+        if self._session.failed(stage, exc):  # one traceback per message, not one per body chunk
             log.exception(
                 "queue_id=%s client=%s internal error in the %s callback: %s",
                 _log_value(self._queue_id()),
-                _log_value(self._client_ip),
+                _log_value(self._session.client_ip),
                 stage,
                 _log_value(str(exc)),
             )
 
     def _queue_id(self) -> str:
-        if self._message is not None and self._message.queue_id:
-            return self._message.queue_id
+        if self._session.queue_id:
+            return self._session.queue_id
         try:
             return self._macro(QUEUE_ID_MACRO)
         except Exception:  # asked while handling a failure; the context itself may be broken
@@ -798,12 +711,12 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
         return {name: value for name in names if (value := self._macro(name))}
 
-    def _log_verdict(self, message: _Message, verdict: Verdict, from_domains: str, started: float) -> None:
+    def _log_verdict(self, transaction: Transaction, verdict: Verdict, started: float) -> None:
         # One line per message; in [log] format = "json" the fields below are the object's keys.
         fields: dict[str, object] = {
-            "queue_id": _log_value(message.queue_id),
-            "client": _log_value(message.connection.client_ip),
-            "from": _log_value(from_domains),
+            "queue_id": _log_value(transaction.queue_id),
+            "client": _log_value(transaction.connection.client_ip),
+            "from": _log_value(",".join(transaction.authors.domains) or "-"),
         }
         if verdict.outbound:
             # OpenDKIM's LogWhy at INFO: why it is outbound, and what was signed or why not.
@@ -820,7 +733,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             )
             return
         dkim = ",".join(f"{d.result.value}:{d.domain or '-'}" for d in verdict.dkim) or "none"
-        check_ms = {check: round(seconds * 1000, 2) for check, seconds in verdict.check_seconds}
+        check_ms = {timing.check: round(timing.ms, 2) for timing in verdict.timings}
         fields |= {
             "spf": verdict.spf.result.value if verdict.spf else "-",
             "helo": verdict.helo.result.value if verdict.helo else "-",
@@ -849,7 +762,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "queue_id=%s why: action=%s (%s); spf: %s; dkim: %s; dmarc: %s",
-                _log_value(message.queue_id),
+                _log_value(transaction.queue_id),
                 verdict.action.value,
                 _log_value(verdict.reason),
                 _log_value(verdict.spf.explanation if verdict.spf else "-"),
@@ -886,30 +799,9 @@ def client_ip_from(family: int, hostaddr: object) -> str:
     return socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed)
 
 
-def strip_angle_brackets(path: str) -> str:
-    """The address of a MAIL FROM or RCPT TO path (RFC 5321 §4.1.2), without brackets or source route.
-
-    Args:
-        path: the path as the MTA passes it, e.g. ``<bob@example.org>``; ``<>`` is the null path.
-
-    Returns:
-        The address, "" for the null path.
-    """
-    address = path.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    if address.startswith("@") and ":" in address:  # obsolete source route: A-d-l ":" Mailbox
-        address = address.partition(":")[2]
-    return address
-
-
 def _ptr_name(hostname: str) -> str:
     # libmilter passes "[address]" when the client has no (verified) PTR name.
     return "" if hostname.startswith("[") else hostname
-
-
-def _from_domains(headers: MessageHeaders) -> str:
-    return ",".join(parse_from(headers).domains) or "-"
 
 
 def _elapsed_ms(started: float) -> float:

@@ -1,10 +1,14 @@
 """The order of the checks and the one place a verdict is made.
 
-``evaluate()`` first decides the direction (:func:`outbound_reason`). Inbound mail gets SPF
-(MAIL FROM, then HELO), DKIM verification, DMARC over both, the local policy (actions.py), and
-our Authentication-Results. Outbound mail (an internal host, a SASL-authenticated client, a
-signing ``{daemon_name}``) is not verified and gets no Authentication-Results; it is signed when the
-SigningTable has an entry for it (:func:`sign_transaction`, which ``authmilter sign`` calls too).
+``evaluate()`` first decides the direction (:func:`outbound_reason`). Inbound mail gets the checks
+of :data:`CHECKS` in their declared order (SPF for MAIL FROM, then HELO, DKIM verification, ARC
+chain validation, DMARC over SPF and DKIM: checks.py), each measured and each contained (an
+exception in one is its temperror), then the local policy (actions.py), the trusted-forwarder step
+(a trusted ARC sealer may lift a DMARC failure), our Authentication-Results from every check's
+results, and our ARC Set when we seal inbound mail. Outbound mail (an internal host, a
+SASL-authenticated client, a signing ``{daemon_name}``) is not verified and gets no
+Authentication-Results; it is signed when the SigningTable has an entry for it
+(:func:`sign_transaction`, which ``authmilter sign`` calls too), and sealed when configured.
 Forged Authentication-Results are listed for deletion in both directions (RFC 8601 §5).
 
 Nothing here does I/O of its own: DNS goes through the resolver passed in, private keys through
@@ -16,12 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
-from authmilter.actions import Decision, decide_action, internal_error_decision, unenforced_disposition
-from authmilter.arc_check import arc_body_hashes, trusted_forwarder, verify_arc, with_override
+from authmilter.actions import Decision, decide_action, internal_error_decision
+from authmilter.arc_check import ArcCheck, ArcCheckSettings, arc_body_hashes, trusted_forwarder, with_override
 from authmilter.arc_seal import (
     SEAL_BODY_HASH,
     Sealer,
@@ -31,8 +34,9 @@ from authmilter.arc_seal import (
     seal_message,
 )
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
+from authmilter.checks import Decided, Registration, Registry
 from authmilter.config import Config
-from authmilter.dkim_body import BodyDigests, BodyHashSpec
+from authmilter.dkim_body import BodyHashSpec
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
 from authmilter.dkim_sign import (
     KeyProvider,
@@ -42,14 +46,15 @@ from authmilter.dkim_sign import (
     signing_address,
     signing_body_hash,
 )
-from authmilter.dkim_verify import body_hashes_needed, verify_dkim
-from authmilter.dmarc import evaluate_dmarc, from_header_error, too_many_author_domains
+from authmilter.dkim_verify import DkimCheck, body_hashes_needed
+from authmilter.dmarc import DmarcCheck
 from authmilter.keys import KeyCache, PrivateKey
-from authmilter.message import FromAuthors, MessageHeaders, ParsedMessage, parse_from
+from authmilter.message import MessageHeaders
 from authmilter.model import (
     Action,
     ArcResult,
     AuthResult,
+    CheckTiming,
     Disposition,
     DkimResult,
     DmarcVerdict,
@@ -57,8 +62,10 @@ from authmilter.model import (
     Verdict,
 )
 from authmilter.resolver import DnsBudget, Resolver
-from authmilter.spf_check import check_helo, check_mail_from
+from authmilter.spf_check import HeloCheck, MailFromCheck
 from authmilter.tables import HostEntry, KeyEntry
+from authmilter.transaction import Connection as Connection
+from authmilter.transaction import Transaction as Transaction
 
 log = logging.getLogger(__name__)
 
@@ -69,43 +76,18 @@ LOCAL_SUBMISSION_ADDRESS = "127.0.0.1"
 AUTH_MACROS = ("{auth_authen}", "{auth_type}")
 DAEMON_NAME_MACRO = "{daemon_name}"
 
-
-@dataclass(frozen=True)
-class Connection:
-    """What the MTA told us about the SMTP client.
-
-    Attributes:
-        client_ip: the client's address as text ("" when unknown, e.g. a local submission).
-        helo: the HELO/EHLO name.
-        client_name: the verified PTR name the MTA found ("" or "unknown" when none).
-        macros: milter macros of interest (``{daemon_name}``, ``{auth_type}``, ``j`` ...).
-        internal_host: the ``[milter] internal_hosts`` entry that decided for this client
-            (:func:`match_internal_host`; check ``included``), or None: no entry covers it.
-    """
-
-    client_ip: str
-    helo: str
-    client_name: str = ""
-    macros: Mapping[str, str] = field(default_factory=dict)
-    internal_host: HostEntry | None = None
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """One message: the connection, the envelope and the message itself.
-
-    Attributes:
-        body: the DKIM body hashes, computed as the body streamed in (:func:`body_hashes`; the
-            milter keeps no body, so its ``message`` is the header block only); None: computed
-            from ``message``'s body (a message read whole, as ``authmilter check`` does).
-    """
-
-    connection: Connection
-    mail_from: str
-    recipients: tuple[str, ...]
-    message: ParsedMessage
-    queue_id: str = ""
-    body: BodyDigests | None = None
+# The checks of inbound mail, in the order they run and their resinfos appear (RFC 8601 §2.2 sets
+# no order; this is OpenDKIM's and authentication_milter's). Adding a check: one module with a
+# checks.Check subclass, one line here.
+CHECKS = Registry(
+    (
+        Registration(MailFromCheck(), lambda config: config.spf),
+        Registration(HeloCheck(), lambda config: config.spf),
+        Registration(DkimCheck(), lambda config: config.dkim),
+        Registration(ArcCheck(), lambda config: ArcCheckSettings(config.arc, config.dkim)),
+        Registration(DmarcCheck(), lambda config: config.dmarc),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -248,6 +230,7 @@ def evaluate(
     config: Config,
     keys: KeyCache | None = None,
     now: float | None = None,
+    registry: Registry = CHECKS,
 ) -> Verdict:
     """Check (inbound) or sign (outbound) one message and decide what to do with it.
 
@@ -257,6 +240,7 @@ def evaluate(
         config: the configuration.
         keys: the worker's key cache, for outbound mail; None loads keys for this call only.
         now: the signing time for outbound mail; None = the clock.
+        registry: the checks of inbound mail (a test may add its own).
 
     Returns:
         The verdict. Never raises: an internal failure (a key file gone unreadable included)
@@ -267,7 +251,7 @@ def evaluate(
         why_outbound = outbound_reason(transaction.connection, config)
         if why_outbound:
             return _evaluate_outbound(transaction, config, why_outbound, keys, now)
-        return _evaluate(transaction, resolver, config, keys, now)
+        return _evaluate(transaction, resolver, config, registry, keys, now)
     except Exception as e:
         log.exception(
             "queue_id=%s internal error checking the message from %s: %s",
@@ -298,7 +282,7 @@ def failure_verdict(reason: str, headers: MessageHeaders, config: Config, queue_
         action=decision.action,
         reply=decision.reply,
         reason=decision.reason,
-        authentication_results=render_authentication_results(config.authserv_id, None, None, (), None),
+        authentication_results=render_authentication_results(config.authserv_id, ()),
         forged_authentication_results=forged,
     )
 
@@ -374,133 +358,193 @@ def _seal(
 
 
 def _evaluate(
-    transaction: Transaction, resolver: Resolver, config: Config, keys: KeyCache | None, now: float | None
+    transaction: Transaction,
+    resolver: Resolver,
+    config: Config,
+    registry: Registry,
+    keys: KeyCache | None,
+    now: float | None,
 ) -> Verdict:
-    connection = transaction.connection
-    authors = parse_from(transaction.message.headers)
-    unusable_from = _unusable_from(authors) if config.dmarc.enabled else None
-    if unusable_from is not None:
-        # The cheap structural caps come before any DNS query: a From the policy rejects whatever
-        # the DNS says (no Author Domain, several From fields, more than MAX_AUTHOR_DOMAINS domains)
-        # is rejected without one. Header fields and signatures are capped as they are read.
-        decision = decide_action(connection.client_ip, None, unusable_from, config.policy)
+    early = _prechecks(transaction, config, registry)
+    if early:
+        # A result known without DNS that the policy rejects on (DMARC's structural caps on the
+        # From field) is final: the message is rejected without a single query.
+        decision = _decide(transaction, early, config)
         if decision.action is Action.REJECT:
-            return _inbound_verdict(transaction, config, None, None, (), unusable_from, decision, None)
+            return _inbound_verdict(transaction, config, registry, early, (), decision)
     dns_config = config.dns
     budget = DnsBudget(dns_config.message_time_budget, dns_config.message_query_budget, transaction.queue_id)
-    resolver = resolver.for_message(budget)
-    timer = CheckTimer(budget)
-    spf: SpfResult | None = None
-    helo: SpfResult | None = None
-    if config.spf.enabled:
-        with timer("spf", "SPF (MAIL FROM)"):
-            spf = check_mail_from(
-                connection.client_ip, connection.helo, transaction.mail_from, resolver, config.spf
-            )
-        if config.spf.check_helo:
-            with timer("helo", "SPF (HELO)"):
-                helo = check_helo(connection.client_ip, connection.helo, resolver, config.spf)
-    dkim: tuple[DkimResult, ...] = ()
-    if config.dkim.enabled:
-        with timer("dkim", "DKIM"):
-            dkim = verify_dkim(transaction.message.raw, resolver, config.dkim, body=transaction.body)
-    arc: ArcResult | None = None
-    if config.arc.verify:
-        with timer("arc", "ARC"):
-            arc = verify_arc(transaction.message, resolver, config.dkim, transaction.body)
-    dmarc: DmarcVerdict | None = None
-    if config.dmarc.enabled:
-        with timer("dmarc", "DMARC"):
-            dmarc = unusable_from or evaluate_dmarc(authors.domains, spf, dkim, resolver, config.dmarc)
-    decision = decide_action(connection.client_ip, spf, dmarc, config.policy)
-    if arc is not None and dmarc is not None and decision.action in (Action.REJECT, Action.QUARANTINE):
-        arc, decision = _trusted_forwarder_override(arc, dmarc, spf, decision, connection, resolver, config)
-    verdict = _inbound_verdict(transaction, config, spf, helo, dkim, dmarc, decision, arc, keys, now)
-    return replace(verdict, check_seconds=tuple(timer.seconds))
+    message_resolver = resolver.for_message(budget)
+    outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
+    decision = _decide(transaction, outcomes, config)
+    if decision.action in (Action.REJECT, Action.QUARANTINE):
+        decision = _trusted_forwarder_override(transaction, outcomes, decision, message_resolver, config)
+    verdict = _inbound_verdict(transaction, config, registry, outcomes, timings, decision)
+    return _sealed_inbound(verdict, transaction, config, keys, now)
 
 
 def _trusted_forwarder_override(
-    arc: ArcResult,
-    dmarc: DmarcVerdict,
-    spf: SpfResult | None,
+    transaction: Transaction,
+    outcomes: dict[str, object],
     decision: Decision,
-    connection: Connection,
     resolver: Resolver,
     config: Config,
-) -> tuple[ArcResult, Decision]:
+) -> Decision:
     """A trusted sealer vouches for the message (arc_check.trusted_forwarder): the decision as if
-    DMARC had asked for nothing. Only DMARC's part is lifted: a reject for another reason stands."""
+    DMARC had asked for nothing, and ARC's outcome names the sealer (outcomes is updated). Only
+    DMARC's part is lifted: a reject for another reason stands."""
+    arc, dmarc = _arc_of(outcomes), _dmarc_of(outcomes)
+    if arc is None or dmarc is None:
+        return decision
     sealer = trusted_forwarder(arc, dmarc, config.arc, resolver, config.dmarc)
     if not sealer:
-        return arc, decision
+        return decision
     lifted = replace(dmarc, disposition=Disposition.NONE)
-    relaxed = decide_action(connection.client_ip, spf, lifted, config.policy)
+    client_ip = transaction.connection.client_ip
+    relaxed = decide_action(client_ip, _spf_of(outcomes, "spf"), lifted, config.policy)
     if relaxed.action is decision.action:
-        return arc, decision
+        return decision
+    outcomes["arc"] = with_override(arc, sealer)
     reason = relaxed.reason or f"dmarc=fail not applied: arc=pass sealed by trusted forwarder {sealer}"
-    return with_override(arc, sealer), Decision(relaxed.action, relaxed.reply, reason)
+    return Decision(relaxed.action, relaxed.reply, reason)
 
 
-class CheckTimer:
-    """Times each check of one message and names it to the message's DNS budget.
+def _sealed_inbound(
+    verdict: Verdict, transaction: Transaction, config: Config, keys: KeyCache | None, now: float | None
+) -> Verdict:
+    """The verdict with our ARC Set when we seal inbound mail that is delivered (RFC 8617 §5.1):
+    the chain status we found and the A-R we wrote."""
+    delivered = verdict.action in (Action.ACCEPT, Action.QUARANTINE)
+    if verdict.arc is None or not delivered or not config.arc.seals(outbound=False):
+        return verdict
+    seal = _seal(transaction, verdict.arc.result, verdict.authentication_results, config, keys, now)
+    return replace(verdict, arc_seal=seal.fields)
 
-    ``with timer("spf", "SPF (MAIL FROM)"):`` around a check records (check, wall seconds) in
-    :attr:`seconds`; the label is what the budget's log line names when it runs out.
+
+def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> dict[str, object]:
+    early: dict[str, object] = {}
+    for registration in registry:
+        settings = registration.settings(config)
+        if not registration.check.enabled(settings):
+            continue
+        try:
+            outcome = registration.check.precheck(transaction, settings)
+        except Exception as e:
+            # Only a shortcut is lost: the check still runs in full, and stands or fails alone.
+            log.exception(
+                "queue_id=%s internal error in the %s check's precheck, checked in full instead: %s: %s",
+                transaction.queue_id or "-",
+                registration.check.label,
+                type(e).__name__,
+                e,
+            )
+            continue
+        if outcome is not None:
+            early[registration.check.name] = outcome
+    return early
+
+
+def run_checks(
+    registry: Registry, transaction: Transaction, resolver: Resolver, config: Config, budget: DnsBudget
+) -> tuple[dict[str, object], tuple[CheckTiming, ...]]:
+    """Run every enabled check in the registry's order, each measured and each contained.
+
+    An exception in one check becomes that check's temperror (:meth:`Check.failed`), logged with
+    the queue id and its traceback once; the checks after it run on as usual and see that
+    temperror (authentication_milter's ``top_eom_callback``).
+
+    Args:
+        registry: the checks, in order.
+        transaction: the message.
+        resolver: the message's view of the resolver.
+        config: where each check's settings are.
+        budget: the message's DNS budget, told which check is asking.
+
+    Returns:
+        The outcomes by check name (checks that are off have none) and one timing per check run.
     """
-
-    def __init__(self, budget: DnsBudget) -> None:
-        self._budget = budget
-        self.seconds: list[tuple[str, float]] = []
-
-    @contextmanager
-    def __call__(self, check: str, label: str) -> Iterator[None]:
-        self._budget.start(label)
+    outcomes: dict[str, object] = {}
+    timings: list[CheckTiming] = []
+    for registration in registry:
+        check = registration.check
+        settings = registration.settings(config)
+        if not check.enabled(settings):
+            continue
+        budget.start(check.label)
         started = time.perf_counter()
         try:
-            yield
-        finally:
-            self.seconds.append((check, time.perf_counter() - started))
+            outcomes[check.name] = check.evaluate(transaction, outcomes, resolver, settings)
+            failed = False
+        except Exception as e:
+            log.exception(
+                "queue_id=%s internal error in the %s check, taken as its temperror: %s: %s",
+                transaction.queue_id or "-",
+                check.label,
+                type(e).__name__,
+                e,
+            )
+            outcomes[check.name] = check.failed(transaction, settings, f"internal error: {type(e).__name__}")
+            failed = True
+        timings.append(CheckTiming(check.name, (time.perf_counter() - started) * 1000, failed))
+    return outcomes, tuple(timings)
 
 
-def _unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
-    """The permerror verdict for a From that gives no Author Domain DMARC can evaluate, else None."""
-    if authors.error:
-        return from_header_error(authors.error)
-    return too_many_author_domains(authors.domains)
+def _decide(transaction: Transaction, outcomes: Mapping[str, object], config: Config) -> Decision:
+    return decide_action(
+        transaction.connection.client_ip, _spf_of(outcomes, "spf"), _dmarc_of(outcomes), config.policy
+    )
+
+
+# The built-in checks' typed outcomes are the Verdict's stable fields (docs/verdict-json.md,
+# history records); any other check reaches the verdict through its method results and timing.
+
+
+def _spf_of(outcomes: Mapping[str, object], name: str) -> SpfResult | None:
+    outcome = outcomes.get(name)
+    return outcome if isinstance(outcome, SpfResult) else None
+
+
+def _dmarc_of(outcomes: Mapping[str, object]) -> DmarcVerdict | None:
+    outcome = outcomes.get("dmarc")
+    return outcome if isinstance(outcome, DmarcVerdict) else None
+
+
+def _arc_of(outcomes: Mapping[str, object]) -> ArcResult | None:
+    outcome = outcomes.get("arc")
+    return outcome if isinstance(outcome, ArcResult) else None
+
+
+def _dkim_of(outcomes: Mapping[str, object]) -> tuple[DkimResult, ...]:
+    outcome = outcomes.get("dkim", ())
+    return tuple(r for r in outcome if isinstance(r, DkimResult)) if isinstance(outcome, tuple) else ()
 
 
 def _inbound_verdict(
     transaction: Transaction,
     config: Config,
-    spf: SpfResult | None,
-    helo: SpfResult | None,
-    dkim: tuple[DkimResult, ...],
-    dmarc: DmarcVerdict | None,
+    registry: Registry,
+    outcomes: Mapping[str, object],
+    timings: tuple[CheckTiming, ...],
     decision: Decision,
-    arc: ArcResult | None,
-    keys: KeyCache | None = None,
-    now: float | None = None,
 ) -> Verdict:
-    headers = transaction.message.headers
-    client_ip = transaction.connection.client_ip
-    applied = unenforced_disposition(dmarc, decision.action)
-    results = render_authentication_results(
-        config.authserv_id, spf, helo, dkim, dmarc, applied, arc, client_ip
+    decided = Decided(decision.action, transaction.connection.client_ip, outcomes)
+    results = tuple(
+        result
+        for registration in registry.header_order()
+        if registration.check.name in outcomes
+        for result in registration.check.method_results(outcomes[registration.check.name], decided)
     )
-    seal = None
-    delivered = decision.action in (Action.ACCEPT, Action.QUARANTINE)
-    if arc is not None and delivered and config.arc.seals(outbound=False):
-        seal = _seal(transaction, arc.result, results, config, keys, now)
     return Verdict(
-        spf=spf,
-        helo=helo,
-        dkim=dkim,
-        dmarc=dmarc,
+        spf=_spf_of(outcomes, "spf"),
+        helo=_spf_of(outcomes, "helo"),
+        dkim=_dkim_of(outcomes),
+        dmarc=_dmarc_of(outcomes),
         action=decision.action,
         reply=decision.reply,
         reason=decision.reason,
-        authentication_results=results,
-        forged_authentication_results=_removed_authentication_results(headers, config),
-        arc=arc,
-        arc_seal=seal.fields if seal else (),
+        authentication_results=render_authentication_results(config.authserv_id, results),
+        forged_authentication_results=_removed_authentication_results(transaction.message.headers, config),
+        results=results,
+        timings=timings,
+        arc=_arc_of(outcomes),
     )

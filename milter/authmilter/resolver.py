@@ -47,6 +47,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.zone
 
+from authmilter.settings import bounded, validate
+
 log = logging.getLogger(__name__)
 
 # RFC 2308 §5 lets a resolver cap negative caching; these bound what a hostile zone can make us keep.
@@ -672,12 +674,16 @@ class DnsSettings:
     """
 
     nameservers: tuple[str, ...] = ()
-    port: int = 53
-    timeout: float = 5.0
-    cache_size: int = 10000
+    port: int = bounded(53, 1, 65535)
+    timeout: float = bounded(5.0, 0.1, 60)
+    cache_size: int = bounded(10000, 0, 10_000_000)
     zone_files: tuple[str, ...] = ()
-    message_time_budget: float = 30.0
-    message_query_budget: int = 500
+    # Below Postfix's milter_content_timeout (300 s) with room for the last query's timeout.
+    message_time_budget: float = bounded(30.0, 1, 240)
+    message_query_budget: int = bounded(500, 10, 10_000)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def build_resolver(settings: DnsSettings, observer: DnsObserver | None = None) -> Resolver:

@@ -21,14 +21,15 @@ import dns.rdata
 import dns.rdatatype
 import spf
 
-from authmilter.model import AuthResult, SpfResult, SpfScope
+from authmilter.checks import Check, Decided, Outcomes, Question
+from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a_labels
+from authmilter.model import AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
+from authmilter.settings import bounded, validate
+from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
 
-# RFC 1035 §2.3.4: labels of 1..63 octets, names of at most 253 characters in text form.
-MAX_LABEL_LENGTH = 63
-MAX_NAME_LENGTH = 253
 # §4.3 multi-label, RFC 1035 §2.3.4 labels of 1..63 octets. DNS labels may hold any octet, but no
 # mail domain holds controls or spaces (RFC 5321 §4.1.2): printable ASCII ("!" to "~") but ".".
 _LABEL = rf"[!-\-/-~]{{1,{MAX_LABEL_LENGTH}}}"
@@ -66,11 +67,10 @@ class SpfSettings:
 
     enabled: bool = True
     check_helo: bool = True
-    timeout: float = 20.0
+    timeout: float = bounded(20.0, 1, 120)
 
     def __post_init__(self) -> None:
-        if not self.timeout > 0:
-            raise ValueError(f"SPF timeout must be positive seconds, not {self.timeout!r}")
+        validate(self)
 
 
 def check_mail_from(
@@ -120,12 +120,7 @@ def _split_reverse_path(mail_from: str) -> tuple[str | None, str]:
     A missing local-part becomes "postmaster" (RFC 7208 §4.3); a path without "@" is kept whole
     as the domain, as pyspf does, so that it is judged by the same domain rules.
     """
-    path = mail_from.strip()
-    if path.startswith("<") and path.endswith(">"):
-        path = path[1:-1].strip()
-    # RFC 5321 §4.1.1.2/§C: a source route ("@a,@b:user@c") is to be ignored.
-    if path.startswith("@") and ":" in path:
-        path = path.split(":", 1)[1]
+    path = path_address(mail_from)
     if not path:
         return None, ""
     # The domain follows the last "@": a quoted local-part may itself hold one.
@@ -211,6 +206,7 @@ def _none(domain: str, local: str, scope: SpfScope, why: str) -> SpfResult:
     return SpfResult(AuthResult.NONE, domain, scope, f"{local}@{domain}", why)
 
 
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)  # sender domains recur as client addresses do
 def _checkable_domain(domain: str) -> str | None:
     """The domain in A-labels, or None when RFC 7208 §4.3 says the result is "none".
 
@@ -218,23 +214,13 @@ def _checkable_domain(domain: str) -> str | None:
     multi-label gives none; internationalized names are checked as A-labels. An address literal
     (``[192.0.2.1]``, RFC 5321 §4.1.3) is not a domain name at all (§2.3).
     """
-    name = domain[:-1] if domain.endswith(".") else domain
-    if not name or name.startswith("["):
+    if domain.startswith("["):
         return None
-    # Python's "idna" codec returns an ASCII name unchanged once its label lengths pass, which
-    # _MULTI_LABEL_NAME checks anyway: only a name with U-labels needs the codec.
-    ascii_name = name if name.isascii() else _a_labels(name)
-    if ascii_name is None or len(ascii_name) > MAX_NAME_LENGTH or not _MULTI_LABEL_NAME.fullmatch(ascii_name):
-        return None
-    return ascii_name
-
-
-def _a_labels(name: str) -> str | None:
-    # IDNA 2003 ToASCII, which also rejects empty and over-long labels.
     try:
-        return name.encode("idna").decode("ascii")
-    except UnicodeError:
+        ascii_name = to_a_labels(domain)  # the one IDNA policy (domains.py); ASCII keeps its case
+    except DomainError:
         return None
+    return ascii_name if _MULTI_LABEL_NAME.fullmatch(ascii_name) else None
 
 
 def _pyspf_value(rdata: dns.rdata.Rdata) -> Any:
@@ -317,3 +303,80 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
             if self.cidrmatch(addresses, self.cidrmax):
                 validated.append(name)
         return validated
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks as the pipeline runs them (checks.py)
+
+
+class MailFromCheck(Check[SpfSettings, SpfResult]):
+    """SPF for the MAIL FROM identity (RFC 7208 §2.4)."""
+
+    name = "spf"
+    label = "SPF (MAIL FROM)"
+
+    def enabled(self, settings: SpfSettings) -> bool:
+        return settings.enabled
+
+    def prefetch(self, transaction: Transaction, settings: SpfSettings) -> list[Question]:
+        # RFC 7208 §4.4: the record is the TXT set at the identity's domain.
+        local, domain = _split_reverse_path(transaction.mail_from)
+        return _record_question(domain if local is not None else transaction.connection.helo)
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
+    ) -> SpfResult:
+        client = transaction.connection
+        return check_mail_from(client.client_ip, client.helo, transaction.mail_from, resolver, settings)
+
+    def failed(self, transaction: Transaction, settings: SpfSettings, reason: str) -> SpfResult:
+        local, domain = _split_reverse_path(transaction.mail_from)
+        if local is None:
+            local, domain = "postmaster", transaction.connection.helo
+        return SpfResult(AuthResult.TEMPERROR, domain, SpfScope.MFROM, f"{local}@{domain}", reason)
+
+    def method_results(self, outcome: SpfResult, decided: Decided) -> tuple[MethodResult, ...]:
+        return _mail_from_results(outcome)
+
+
+class HeloCheck(Check[SpfSettings, SpfResult]):
+    """SPF for the HELO identity (RFC 7208 §2.3), when ``check_helo`` is on."""
+
+    name = "helo"
+    label = "SPF (HELO)"
+
+    def enabled(self, settings: SpfSettings) -> bool:
+        return settings.enabled and settings.check_helo
+
+    def prefetch(self, transaction: Transaction, settings: SpfSettings) -> list[Question]:
+        return _record_question(transaction.connection.helo)
+
+    def evaluate(
+        self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
+    ) -> SpfResult:
+        connection = transaction.connection
+        return check_helo(connection.client_ip, connection.helo, resolver, settings)
+
+    def failed(self, transaction: Transaction, settings: SpfSettings, reason: str) -> SpfResult:
+        helo = transaction.connection.helo
+        return SpfResult(AuthResult.TEMPERROR, helo, SpfScope.HELO, f"postmaster@{helo}", reason)
+
+    def method_results(self, outcome: SpfResult, decided: Decided) -> tuple[MethodResult, ...]:
+        return _helo_results(outcome)
+
+
+def _record_question(domain: str) -> list[Question]:
+    name = _checkable_domain(domain)
+    return [] if name is None else [(name, dns.rdatatype.TXT)]
+
+
+# The same results recur message after message (results are frozen values).
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _mail_from_results(spf: SpfResult) -> tuple[MethodResult, ...]:
+    # RFC 8601 §2.7.2: smtp.mailfrom carries the MAIL FROM identity checked.
+    return (MethodResult("spf", spf.result, (("smtp", "mailfrom", spf.identity or spf.domain),)),)
+
+
+@lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _helo_results(helo: SpfResult) -> tuple[MethodResult, ...]:
+    return (MethodResult("spf", helo.result, (("smtp", "helo", helo.domain),)),)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from authmilter.domains import is_within, normalize, path_address
+
 # Bounds on what we read. No OpenDKIM table line needs more than a name, a domain, a selector and a
 # path (OpenDKIM's own line buffer is BUFRSZ, 2 KiB); the line count is far above any real table.
 MAX_LINES = 100_000
@@ -120,11 +122,6 @@ def _is_domain(text: str) -> bool:
 
 def _domain_of(identity: str) -> str:
     return identity.rpartition("@")[2]
-
-
-def _within(domain: str, parent: str) -> bool:
-    """``domain`` is ``parent`` or a subdomain of it (RFC 6376 §3.5, the i= and d= rule)."""
-    return domain == parent or domain.endswith("." + parent)
 
 
 # --- KeyTable -------------------------------------------------------------------------------------
@@ -402,13 +399,15 @@ class SigningTable:
             The signer, or None when the rule's key name is ``%`` and the KeyTable has no key
             named after this domain (log it: OpenDKIM treats it as an unknown key).
         """
-        domain = sender_domain.lower().rstrip(".")
+        domain = normalize(sender_domain)
+        if domain is None:
+            return None  # no domain name: nothing to sign for
         key = self.key_table.get(domain if rule.key_name == SENDER_DOMAIN else rule.key_name)
         if key is None:
             return None
         signing_domain = key.domain_for(domain)
         identity = rule.identity.replace(SENDER_DOMAIN, domain) if rule.identity else None
-        if identity is not None and not _within(_domain_of(identity).lower(), signing_domain):
+        if identity is not None and not is_within(_domain_of(identity).lower(), signing_domain):
             identity = None
         return Signer(rule=rule, key=key, domain=signing_domain, selector=key.selector, identity=identity)
 
@@ -465,7 +464,7 @@ def _check_identity(source: str, identity: str, key: KeyEntry | None) -> None:
     domain = _domain_of(identity).lower()
     if key is None or key.domain == SENDER_DOMAIN or SENDER_DOMAIN in domain:
         return  # known only per message: SigningTable.resolve drops an i= outside d=
-    if not _within(domain, key.domain):
+    if not is_within(domain, key.domain):
         raise TableError(
             source,
             f"identity '{identity}' is not within the key's domain '{key.domain}' "
@@ -483,12 +482,12 @@ def _duplicate_problem(rule: SigningRule, first: str, refile: bool) -> str:
 
 
 def _split_address(address: str) -> tuple[str, str] | None:
-    text = address.strip().removeprefix("<").removesuffix(">").lower()
+    text = path_address(address)
     user, at, domain = text.rpartition("@")
-    domain = domain.rstrip(".")
-    if not at or not domain or len(text) > MAX_LINE_LENGTH:
+    name = normalize(domain) if at and len(text) <= MAX_LINE_LENGTH else None
+    if name is None:
         return None
-    return user, domain
+    return user.lower(), name
 
 
 def _exact_keys(user: str, domain: str) -> tuple[str, ...]:
@@ -711,8 +710,8 @@ class HostSet:
     def _match_name(self, hostname: str) -> HostEntry | None:
         if not self._names:
             return None
-        name = hostname.strip().lower().rstrip(".")
-        if not name or name == "unknown" or name.startswith("[") or len(name) > 253:
+        name = normalize(hostname)
+        if name is None or name == "unknown" or name.startswith("["):
             return None
         labels = name.split(".")
         candidates = [name] + ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
@@ -753,10 +752,11 @@ def _parse_host_entry(source: str, body: str, wildcards: bool) -> str | Network:
         raise TableError(source, f"'{body}': use '.example.com' for every host under a domain{fix}")
     if _looks_like_address(body):
         return _parse_network(source, body)
-    name = body.lower().rstrip(".")
-    if not _is_domain(name.removeprefix(".")):
+    under = body.startswith(".")  # every host under the domain
+    name = normalize(body.removeprefix("."))
+    if name is None or not _is_domain(name):
         raise TableError(source, f"'{body}' is neither an IP address, a network nor a host name")
-    return name
+    return "." + name if under else name
 
 
 def _looks_like_address(text: str) -> bool:

@@ -77,7 +77,7 @@ def _publish(dns: AuthoritativeDns, domain: str, policy: str) -> Sender:
         @ TXT {zone_txt(spf_record(sender.client))}
         rsa._domainkey TXT {zone_txt(sender.rsa.txt_record())}
         ed._domainkey TXT {zone_txt(sender.ed25519.txt_record())}
-        _dmarc TXT {zone_txt(f"v=DMARC1; p={policy}")}
+        _dmarc TXT {zone_txt(f"v=DMARC1; p={policy}; rua=mailto:dmarc@{domain}")}
         """,
     )
     return sender

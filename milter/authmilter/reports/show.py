@@ -1,0 +1,76 @@
+"""``authmilter report show``: what the store holds per policy domain, before reports go out."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import UTC, datetime
+from typing import Any
+
+from authmilter.reports.aggregate import DomainSummary
+from authmilter.reports.store import PeriodState, Store
+
+
+def show(store: Store, *, since: int = 0, domain: str | None = None, as_json: bool = False) -> str:
+    """Per policy domain: messages, DMARC / aligned SPF / aligned DKIM / raw SPF and DKIM results,
+    dispositions, top source addresses, and its periods (how many not yet reported, where to).
+
+    Args:
+        store: the open store.
+        since: only periods that end after this time (seconds since the epoch).
+        domain: only this policy domain.
+        as_json: a JSON list instead of text.
+
+    Raises:
+        StoreError: the database failed.
+    """
+    periods: dict[str, list[PeriodState]] = {}
+    for state in store.periods(since, domain):
+        periods.setdefault(state.policy_domain, []).append(state)
+    summaries = store.summaries(since, domain)
+    if as_json:
+        return json.dumps([_as_json(s, periods.get(s.policy_domain, [])) for s in summaries], indent=2)
+    if not summaries:
+        return "no records in the report store" + (f" for {domain}" if domain else "")
+    return "\n\n".join(_as_text(s, periods.get(s.policy_domain, [])) for s in summaries)
+
+
+def _as_json(summary: DomainSummary, periods: list[PeriodState]) -> dict[str, Any]:
+    return {
+        **summary.as_json(),
+        "periods": [
+            {"begin": p.period.begin, "end": p.period.end, "report_id": p.report_id} for p in periods
+        ],
+        "rua": list(periods[-1].rua) if periods else [],
+    }
+
+
+def _as_text(summary: DomainSummary, periods: list[PeriodState]) -> str:
+    unreported = sum(1 for p in periods if p.report_id is None)
+    rua = periods[-1].rua if periods else ()
+    span = f"{_utc(periods[0].period.begin)} to {_utc(periods[-1].period.end)}" if periods else ""
+    lines = [
+        f"{summary.policy_domain}: {summary.messages} message(s), {span}, {len(periods)} period(s), "
+        f"{unreported} not yet reported",
+        f"  reports to    {', '.join(rua) if rua else '(no rua in the DMARC record: no report is sent)'}",
+        f"  DMARC         {_counts(summary.dmarc)}",
+        f"  SPF aligned   {_counts(summary.spf_aligned)}",
+        f"  DKIM aligned  {_counts(summary.dkim_aligned)}",
+        f"  SPF           {_counts(summary.spf)}",
+        f"  DKIM          {_counts(summary.dkim)}",
+        f"  disposition   {_counts(summary.dispositions)}",
+        f"  top sources   {_sources(summary.top_sources())}",
+    ]
+    return "\n".join(lines)
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in sorted(counter.items()))
+
+
+def _sources(top: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{ip or '(unknown)'} {count}" for ip, count in top)
+
+
+def _utc(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
