@@ -34,7 +34,7 @@ from authmilter.arc_seal import (
     seal_message,
 )
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
-from authmilter.checks import Decided, Registration, Registry
+from authmilter.checks import Decided, Question, Registration, Registry
 from authmilter.config import Config
 from authmilter.dkim_body import BodyHashSpec
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
@@ -62,6 +62,7 @@ from authmilter.model import (
     Verdict,
 )
 from authmilter.resolver import DnsBudget, Resolver
+from authmilter.resolver import cancel as cancel_prefetch
 from authmilter.spf_check import HeloCheck, MailFromCheck
 from authmilter.tables import HostEntry, KeyEntry
 from authmilter.transaction import Connection as Connection
@@ -375,7 +376,14 @@ def _evaluate(
     dns_config = config.dns
     budget = DnsBudget(dns_config.message_time_budget, dns_config.message_query_budget, transaction.queue_id)
     message_resolver = resolver.for_message(budget)
-    outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
+    # The names every check declares are asked together first, so the checks, which still ask in
+    # their own order (RFC 7208 §4.6.4's limits stay exact), mostly find them answered or on their way.
+    questions = prefetch_questions(registry, transaction, config)
+    prefetched = message_resolver.prefetch(questions, dns_config.prefetch_queries)
+    try:
+        outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
+    finally:
+        cancel_prefetch(prefetched)
     decision = _decide(transaction, outcomes, config)
     if decision.action in (Action.REJECT, Action.QUARANTINE):
         decision = _trusted_forwarder_override(transaction, outcomes, decision, message_resolver, config)
@@ -442,6 +450,29 @@ def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> 
         if outcome is not None:
             early[registration.check.name] = outcome
     return early
+
+
+def prefetch_questions(registry: Registry, transaction: Transaction, config: Config) -> list[Question]:
+    """The DNS questions the enabled checks declare for this message (:meth:`Check.prefetch`).
+
+    Only a hint: a check whose declaration fails (a hostile header it cannot read) declares
+    nothing here and meets the problem again, contained, when it runs.
+    """
+    questions: list[Question] = []
+    for registration in registry:
+        settings = registration.settings(config)
+        if not registration.check.enabled(settings):
+            continue
+        try:
+            questions.extend(registration.check.prefetch(transaction, settings))
+        except Exception as e:
+            log.debug(
+                "queue_id=%s %s declared no DNS names: %s",
+                transaction.queue_id or "-",
+                registration.check.name,
+                e,
+            )
+    return questions
 
 
 def run_checks(

@@ -21,6 +21,7 @@ import copy
 import ipaddress
 import logging
 import math
+import os
 import random
 import re
 import socket
@@ -29,6 +30,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -501,6 +503,37 @@ class _Counts:
         self.sent = 0
 
 
+class _InFlight:
+    """One lookup on its way: its answer and expiry once ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer = tempfail("the lookup this one waited for failed")
+        self.expires = 0.0
+
+
+# Threads that run prefetched lookups, per process (a worker forked from the supervisor makes its own):
+# each blocks on one query at a time, so this bounds the queries a process has on their way for
+# prefetches of all its messages together.
+PREFETCH_THREADS = 16
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _prefetch_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="dns-prefetch"))
+        return _pool[1]
+
+
+def cancel(prefetched: Iterable[Future[DnsAnswer]]) -> None:
+    """Drop the prefetched lookups that have not started (those on their way finish into the cache)."""
+    for future in prefetched:
+        future.cancel()
+
+
 class Resolver:
     """The resolver all checks share: one source behind a TTL-honouring LRU cache.
 
@@ -533,6 +566,9 @@ class Resolver:
         self._tracking = threading.local()
         self._counts = _Counts()  # shared with the views for_message() makes
         self._budget: DnsBudget | None = None
+        # Lookups on their way, by cache key: a second asker waits for the first's answer instead of
+        # sending the same query (a prefetched name asked again by its check before it is answered).
+        self._inflight: dict[tuple[str, int], _InFlight] = {}
 
     @property
     def queries(self) -> int:
@@ -574,13 +610,41 @@ class Resolver:
         except (dns.exception.DNSException, ValueError, UnicodeError) as e:
             # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
             return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
-        refused = self._budget.charge() if self._budget is not None else ""
-        if refused:
-            answer = tempfail(refused)
-            self._used(now, answer)
-            if self._observer is not None:
-                self._observer.budget_refused()
-            return answer
+        with self._lock:
+            pending = self._inflight.get(key)
+        if pending is None:
+            # Charged before the lookup is shared: a message whose budget is spent gets its own
+            # TEMPFAIL, never another message's, and waiting for a lookup on its way costs nothing.
+            refused = self._budget.charge() if self._budget is not None else ""
+            if refused:
+                answer = tempfail(refused)
+                self._used(now, answer)
+                if self._observer is not None:
+                    self._observer.budget_refused()
+                return answer
+            with self._lock:
+                pending = self._inflight.get(key)
+                owner = pending is None
+                if pending is None:
+                    pending = self._inflight[key] = _InFlight()
+        else:
+            owner = False
+        if not owner:
+            pending.done.wait()
+            self._used(pending.expires, pending.answer)
+            return pending.answer
+        try:
+            pending.answer, pending.expires = self._send(key, qname, qtype, now)
+        finally:
+            with self._lock:
+                del self._inflight[key]
+            pending.done.set()
+        return pending.answer
+
+    def _send(
+        self, key: tuple[str, int], qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
+    ) -> tuple[DnsAnswer, float]:
+        """Ask the source and cache the answer; the answer and its expiry."""
         with self._lock:
             self._counts.sent += 1
         answer = self._ask(qname, qtype)
@@ -592,7 +656,25 @@ class Resolver:
                 self._cache.move_to_end(key)
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
-        return answer
+        return answer, expires
+
+    def prefetch(
+        self, questions: Iterable[tuple[str, dns.rdatatype.RdataType]], limit: int
+    ) -> list[Future[DnsAnswer]]:
+        """Start asking up to ``limit`` of ``questions`` in parallel, without waiting for them.
+
+        The answers land in the cache; a check asking one of these names meanwhile joins the lookup
+        on its way instead of sending it again, so each name is asked once and the message waits
+        about one round trip for all of them instead of one per name. The caller cancels what has
+        not started once it no longer needs it (:func:`cancel`). Nothing is started with the cache
+        off (the answers would have nowhere to go).
+        """
+        if self._cache_size <= 0 or limit <= 0:
+            return []
+        pool = _prefetch_pool()
+        return [
+            pool.submit(self.query, name, rdtype) for name, rdtype in list(dict.fromkeys(questions))[:limit]
+        ]
 
     def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> DnsAnswer:
         if self._observer is None:
@@ -671,6 +753,9 @@ class DnsSettings:
             PTR up to 10 address lookups: 111 each), DKIM keys (``max_signatures``, at most 50) and
             DMARC (5 Author Domains x (8-query walk + 3 existence queries) + 11 identifier walks
             x 8): about 420.
+        prefetch_queries: at most this many of the names the checks declare (SPF records, DKIM
+            keys, the DMARC records) are asked in parallel when a message's checks start
+            (:meth:`Resolver.prefetch`); 0: each check asks its names when it runs.
     """
 
     nameservers: tuple[str, ...] = ()
@@ -681,6 +766,7 @@ class DnsSettings:
     # Below Postfix's milter_content_timeout (300 s) with room for the last query's timeout.
     message_time_budget: float = bounded(30.0, 1, 240)
     message_query_budget: int = bounded(500, 10, 10_000)
+    prefetch_queries: int = bounded(8, 0, 64)
 
     def __post_init__(self) -> None:
         validate(self)
