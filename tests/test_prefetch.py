@@ -133,3 +133,11 @@ def test_prefetch_is_bounded_per_message(server: AuthoritativeDns) -> None:
     for future in resolver.prefetch(questions, limit=5):
         future.result()
     assert resolver.queries == 5
+
+
+def test_names_already_cached_are_not_handed_to_the_prefetch_threads(server: AuthoritativeDns) -> None:
+    resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
+    name = f"reject.{ZONE}"
+    resolver.txt(name)
+    assert resolver.prefetch([(name, dns.rdatatype.TXT)], limit=8) == []
+    assert resolver.queries == 1

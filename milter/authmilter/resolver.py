@@ -641,6 +641,17 @@ class Resolver:
             pending.done.set()
         return pending.answer
 
+    def _cached(self, name: str, rdtype: dns.rdatatype.RdataType) -> bool:
+        """A fresh answer for the question is in the cache (an invalid name counts as cached:
+        there is nothing to ask, and its check answers it without DNS)."""
+        try:
+            key = (_cache_key(name), int(rdtype))
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return True
+        with self._lock:
+            hit = self._cache.get(key)
+        return hit is not None and hit[0] > self._clock()
+
     def _send(
         self, key: tuple[str, int], qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
     ) -> tuple[DnsAnswer, float]:
@@ -671,10 +682,11 @@ class Resolver:
         """
         if self._cache_size <= 0 or limit <= 0:
             return []
+        wanted = [question for question in dict.fromkeys(questions) if not self._cached(*question)][:limit]
+        if not wanted:
+            return []  # a repeat sender: handing cache hits to other threads would only cost
         pool = _prefetch_pool()
-        return [
-            pool.submit(self.query, name, rdtype) for name, rdtype in list(dict.fromkeys(questions))[:limit]
-        ]
+        return [pool.submit(self.query, name, rdtype) for name, rdtype in wanted]
 
     def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> DnsAnswer:
         if self._observer is None:
