@@ -195,6 +195,18 @@ def wait_for_milter(address: MilterAddress, alive: Callable[[], bool], log: Path
 # --- Postfix, sink, DNS ------------------------------------------------------------------------------
 
 
+def start_logged(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A child with no input, its output appended to ``log_path``, killed when this process dies."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+
+
 class BenchPostfix(PostfixInstance):
     """The harness's private Postfix with one more smtpd port per milter set-up.
 
@@ -241,21 +253,17 @@ class SinkProcess:
 
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(_paths.INTEGRATION / "sink.py"),
-                    "--listen",
-                    f"127.0.0.1:{self.port}",
-                    "--dir",
-                    str(self.directory),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        self._process = start_logged(
+            [
+                sys.executable,
+                str(_paths.INTEGRATION / "sink.py"),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--dir",
+                str(self.directory),
+            ],
+            self.log,
+        )
         if not _wait_for(lambda: smtp_banner_ready("127.0.0.1", self.port), READY_TIMEOUT):
             raise HarnessError(f"sink did not greet:\n{tail(self.log)}")
 
@@ -349,14 +357,10 @@ class DnsProxy:
             "--control",
             str(self.control),
         ]
-        with self.log.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        self._process = start_logged(
+            command,
+            self.log,
+        )
         if not _wait_for(self._answers, READY_TIMEOUT):
             raise HarnessError(f"the DNS proxy did not start:\n{tail(self.log)}")
 
@@ -493,14 +497,10 @@ class DebianMilter:
             str(config),
             "-f",
         ]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
+        self._process = start_logged(
+            command,
+            self.log_path,
+        )
         wait_for_milter(self.address, lambda: self.running, self.log_path)
 
     @property
