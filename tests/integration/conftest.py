@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,21 @@ def sink_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkServer
         sink.stop()
 
 
+@contextmanager
+def _serving(mta: PostfixInstance | SendmailInstance, log_name: str) -> Iterator[None]:
+    """The private MTA running while the block runs; its log attached to failed tests' reports."""
+    _LOGS[log_name] = mta.log_path
+    try:
+        mta.start()
+        yield
+    except HarnessError as e:
+        raise _fail(e) from None
+    finally:
+        mta.stop()
+        mta.remove()
+        _LOGS[log_name] = mta.log_path
+
+
 @pytest.fixture(scope="session")
 def local_postfix(
     tmp_path_factory: pytest.TempPathFactory, sink_server: SinkServer
@@ -124,16 +140,8 @@ def local_postfix(
         )
     except HarnessError as e:
         raise _fail(e) from None
-    _LOGS["postfix maillog"] = postfix.log_path
-    try:
-        postfix.start()
+    with _serving(postfix, "postfix maillog"):
         yield LocalPostfix(postfix, MessageStore(sink_server.store_directory), milter_port)
-    except HarnessError as e:
-        raise _fail(e) from None
-    finally:
-        postfix.stop()
-        postfix.remove()
-        _LOGS["postfix maillog"] = postfix.log_path
 
 
 @pytest.fixture(scope="session")
@@ -153,16 +161,8 @@ def local_sendmail(
         )
     except HarnessError as e:
         raise _fail(e) from None
-    _LOGS["sendmail maillog"] = sendmail.log_path
-    try:
-        sendmail.start()
+    with _serving(sendmail, "sendmail maillog"):
         yield LocalSendmail(sendmail, MessageStore(sink_server.store_directory), milter_port)
-    except HarnessError as e:
-        raise _fail(e) from None
-    finally:
-        sendmail.stop()
-        sendmail.remove()
-        _LOGS["sendmail maillog"] = sendmail.log_path
 
 
 def _authmilter(
