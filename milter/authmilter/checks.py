@@ -1,9 +1,10 @@
 """The interface every check implements, and the registry that orders them.
 
 A check (SPF, HELO, DKIM, ARC, DMARC; later iprev...) is one module holding one :class:`Check`
-subclass: its name, the checks whose outcomes it reads (``requires``), the DNS names it could ask
-for before it runs (:meth:`Check.prefetch`), how it evaluates, what it stands for when it fails
-(:meth:`Check.failed`), and its per-method results for Authentication-Results
+subclass: its name, the checks whose outcomes it reads (``requires``), the DNS names it will ask
+for, declared as soon as the transaction tells them (:meth:`Check.envelope_questions` at MAIL
+FROM, :meth:`Check.field_questions` as each header field arrives), how it evaluates, what it
+stands for when it fails (:meth:`Check.failed`), and its per-method results for Authentication-Results
 (:meth:`Check.method_results`, given the :class:`Decided` context), which the one renderer
 (authresults.py) writes.
 
@@ -25,9 +26,10 @@ from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import dns.rdatatype
 
+from authmilter.message import HeaderField
 from authmilter.model import Action, MethodResult
 from authmilter.resolver import Resolver
-from authmilter.transaction import Transaction
+from authmilter.transaction import Connection, Transaction
 
 SettingsT = TypeVar("SettingsT")  # the check's settings (its own dataclass, composed by config.py)
 OutcomeT = TypeVar("OutcomeT")  # the check's outcome (a typed result from model.py)
@@ -61,6 +63,8 @@ class Check(Generic[SettingsT, OutcomeT]):
         name: the registry name (also the key of its outcome and timing).
         label: how logs name it (the DNS budget says which check used it up).
         requires: names of checks that must come earlier (their outcomes are in ``earlier``).
+        prefetch_fields: header field names (lower case) that tell the check a DNS name
+            (:meth:`field_questions`), e.g. ``{"from"}``.
         results_after: names of checks whose resinfos come before this one's in the header,
             though this one runs first (ARC runs before DMARC, and is written after it).
     """
@@ -69,14 +73,34 @@ class Check(Generic[SettingsT, OutcomeT]):
     label: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ()
     results_after: ClassVar[tuple[str, ...]] = ()
+    prefetch_fields: ClassVar[frozenset[str]] = frozenset()
 
     def enabled(self, settings: SettingsT) -> bool:
         """Whether the check runs at all with these settings (default: always)."""
         return True
 
-    def prefetch(self, transaction: Transaction, settings: SettingsT) -> list[Question]:
-        """DNS names the check will ask for, known before it runs (none by default)."""
+    def envelope_questions(
+        self, connection: Connection, mail_from: str, settings: SettingsT
+    ) -> list[Question]:
+        """DNS names the check will ask for, known at MAIL FROM (none by default).
+
+        Only a hint for prefetching (the check still asks in its own order): a record, never
+        what evaluating it would ask next.
+        """
         return []
+
+    def field_questions(self, field: HeaderField, settings: SettingsT) -> list[Question]:
+        """DNS names a header field named in ``prefetch_fields`` tells (none by default)."""
+        return []
+
+    def prefetch(self, transaction: Transaction, settings: SettingsT) -> list[Question]:
+        """Every name the whole message tells at once: its envelope's, then its fields' (a message
+        read whole, as ``authmilter check`` does, tells them all at end of message)."""
+        questions = self.envelope_questions(transaction.connection, transaction.mail_from, settings)
+        for field in transaction.message.headers.fields:
+            if field.name.lower() in self.prefetch_fields:
+                questions.extend(self.field_questions(field, settings))
+        return questions
 
     def precheck(self, transaction: Transaction, settings: SettingsT) -> OutcomeT | None:
         """An outcome known without DNS that may decide the message at once, else None (default)."""

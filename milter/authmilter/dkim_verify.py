@@ -41,6 +41,7 @@ from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
+from authmilter.message import HeaderField
 from authmilter.model import AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
@@ -625,20 +626,19 @@ class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
 
     name = "dkim"
     label = "DKIM"
+    prefetch_fields = frozenset({"dkim-signature"})
 
     def enabled(self, settings: DkimSettings) -> bool:
         return settings.enabled
 
-    def prefetch(self, transaction: Transaction, settings: DkimSettings) -> list[Question]:
-        # RFC 6376 §3.6.2.1: each signature's key is the TXT set at s=._domainkey.d=.
-        fields = transaction.message.headers.get_all("DKIM-Signature")[: settings.max_signatures]
-        questions = []
-        for field in fields:
-            tags = _lenient_tags(field.value.encode("latin-1"))
-            selector, domain = _text(tags.get(b"s", b"")), _text(tags.get(b"d", b""))
-            if selector and domain:
-                questions.append((f"{selector}._domainkey.{domain}", dns.rdatatype.TXT))
-        return list(dict.fromkeys(questions))
+    def field_questions(self, field: HeaderField, settings: DkimSettings) -> list[Question]:
+        # RFC 6376 §3.6.2.1: each signature's key is the TXT set at s=._domainkey.d=; signatures
+        # past max_signatures are not verified, so their keys are not asked.
+        if field.index > settings.max_signatures:
+            return []
+        tags = _lenient_tags(field.value.encode("latin-1"))
+        selector, domain = _text(tags.get(b"s", b"")), _text(tags.get(b"d", b""))
+        return [(f"{selector}._domainkey.{domain}", dns.rdatatype.TXT)] if selector and domain else []
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DkimSettings

@@ -67,7 +67,7 @@ import dns.rdatatype
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import is_within, normalize
-from authmilter.message import FromAuthors
+from authmilter.message import FromAuthors, HeaderField, MessageHeaders, parse_from
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
     Action,
@@ -772,6 +772,7 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
     name = "dmarc"
     label = "DMARC"
     requires = ("spf", "dkim")
+    prefetch_fields = frozenset({"from"})
 
     def enabled(self, settings: DmarcSettings) -> bool:
         return settings.enabled
@@ -781,12 +782,13 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         # several From fields, more than MAX_AUTHOR_DOMAINS domains (§11.5).
         return unusable_from(transaction.authors)
 
-    def prefetch(self, transaction: Transaction, settings: DmarcSettings) -> list[Question]:
-        # RFC 9989 §4.10: the walk starts at the Author Domain's own _dmarc name.
-        if self.precheck(transaction, settings) is not None:
+    def field_questions(self, field: HeaderField, settings: DmarcSettings) -> list[Question]:
+        # RFC 9989 §4.10: the walk starts at the Author Domain's own _dmarc name; a From the
+        # precheck refuses (its structural caps, §11.5) is asked nothing.
+        authors = parse_from(MessageHeaders((field,)))
+        if unusable_from(authors) is not None:
             return []
-        domains = _author_domains(transaction.authors.domains)
-        return [(f"_dmarc.{domain}", dns.rdatatype.TXT) for domain in domains]
+        return [(f"_dmarc.{domain}", dns.rdatatype.TXT) for domain in _author_domains(authors.domains)]
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings

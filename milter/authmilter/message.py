@@ -156,7 +156,7 @@ class HeaderCollector:
 
     def add(
         self, raw_name: str | bytes, raw_value: str | bytes, *, leading_space_included: bool = False
-    ) -> None:
+    ) -> HeaderField | None:
         """Add one field as a milter ``header`` callback received it.
 
         Args:
@@ -165,16 +165,19 @@ class HeaderCollector:
                 as they are; continuation lines separated by LF or CRLF.
             leading_space_included: the milter negotiated SMFIP_HDR_LEADSPC, so the value keeps
                 its leading whitespace; otherwise the MTA ate one space and it is put back.
+
+        Returns:
+            The field as kept, or None when it is not kept (past the limit).
         """
         name = _wire_text(raw_name).rstrip(" \t")
         key = name.lower()
         if not self._keeps(key):  # a field that is not kept needs no decoding
             self._count(key, kept=False)
-            return
+            return None
         value = _wire_text(raw_value)
         if "\n" in value:  # folded: most fields are not, and the regex costs more than this test
             value = _BARE_LF_TEXT.sub("\r\n", value)
-        self._append(name, key, value if leading_space_included else " " + value)
+        return self._append(name, key, value if leading_space_included else " " + value)
 
     def keeps(self, name: str) -> bool:
         """Whether the next field, with this name, will be kept.
@@ -206,8 +209,10 @@ class HeaderCollector:
             return True
         return key in KEY_FIELDS and len(self._fields) < 2 * self._max_headers
 
-    def _append(self, name: str, key: str, value: str) -> None:
-        self._fields.append(HeaderField(name, value, self._count(key, kept=True)))
+    def _append(self, name: str, key: str, value: str) -> HeaderField:
+        field = HeaderField(name, value, self._count(key, kept=True))
+        self._fields.append(field)
+        return field
 
     def _count(self, key: str, kept: bool) -> int:
         """Count a field; returns its 1-based index among fields of that name."""

@@ -34,7 +34,7 @@ import resource
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Concatenate, ParamSpec, Protocol
 
@@ -46,6 +46,7 @@ from authmilter.arc_seal import ARC_SET_FIELDS
 from authmilter.authresults import (
     HEADER_NAME,
 )
+from authmilter.checks import Question
 from authmilter.config import Config
 from authmilter.connection_socket import (
     ListenerIdentity,
@@ -63,7 +64,7 @@ from authmilter.metrics import Metrics
 from authmilter.model import Action, Verdict
 from authmilter.pipeline import evaluate, failure_verdict, ignored_host
 from authmilter.quickack import QuickAck
-from authmilter.resolver import Resolver, build_resolver
+from authmilter.resolver import Prefetch, Resolver, build_resolver
 from authmilter.session import Session
 from authmilter.tables import IPV4_MAPPED_PREFIX, packed_client_ip
 from authmilter.transaction import Transaction
@@ -423,8 +424,11 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if self._metrics is not None:
             self._metrics.connection_opened()
         self._config = runtime.config
-        # The connection and its current message, fed by the callbacks below.
-        self._session = Session(runtime.config)
+        # The connection and its current message, fed by the callbacks below; the DNS names the
+        # message tells are prefetched as they come (_prefetch), cancelled when it ends.
+        prefetching = runtime.config.dns.prefetch_queries > 0
+        self._session = Session(runtime.config, self._prefetch if prefetching else None)
+        self._lookups: Prefetch | None = None
         # Header changes were sent for the current message: a failure after that must not resend them.
         self._modifying = False
         self._quickack = quickack or QuickAck(None)
@@ -577,7 +581,10 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if self._session.failure:
             return self._end_failed_message(started)
         transaction = self._session.transaction()
-        verdict = evaluate(transaction, self._runtime.resolver, self._config, self._runtime.keys)
+        prefetched = self._lookups.sent if self._lookups is not None else 0
+        verdict = evaluate(
+            transaction, self._runtime.resolver, self._config, self._runtime.keys, prefetched=prefetched
+        )
         code = self._apply(verdict)
         if self._metrics is not None:
             self._metrics.message(verdict)
@@ -680,9 +687,17 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     # --- helpers -----------------------------------------------------------------------------
 
+    def _prefetch(self, questions: Sequence[Question]) -> None:
+        if self._lookups is None:
+            self._lookups = self._runtime.resolver.prefetch(self._config.dns.prefetch_queries)
+        self._lookups.start(questions)
+
     def _reset_message(self) -> None:
         if self._session.in_message:
             _messages.ended()
+        if self._lookups is not None:  # the queries no check read: their sockets are closed
+            self._lookups.cancel()
+            self._lookups = None
         self._session.abort()
         self._modifying = False
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 from authmilter.actions import Decision, decide_action, internal_error_decision
 from authmilter.arc_check import ArcCheck, ArcCheckSettings, arc_body_hashes, trusted_forwarder, with_override
@@ -34,7 +35,7 @@ from authmilter.arc_seal import (
     seal_message,
 )
 from authmilter.authresults import find_forged_authentication_results, render_authentication_results
-from authmilter.checks import Decided, Question, Registration, Registry
+from authmilter.checks import Check, Decided, Question, Registration, Registry
 from authmilter.config import Config
 from authmilter.dkim_body import BodyHashSpec
 from authmilter.dkim_sign import HEADER_NAME as SIGNATURE_HEADER
@@ -49,7 +50,7 @@ from authmilter.dkim_sign import (
 from authmilter.dkim_verify import DkimCheck, body_hashes_needed
 from authmilter.dmarc import DmarcCheck
 from authmilter.keys import KeyCache, PrivateKey
-from authmilter.message import MessageHeaders
+from authmilter.message import HeaderField, MessageHeaders
 from authmilter.model import (
     Action,
     ArcResult,
@@ -62,7 +63,6 @@ from authmilter.model import (
     Verdict,
 )
 from authmilter.resolver import DnsBudget, Resolver
-from authmilter.resolver import cancel as cancel_prefetch
 from authmilter.spf_check import HeloCheck, MailFromCheck
 from authmilter.tables import HostEntry, KeyEntry
 from authmilter.transaction import Connection as Connection
@@ -232,6 +232,7 @@ def evaluate(
     keys: KeyCache | None = None,
     now: float | None = None,
     registry: Registry = CHECKS,
+    prefetched: int | None = None,
 ) -> Verdict:
     """Check (inbound) or sign (outbound) one message and decide what to do with it.
 
@@ -242,6 +243,10 @@ def evaluate(
         keys: the worker's key cache, for outbound mail; None loads keys for this call only.
         now: the signing time for outbound mail; None = the clock.
         registry: the checks of inbound mail (a test may add its own).
+        prefetched: queries already prefetched for this message as its callbacks told the names
+            (:func:`envelope_questions`, :func:`field_questions`; they count against its DNS
+            budget); None: a message read whole, whose names are all prefetched now, up to
+            ``[dns] prefetch_queries``.
 
     Returns:
         The verdict. Never raises: an internal failure (a key file gone unreadable included)
@@ -252,7 +257,7 @@ def evaluate(
         why_outbound = outbound_reason(transaction.connection, config)
         if why_outbound:
             return _evaluate_outbound(transaction, config, why_outbound, keys, now)
-        return _evaluate(transaction, resolver, config, registry, keys, now)
+        return _evaluate(transaction, resolver, config, registry, keys, now, prefetched)
     except Exception as e:
         log.exception(
             "queue_id=%s internal error checking the message from %s: %s",
@@ -365,6 +370,7 @@ def _evaluate(
     registry: Registry,
     keys: KeyCache | None,
     now: float | None,
+    prefetched: int | None,
 ) -> Verdict:
     early = _prechecks(transaction, config, registry)
     if early:
@@ -374,16 +380,21 @@ def _evaluate(
         if decision.action is Action.REJECT:
             return _inbound_verdict(transaction, config, registry, early, (), decision)
     dns_config = config.dns
-    budget = DnsBudget(dns_config.message_time_budget, dns_config.message_query_budget, transaction.queue_id)
+    budget = DnsBudget(
+        dns_config.message_time_budget,
+        dns_config.message_query_budget,
+        transaction.queue_id,
+        sent=prefetched or 0,
+    )
     message_resolver = resolver.for_message(budget)
-    # The names every check declares are asked together first, so the checks, which still ask in
-    # their own order (RFC 7208 §4.6.4's limits stay exact), mostly find them answered or on their way.
-    questions = prefetch_questions(registry, transaction, config)
-    prefetched = message_resolver.prefetch(questions, dns_config.prefetch_queries)
-    try:
+    whole = prefetched is None
+    with message_resolver.prefetch(dns_config.prefetch_queries if whole else 0) as lookups:
+        # A message read whole tells all its names now: they are asked together first, so the
+        # checks, which still ask in their own order (RFC 7208 §4.6.4's limits stay exact), mostly
+        # find them answered or on their way.
+        if whole:
+            lookups.start(prefetch_questions(registry, transaction, config))
         outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
-    finally:
-        cancel_prefetch(prefetched)
     decision = _decide(transaction, outcomes, config)
     if decision.action in (Action.REJECT, Action.QUARANTINE):
         decision = _trusted_forwarder_override(transaction, outcomes, decision, message_resolver, config)
@@ -453,7 +464,50 @@ def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> 
 
 
 def prefetch_questions(registry: Registry, transaction: Transaction, config: Config) -> list[Question]:
-    """The DNS questions the enabled checks declare for this message (:meth:`Check.prefetch`).
+    """The DNS questions the enabled checks declare for a whole message (:meth:`Check.prefetch`)."""
+    return _declared(
+        registry, config, transaction.queue_id, lambda check, settings: check.prefetch(transaction, settings)
+    )
+
+
+def envelope_questions(
+    connection: Connection, mail_from: str, config: Config, registry: Registry = CHECKS
+) -> list[Question]:
+    """The DNS questions the enabled checks declare at MAIL FROM (see :meth:`Check.envelope_questions`)."""
+
+    def declare(check: Check[Any, Any], settings: Any) -> list[Question]:
+        return check.envelope_questions(connection, mail_from, settings)
+
+    return _declared(registry, config, "", declare)
+
+
+def field_questions(field: HeaderField, config: Config, registry: Registry = CHECKS) -> list[Question]:
+    """The DNS questions the enabled checks declare for one header field (see
+    :meth:`Check.field_questions`)."""
+    name = field.name.lower()
+
+    def declare(check: Check[Any, Any], settings: Any) -> list[Question]:
+        return check.field_questions(field, settings) if name in check.prefetch_fields else []
+
+    return _declared(registry, config, "", declare)
+
+
+def prefetch_fields(config: Config, registry: Registry = CHECKS) -> frozenset[str]:
+    """The header field names (lower case) that tell an enabled check a DNS name."""
+    names: set[str] = set()
+    for registration in registry:
+        if registration.check.enabled(registration.settings(config)):
+            names |= registration.check.prefetch_fields
+    return frozenset(names)
+
+
+def _declared(
+    registry: Registry,
+    config: Config,
+    queue_id: str,
+    declare: Callable[[Check[Any, Any], Any], list[Question]],
+) -> list[Question]:
+    """What ``declare`` gives for each enabled check, in registry order.
 
     Only a hint: a check whose declaration fails (a hostile header it cannot read) declares
     nothing here and meets the problem again, contained, when it runs.
@@ -464,14 +518,9 @@ def prefetch_questions(registry: Registry, transaction: Transaction, config: Con
         if not registration.check.enabled(settings):
             continue
         try:
-            questions.extend(registration.check.prefetch(transaction, settings))
+            questions.extend(declare(registration.check, settings))
         except Exception as e:
-            log.debug(
-                "queue_id=%s %s declared no DNS names: %s",
-                transaction.queue_id or "-",
-                registration.check.name,
-                e,
-            )
+            log.debug("queue_id=%s %s declared no DNS names: %s", queue_id or "-", registration.check.name, e)
     return questions
 
 

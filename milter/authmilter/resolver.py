@@ -21,7 +21,6 @@ import copy
 import ipaddress
 import logging
 import math
-import os
 import random
 import re
 import socket
@@ -30,7 +29,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -138,6 +136,8 @@ _OPT_RECORD = b"\x00" + struct.pack("!HHIH", dns.rdatatype.OPT, _EDNS_UDP_PAYLOA
 _MAX_DATAGRAM = 65535
 # Seconds for one try at one server; the rest of ``timeout`` goes to retries and other servers.
 _TRY_TIMEOUT = 2.0
+# Datagrams a try reads once its time is over (its answer among strays or spoofs) before it gives up.
+_MAX_LATE_DATAGRAMS = 64
 
 
 class _Failed(Exception):
@@ -183,16 +183,49 @@ class NameserverSource:
         self.description = ",".join(f"{address} port {server_port}" for address, server_port in self._servers)
 
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        return self._resolve(name, rdtype, None)
+
+    def send(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> SentQuery | None:
+        """Send the first try of a lookup to the first server and return at once.
+
+        The answer waits in the socket's buffer until :meth:`receive` reads it; no thread waits
+        for it. The caller must pass the query to :meth:`receive` or close it.
+
+        Returns:
+            The query on its way, or None when it could not be sent (the lookup then goes the
+            normal way when it is needed).
+        """
+        try:
+            return _send_query(self._servers[0], name, rdtype)
+        except (OSError, IndexError):
+            return None
+
+    def receive(self, sent: SentQuery, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        """The answer to a query :meth:`send` sent, as :meth:`lookup` would give it.
+
+        Waits only for what is left of the first try's 2 s (an answer already in the buffer is
+        read even when that time is over); should that try fail or time out, the lookup goes on
+        as :meth:`lookup` does (the next servers, further rounds), within ``timeout`` from now.
+        The socket is closed in every case.
+        """
+        return self._resolve(name, rdtype, sent)
+
+    def _resolve(
+        self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, sent: SentQuery | None
+    ) -> DnsAnswer:
+        """The lookup loop; ``sent`` is a first try already sent to the first server."""
         deadline = time.monotonic() + self._timeout
         servers = list(self._servers)
         failures: list[str] = []
         while servers:
             for server in list(servers):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return tempfail(f"timeout asking {self.description}", timed_out=True)
+                attempt, sent = sent, None
                 try:
-                    response = self._exchange(server, name, rdtype, min(_TRY_TIMEOUT, remaining))
+                    if attempt is None:
+                        if deadline - time.monotonic() <= 0:
+                            return tempfail(f"timeout asking {self.description}", timed_out=True)
+                        attempt = _send_query(server, name, rdtype)
+                    response = _read_answer(attempt, name, rdtype, deadline)
                 except TimeoutError:
                     continue
                 except (_Failed, OSError, EOFError, dns.exception.DNSException) as e:
@@ -202,44 +235,100 @@ class NameserverSource:
                 return _answer(response, name, rdtype)
         return tempfail(f"no nameserver answered ({'; '.join(failures)})")
 
-    @staticmethod
-    def _exchange(
-        server: tuple[str, int], name: dns.name.Name, rdtype: dns.rdatatype.RdataType, timeout: float
-    ) -> dns.message.Message:
-        """One try: the server's usable answer (NOERROR or NXDOMAIN).
+
+class SentQuery:
+    """One try of a lookup, sent on its own socket, its answer not read yet.
+
+    Attributes:
+        server: the (address, port) asked.
+        started: ``time.perf_counter()`` when it was sent (metrics time the lookup from there).
+    """
+
+    __slots__ = ("_expires", "_question", "_udp", "_wire", "server", "started")
+
+    def __init__(self, udp: socket.socket, server: tuple[str, int], wire: bytes, question: bytes) -> None:
+        self._udp = udp
+        self.server = server
+        self._wire = wire
+        self._question = question
+        self._expires = time.monotonic() + _TRY_TIMEOUT
+        self.started = time.perf_counter()
+
+    def datagram(self, deadline: float) -> bytes:
+        """The server's answer, waiting until the try's 2 s or ``deadline`` are over, whichever
+        comes first; datagrams that arrived before are read even when that time has passed.
 
         Raises:
-            TimeoutError: no answer within ``timeout``.
-            _Failed, OSError, dns.exception.DNSException: the answer cannot be used.
+            TimeoutError: no answer in time.
+            OSError: the socket failed.
         """
-        query_id = random.getrandbits(16)
-        question = cast(bytes, name.to_wire()) + _QUESTION_TAIL.pack(rdtype, dns.rdataclass.IN)
-        wire = _HEADER.pack(query_id, _RECURSION_DESIRED, 1, 0, 0, 1) + question + _OPT_RECORD
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        deadline = time.monotonic() + timeout
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.sendto(wire, server)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+        until, late_reads = min(self._expires, deadline), 0
+        while True:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                # Past the try's time only what already waits is read (a prefetched answer read
+                # late), and not for ever should datagrams keep coming.
+                late_reads += 1
+                if late_reads > _MAX_LATE_DATAGRAMS:
                     raise TimeoutError
-                udp.settimeout(remaining)
-                data, source = udp.recvfrom(_MAX_DATAGRAM)
-                # Anything else is a stray or spoofed datagram: keep waiting for the real answer.
-                if (
-                    source[:2] == server
-                    and data[:2] == wire[:2]
-                    and data[12 : 12 + len(question)] == question
-                ):
-                    break
-        response = dns.message.from_wire(data)
-        if response.flags & dns.flags.TC:
-            # RFC 7766 §5: a truncated answer is asked again over TCP.
-            remaining = max(deadline - time.monotonic(), 0.001)
-            response = dns.query.tcp(dns.message.make_query(name, rdtype), server[0], remaining, server[1])
-        if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-            raise _Failed(f"answered {dns.rcode.to_text(response.rcode())}")
-        return response
+            self._udp.settimeout(max(remaining, 0.0))
+            try:
+                data, source = self._udp.recvfrom(_MAX_DATAGRAM)
+            except BlockingIOError:
+                raise TimeoutError from None
+            # RFC 5452 §3: anything else is a stray or spoofed datagram: keep waiting for the answer.
+            if (
+                source[:2] == self.server
+                and data[:2] == self._wire[:2]
+                and data[12 : 12 + len(self._question)] == self._question
+            ):
+                return data
+
+    def close(self) -> None:
+        self._udp.close()
+
+
+def _send_query(server: tuple[str, int], name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> SentQuery:
+    """Send one try on a fresh socket, so its source port is random (RFC 5452 §9.2).
+
+    Raises:
+        OSError: no socket, or the datagram could not be sent.
+    """
+    query_id = random.getrandbits(16)
+    question = cast(bytes, name.to_wire()) + _QUESTION_TAIL.pack(rdtype, dns.rdataclass.IN)
+    wire = _HEADER.pack(query_id, _RECURSION_DESIRED, 1, 0, 0, 1) + question + _OPT_RECORD
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        udp.sendto(wire, server)
+    except OSError:
+        udp.close()
+        raise
+    return SentQuery(udp, server, wire, question)
+
+
+def _read_answer(
+    sent: SentQuery, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
+) -> dns.message.Message:
+    """One try's usable answer (NOERROR or NXDOMAIN); its socket is closed.
+
+    Raises:
+        TimeoutError: no answer in time.
+        _Failed, OSError, dns.exception.DNSException: the answer cannot be used.
+    """
+    try:
+        data = sent.datagram(deadline)
+    finally:
+        sent.close()
+    response = dns.message.from_wire(data)
+    if response.flags & dns.flags.TC:
+        # RFC 7766 §5: a truncated answer is asked again over TCP, a try of its own.
+        remaining = min(_TRY_TIMEOUT, max(deadline - time.monotonic(), 0.001))
+        address, port = sent.server
+        response = dns.query.tcp(dns.message.make_query(name, rdtype), address, remaining, port)
+    if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        raise _Failed(f"answered {dns.rcode.to_text(response.rcode())}")
+    return response
 
 
 def _answer(response: dns.message.Message, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
@@ -426,6 +515,8 @@ class DnsBudget:
         queries: queries that may be sent.
         queue_id: the message's queue id, for the log line.
         clock: monotonic seconds (a test may pass its own).
+        sent: queries the message already sent before its checks started (prefetched as its
+            callbacks told the names); they count against ``queries``.
     """
 
     def __init__(
@@ -434,13 +525,14 @@ class DnsBudget:
         queries: int,
         queue_id: str = "",
         clock: Callable[[], float] = time.monotonic,
+        sent: int = 0,
     ) -> None:
         self.seconds = seconds
         self.queries = queries
         self.queue_id = queue_id
         self._clock = clock
         self._deadline = clock() + seconds
-        self._sent = 0
+        self._sent = sent
         self._check = ""
         self._lock = threading.Lock()
         self.exceeded = ""  # why the budget ran out, once it has ("" until then)
@@ -504,34 +596,100 @@ class _Counts:
 
 
 class _InFlight:
-    """One lookup on its way: its answer and expiry once ``done`` is set."""
+    """One lookup on its way: its answer and expiry once ``done`` is set.
 
-    def __init__(self) -> None:
+    A prefetched lookup starts as a query sent that nobody reads yet (``sent``); the first asker
+    claims it (takes ``sent``) and reads it while later askers wait on ``done``. Nobody waits on an
+    unclaimed one, so cancelling it (closing its socket) strands no one.
+    """
+
+    def __init__(self, started: float, sent: SentQuery | None = None) -> None:
         self.done = threading.Event()
         self.answer = tempfail("the lookup this one waited for failed")
         self.expires = 0.0
+        self.started = started  # the resolver's clock when the query was sent: TTLs count from there
+        self.sent = sent
+
+    def claim(self) -> SentQuery | None:
+        """The query sent and not yet claimed (the caller reads it), else None; under the lock."""
+        sent, self.sent = self.sent, None
+        return sent
 
 
-# Threads that run prefetched lookups, per process (a worker forked from the supervisor makes its own):
-# each blocks on one query at a time, so this bounds the queries a process has on their way for
-# prefetches of all its messages together.
-PREFETCH_THREADS = 16
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
+class _Slots:
+    """A count of things held against a limit, shared by threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.taken >= self.limit:
+                return False
+            self.taken += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self.taken -= 1
 
 
-def _prefetch_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="dns-prefetch"))
-        return _pool[1]
+# Prefetched queries whose sockets wait unread, per process, all messages together: each holds a
+# descriptor, and a worker may also hold one per MTA connection ([milter] max_connections). A
+# quarter of the usual soft limit of 1024 descriptors; past it nothing more is prefetched (the
+# checks then ask as they run).
+MAX_WAITING_PREFETCHES = 256
+waiting_prefetches = _Slots(MAX_WAITING_PREFETCHES)
 
 
-def cancel(prefetched: Iterable[Future[DnsAnswer]]) -> None:
-    """Drop the prefetched lookups that have not started (those on their way finish into the cache)."""
-    for future in prefetched:
-        future.cancel()
+class Prefetch:
+    """The lookups prefetched for one message: at most ``limit`` queries sent, closed by
+    :meth:`cancel` (or leaving the ``with`` block) unless a check claimed them.
+
+    Made by :meth:`Resolver.prefetch`.
+
+    Attributes:
+        sent: queries sent so far.
+    """
+
+    def __init__(self, resolver: Resolver, limit: int) -> None:
+        self._resolver = resolver
+        self._limit = limit
+        self._started: list[tuple[tuple[str, int], _InFlight]] = []
+        self.sent = 0
+
+    def start(self, questions: Iterable[tuple[str, dns.rdatatype.RdataType]]) -> None:
+        """Send a query for each question not already answered in the cache or on its way,
+        until the message's ``limit``, the process's :data:`MAX_WAITING_PREFETCHES` or the
+        message's DNS budget is reached; returns at once."""
+        for name, rdtype in questions:
+            if self.sent >= self._limit:
+                return
+            started = self._resolver._start(name, rdtype)
+            if started is None:
+                continue
+            if started is _STOP:
+                return
+            self._started.append(started)
+            self.sent += 1
+
+    def cancel(self) -> None:
+        """Close the queries no check claimed (their answers are dropped, never waited for)."""
+        for key, entry in self._started:
+            self._resolver._drop(key, entry)
+        self._started.clear()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+# What Resolver._start returns when nothing more may be prefetched (no room, no budget).
+_STOP = (("", 0), _InFlight(0.0))
 
 
 class Resolver:
@@ -555,6 +713,9 @@ class Resolver:
         observer: DnsObserver | None = None,
     ) -> None:
         self.source = source
+        # Only a source that waits on the network gains from prefetching; ZoneFileSource answers
+        # from memory at once, so prefetching from it would only move its work earlier.
+        self._sender = source if isinstance(source, NameserverSource) else None
         self._observer = observer
         self._cache_size = cache_size
         self._clock = clock
@@ -567,7 +728,7 @@ class Resolver:
         self._counts = _Counts()  # shared with the views for_message() makes
         self._budget: DnsBudget | None = None
         # Lookups on their way, by cache key: a second asker waits for the first's answer instead of
-        # sending the same query (a prefetched name asked again by its check before it is answered).
+        # sending the same query, and a check asking a prefetched name reads the query sent for it.
         self._inflight: dict[tuple[str, int], _InFlight] = {}
 
     @property
@@ -612,6 +773,11 @@ class Resolver:
             return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
         with self._lock:
             pending = self._inflight.get(key)
+            sent = pending.claim() if pending is not None else None
+        if pending is not None and sent is not None:
+            # A prefetched query: this asker reads it (it was charged to the budget when sent).
+            waiting_prefetches.give_back()
+            return self._finish(key, pending, qname, qtype, sent)
         if pending is None:
             # Charged before the lookup is shared: a message whose budget is spent gets its own
             # TEMPFAIL, never another message's, and waiting for a lookup on its way costs nothing.
@@ -626,74 +792,111 @@ class Resolver:
                 pending = self._inflight.get(key)
                 owner = pending is None
                 if pending is None:
-                    pending = self._inflight[key] = _InFlight()
+                    pending = self._inflight[key] = _InFlight(now)
+                    self._counts.sent += 1
         else:
             owner = False
         if not owner:
             pending.done.wait()
             self._used(pending.expires, pending.answer)
             return pending.answer
+        return self._finish(key, pending, qname, qtype, None)
+
+    def _finish(
+        self,
+        key: tuple[str, int],
+        pending: _InFlight,
+        qname: dns.name.Name,
+        qtype: dns.rdatatype.RdataType,
+        sent: SentQuery | None,
+    ) -> DnsAnswer:
+        """Ask the source (or read the query sent for it), cache the answer, wake the waiters."""
         try:
-            pending.answer, pending.expires = self._send(key, qname, qtype, now)
+            answer = self._ask(qname, qtype, sent)
+            pending.expires = pending.started + min(answer.ttl, MAX_CACHE_TTL)
+            pending.answer = answer
+            self._used(pending.expires, answer)
+            if answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0:
+                with self._lock:
+                    self._cache[key] = (pending.expires, answer)
+                    self._cache.move_to_end(key)
+                    while len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
         finally:
             with self._lock:
                 del self._inflight[key]
             pending.done.set()
         return pending.answer
 
-    def _cached(self, name: str, rdtype: dns.rdatatype.RdataType) -> bool:
-        """A fresh answer for the question is in the cache (an invalid name counts as cached:
-        there is nothing to ask, and its check answers it without DNS)."""
+    def prefetch(self, limit: int) -> Prefetch:
+        """A message's prefetch: ask its names as soon as they are known, without waiting.
+
+        Each query goes out on its own socket at once and its answer waits there; the check that
+        later asks the name reads it (:meth:`query`), so the message waits about one round trip
+        for all its names instead of one per name, and each name is still asked once. No thread
+        is involved. Nothing is sent with the cache off, nor for a source without network I/O.
+
+        Args:
+            limit: queries this message may prefetch (``[dns] prefetch_queries``).
+
+        Returns:
+            The message's prefetch; cancel it when the message is over (it is a context manager).
+        """
+        return Prefetch(self, limit if self._sender is not None and self._cache_size > 0 else 0)
+
+    def _start(
+        self, name: str, rdtype: dns.rdatatype.RdataType
+    ) -> tuple[tuple[str, int], _InFlight] | None:
+        """Send one prefetched query and register it on its way; None when there is nothing to
+        send (cached, on its way, not a DNS name), :data:`_STOP` when no more may be sent."""
         try:
             key = (_cache_key(name), int(rdtype))
+            qname = dns.name.from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError):
-            return True
+            return None  # its check answers it without DNS
+        now = self._clock()
         with self._lock:
             hit = self._cache.get(key)
-        return hit is not None and hit[0] > self._clock()
-
-    def _send(
-        self, key: tuple[str, int], qname: dns.name.Name, qtype: dns.rdatatype.RdataType, now: float
-    ) -> tuple[DnsAnswer, float]:
-        """Ask the source and cache the answer; the answer and its expiry."""
+            if (hit is not None and hit[0] > now) or key in self._inflight:
+                return None
+        if self._sender is None or not waiting_prefetches.take():
+            return _STOP
+        if self._budget is not None and self._budget.charge():
+            waiting_prefetches.give_back()
+            return _STOP
+        sent = self._sender.send(qname, rdtype)
+        if sent is None:
+            waiting_prefetches.give_back()
+            return None
+        entry = _InFlight(now, sent)
         with self._lock:
-            self._counts.sent += 1
-        answer = self._ask(qname, qtype)
-        expires = now + min(answer.ttl, MAX_CACHE_TTL)
-        self._used(expires, answer)
-        if answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0:
-            with self._lock:
-                self._cache[key] = (expires, answer)
-                self._cache.move_to_end(key)
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
-        return answer, expires
+            raced = key in self._inflight
+            if not raced:
+                self._inflight[key] = entry
+                self._counts.sent += 1
+        if raced:  # another thread started it meanwhile
+            self._drop(key, entry)
+            return None
+        return key, entry
 
-    def prefetch(
-        self, questions: Iterable[tuple[str, dns.rdatatype.RdataType]], limit: int
-    ) -> list[Future[DnsAnswer]]:
-        """Start asking up to ``limit`` of ``questions`` in parallel, without waiting for them.
+    def _drop(self, key: tuple[str, int], entry: _InFlight) -> None:
+        """Close a prefetched query unless a check claimed it (its reader then finishes it)."""
+        with self._lock:
+            sent = entry.claim()
+            if sent is not None and self._inflight.get(key) is entry:
+                del self._inflight[key]
+        if sent is not None:
+            waiting_prefetches.give_back()
+            sent.close()
 
-        The answers land in the cache; a check asking one of these names meanwhile joins the lookup
-        on its way instead of sending it again, so each name is asked once and the message waits
-        about one round trip for all of them instead of one per name. The caller cancels what has
-        not started once it no longer needs it (:func:`cancel`). Nothing is started with the cache
-        off (the answers would have nowhere to go).
-        """
-        if self._cache_size <= 0 or limit <= 0:
-            return []
-        wanted = [question for question in dict.fromkeys(questions) if not self._cached(*question)][:limit]
-        if not wanted:
-            return []  # a repeat sender: handing cache hits to other threads would only cost
-        pool = _prefetch_pool()
-        return [pool.submit(self.query, name, rdtype) for name, rdtype in wanted]
-
-    def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> DnsAnswer:
-        if self._observer is None:
-            return self.source.lookup(qname, qtype)
-        started = time.perf_counter()
-        answer = self.source.lookup(qname, qtype)
-        self._observer.answered(qtype, answer, time.perf_counter() - started)
+    def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, sent: SentQuery | None) -> DnsAnswer:
+        started = time.perf_counter() if sent is None else sent.started
+        if sent is not None and self._sender is not None:  # only the sender sends queries ahead
+            answer = self._sender.receive(sent, qname, qtype)
+        else:
+            answer = self.source.lookup(qname, qtype)
+        if self._observer is not None:
+            self._observer.answered(qtype, answer, time.perf_counter() - started)
         return answer
 
     def derived(self, key: Hashable, compute: Callable[[], T], keep: Callable[[T], bool] = _always) -> T:

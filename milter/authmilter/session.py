@@ -15,6 +15,11 @@ Events, in the order the MTA sends them (RFC 5321 §3.3; a connection may carry 
   :meth:`Session.body` add to it, or :meth:`Session.whole_message` gives it at once (a file).
 - :meth:`Session.end_of_message` ends it, and :meth:`Session.transaction` hands out the
   :class:`~authmilter.transaction.Transaction` to evaluate; :meth:`Session.abort` forgets it.
+- DNS names become known along the way: the SPF records at MAIL FROM (once its macros say the
+  message is inbound), a ``_dmarc`` record when the From field arrives, a key with each
+  DKIM-Signature field. The session hands them to the ``prefetch`` callable it was given
+  (pipeline.envelope_questions, pipeline.field_questions); the adapter wires that to the resolver,
+  so the queries overlap with the rest of the transaction and the session itself does no I/O.
 - :meth:`Session.failed` records that a callback raised: the connection's failure (at connect or
   HELO) stays for every later message, a message's for that message; end of message then applies
   the configured failure action.
@@ -23,13 +28,21 @@ Events, in the order the MTA sends them (RFC 5321 §3.3; a connection may carry 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
+from authmilter.checks import Question
 from authmilter.config import Config
 from authmilter.dkim_body import BodyHasher
 from authmilter.domains import path_address
 from authmilter.message import HeaderCollector, MessageHeaders, ParsedMessage, assemble_message
-from authmilter.pipeline import body_hashes, match_internal_host
+from authmilter.pipeline import (
+    body_hashes,
+    envelope_questions,
+    field_questions,
+    match_internal_host,
+    outbound_reason,
+    prefetch_fields,
+)
 from authmilter.tables import HostEntry
 from authmilter.transaction import Connection, Transaction
 
@@ -62,10 +75,16 @@ class Session:
 
     Args:
         config: ``[milter] max_headers``, the internal hosts, and what decides the body hashes.
+        prefetch: given the DNS questions of the current inbound message as soon as they are
+            known (it must return at once); None: nothing is prefetched.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, prefetch: Callable[[Sequence[Question]], None] | None = None) -> None:
         self._config = config
+        self._prefetch = prefetch
+        # Header fields that tell a DNS name; the others are not looked at twice.
+        self._prefetch_fields = prefetch_fields(config) if prefetch is not None else frozenset()
+        self._prefetching = False  # the current message is inbound and prefetch is on
         self.client_ip = ""
         self._client_name = ""
         self._helo = ""
@@ -118,6 +137,10 @@ class Session:
         message.connection = dataclasses.replace(
             message.connection, macros={**message.connection.macros, **macros}
         )
+        # Now the envelope is complete: outbound mail is signed, not checked, and asks nothing.
+        if self._prefetch is not None and not outbound_reason(message.connection, self._config):
+            self._prefetching = True
+            self._ask(envelope_questions(message.connection, message.mail_from, self._config))
 
     def rcpt(self, path: str) -> None:
         """RCPT TO: one recipient; past MAX_RECIPIENTS they are not kept."""
@@ -127,7 +150,9 @@ class Session:
 
     def header(self, name: str, value: bytes | str, leading_space_included: bool = False) -> None:
         """One header field as the MTA passed it (see HeaderCollector.add)."""
-        self._current().headers.add(name, value, leading_space_included=leading_space_included)
+        field = self._current().headers.add(name, value, leading_space_included=leading_space_included)
+        if self._prefetching and field is not None and field.name.lower() in self._prefetch_fields:
+            self._ask(field_questions(field, self._config))
 
     def end_of_headers(self) -> None:
         """The header block is complete: the DKIM-Signature fields say which body hashes to make.
@@ -184,6 +209,7 @@ class Session:
         """The message is abandoned (RSET, QUIT, a lost client) or over: forget it."""
         self._message = None
         self._message_failure = ""
+        self._prefetching = False
 
     # --- failures ----------------------------------------------------------------------------
 
@@ -226,6 +252,10 @@ class Session:
     def headers(self) -> MessageHeaders:
         """The current message's header fields so far (none outside a message)."""
         return self._headers(self._message) if self._message is not None else MessageHeaders(())
+
+    def _ask(self, questions: Sequence[Question]) -> None:
+        if questions and self._prefetch is not None and not self.failure:
+            self._prefetch(questions)
 
     def _body_hasher(self, message: _Message) -> BodyHasher:
         if message.body is None:

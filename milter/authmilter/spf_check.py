@@ -26,7 +26,7 @@ from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a
 from authmilter.model import AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
-from authmilter.transaction import Transaction
+from authmilter.transaction import Connection, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +318,12 @@ class MailFromCheck(Check[SpfSettings, SpfResult]):
     def enabled(self, settings: SpfSettings) -> bool:
         return settings.enabled
 
-    def prefetch(self, transaction: Transaction, settings: SpfSettings) -> list[Question]:
+    def envelope_questions(
+        self, connection: Connection, mail_from: str, settings: SpfSettings
+    ) -> list[Question]:
         # RFC 7208 §4.4: the record is the TXT set at the identity's domain.
-        local, domain = _split_reverse_path(transaction.mail_from)
-        return _record_question(domain if local is not None else transaction.connection.helo)
+        local, domain = _split_reverse_path(mail_from)
+        return _record_question(domain if local is not None else connection.helo)
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
@@ -348,8 +350,10 @@ class HeloCheck(Check[SpfSettings, SpfResult]):
     def enabled(self, settings: SpfSettings) -> bool:
         return settings.enabled and settings.check_helo
 
-    def prefetch(self, transaction: Transaction, settings: SpfSettings) -> list[Question]:
-        return _record_question(transaction.connection.helo)
+    def envelope_questions(
+        self, connection: Connection, mail_from: str, settings: SpfSettings
+    ) -> list[Question]:
+        return _record_question(connection.helo)
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: SpfSettings
