@@ -1,30 +1,50 @@
-"""Parallel lookups started with the checks (issue 11): same verdicts, each name asked once.
+"""Parallel lookups started early (issue 11): each name asked as soon as it is known, once.
 
-``[dns] prefetch_queries`` makes ``pipeline.evaluate`` ask the names every check declares
-(:meth:`Check.prefetch`) all at once before the checks run; the checks then find the answers cached
-or on their way (the resolver joins a lookup already on its way instead of sending it again). Against
-real Knot, each message below is evaluated with prefetching off and on, each time on a fresh resolver:
-the Authentication-Results and the action must be identical, and no query may be sent twice.
+The milter's session hands the DNS names a message tells to the resolver at the callback that
+tells them: the SPF records at MAIL FROM, ``_dmarc`` when the From field arrives, a key with each
+DKIM-Signature field. Each query goes out on its own socket at once and its answer waits there for
+the check that asks the name; the sockets nobody read are closed when the message ends. A message
+read whole (``authmilter check``) asks all its names together at end of message. Against real Knot:
+the queries leave at the right callbacks, are read (not asked again), are closed on abort, stay
+within their bounds, fall back when a prefetched try times out, and change no verdict.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
+import dns.name
 import dns.rdatatype
+import Milter
 import pytest
 
+from authmilter import resolver as resolver_module
 from authmilter.config import Config, default_config
 from authmilter.message import parse_message
+from authmilter.milter_app import AuthMilter, Runtime
 from authmilter.model import Verdict
 from authmilter.pipeline import CHECKS, Connection, Transaction, evaluate, prefetch_questions
-from authmilter.resolver import NameserverSource, Resolver
+from authmilter.resolver import (
+    DnsAnswer,
+    DnsBudget,
+    NameserverSource,
+    Resolver,
+    SentQuery,
+    ZoneFileSource,
+    waiting_prefetches,
+)
 from dnsserver import AuthoritativeDns
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
+from test_dns_faults import SilentNameserver
+from test_milter_app import MtaCtx, mta_fields
 
 CLIENT_IP = "192.0.2.10"
 ZONE = "prefetch.example"
+HELO = f"mx.{ZONE}"
 BASE: Config = dataclasses.replace(
     default_config(), milter=dataclasses.replace(default_config().milter, authserv_id="mx.receiver.example")
 )
@@ -32,6 +52,32 @@ BASE: Config = dataclasses.replace(
 
 def with_prefetch(queries: int) -> Config:
     return dataclasses.replace(BASE, dns=dataclasses.replace(BASE.dns, prefetch_queries=queries))
+
+
+class CountingSource(NameserverSource):
+    """Knot behind a NameserverSource that notes each name it sends ahead, reads, or looks up."""
+
+    def __init__(self, server: AuthoritativeDns, nameservers: tuple[str, ...] = ()) -> None:
+        super().__init__(nameservers or (f"{server.host}:{server.port}",), timeout=2.0)
+        self.sent: list[str] = []
+        self.read: list[str] = []
+        self.looked_up: list[str] = []
+
+    def send(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> SentQuery | None:
+        self.sent.append(name.to_text().lower())
+        return super().send(name, rdtype)
+
+    def receive(self, sent: SentQuery, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        self.read.append(name.to_text().lower())
+        return super().receive(sent, name, rdtype)
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        self.looked_up.append(name.to_text().lower())
+        return super().lookup(name, rdtype)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +107,17 @@ def server(dns_server: AuthoritativeDns, key: SigningKey) -> AuthoritativeDns:
     return dns_server
 
 
+@pytest.fixture(autouse=True)
+def no_socket_left() -> Iterator[None]:
+    """Every test ends with no prefetch socket waiting (a leak would also leak the count)."""
+    yield
+    assert waiting_prefetches.taken == 0
+
+
 def run(server: AuthoritativeDns, raw: bytes, sender: str, config: Config) -> tuple[Verdict, int]:
     resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
     transaction = Transaction(
-        connection=Connection(client_ip=CLIENT_IP, helo=f"mx.{ZONE}"),
+        connection=Connection(client_ip=CLIENT_IP, helo=HELO),
         mail_from=f"bob@{sender}",
         recipients=("alice@receiver.example",),
         message=parse_message(raw, max_headers=config.milter.max_headers),
@@ -73,8 +126,27 @@ def run(server: AuthoritativeDns, raw: bytes, sender: str, config: Config) -> tu
     return evaluate(transaction, resolver, config), resolver.queries
 
 
+def milter(resolver: Resolver, config: Config, monkeypatch: pytest.MonkeyPatch) -> MtaCtx:
+    """A milter connection as serve() opens it, from CLIENT_IP with HELO."""
+    runtime = Runtime(config, resolver, None)
+    monkeypatch.setattr(Milter, "factory", lambda: AuthMilter(runtime))
+    ctx = MtaCtx()
+    ctx.connect(ip=CLIENT_IP, helo=HELO)
+    return ctx
+
+
+def mail_from(ctx: MtaCtx, sender: str) -> None:
+    ctx._stage = Milter.M_ENVFROM
+    assert ctx.app.envfrom_bytes(f"<bob@{sender}>".encode()) == Milter.NOREPLY
+
+
+def header(ctx: MtaCtx, name: str, value: bytes) -> None:
+    ctx._stage = Milter.M_DATA
+    assert ctx.app.header_bytes(name, value) == Milter.NOREPLY
+
+
 MESSAGES = [
-    # (From/MAIL FROM domain, signing domain or "" for unsigned, key published)
+    # (From/MAIL FROM domain, signing domain or "" for unsigned)
     (f"reject.{ZONE}", f"reject.{ZONE}"),
     (f"reject.{ZONE}", ""),
     (f"mail.org.{ZONE}", f"mail.org.{ZONE}"),
@@ -84,60 +156,204 @@ MESSAGES = [
 ]
 
 
+def message(key: SigningKey, sender: str, signer: str) -> bytes:
+    raw = make_message(f"Bob <bob@{sender}>")
+    return sign(raw, key, signer, "s1") if signer else raw
+
+
 @pytest.mark.parametrize(("sender", "signer"), MESSAGES)
 def test_verdicts_are_identical_with_prefetch_on_and_off(
     server: AuthoritativeDns, key: SigningKey, sender: str, signer: str
 ) -> None:
-    raw = make_message(f"Bob <bob@{sender}>")
-    if signer:
-        raw = sign(raw, key, signer, "s1")
+    raw = message(key, sender, signer)
     off, queries_off = run(server, raw, sender, with_prefetch(0))
     on, queries_on = run(server, raw, sender, with_prefetch(8))
     assert on.authentication_results == off.authentication_results
     assert on.action is off.action
-    # Prefetched names are not asked again by their checks (joined or answered from the cache).
+    # Prefetched names are not asked again by their checks (read, joined or answered from the cache).
     assert queries_on == queries_off
+
+
+@pytest.mark.parametrize(("sender", "signer"), MESSAGES)
+def test_the_milter_gives_the_same_verdicts_with_prefetch_on_and_off(
+    server: AuthoritativeDns, key: SigningKey, monkeypatch: pytest.MonkeyPatch, sender: str, signer: str
+) -> None:
+    raw = message(key, sender, signer)
+    outcomes = []
+    for queries in (0, 8):
+        source = CountingSource(server)
+        ctx = milter(Resolver(source), with_prefetch(queries), monkeypatch)
+        code = ctx.send(raw, mail_from=f"bob@{sender}")
+        asked = source.sent + source.looked_up
+        outcomes.append((code, ctx.headers[0], sorted(asked)))
+        assert len(asked) == len(set(asked)), f"a name was asked twice: {asked}"
+    assert outcomes[0] == outcomes[1]
 
 
 def test_the_checks_declare_spf_dkim_and_dmarc_names(key: SigningKey) -> None:
     sender = f"reject.{ZONE}"
     raw = sign(make_message(f"Bob <bob@{sender}>"), key, sender, "s1")
     transaction = Transaction(
-        connection=Connection(client_ip=CLIENT_IP, helo=f"mx.{ZONE}"),
+        connection=Connection(client_ip=CLIENT_IP, helo=HELO),
         mail_from=f"bob@{sender}",
         recipients=("alice@receiver.example",),
         message=parse_message(raw),
     )
     names = {name.rstrip(".").lower() for name, _ in prefetch_questions(CHECKS, transaction, BASE)}
-    assert {sender, f"mx.{ZONE}", f"s1._domainkey.{sender}", f"_dmarc.{sender}"} <= names
+    assert names == {sender, HELO, f"s1._domainkey.{sender}", f"_dmarc.{sender}"}
 
 
-def test_a_lookup_on_its_way_is_joined_not_sent_again(server: AuthoritativeDns) -> None:
-    resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
-    name = f"_dmarc.reject.{ZONE}"
-    answers = []
-    threads = [threading.Thread(target=lambda: answers.append(resolver.txt(name))) for _ in range(8)]
-    prefetched = resolver.prefetch([(name, dns.rdatatype.TXT)], limit=8)
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert prefetched[0].result().texts == ("v=DMARC1; p=reject",)
-    assert [answer.texts for answer in answers] == [("v=DMARC1; p=reject",)] * 8
-    assert resolver.queries == 1
+def test_each_name_is_sent_at_the_callback_that_tells_it_and_read_by_its_check(
+    server: AuthoritativeDns, key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sender = f"reject.{ZONE}"
+    source = CountingSource(server)
+    ctx = milter(Resolver(source), with_prefetch(8), monkeypatch)
+    raw = sign(make_message(f"Bob <bob@{sender}>"), key, sender, "s1")
+    fields = mta_fields(raw, ctx.leading_space)
+    ctx.headers = [(name, value.decode("latin-1")) for name, value in mta_fields(raw)]
+
+    mail_from(ctx, sender)
+    # RFC 7208 §4.4: the MAIL FROM domain's record and the HELO name's, before any header.
+    assert source.sent == [f"{sender}.", f"{HELO}."]
+    told = {}
+    for name, value in fields:
+        header(ctx, name, value)
+        told[name] = source.sent[-1]
+    assert told["From"] == f"_dmarc.{sender}."
+    assert told["DKIM-Signature"] == f"s1._domainkey.{sender}."
+    assert len(source.sent) == 4
+    assert ctx.app.body(raw.split(b"\r\n\r\n", 1)[1]) == Milter.NOREPLY
+    assert ctx._eom() == Milter.ACCEPT
+    assert "dkim=pass" in ctx.headers[0][1] and "dmarc=pass" in ctx.headers[0][1]
+    # Each check read the query sent for its name and asked none again (the DMARC tree walk's
+    # further names, told by no callback, are looked up as the walk goes).
+    assert sorted(source.read) == sorted(source.sent)
+    assert not set(source.looked_up) & set(source.sent)
+
+
+def test_outbound_mail_prefetches_nothing(
+    server: AuthoritativeDns, key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = CountingSource(server)
+    ctx = milter(Resolver(source), with_prefetch(8), monkeypatch)
+    ctx.macros = {Milter.M_ENVFROM: {"{auth_authen}": "bob"}}  # an authenticated client: signed only
+    mail_from(ctx, f"reject.{ZONE}")
+    header(ctx, "From", f" Bob <bob@reject.{ZONE}>".encode())
+    assert source.sent == []
+    ctx.rset()
+
+
+def test_rset_and_a_new_mail_from_close_the_sockets_nobody_read(
+    server: AuthoritativeDns, key: SigningKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = CountingSource(server)
+    ctx = milter(Resolver(source), with_prefetch(8), monkeypatch)
+    before = open_descriptors()
+    mail_from(ctx, f"reject.{ZONE}")
+    header(ctx, "From", f" Bob <bob@reject.{ZONE}>".encode())
+    assert open_descriptors() == before + 3
+    ctx.rset()
+    assert open_descriptors() == before
+    assert waiting_prefetches.taken == 0
+
+    mail_from(ctx, f"reject.{ZONE}")
+    mail_from(ctx, f"none.{ZONE}")  # MAIL FROM again without RSET: the first message is dropped
+    assert open_descriptors() == before + 2
+    assert ctx.app.close() == Milter.CONTINUE
+    assert open_descriptors() == before
+    # The names cancelled were never read, so none is cached: each message sent its own.
+    assert source.sent == [
+        *(f"reject.{ZONE}.", f"{HELO}.", f"_dmarc.reject.{ZONE}."),
+        *(f"reject.{ZONE}.", f"{HELO}."),
+        *(f"none.{ZONE}.", f"{HELO}."),
+    ]
+    assert source.read == []
 
 
 def test_prefetch_is_bounded_per_message(server: AuthoritativeDns) -> None:
     resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
-    questions = [(f"n{number}.{ZONE}", dns.rdatatype.TXT) for number in range(20)]
-    for future in resolver.prefetch(questions, limit=5):
-        future.result()
-    assert resolver.queries == 5
+    before = open_descriptors()
+    with resolver.prefetch(limit=5) as lookups:
+        lookups.start([(f"n{number}.{ZONE}", dns.rdatatype.TXT) for number in range(20)])
+        assert (lookups.sent, resolver.queries, open_descriptors()) == (5, 5, before + 5)
+    assert open_descriptors() == before
 
 
-def test_names_already_cached_are_not_handed_to_the_prefetch_threads(server: AuthoritativeDns) -> None:
+def test_prefetch_is_bounded_per_process(server: AuthoritativeDns, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(waiting_prefetches, "limit", 3)
     resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
-    name = f"reject.{ZONE}"
-    resolver.txt(name)
-    assert resolver.prefetch([(name, dns.rdatatype.TXT)], limit=8) == []
+    first, second = resolver.prefetch(limit=8), resolver.prefetch(limit=8)
+    first.start([(f"a{number}.{ZONE}", dns.rdatatype.TXT) for number in range(4)])
+    second.start([(f"b{number}.{ZONE}", dns.rdatatype.TXT) for number in range(4)])
+    assert (first.sent, second.sent, waiting_prefetches.taken) == (3, 0, 3)
+    # A check reading one of the first message's queries gives its room back.
+    assert resolver.txt(f"a0.{ZONE}").status.value == "nxdomain"
+    second.start([(f"b{number}.{ZONE}", dns.rdatatype.TXT) for number in range(4)])
+    assert (second.sent, waiting_prefetches.taken) == (1, 3)
+    first.cancel()
+    second.cancel()
+
+
+def test_prefetched_queries_are_charged_to_the_message_budget(server: AuthoritativeDns) -> None:
+    resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
+    budget = DnsBudget(30, queries=2)
+    with resolver.for_message(budget).prefetch(limit=8) as lookups:
+        lookups.start([(f"n{number}.{ZONE}", dns.rdatatype.TXT) for number in range(5)])
+        assert lookups.sent == 2
+    assert budget.exceeded
+
+
+def test_a_prefetched_query_is_read_once_by_many_askers(server: AuthoritativeDns) -> None:
+    resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
+    name = f"_dmarc.reject.{ZONE}"
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(resolver.txt(name))) for _ in range(8)]
+    with resolver.prefetch(limit=8) as lookups:
+        lookups.start([(name, dns.rdatatype.TXT)])
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert [answer.texts for answer in answers] == [("v=DMARC1; p=reject",)] * 8
     assert resolver.queries == 1
+
+
+def test_a_prefetched_query_that_times_out_falls_back_to_the_next_server(
+    server: AuthoritativeDns, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(resolver_module, "_TRY_TIMEOUT", 0.3)  # the silent server's try ends soon
+    silent = SilentNameserver()
+    try:
+        source = CountingSource(server, (f"127.0.0.1:{silent.port}", f"{server.host}:{server.port}"))
+        resolver = Resolver(source)
+        name = f"_dmarc.reject.{ZONE}"
+        with resolver.prefetch(limit=8) as lookups:
+            lookups.start([(name, dns.rdatatype.TXT)])
+            assert resolver.txt(name).texts == ("v=DMARC1; p=reject",)
+        assert silent.queries() == 1
+        assert (source.sent, source.read, resolver.queries) == ([f"{name}."], [f"{name}."], 1)
+    finally:
+        silent.close()
+
+
+def test_names_cached_or_on_their_way_are_not_sent_again(server: AuthoritativeDns) -> None:
+    resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
+    cached, fresh = (f"reject.{ZONE}", dns.rdatatype.TXT), (f"none.{ZONE}", dns.rdatatype.TXT)
+    resolver.txt(cached[0])
+    with resolver.prefetch(limit=8) as first, resolver.prefetch(limit=8) as second:
+        first.start([cached, fresh, fresh])
+        second.start([fresh])
+        assert (first.sent, second.sent, resolver.queries) == (1, 0, 2)
+
+
+def test_a_zone_file_source_is_not_prefetched(tmp_path: Path) -> None:
+    """Zone files answer from memory at once: nothing to overlap, so prefetch sends nothing."""
+    zone = tmp_path / f"{ZONE}.zone"
+    soa = "$TTL 300\n@ IN SOA ns hostmaster 1 3600 600 86400 300\n"
+    zone.write_text(f"{soa}reject TXT {zone_txt('v=spf1 -all')}\n")
+    resolver = Resolver(ZoneFileSource([zone]))
+    with resolver.prefetch(limit=8) as lookups:
+        lookups.start([(f"reject.{ZONE}", dns.rdatatype.TXT)])
+        assert lookups.sent == 0
+    assert resolver.txt(f"reject.{ZONE}").texts == ("v=spf1 -all",)
