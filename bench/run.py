@@ -382,6 +382,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--compare", action="store_true", help="also OpenDKIM + OpenDMARC")
     parser.add_argument(
+        "--prefetch-queries",
+        type=int,
+        help="authmilter's [dns] prefetch_queries (default: the config's default; 0: no prefetch)",
+    )
+    parser.add_argument(
         "--signing",
         action="store_true",
         help="the signing run instead: authmilter and OpenDKIM signing (unix)",
@@ -402,6 +407,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-dir", default="", help="folder for Postfix's queue (e.g. /dev/shm)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     return parser
+
+
+def prefetch_setting(args: argparse.Namespace) -> str:
+    """The ``[dns]`` line of ``--prefetch-queries``, or "" for the default."""
+    return "" if args.prefetch_queries is None else f"prefetch_queries = {args.prefetch_queries}\n"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -739,7 +749,13 @@ def _postfix(
                     sessions,
                     ours_port,
                     lambda a=ours, t=transport: [
-                        BenchAuthmilter(workdir / f"authmilter-{t}", a, args.workers, args.log_level)
+                        BenchAuthmilter(
+                            workdir / f"authmilter-{t}",
+                            a,
+                            args.workers,
+                            args.log_level,
+                            prefetch_setting(args),
+                        )
                     ],
                     check,
                 )

@@ -9,6 +9,12 @@ A :class:`DnsBudget` bounds what one message may spend on DNS: :meth:`Resolver.f
 the checks a view of the shared resolver (same cache, same source) that charges every query sent to
 the message's budget and answers TEMPFAIL at once when it is spent.
 
+:meth:`Resolver.prefetch` asks a message's names before its checks do, without threads: each query
+is sent at once on its own socket (:meth:`NameserverSource.send`) and registered as on its way; the
+first check asking that name claims it and reads the answer waiting in the socket
+(:meth:`NameserverSource.receive`), later askers wait for the claimer, and what nobody claimed is
+closed when the message ends (:meth:`Prefetch.cancel`).
+
 Sources:
 - :class:`NameserverSource` asks real nameservers (the system's, or the ones configured).
 - :class:`ZoneFileSource` answers from RFC 1035 zone files, for offline checks and tests; names
@@ -153,6 +159,7 @@ class NameserverSource:
     built from a fixed template; the answer is parsed once with ``dns.message.from_wire``. Each
     query takes a fresh socket, so its source port is random (RFC 5452 §9.2), and an answer counts
     only if it comes from the server asked, with the query's ID and question (RFC 5452 §3).
+    :meth:`send` and :meth:`receive` split a lookup's first try in two, for prefetching.
 
     Servers are tried in order, each try waiting at most 2 s, round after round until ``timeout``
     (a timed-out try moves to the next server); a server that answers SERVFAIL, REFUSED or garbage
@@ -969,8 +976,10 @@ class DnsSettings:
             DMARC (5 Author Domains x (8-query walk + 3 existence queries) + 11 identifier walks
             x 8): about 420.
         prefetch_queries: at most this many of the names the checks declare (SPF records, DKIM
-            keys, the DMARC records) are asked in parallel when a message's checks start
-            (:meth:`Resolver.prefetch`); 0: each check asks its names when it runs.
+            keys, the DMARC records) are sent per message as soon as the transaction tells them
+            (MAIL FROM, the From and DKIM-Signature fields; all at end of message for a message
+            read whole), their answers read by the checks (:meth:`Resolver.prefetch`); they count
+            against ``message_query_budget``. 0: each check asks its names when it runs.
     """
 
     nameservers: tuple[str, ...] = ()
