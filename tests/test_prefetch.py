@@ -357,3 +357,26 @@ def test_a_zone_file_source_is_not_prefetched(tmp_path: Path) -> None:
         lookups.start([(f"reject.{ZONE}", dns.rdatatype.TXT)])
         assert lookups.sent == 0
     assert resolver.txt(f"reject.{ZONE}").texts == ("v=spf1 -all",)
+
+
+def test_a_query_that_finds_a_prefetch_started_meanwhile_reads_it(server: AuthoritativeDns) -> None:
+    """Another message prefetches the name between the asker's first look and its second: the asker
+    must claim and read that query, never wait on it (nobody else would read it)."""
+    resolver = Resolver(NameserverSource([server.host], port=server.port, timeout=2.0))
+    name = f"_dmarc.reject.{ZONE}"
+    other_message = resolver.prefetch(limit=8)
+
+    class PrefetchedMeanwhile(DnsBudget):
+        def charge(self) -> str:
+            other_message.start([(name, dns.rdatatype.TXT)])
+            return super().charge()
+
+    view = resolver.for_message(PrefetchedMeanwhile(30, 10))
+    answers: list[DnsAnswer] = []
+    asker = threading.Thread(target=lambda: answers.append(view.txt(name)), daemon=True)
+    asker.start()
+    asker.join(timeout=10)
+    other_message.cancel()
+    assert not asker.is_alive(), "the asker waits on a query nobody reads"
+    assert answers[0].texts == ("v=DMARC1; p=reject",)
+    assert resolver.queries == 1

@@ -781,10 +781,7 @@ class Resolver:
         with self._lock:
             pending = self._inflight.get(key)
             sent = pending.claim() if pending is not None else None
-        if pending is not None and sent is not None:
-            # A prefetched query: this asker reads it (it was charged to the budget when sent).
-            waiting_prefetches.give_back()
-            return self._finish(key, pending, qname, qtype, sent)
+        owner = False
         if pending is None:
             # Charged before the lookup is shared: a message whose budget is spent gets its own
             # TEMPFAIL, never another message's, and waiting for a lookup on its way costs nothing.
@@ -797,12 +794,16 @@ class Resolver:
                 return answer
             with self._lock:
                 pending = self._inflight.get(key)
-                owner = pending is None
                 if pending is None:
+                    owner = True
                     pending = self._inflight[key] = _InFlight(now)
                     self._counts.sent += 1
-        else:
-            owner = False
+                else:  # started meanwhile, perhaps prefetched: never wait on an unclaimed query
+                    sent = pending.claim()
+        if sent is not None:
+            # A prefetched query: this asker reads it (it was charged to the budget when sent).
+            waiting_prefetches.give_back()
+            return self._finish(key, pending, qname, qtype, sent)
         if not owner:
             pending.done.wait()
             self._used(pending.expires, pending.answer)
