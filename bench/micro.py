@@ -43,6 +43,7 @@ from workload import PARENT, make_senders, zone_lines
 
 from authmilter import dkim_rsa
 from authmilter.config import Config, default_config
+from authmilter.dnswire import record_value
 from authmilter.message import HeaderCollector, ParsedMessage, assemble_message, parse_message
 from authmilter.metrics import Metrics
 from authmilter.metrics import enable as enable_metrics
@@ -216,7 +217,7 @@ class _DnspythonResolverSource:
             return DnsAnswer(DnsStatus.NXDOMAIN, ttl=300)
         if answer.rrset is None:
             return DnsAnswer(DnsStatus.NODATA, ttl=300)
-        return DnsAnswer(DnsStatus.OK, tuple(answer.rrset), ttl=answer.rrset.ttl)
+        return DnsAnswer(DnsStatus.OK, tuple(map(record_value, answer.rrset)), ttl=answer.rrset.ttl)
 
 
 def _cold(count: int, body_kb: int, profile: bool) -> int:
