@@ -75,7 +75,7 @@ def ask(source: NameserverSource | ZoneFileSource, qname: str, rdtype: str) -> D
     return source.lookup(name(qname), dns.rdatatype.RdataType.make(rdtype))
 
 
-def sorted_records(answer: DnsAnswer) -> list[DnsRecord]:
+def ordered(answer: DnsAnswer) -> list[DnsRecord]:
     return sorted(answer.records, key=str)
 
 
@@ -131,14 +131,14 @@ def test_txt_records_stay_separate(nameserver: NameserverSource) -> None:
 def test_a_records_with_their_ttl(nameserver: NameserverSource) -> None:
     answer = ask(nameserver, f"www.{LIVE_ZONE}", "A")
     assert answer.status is OK
-    assert sorted_records(answer) == ["192.0.2.10", "192.0.2.11"]
+    assert ordered(answer) == ["192.0.2.10", "192.0.2.11"]
     assert answer.ttl == 600
 
 
 def test_mx_records(nameserver: NameserverSource) -> None:
     answer = ask(nameserver, LIVE_ZONE, "MX")
     assert answer.status is OK
-    assert sorted_records(answer) == [(10, f"mx1.{LIVE_ZONE}"), (20, "mx2.elsewhere.example")]
+    assert ordered(answer) == [(10, f"mx1.{LIVE_ZONE}"), (20, "mx2.elsewhere.example")]
 
 
 def test_nxdomain_is_not_nodata(nameserver: NameserverSource) -> None:
@@ -243,7 +243,7 @@ def test_zone_file_source_answers_like_the_server(
     offline = ZoneFileSource([live.zone_dir / f"{LIVE_ZONE}.zone"])
     qname = LIVE_ZONE if relative == "@" else f"{relative}.{LIVE_ZONE}"
     served, read = ask(nameserver, qname, rdtype), ask(offline, qname, rdtype)
-    assert (read.status, sorted_records(read), read.ttl) == (served.status, sorted_records(served), served.ttl)
+    assert (read.status, ordered(read), read.ttl) == (served.status, ordered(served), served.ttl)
 
 
 # --- The cache --------------------------------------------------------------------------------
@@ -362,21 +362,21 @@ def write(directory: Path, filename: str, text: str) -> Path:
 
 def test_origin_comes_from_the_file_name(tmp_path: Path) -> None:
     source = ZoneFileSource([write(tmp_path, "sender.example.zone", SOA + "www A 192.0.2.1\n")])
-    assert sorted_records(ask(source, "www.sender.example", "A")) == ["192.0.2.1"]
+    assert ordered(ask(source, "www.sender.example", "A")) == ["192.0.2.1"]
     assert ask(source, "www.sender.example.zone", "A").status is NXDOMAIN
 
 
 def test_origin_directive_wins_over_the_file_name(tmp_path: Path) -> None:
     text = "$ORIGIN other.example.\n" + SOA + "www A 192.0.2.2\n"
     source = ZoneFileSource([write(tmp_path, "misnamed.example.zone", text)])
-    assert sorted_records(ask(source, "www.other.example", "A")) == ["192.0.2.2"]
+    assert ordered(ask(source, "www.other.example", "A")) == ["192.0.2.2"]
     assert ask(source, "www.misnamed.example", "A").status is NXDOMAIN
 
 
 def test_origin_directive_in_a_comment_is_ignored(tmp_path: Path) -> None:
     text = "; no $ORIGIN line: the file name gives it\n" + SOA + "www A 192.0.2.3\n"
     source = ZoneFileSource([write(tmp_path, "commented.example.zone", text)])
-    assert sorted_records(ask(source, "www.commented.example", "A")) == ["192.0.2.3"]
+    assert ordered(ask(source, "www.commented.example", "A")) == ["192.0.2.3"]
 
 
 def test_names_outside_every_zone_are_nxdomain(tmp_path: Path) -> None:
@@ -456,7 +456,7 @@ def test_cname_chain_is_followed_in_zone_files(tmp_path: Path) -> None:
     source = ZoneFileSource([write(tmp_path, "chain.example.zone", cname_chain(MAX_CNAME_CHAIN - 1))])
     assert ask(source, "c0.chain.example", "TXT").texts == ("end",)
     # Asking for the CNAME itself returns it rather than following it.
-    assert sorted_records(ask(source, "c0.chain.example", "CNAME")) == ["c1.chain.example."]
+    assert ordered(ask(source, "c0.chain.example", "CNAME")) == ["c1.chain.example."]
 
 
 def test_cname_loop_is_a_tempfail(tmp_path: Path) -> None:
@@ -497,7 +497,7 @@ def test_build_resolver_reads_zone_files_offline(tmp_path: Path) -> None:
     path = write(tmp_path, "sender.example.zone", SOA + "www A 192.0.2.1\n")
     # The nameserver is unroutable: an answer can only come from the file.
     settings = DnsSettings(nameservers=("192.0.2.53",), timeout=0.1, zone_files=(str(path),))
-    assert sorted_records(build_resolver(settings).query("www.sender.example", "A")) == ["192.0.2.1"]
+    assert ordered(build_resolver(settings).query("www.sender.example", "A")) == ["192.0.2.1"]
 
 
 # --- Malformed names --------------------------------------------------------------------------
