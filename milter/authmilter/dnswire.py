@@ -289,32 +289,38 @@ def _read_name(data: bytes, offset: int) -> tuple[bytes, int]:
     began, so the walk always moves backwards and ends; labels longer than 63 octets (the
     extended label types of RFC 6891 §5) and names longer than 255 octets are refused.
     """
-    name = bytearray()
+    end = len(data)
+    parts = []  # the name's pieces in wire form, up to each pointer and the root label
+    size = 0
     after = -1  # the offset after the name where it is written (its first pointer ends it)
-    lowest = offset  # where the current part began: the next pointer must point before it
+    start = offset  # where the current part begins: the next pointer must point before it
     for _ in range(_MAX_POINTERS + 1):
         while True:  # labels: each pass moves forward, bounded by the datagram
-            if offset >= len(data):
+            if offset >= end:
                 raise UnusableAnswer("a name runs past the end of the response")
             length = data[offset]
+            if length == 0:
+                parts.append(data[start : offset + 1])
+                if size + offset + 1 - start > _MAX_NAME:
+                    raise UnusableAnswer("a name is longer than 255 octets")
+                return b"".join(parts), offset + 1 if after < 0 else after
             if length >= 0xC0:
                 break
             if length > 63:
                 raise UnusableAnswer(f"label type {length >> 6:#04b} is not a length (RFC 1035 §4.1.4)")
-            name += data[offset : offset + 1 + length]
             offset += 1 + length
-            if len(name) > _MAX_NAME:
-                raise UnusableAnswer("a name is longer than 255 octets")
-            if length == 0:
-                return bytes(name), offset if after < 0 else after
-        if offset + 1 >= len(data):
+        parts.append(data[start:offset])
+        size += offset - start
+        if size > _MAX_NAME:
+            raise UnusableAnswer("a name is longer than 255 octets")
+        if offset + 1 >= end:
             raise UnusableAnswer("a compression pointer runs past the end of the response")
         pointer = (length & 0x3F) << 8 | data[offset + 1]
         if after < 0:
             after = offset + 2
-        if pointer >= lowest:
+        if pointer >= start:
             raise UnusableAnswer("a compression pointer does not point backwards")
-        offset = lowest = pointer
+        offset = start = pointer
     raise UnusableAnswer("too many compression pointers in one name")
 
 
