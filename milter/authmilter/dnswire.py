@@ -14,12 +14,13 @@ resolver treats as "ask the next server".
 from __future__ import annotations
 
 import re
-import socket
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
 
 import dns.exception
+import dns.ipv4
+import dns.ipv6
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
@@ -96,10 +97,8 @@ def record_value(rdata: dns.rdata.Rdata) -> DnsRecord:
     """
     if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT | dns.rdtypes.ANY.SPF.SPF):
         return tuple(rdata.strings)
-    if rdata.rdtype == dns.rdatatype.A:
-        return socket.inet_ntop(socket.AF_INET, rdata.to_digestable())
-    if rdata.rdtype == dns.rdatatype.AAAA:
-        return socket.inet_ntop(socket.AF_INET6, rdata.to_digestable())
+    if rdata.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return str(rdata.address)  # type: ignore[attr-defined]
     if isinstance(rdata, dns.rdtypes.mxbase.MXBase) and rdata.rdtype == dns.rdatatype.MX:
         return (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))
     if isinstance(rdata, dns.rdtypes.ANY.PTR.PTR):
@@ -235,10 +234,11 @@ def _value(data: bytes, rtype: int, start: int, end: int) -> DnsRecord:
     """One record's RDATA as its :data:`DnsRecord`."""
     if rtype in (_TYPE_TXT, _TYPE_SPF):
         return _character_strings(data, start, end)
+    # The address text as dnspython's ``address`` (pyspf's own lookups return that).
     if rtype == _TYPE_A and end - start == 4:
-        return socket.inet_ntop(socket.AF_INET, data[start:end])
+        return dns.ipv4.inet_ntoa(data[start:end])
     if rtype == _TYPE_AAAA and end - start == 16:
-        return socket.inet_ntop(socket.AF_INET6, data[start:end])
+        return dns.ipv6.inet_ntoa(data[start:end])
     if rtype == _TYPE_MX and end - start >= 3:
         exchange, offset = _read_name(data, start + 2)
         if offset == end:
