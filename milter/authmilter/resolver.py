@@ -2,7 +2,8 @@
 
 A lookup never raises for a DNS outcome. It returns a :class:`DnsAnswer` whose status says what
 happened: records, NXDOMAIN, NODATA (the name exists, the type does not) or TEMPFAIL (timeout,
-SERVFAIL, refused...). Each check maps TEMPFAIL to its own ``temperror`` (RFC 7208 §2.6.6,
+SERVFAIL, refused...); its records are plain values (:data:`~authmilter.dnswire.DnsRecord`), the
+same from every source. Each check maps TEMPFAIL to its own ``temperror`` (RFC 7208 §2.6.6,
 RFC 6376 §6.1.2, RFC 9989 §4.10) and NXDOMAIN/NODATA to "no record".
 
 A :class:`DnsBudget` bounds what one message may spend on DNS: :meth:`Resolver.for_message` gives
@@ -88,8 +89,9 @@ class NameserverSource:
     Not dnspython's ``Resolver``: its per-query machinery (query objects, selectors, retry
     bookkeeping) cost about as much CPU as parsing the answer, and a milter meeting a new sender
     sends five or more queries per message (bench/README.md, "A cheap cold path"). The query is
-    built from a fixed template; the answer is parsed once with ``dns.message.from_wire``. Each
-    query takes a fresh socket, so its source port is random (RFC 5452 §9.2), and an answer counts
+    built from a fixed template; the answer is parsed once into plain values by
+    :func:`~authmilter.dnswire.parse_response` (not ``dns.message.from_wire``: its objects cost
+    ten times more CPU than the rest of the exchange needs). Each query takes a fresh socket, so its source port is random (RFC 5452 §9.2), and an answer counts
     only if it comes from the server asked, with the query's ID and question (RFC 5452 §3).
 
     Servers are tried in order, each try waiting at most 2 s, round after round until ``timeout``
