@@ -91,8 +91,9 @@ class NameserverSource:
     sends five or more queries per message (bench/README.md, "A cheap cold path"). The query is
     built from a fixed template; the answer is parsed once into plain values by
     :func:`~authmilter.dnswire.parse_response` (not ``dns.message.from_wire``: its objects cost
-    ten times more CPU than the rest of the exchange needs). Each query takes a fresh socket, so its source port is random (RFC 5452 §9.2), and an answer counts
-    only if it comes from the server asked, with the query's ID and question (RFC 5452 §3).
+    ten times more CPU than the rest of the exchange needs). Each query takes a fresh socket, so
+    its source port is random (RFC 5452 §9.2), and an answer counts only if it comes from the
+    server asked, with the query's ID and question (RFC 5452 §3).
 
     Servers are tried in order, each try waiting at most 2 s, round after round until ``timeout``
     (a timed-out try moves to the next server); a server that answers SERVFAIL, REFUSED or garbage
