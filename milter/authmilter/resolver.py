@@ -90,8 +90,8 @@ class NameserverSource:
     bookkeeping) cost about as much CPU as parsing the answer, and a milter meeting a new sender
     sends five or more queries per message (bench/README.md, "A cheap cold path"). The query is
     built from a fixed template; the answer is parsed once into plain values by
-    :func:`~authmilter.dnswire.parse_response` (not ``dns.message.from_wire``: its objects cost
-    ten times more CPU than the rest of the exchange needs). Each query takes a fresh socket, so
+    :func:`~authmilter.dnswire.parse_response` (``dns.message.from_wire`` and its objects took
+    over ten times the CPU: bench/README.md). Each query takes a fresh socket, so
     its source port is random (RFC 5452 §9.2), and an answer counts only if it comes from the
     server asked, with the query's ID and question (RFC 5452 §3).
 
