@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dns.exception
 import dns.name
 import dns.rdatatype
 import pytest
@@ -31,6 +32,7 @@ from authmilter.resolver import (
     ZoneFileError,
     ZoneFileSource,
     build_resolver,
+    name_from_text,
 )
 from dnsserver import AuthoritativeDns
 
@@ -527,6 +529,34 @@ def test_malformed_name_is_nxdomain_without_a_lookup(cache_zone: ZoneFileSource,
 def test_non_ascii_name_never_raises(cache_zone: ZoneFileSource, qname: str) -> None:
     # IDNA-encodable names become A-labels and are looked up like any other.
     assert Resolver(cache_zone).txt(qname).status is NXDOMAIN
+
+
+def _parsed(parse: Callable[[str], dns.name.Name], text: str) -> tuple[bytes, ...] | str:
+    try:
+        return parse(text).labels
+    except (dns.exception.DNSException, ValueError, UnicodeError) as e:
+        return type(e).__name__
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *MALFORMED_NAMES,
+        "",
+        ".",
+        "@",
+        "a.@",
+        "Sel._DomainKey.Sender-1.example",
+        "sender.example.",
+        "*.wild.example",
+        "with space.example",
+        ("a" * 63 + ".") * 3 + "a" * 61,  # 255 octets: the longest name
+        "bücher.example",
+    ],
+)
+def test_name_from_text_is_dnspython_from_text(text: str) -> None:
+    # The same labels, case kept, or the same error as dnspython's parser.
+    assert _parsed(name_from_text, text) == _parsed(dns.name.from_text, text)
 
 
 @pytest.mark.parametrize("rdtype", ["NOSUCHTYPE", "", 65536, -1])

@@ -358,6 +358,24 @@ def _cache_key(name: str | dns.name.Name) -> str:
     return text if text.endswith(".") else text + "."
 
 
+def name_from_text(text: str) -> dns.name.Name:
+    """``dns.name.from_text(text)``, about four times cheaper for the usual name (ASCII, no escapes).
+
+    dnspython's parser packs each character on its own: ~12 µs a name, sent for every cache miss
+    (bench/README.md, "A cheap cold path"). Splitting at the dots gives the same labels, and
+    ``Name()`` refuses empty, over-long labels and over-long names as the parser does.
+
+    Raises:
+        dns.exception.DNSException, ValueError, UnicodeError: as ``dns.name.from_text``.
+    """
+    if text.isascii() and "\\" not in text and text not in (".", "@"):
+        labels = text.encode("ascii").split(b".")
+        if labels[-1]:
+            labels.append(b"")  # absolute, as from_text makes it
+        return dns.name.Name(labels)
+    return dns.name.from_text(text)
+
+
 def _always(value: object) -> bool:
     return True
 
@@ -559,7 +577,7 @@ class Resolver:
                     self._observer.cache_hit()
                 return hit[1]
         try:
-            qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
+            qname = name if isinstance(name, dns.name.Name) else name_from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError) as e:
             # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
             return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
