@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import random
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import dns.flags
 import dns.message
@@ -78,17 +78,18 @@ def unordered(answer: DnsAnswer) -> DnsAnswer:
 SOA = "ns.zone.example. hostmaster.zone.example. 1 3600 600 86400 {minimum}"
 
 
+# An RRset to put in a section: owner, TTL, type, the records in zone-file text.
+RRset = tuple[str, int, str, list[str]]
+
+
 def response(
     qname: str,
     rdtype: str,
-    answer: list[tuple[str, int, str, list[str]]] = (),  # type: ignore[assignment]
-    authority: list[tuple[str, int, str, list[str]]] = (),  # type: ignore[assignment]
-    rcode: int = dns.rcode.NOERROR,
+    answer: Sequence[RRset] = (),
+    authority: Sequence[RRset] = (),
+    rcode: dns.rcode.Rcode = dns.rcode.NOERROR,
 ) -> bytes:
-    """A response as a server writes it (name compression on), with an OPT record like Knot's.
-
-    Sections are (owner, ttl, type, [rdata text, ...]).
-    """
+    """A response as a server writes it (name compression on), with an OPT record like Knot's."""
     query = dns.message.make_query(qname, rdtype, use_edns=0)
     reply = dns.message.make_response(query)
     reply.set_rcode(rcode)
@@ -223,7 +224,7 @@ def _random_response(rng: random.Random) -> bytes:
     """A response mixing what servers send: aliases, several types and owners, case changes."""
     owners = [f"{rng.choice(['a', 'B', 'mx'])}{n}.Zone.example." for n in range(4)]
     rdtype = rng.choice(["TXT", "A", "AAAA", "MX", "PTR"])
-    answer: list[tuple[str, int, str, list[str]]] = []
+    answer: list[RRset] = []
     for owner in rng.sample(owners, rng.randint(0, 4)):
         rtype = rng.choice([rdtype, rdtype, "CNAME", "TXT"])
         count = 1 if rtype == "CNAME" else rng.randint(1, 3)
