@@ -21,6 +21,7 @@ import yaml
 from authmilter.arc_check import verify_arc
 from authmilter.arc_seal import Sealer, own_results, recorded_status, seal_message
 from authmilter.dkim_verify import DkimSettings
+from authmilter.dnswire import record_value
 from authmilter.keys import load_private_key
 from authmilter.message import parse_message
 from authmilter.model import AuthResult
@@ -94,7 +95,7 @@ class TxtSource:
             0,
             sum(len(p) + 1 for p in pieces),
         )
-        return DnsAnswer(DnsStatus.OK, (rdata,), ttl=60)
+        return DnsAnswer(DnsStatus.OK, (record_value(rdata),), ttl=60)
 
 
 @dataclass(frozen=True)

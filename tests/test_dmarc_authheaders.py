@@ -46,6 +46,7 @@ import pytest
 
 from authmilter.dkim_verify import DkimSettings, verify_dkim
 from authmilter.dmarc import DmarcSettings, evaluate_dmarc, from_header_error
+from authmilter.dnswire import record_value
 from authmilter.model import AuthResult, Disposition, DkimResult, DmarcVerdict
 from authmilter.resolver import DnsAnswer, DnsStatus, Resolver
 
@@ -90,14 +91,14 @@ class StubSource:
         if key.startswith("_dmarc.") or "._domainkey." in key:
             if rdtype != dns.rdatatype.TXT or not value:
                 return DnsAnswer(DnsStatus.NXDOMAIN, ttl=60)
-            return DnsAnswer(DnsStatus.OK, (_txt_rdata(value),), ttl=60)
+            return DnsAnswer(DnsStatus.OK, (record_value(_txt_rdata(value)),), ttl=60)
         if key not in self._table:
             raise AssertionError(f"unexpected query {key}/{rdtype.name}: not in the suite's stub DNS")
         if not value:
             return DnsAnswer(DnsStatus.NXDOMAIN, ttl=60)
         if rdtype == dns.rdatatype.MX:
             mx = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.MX, f"10 {value}.")
-            return DnsAnswer(DnsStatus.OK, (mx,), ttl=60)
+            return DnsAnswer(DnsStatus.OK, (record_value(mx),), ttl=60)
         return DnsAnswer(DnsStatus.NODATA, ttl=60)
 
 

@@ -21,6 +21,7 @@ RANKS = {
     "settings": 0,
     "domains": 0.5,  # names and envelope paths, below everything that reads them
     "message": 1,
+    "dnswire": 0.8,  # DNS responses as plain values, below the resolver
     "resolver": 1,
     "tables": 1,
     "keys": 1,

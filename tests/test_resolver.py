@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dns.exception
 import dns.name
 import dns.rdatatype
 import pytest
@@ -23,6 +24,7 @@ from authmilter.resolver import (
     MAX_CNAME_CHAIN,
     DnsAnswer,
     DnsBudget,
+    DnsRecord,
     DnsSettings,
     DnsStatus,
     NameserverSource,
@@ -30,6 +32,7 @@ from authmilter.resolver import (
     ZoneFileError,
     ZoneFileSource,
     build_resolver,
+    name_from_text,
 )
 from dnsserver import AuthoritativeDns
 
@@ -74,8 +77,8 @@ def ask(source: NameserverSource | ZoneFileSource, qname: str, rdtype: str) -> D
     return source.lookup(name(qname), dns.rdatatype.RdataType.make(rdtype))
 
 
-def rdata_texts(answer: DnsAnswer) -> list[str]:
-    return sorted(rdata.to_text() for rdata in answer.records)
+def ordered(answer: DnsAnswer) -> list[DnsRecord]:
+    return sorted(answer.records, key=str)
 
 
 class FakeClock:
@@ -130,14 +133,14 @@ def test_txt_records_stay_separate(nameserver: NameserverSource) -> None:
 def test_a_records_with_their_ttl(nameserver: NameserverSource) -> None:
     answer = ask(nameserver, f"www.{LIVE_ZONE}", "A")
     assert answer.status is OK
-    assert rdata_texts(answer) == ["192.0.2.10", "192.0.2.11"]
+    assert ordered(answer) == ["192.0.2.10", "192.0.2.11"]
     assert answer.ttl == 600
 
 
 def test_mx_records(nameserver: NameserverSource) -> None:
     answer = ask(nameserver, LIVE_ZONE, "MX")
     assert answer.status is OK
-    assert rdata_texts(answer) == [f"10 mx1.{LIVE_ZONE}.", "20 mx2.elsewhere.example."]
+    assert ordered(answer) == [(10, f"mx1.{LIVE_ZONE}"), (20, "mx2.elsewhere.example")]
 
 
 def test_nxdomain_is_not_nodata(nameserver: NameserverSource) -> None:
@@ -242,7 +245,7 @@ def test_zone_file_source_answers_like_the_server(
     offline = ZoneFileSource([live.zone_dir / f"{LIVE_ZONE}.zone"])
     qname = LIVE_ZONE if relative == "@" else f"{relative}.{LIVE_ZONE}"
     served, read = ask(nameserver, qname, rdtype), ask(offline, qname, rdtype)
-    assert (read.status, rdata_texts(read), read.ttl) == (served.status, rdata_texts(served), served.ttl)
+    assert (read.status, ordered(read), read.ttl) == (served.status, ordered(served), served.ttl)
 
 
 # --- The cache --------------------------------------------------------------------------------
@@ -361,21 +364,21 @@ def write(directory: Path, filename: str, text: str) -> Path:
 
 def test_origin_comes_from_the_file_name(tmp_path: Path) -> None:
     source = ZoneFileSource([write(tmp_path, "sender.example.zone", SOA + "www A 192.0.2.1\n")])
-    assert rdata_texts(ask(source, "www.sender.example", "A")) == ["192.0.2.1"]
+    assert ordered(ask(source, "www.sender.example", "A")) == ["192.0.2.1"]
     assert ask(source, "www.sender.example.zone", "A").status is NXDOMAIN
 
 
 def test_origin_directive_wins_over_the_file_name(tmp_path: Path) -> None:
     text = "$ORIGIN other.example.\n" + SOA + "www A 192.0.2.2\n"
     source = ZoneFileSource([write(tmp_path, "misnamed.example.zone", text)])
-    assert rdata_texts(ask(source, "www.other.example", "A")) == ["192.0.2.2"]
+    assert ordered(ask(source, "www.other.example", "A")) == ["192.0.2.2"]
     assert ask(source, "www.misnamed.example", "A").status is NXDOMAIN
 
 
 def test_origin_directive_in_a_comment_is_ignored(tmp_path: Path) -> None:
     text = "; no $ORIGIN line: the file name gives it\n" + SOA + "www A 192.0.2.3\n"
     source = ZoneFileSource([write(tmp_path, "commented.example.zone", text)])
-    assert rdata_texts(ask(source, "www.commented.example", "A")) == ["192.0.2.3"]
+    assert ordered(ask(source, "www.commented.example", "A")) == ["192.0.2.3"]
 
 
 def test_names_outside_every_zone_are_nxdomain(tmp_path: Path) -> None:
@@ -455,7 +458,7 @@ def test_cname_chain_is_followed_in_zone_files(tmp_path: Path) -> None:
     source = ZoneFileSource([write(tmp_path, "chain.example.zone", cname_chain(MAX_CNAME_CHAIN - 1))])
     assert ask(source, "c0.chain.example", "TXT").texts == ("end",)
     # Asking for the CNAME itself returns it rather than following it.
-    assert rdata_texts(ask(source, "c0.chain.example", "CNAME")) == ["c1.chain.example."]
+    assert ordered(ask(source, "c0.chain.example", "CNAME")) == ["c1.chain.example."]
 
 
 def test_cname_loop_is_a_tempfail(tmp_path: Path) -> None:
@@ -496,7 +499,7 @@ def test_build_resolver_reads_zone_files_offline(tmp_path: Path) -> None:
     path = write(tmp_path, "sender.example.zone", SOA + "www A 192.0.2.1\n")
     # The nameserver is unroutable: an answer can only come from the file.
     settings = DnsSettings(nameservers=("192.0.2.53",), timeout=0.1, zone_files=(str(path),))
-    assert rdata_texts(build_resolver(settings).query("www.sender.example", "A")) == ["192.0.2.1"]
+    assert ordered(build_resolver(settings).query("www.sender.example", "A")) == ["192.0.2.1"]
 
 
 # --- Malformed names --------------------------------------------------------------------------
@@ -526,6 +529,34 @@ def test_malformed_name_is_nxdomain_without_a_lookup(cache_zone: ZoneFileSource,
 def test_non_ascii_name_never_raises(cache_zone: ZoneFileSource, qname: str) -> None:
     # IDNA-encodable names become A-labels and are looked up like any other.
     assert Resolver(cache_zone).txt(qname).status is NXDOMAIN
+
+
+def _parsed(parse: Callable[[str], dns.name.Name], text: str) -> tuple[bytes, ...] | str:
+    try:
+        return parse(text).labels
+    except (dns.exception.DNSException, ValueError, UnicodeError) as e:
+        return type(e).__name__
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        *MALFORMED_NAMES,
+        "",
+        ".",
+        "@",
+        "a.@",
+        "Sel._DomainKey.Sender-1.example",
+        "sender.example.",
+        "*.wild.example",
+        "with space.example",
+        ("a" * 63 + ".") * 3 + "a" * 61,  # 255 octets: the longest name
+        "bücher.example",
+    ],
+)
+def test_name_from_text_is_dnspython_from_text(text: str) -> None:
+    # The same labels, case kept, or the same error as dnspython's parser.
+    assert _parsed(name_from_text, text) == _parsed(dns.name.from_text, text)
 
 
 @pytest.mark.parametrize("rdtype", ["NOSUCHTYPE", "", 65536, -1])

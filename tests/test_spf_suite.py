@@ -27,6 +27,7 @@ import pytest
 import spf
 import yaml  # type: ignore[import-untyped]
 
+from authmilter.dnswire import record_value
 from authmilter.resolver import DnsAnswer, DnsStatus, Resolver
 from authmilter.spf_check import SpfSettings, check_mail_from
 
@@ -161,7 +162,7 @@ class ScenarioSource:
             if rdtype in self._timeouts[name] or (name in self._all_time_out and rdtype not in records):
                 return DnsAnswer(DnsStatus.TEMPFAIL, reason="scripted timeout")
             if rdtype in records:
-                return DnsAnswer(DnsStatus.OK, tuple(records[rdtype]), ttl=60)
+                return DnsAnswer(DnsStatus.OK, tuple(map(record_value, records[rdtype])), ttl=60)
             if dns.rdatatype.CNAME not in records:
                 return DnsAnswer(DnsStatus.NODATA, ttl=60)
             name = records[dns.rdatatype.CNAME][0].target  # type: ignore[attr-defined]

@@ -2,7 +2,8 @@
 
 A lookup never raises for a DNS outcome. It returns a :class:`DnsAnswer` whose status says what
 happened: records, NXDOMAIN, NODATA (the name exists, the type does not) or TEMPFAIL (timeout,
-SERVFAIL, refused...). Each check maps TEMPFAIL to its own ``temperror`` (RFC 7208 §2.6.6,
+SERVFAIL, refused...); its records are plain values (:data:`~authmilter.dnswire.DnsRecord`), the
+same from every source. Each check maps TEMPFAIL to its own ``temperror`` (RFC 7208 §2.6.6,
 RFC 6376 §6.1.2, RFC 9989 §4.10) and NXDOMAIN/NODATA to "no record".
 
 A :class:`DnsBudget` bounds what one message may spend on DNS: :meth:`Resolver.for_message` gives
@@ -36,78 +37,30 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 import dns.exception
-import dns.flags
-import dns.message
 import dns.name
 import dns.nameserver
-import dns.query
-import dns.rcode
-import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.zone
 
+from authmilter.dnswire import DEFAULT_NEGATIVE_TTL as DEFAULT_NEGATIVE_TTL
+from authmilter.dnswire import MAX_CACHE_TTL as MAX_CACHE_TTL
+from authmilter.dnswire import MAX_CNAME_CHAIN as MAX_CNAME_CHAIN
+from authmilter.dnswire import DnsAnswer as DnsAnswer
+from authmilter.dnswire import DnsRecord as DnsRecord
+from authmilter.dnswire import DnsStatus as DnsStatus
+from authmilter.dnswire import UnusableAnswer, is_truncated, parse_response, record_value
 from authmilter.settings import bounded, validate
 
 log = logging.getLogger(__name__)
 
-# RFC 2308 §5 lets a resolver cap negative caching; these bound what a hostile zone can make us keep.
-MAX_CACHE_TTL = 86400
-DEFAULT_NEGATIVE_TTL = 300
-# CNAME chains followed inside zone files (real resolvers follow them on their own).
-MAX_CNAME_CHAIN = 8
 # A directive starts a line (RFC 1035 §5.1); the word in a comment or a TXT string is not one.
 _ORIGIN_DIRECTIVE = re.compile(r"^\$ORIGIN\s", re.IGNORECASE | re.MULTILINE)
-
-
-class DnsStatus(StrEnum):
-    OK = "ok"
-    NXDOMAIN = "nxdomain"
-    NODATA = "nodata"
-    TEMPFAIL = "tempfail"
-
-
-@dataclass(frozen=True)
-class DnsAnswer:
-    """The outcome of one query.
-
-    Attributes:
-        status: what happened.
-        records: the answer's rdata (dnspython objects) when status is OK.
-        ttl: seconds this answer may be cached (0 for TEMPFAIL: never cached).
-        reason: for TEMPFAIL, what went wrong (``timeout``, ``SERVFAIL``...), for logs.
-        timed_out: a TEMPFAIL because no nameserver answered in time (counted apart in metrics).
-    """
-
-    status: DnsStatus
-    records: tuple[dns.rdata.Rdata, ...] = ()
-    ttl: int = 0
-    reason: str = ""
-    timed_out: bool = False
-
-    @property
-    def texts(self) -> tuple[str, ...]:
-        """TXT records, each with its character-strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2).
-
-        Non-ASCII bytes are replaced: every TXT record we read (SPF, DKIM keys, DMARC) is ASCII.
-        """
-        out = []
-        for rdata in self.records:
-            strings = getattr(rdata, "strings", None)
-            if strings is not None:
-                out.append(b"".join(strings).decode("utf-8", "replace"))
-        return tuple(out)
-
-    @property
-    def exists(self) -> bool:
-        """The name exists (it has records of this type, or of another one)."""
-        return self.status in (DnsStatus.OK, DnsStatus.NODATA)
 
 
 def tempfail(reason: str, timed_out: bool = False) -> DnsAnswer:
@@ -120,17 +73,6 @@ class DnsSource(Protocol):
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer: ...
 
 
-def _negative_ttl(message: dns.message.Message | None, default: int = DEFAULT_NEGATIVE_TTL) -> int:
-    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) seconds."""
-    if message is None:
-        return default
-    for rrset in message.authority:
-        if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
-            soa = rrset[0]
-            return int(min(rrset.ttl, soa.minimum))
-    return default
-
-
 # A stub query (RFC 1035 §4.1.1): ID, flags with RD set, one question, no answers, one OPT record
 # (RFC 6891 §6.1.2) offering 1232-byte UDP answers (DNS Flag Day 2020: no IP fragmentation), so a
 # 2048-bit DKIM key fits in a datagram and TCP is only needed past that.
@@ -140,14 +82,11 @@ _RECURSION_DESIRED = 0x0100
 _EDNS_UDP_PAYLOAD = 1232
 _OPT_RECORD = b"\x00" + struct.pack("!HHIH", dns.rdatatype.OPT, _EDNS_UDP_PAYLOAD, 0, 0)
 _MAX_DATAGRAM = 65535
+_TCP_LENGTH = struct.Struct("!H")
 # Seconds for one try at one server; the rest of ``timeout`` goes to retries and other servers.
 _TRY_TIMEOUT = 2.0
 # Datagrams a try reads once its time is over (its answer among strays or spoofs) before it gives up.
 _MAX_LATE_DATAGRAMS = 64
-
-
-class _Failed(Exception):
-    """One server's answer cannot be used (SERVFAIL, REFUSED, malformed): ask the next one."""
 
 
 class NameserverSource:
@@ -156,10 +95,12 @@ class NameserverSource:
     Not dnspython's ``Resolver``: its per-query machinery (query objects, selectors, retry
     bookkeeping) cost about as much CPU as parsing the answer, and a milter meeting a new sender
     sends five or more queries per message (bench/README.md, "A cheap cold path"). The query is
-    built from a fixed template; the answer is parsed once with ``dns.message.from_wire``. Each
-    query takes a fresh socket, so its source port is random (RFC 5452 §9.2), and an answer counts
-    only if it comes from the server asked, with the query's ID and question (RFC 5452 §3).
-    :meth:`send` and :meth:`receive` split a lookup's first try in two, for prefetching.
+    built from a fixed template; the answer is parsed once into plain values by
+    :func:`~authmilter.dnswire.parse_response` (``dns.message.from_wire`` and its objects took
+    over ten times the CPU: bench/README.md). Each query takes a fresh socket, so
+    its source port is random (RFC 5452 §9.2), and an answer counts only if it comes from the
+    server asked, with the query's ID and question (RFC 5452 §3). :meth:`send` and
+    :meth:`receive` split a lookup's first try in two, for prefetching.
 
     Servers are tried in order, each try waiting at most 2 s, round after round until ``timeout``
     (a timed-out try moves to the next server); a server that answers SERVFAIL, REFUSED or garbage
@@ -232,14 +173,14 @@ class NameserverSource:
                         if deadline - time.monotonic() <= 0:
                             return tempfail(f"timeout asking {self.description}", timed_out=True)
                         attempt = _send_query(server, name, rdtype)
-                    response = _read_answer(attempt, name, rdtype, deadline)
+                    answer = _read_answer(attempt, deadline)
                 except TimeoutError:
                     continue
-                except (_Failed, OSError, EOFError, dns.exception.DNSException) as e:
+                except (UnusableAnswer, OSError, EOFError) as e:
                     failures.append(f"{server[0]} port {server[1]}: {e or type(e).__name__}")
                     servers.remove(server)
                     continue
-                return _answer(response, name, rdtype)
+                return answer
         return tempfail(f"no nameserver answered ({'; '.join(failures)})")
 
 
@@ -248,16 +189,17 @@ class SentQuery:
 
     Attributes:
         server: the (address, port) asked.
+        wire, question: the query as sent, and its question section (the answer must repeat it).
         started: ``time.perf_counter()`` when it was sent (metrics time the lookup from there).
     """
 
-    __slots__ = ("_expires", "_question", "_udp", "_wire", "server", "started")
+    __slots__ = ("_expires", "_udp", "question", "server", "started", "wire")
 
     def __init__(self, udp: socket.socket, server: tuple[str, int], wire: bytes, question: bytes) -> None:
         self._udp = udp
         self.server = server
-        self._wire = wire
-        self._question = question
+        self.wire = wire
+        self.question = question
         self._expires = time.monotonic() + _TRY_TIMEOUT
         self.started = time.perf_counter()
 
@@ -286,8 +228,8 @@ class SentQuery:
             # RFC 5452 §3: anything else is a stray or spoofed datagram: keep waiting for the answer.
             if (
                 source[:2] == self.server
-                and data[:2] == self._wire[:2]
-                and data[12 : 12 + len(self._question)] == self._question
+                and data[:2] == self.wire[:2]
+                and data[12 : 12 + len(self.question)] == self.question
             ):
                 return data
 
@@ -314,47 +256,57 @@ def _send_query(server: tuple[str, int], name: dns.name.Name, rdtype: dns.rdatat
     return SentQuery(udp, server, wire, question)
 
 
-def _read_answer(
-    sent: SentQuery, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
-) -> dns.message.Message:
+def _read_answer(sent: SentQuery, deadline: float) -> DnsAnswer:
     """One try's usable answer (NOERROR or NXDOMAIN); its socket is closed.
 
     Raises:
         TimeoutError: no answer in time.
-        _Failed, OSError, dns.exception.DNSException: the answer cannot be used.
+        UnusableAnswer, OSError, EOFError: the answer cannot be used.
     """
     try:
         data = sent.datagram(deadline)
     finally:
         sent.close()
-    response = dns.message.from_wire(data)
-    if response.flags & dns.flags.TC:
+    if is_truncated(data):
         # RFC 7766 §5: a truncated answer is asked again over TCP, a try of its own.
-        remaining = min(_TRY_TIMEOUT, max(deadline - time.monotonic(), 0.001))
-        address, port = sent.server
-        response = dns.query.tcp(dns.message.make_query(name, rdtype), address, remaining, port)
-    if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
-        raise _Failed(f"answered {dns.rcode.to_text(response.rcode())}")
-    return response
+        tcp_deadline = min(time.monotonic() + _TRY_TIMEOUT, deadline)
+        data = _ask_over_tcp(sent.server, sent.wire, sent.question, tcp_deadline)
+    return parse_response(data)
 
 
-def _answer(response: dns.message.Message, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
-    """A NOERROR or NXDOMAIN response as a :class:`DnsAnswer`, following the CNAMEs in it.
+def _ask_over_tcp(server: tuple[str, int], wire: bytes, question: bytes, deadline: float) -> bytes:
+    """The answer to ``wire`` over TCP, each message behind its 2-octet length (RFC 1035 §4.2.2).
 
-    A record reached through CNAMEs is kept no longer than the shortest TTL on the way (RFC 2181 §5.2).
+    Raises:
+        TimeoutError: no full answer before ``deadline``.
+        UnusableAnswer: the answer is not to this query.
+        OSError, EOFError: the connection failed or closed early.
     """
-    if response.rcode() == dns.rcode.NXDOMAIN:
-        return DnsAnswer(DnsStatus.NXDOMAIN, ttl=_negative_ttl(response))
-    ttl, current = MAX_CACHE_TTL, name
-    for _ in range(MAX_CNAME_CHAIN + 1):
-        rrset = response.get_rrset(response.answer, current, dns.rdataclass.IN, rdtype)
-        if rrset is not None:
-            return DnsAnswer(DnsStatus.OK, tuple(rrset), ttl=min(ttl, rrset.ttl))
-        alias = response.get_rrset(response.answer, current, dns.rdataclass.IN, dns.rdatatype.CNAME)
-        if alias is None:
-            break
-        ttl, current = min(ttl, alias.ttl), alias[0].target
-    return DnsAnswer(DnsStatus.NODATA, ttl=_negative_ttl(response))
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as tcp:
+        tcp.settimeout(max(deadline - time.monotonic(), 0.001))
+        tcp.connect(server)
+        tcp.sendall(_TCP_LENGTH.pack(len(wire)) + wire)
+        (length,) = _TCP_LENGTH.unpack(_receive(tcp, _TCP_LENGTH.size, deadline))
+        data = _receive(tcp, length, deadline)
+    if data[:2] != wire[:2] or data[12 : 12 + len(question)] != question:
+        raise UnusableAnswer("the TCP answer is not to the query sent")
+    return data
+
+
+def _receive(tcp: socket.socket, size: int, deadline: float) -> bytes:
+    """Exactly ``size`` bytes (at most 65535: one DNS message) from a stream socket."""
+    data = bytearray()
+    while len(data) < size:  # each pass reads at least one byte or ends
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        tcp.settimeout(remaining)
+        chunk = tcp.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the server closed the TCP connection before the whole answer")
+        data += chunk
+    return bytes(data)
 
 
 def parse_nameserver(text: str) -> tuple[str, int | None]:
@@ -466,7 +418,7 @@ class ZoneFileSource:
                     return DnsAnswer(DnsStatus.NXDOMAIN, ttl=self._negative_ttl(zone))
             rdataset = node.get_rdataset(dns.rdataclass.IN, rdtype)
             if rdataset is not None and len(rdataset):
-                return DnsAnswer(DnsStatus.OK, tuple(rdataset), ttl=rdataset.ttl)
+                return DnsAnswer(DnsStatus.OK, tuple(map(record_value, rdataset)), ttl=rdataset.ttl)
             cname = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.CNAME)
             if cname is None or not len(cname):
                 return DnsAnswer(DnsStatus.NODATA, ttl=self._negative_ttl(zone))
@@ -499,6 +451,24 @@ def _cache_key(name: str | dns.name.Name) -> str:
     if text.isascii():
         text = text.lower()
     return text if text.endswith(".") else text + "."
+
+
+def name_from_text(text: str) -> dns.name.Name:
+    """``dns.name.from_text(text)``, about four times cheaper for the usual name (ASCII, no escapes).
+
+    dnspython's parser packs each character on its own: ~12 µs a name, sent for every cache miss
+    (bench/README.md, "A cheap cold path"). Splitting at the dots gives the same labels, and
+    ``Name()`` refuses empty, over-long labels and over-long names as the parser does.
+
+    Raises:
+        dns.exception.DNSException, ValueError, UnicodeError: as ``dns.name.from_text``.
+    """
+    if text.isascii() and "\\" not in text and text not in (".", "@"):
+        labels = text.encode("ascii").split(b".")
+        if labels[-1]:
+            labels.append(b"")  # absolute, as from_text makes it
+        return dns.name.Name(labels)
+    return dns.name.from_text(text)
 
 
 def _always(value: object) -> bool:
@@ -774,7 +744,7 @@ class Resolver:
                     self._observer.cache_hit()
                 return hit[1]
         try:
-            qname = name if isinstance(name, dns.name.Name) else dns.name.from_text(name)
+            qname = name if isinstance(name, dns.name.Name) else name_from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError) as e:
             # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
             return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
@@ -859,7 +829,7 @@ class Resolver:
         send (cached, on its way, not a DNS name), :data:`_STOP` when no more may be sent."""
         try:
             key = (_cache_key(name), int(rdtype))
-            qname = dns.name.from_text(name)
+            qname = name_from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError):
             return None  # its check answers it without DNS
         now = self._clock()

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-import dns.rdata
 import dns.rdatatype
 import spf
 
@@ -223,19 +222,6 @@ def _checkable_domain(domain: str) -> str | None:
     return ascii_name if _MULTI_LABEL_NAME.fullmatch(ascii_name) else None
 
 
-def _pyspf_value(rdata: dns.rdata.Rdata) -> Any:
-    """One record in the shape pyspf's lookups return (see ``spf.DNSLookup_dnspython``)."""
-    rdtype = rdata.rdtype
-    if rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-        return rdata.address  # type: ignore[attr-defined]
-    if rdtype == dns.rdatatype.MX:
-        return (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))  # type: ignore[attr-defined]
-    if rdtype == dns.rdatatype.PTR:
-        return rdata.target.to_text(omit_final_dot=True)  # type: ignore[attr-defined]
-    # TXT and SPF: the raw character-strings; pyspf joins them and rejects non-ASCII (§3.1, §3.3).
-    return tuple(rdata.strings)  # type: ignore[attr-defined]
-
-
 class _ResolverQuery(spf.query):  # type: ignore[misc]
     """A pyspf query whose DNS questions all go to one Resolver: no module global, thread-safe."""
 
@@ -274,8 +260,8 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
         if answer.status is DnsStatus.TEMPFAIL:
             # RFC 7208 §2.6.6 / §4.4: a DNS failure is temperror.
             raise spf.TempError(f"DNS {qtype} lookup for {text} failed: {answer.reason or 'error'}")
-        wanted = dns.rdatatype.RdataType.make(qtype)
-        values = [_pyspf_value(r) for r in answer.records if r.rdtype == wanted]
+        # The records come in the shape pyspf's own lookups return (``spf.DNSLookup``).
+        values = list(answer.records)
         if not values and not ignore_void:
             # RFC 7208 §4.6.4: more than 2 lookups answering NXDOMAIN or no records => permerror.
             self.void_lookups += 1

@@ -1,0 +1,344 @@
+"""DNS answers as plain values: one pass over a response datagram (RFC 1035 §4.1), no dnspython objects.
+
+A cold message (a sender never seen) sends five or more queries, and parsing each answer with
+``dns.message.from_wire`` (Name objects, enums, immutable rdata) was half of its CPU (bench/README.md,
+"A cheap cold path"). :func:`parse_response` reads only what a check needs: the header, the answer
+section (following the CNAME chain from the question's name) and, for a negative answer, the SOA in
+the authority section. The records come out as the values the checks and pyspf use (:data:`DnsRecord`).
+
+Every input is hostile: each loop is bounded by the datagram's length, compression pointers must
+point backwards, and anything that does not parse raises :class:`UnusableAnswer`, which the
+resolver treats as "ask the next server".
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+
+import dns.exception
+import dns.ipv4
+import dns.ipv6
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rdtypes.ANY.PTR
+import dns.rdtypes.ANY.SPF
+import dns.rdtypes.ANY.TXT
+import dns.rdtypes.mxbase
+
+# RFC 2308 §5 lets a resolver cap negative caching; these bound what a hostile zone can make us keep.
+MAX_CACHE_TTL = 86400
+DEFAULT_NEGATIVE_TTL = 300
+# CNAME chains followed within one answer (and within zone files).
+MAX_CNAME_CHAIN = 8
+
+# One record, as the checks and pyspf (``spf.DNSLookup``) want it:
+# TXT and SPF: the character-strings (RFC 1035 §3.3.14); A and AAAA: the address as text;
+# MX: (preference, exchange without the final dot); PTR: the target without the final dot;
+# any other type: its presentation form (RFC 1035 §5.1), as dnspython writes it.
+DnsRecord = tuple[bytes, ...] | str | tuple[int, str]
+
+
+class DnsStatus(StrEnum):
+    OK = "ok"
+    NXDOMAIN = "nxdomain"
+    NODATA = "nodata"
+    TEMPFAIL = "tempfail"
+
+
+@dataclass(frozen=True)
+class DnsAnswer:
+    """The outcome of one query.
+
+    Attributes:
+        status: what happened.
+        records: the records of the type asked when status is OK (:data:`DnsRecord`).
+        ttl: seconds this answer may be cached (0 for TEMPFAIL: never cached).
+        reason: for TEMPFAIL, what went wrong (``timeout``, ``SERVFAIL``...), for logs.
+        timed_out: a TEMPFAIL because no nameserver answered in time (counted apart in metrics).
+    """
+
+    status: DnsStatus
+    records: tuple[DnsRecord, ...] = ()
+    ttl: int = 0
+    reason: str = ""
+    timed_out: bool = False
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """TXT records, each with its character-strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2).
+
+        Non-ASCII bytes are replaced: every TXT record we read (SPF, DKIM keys, DMARC) is ASCII.
+        """
+        return tuple(
+            b"".join(record).decode("utf-8", "replace")  # type: ignore[arg-type]  # checked: all bytes
+            for record in self.records
+            if isinstance(record, tuple) and all(isinstance(part, bytes) for part in record)
+        )
+
+    @property
+    def exists(self) -> bool:
+        """The name exists (it has records of this type, or of another one)."""
+        return self.status in (DnsStatus.OK, DnsStatus.NODATA)
+
+
+class UnusableAnswer(Exception):
+    """This server's response cannot be used (SERVFAIL, REFUSED, malformed): ask the next one."""
+
+
+def record_value(rdata: dns.rdata.Rdata) -> DnsRecord:
+    """A dnspython record as the plain value :func:`parse_response` gives for its type.
+
+    For the zone files (:class:`~authmilter.resolver.ZoneFileSource`) and the types this module
+    does not decode itself.
+    """
+    if isinstance(rdata, dns.rdtypes.ANY.TXT.TXT | dns.rdtypes.ANY.SPF.SPF):
+        return tuple(rdata.strings)
+    if rdata.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        return str(rdata.address)  # type: ignore[attr-defined]
+    if isinstance(rdata, dns.rdtypes.mxbase.MXBase) and rdata.rdtype == dns.rdatatype.MX:
+        return (rdata.preference, rdata.exchange.to_text(omit_final_dot=True))
+    if isinstance(rdata, dns.rdtypes.ANY.PTR.PTR):
+        return str(rdata.target.to_text(omit_final_dot=True))
+    return str(rdata.to_text())
+
+
+_HEADER = struct.Struct("!HHHHHH")
+_RR_FIXED = struct.Struct("!HHIH")  # TYPE, CLASS, TTL, RDLENGTH (RFC 1035 §4.1.3)
+_SOA_TIMES = struct.Struct("!IIIII")  # SERIAL, REFRESH, RETRY, EXPIRE, MINIMUM (RFC 1035 §3.3.13)
+_QR, _TC = 0x8000, 0x0200
+_NOERROR, _NXDOMAIN = 0, 3
+_RCODE_NAMES = {1: "FORMERR", 2: "SERVFAIL", 4: "NOTIMP", 5: "REFUSED"}
+_CLASS_IN = 1
+_TYPE_A, _TYPE_CNAME, _TYPE_SOA, _TYPE_PTR, _TYPE_MX, _TYPE_TXT = 1, 5, 6, 12, 15, 16
+_TYPE_AAAA, _TYPE_OPT, _TYPE_SPF = 28, 41, 99
+# RFC 1035 §2.3.4: a name is at most 255 octets on the wire, so at most 127 labels; an encoder
+# writes at most one pointer per name, so a chain of more pointers than that is an attack.
+_MAX_NAME = 255
+_MAX_POINTERS = 127
+# Label bytes dnspython writes as they are; anything else it escapes (``_escapify`` in dns.name).
+_PLAIN_LABEL = re.compile(rb"[!#%&'*+,\-/0-9:<=>?A-Z\[\]^_`a-z{|}~]*")
+_ESCAPED = frozenset(b'"().;\\@$')
+
+
+def is_truncated(data: bytes) -> bool:
+    """The TC bit (RFC 1035 §4.1.1): the answer did not fit and is to be asked over TCP (RFC 7766 §5)."""
+    return len(data) >= _HEADER.size and bool(data[2] << 8 & _TC)
+
+
+def parse_response(data: bytes) -> DnsAnswer:
+    """One response as a :class:`DnsAnswer` for the question it carries (RFC 1035 §4.1).
+
+    The caller has checked that the question is the one it asked (RFC 5452 §3). The CNAME chain
+    from the question's name is followed within the answer section (names compared case-blind,
+    RFC 4343), at most :data:`MAX_CNAME_CHAIN` links, and the records found are kept no longer
+    than the shortest TTL on the way (RFC 2181 §5.2). NXDOMAIN and NODATA last min(SOA TTL, SOA
+    MINIMUM) from the authority section (RFC 2308 §5), or :data:`DEFAULT_NEGATIVE_TTL` without one.
+
+    Raises:
+        UnusableAnswer: not a response, an RCODE other than NOERROR or NXDOMAIN, or malformed
+            (a count running past the end, a bad compression pointer, a record that does not fit).
+    """
+    if len(data) < _HEADER.size:
+        raise UnusableAnswer(f"response of {len(data)} bytes is shorter than a DNS header")
+    _, flags, questions, answers, authorities, additionals = _HEADER.unpack_from(data)
+    if not flags & _QR:
+        raise UnusableAnswer("datagram is a query, not a response")
+    if questions != 1:
+        raise UnusableAnswer(f"response carries {questions} questions instead of 1")
+    qname, offset = _read_name(data, _HEADER.size)
+    if offset + 4 > len(data):
+        raise UnusableAnswer("response ends inside its question")
+    (qtype,) = struct.unpack_from("!H", data, offset)
+    offset += 4
+    answer, offset = _records(data, offset, answers)
+    authority, offset = _records(data, offset, authorities)
+    additional, offset = _records(data, offset, additionals)
+    if offset != len(data):
+        raise UnusableAnswer(f"{len(data) - offset} bytes after the last record")
+    rcode = flags & 0xF
+    for rtype, _, ttl, _, _ in additional:
+        if rtype == _TYPE_OPT:  # RFC 6891 §6.1.3: the OPT TTL's top octet extends the RCODE
+            rcode |= (ttl >> 24) << 4
+    if rcode == _NXDOMAIN:
+        return DnsAnswer(DnsStatus.NXDOMAIN, ttl=_negative_ttl(data, authority))
+    if rcode != _NOERROR:
+        raise UnusableAnswer(f"answered {_RCODE_NAMES.get(rcode, f'RCODE {rcode}')}")
+    return _follow(data, qname, qtype, answer, authority)
+
+
+# A resource record located in the datagram: TYPE, lower-cased owner name (wire form), TTL,
+# and where its RDATA starts and ends.
+_Record = tuple[int, bytes, int, int, int]
+
+
+def _records(data: bytes, offset: int, count: int) -> tuple[list[_Record], int]:
+    """``count`` records of class IN (others are skipped) from ``offset``, and where they end."""
+    found: list[_Record] = []
+    end = len(data)
+    for _ in range(count):  # each record takes at least 11 bytes, so a huge count fails fast
+        owner, offset = _read_name(data, offset)
+        if offset + _RR_FIXED.size > end:
+            raise UnusableAnswer("response ends inside a record")
+        rtype, rclass, ttl, length = _RR_FIXED.unpack_from(data, offset)
+        start = offset + _RR_FIXED.size
+        offset = start + length
+        if offset > end:
+            raise UnusableAnswer("a record's data runs past the end of the response")
+        if rclass == _CLASS_IN or rtype == _TYPE_OPT:
+            # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
+            if ttl >= 1 << 31 and rtype != _TYPE_OPT:
+                ttl = 0
+            found.append((rtype, owner.lower(), ttl, start, offset))
+    return found, offset
+
+
+def _follow(
+    data: bytes, qname: bytes, qtype: int, answer: list[_Record], authority: list[_Record]
+) -> DnsAnswer:
+    """The records of ``qtype`` at ``qname`` or at the end of its CNAME chain (RFC 1034 §3.6.2)."""
+    ttl, current = MAX_CACHE_TTL, qname.lower()
+    for _ in range(MAX_CNAME_CHAIN + 1):
+        matching = [record for record in answer if record[1] == current and record[0] == qtype]
+        if matching:
+            # One RRset: its TTL is the smallest of its records', and a record repeated counts once.
+            values = dict.fromkeys(_value(data, qtype, start, end) for _, _, _, start, end in matching)
+            return DnsAnswer(DnsStatus.OK, tuple(values), ttl=min(ttl, *(r[2] for r in matching)))
+        alias = next((r for r in answer if r[1] == current and r[0] == _TYPE_CNAME), None)
+        if alias is None:
+            break
+        target, end = _read_name(data, alias[3])
+        if end != alias[4]:
+            raise UnusableAnswer("a CNAME record holds more than its target")
+        ttl, current = min(ttl, alias[2]), target.lower()
+    return DnsAnswer(DnsStatus.NODATA, ttl=_negative_ttl(data, authority))
+
+
+def _negative_ttl(data: bytes, authority: list[_Record]) -> int:
+    """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) seconds."""
+    for rtype, _, ttl, start, end in authority:
+        if rtype == _TYPE_SOA:
+            _, offset = _read_name(data, start)  # MNAME
+            _, offset = _read_name(data, offset)  # RNAME
+            if offset + _SOA_TIMES.size != end:
+                raise UnusableAnswer("malformed SOA record in the authority section")
+            minimum: int = _SOA_TIMES.unpack_from(data, offset)[4]
+            return min(ttl, minimum)
+    return DEFAULT_NEGATIVE_TTL
+
+
+def _value(data: bytes, rtype: int, start: int, end: int) -> DnsRecord:
+    """One record's RDATA as its :data:`DnsRecord`."""
+    if rtype in (_TYPE_TXT, _TYPE_SPF):
+        return _character_strings(data, start, end)
+    # The address text as dnspython's ``address`` (pyspf's own lookups return that).
+    if rtype == _TYPE_A and end - start == 4:
+        return dns.ipv4.inet_ntoa(data[start:end])
+    if rtype == _TYPE_AAAA and end - start == 16:
+        return dns.ipv6.inet_ntoa(data[start:end])
+    if rtype == _TYPE_MX and end - start >= 3:
+        exchange, offset = _read_name(data, start + 2)
+        if offset == end:
+            return ((data[start] << 8) | data[start + 1], _name_text(exchange))
+    elif rtype == _TYPE_PTR:
+        target, offset = _read_name(data, start)
+        if offset == end:
+            return _name_text(target)
+    elif rtype not in (_TYPE_A, _TYPE_AAAA, _TYPE_MX):
+        return _other_value(data, rtype, start, end)
+    raise UnusableAnswer(f"malformed {_type_text(rtype)} record")
+
+
+def _character_strings(data: bytes, start: int, end: int) -> tuple[bytes, ...]:
+    """TXT RDATA: one or more <character-string>s, each a length octet and that many octets
+    (RFC 1035 §3.3.14, §3.3). dnspython also reads an empty RDATA as zero strings."""
+    strings = []
+    offset = start
+    while offset < end:  # each pass consumes at least the length octet
+        length = data[offset]
+        offset += 1 + length
+        if offset > end:
+            raise UnusableAnswer("a TXT string runs past its record")
+        strings.append(data[offset - length : offset])
+    return tuple(strings)
+
+
+def _other_value(data: bytes, rtype: int, start: int, end: int) -> DnsRecord:
+    """A record of a type the checks do not ask for (a CNAME asked as such, an SOA...): decoded by
+    dnspython, which knows every type, as its presentation form."""
+    try:
+        rdtype = dns.rdatatype.RdataType.make(rtype)
+        rdata = dns.rdata.from_wire(dns.rdataclass.IN, rdtype, data, start, end - start)
+    except (dns.exception.DNSException, ValueError) as e:
+        raise UnusableAnswer(f"malformed {_type_text(rtype)} record: {e}") from e
+    return record_value(rdata)
+
+
+def _type_text(rtype: int) -> str:
+    return dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rtype))
+
+
+def _read_name(data: bytes, offset: int) -> tuple[bytes, int]:
+    """The domain name at ``offset`` in wire form without compression, and the offset after it.
+
+    RFC 1035 §4.1.4: a name is labels ending in the root label or in a pointer to an earlier
+    name. Each pointer must point before where the name (or the part reached by the last pointer)
+    began, so the walk always moves backwards and ends; labels longer than 63 octets (the
+    extended label types of RFC 6891 §5) and names longer than 255 octets are refused.
+    """
+    end = len(data)
+    parts = []  # the name's pieces in wire form, up to each pointer and the root label
+    size = 0
+    after = -1  # the offset after the name where it is written (its first pointer ends it)
+    start = offset  # where the current part begins: the next pointer must point before it
+    for _ in range(_MAX_POINTERS + 1):
+        while True:  # labels: each pass moves forward, bounded by the datagram
+            if offset >= end:
+                raise UnusableAnswer("a name runs past the end of the response")
+            length = data[offset]
+            if length == 0:
+                parts.append(data[start : offset + 1])
+                if size + offset + 1 - start > _MAX_NAME:
+                    raise UnusableAnswer("a name is longer than 255 octets")
+                return b"".join(parts), offset + 1 if after < 0 else after
+            if length >= 0xC0:
+                break
+            if length > 63:
+                raise UnusableAnswer(f"label type {length >> 6:#04b} is not a length (RFC 1035 §4.1.4)")
+            offset += 1 + length
+        parts.append(data[start:offset])
+        size += offset - start
+        if size > _MAX_NAME:
+            raise UnusableAnswer("a name is longer than 255 octets")
+        if offset + 1 >= end:
+            raise UnusableAnswer("a compression pointer runs past the end of the response")
+        pointer = (length & 0x3F) << 8 | data[offset + 1]
+        if after < 0:
+            after = offset + 2
+        if pointer >= start:
+            raise UnusableAnswer("a compression pointer does not point backwards")
+        offset = start = pointer
+    raise UnusableAnswer("too many compression pointers in one name")
+
+
+def _name_text(wire: bytes) -> str:
+    """A name (wire form) as dnspython's ``to_text(omit_final_dot=True)`` writes it."""
+    labels = []
+    offset = 0
+    while wire[offset]:
+        length = wire[offset]
+        labels.append(_label_text(wire[offset + 1 : offset + 1 + length]))
+        offset += 1 + length
+    return ".".join(labels) if labels else "."
+
+
+def _label_text(label: bytes) -> str:
+    if _PLAIN_LABEL.fullmatch(label):
+        return label.decode("ascii")
+    return "".join(
+        "\\" + chr(byte) if byte in _ESCAPED else chr(byte) if 0x20 < byte < 0x7F else f"\\{byte:03d}"
+        for byte in label
+    )
