@@ -323,7 +323,8 @@ def test_checks_name_the_dns_questions_they_will_ask(key: SigningKey) -> None:
         "helo": [("mx.sender.example", dns.rdatatype.TXT)],
         "dkim": [("s1._domainkey.sender.example", dns.rdatatype.TXT)],
         "arc": [],  # no ARC Set: nothing to ask
-        "dmarc": [("_dmarc.sender.example", dns.rdatatype.TXT)],
+        # RFC 9989 §4.10: every name of the tree walk.
+        "dmarc": [("_dmarc.sender.example", dns.rdatatype.TXT), ("_dmarc.example", dns.rdatatype.TXT)],
     }
 
 

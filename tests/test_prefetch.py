@@ -200,7 +200,9 @@ def test_the_checks_declare_spf_dkim_and_dmarc_names(key: SigningKey) -> None:
         message=parse_message(raw),
     )
     names = {name.rstrip(".").lower() for name, _ in prefetch_questions(CHECKS, transaction, BASE)}
-    assert names == {sender, HELO, f"s1._domainkey.{sender}", f"_dmarc.{sender}"}
+    # RFC 9989 §4.10: the whole tree walk, the Author Domain's name and every shorter one.
+    walk = {f"_dmarc.{sender}", f"_dmarc.{ZONE}", "_dmarc.example"}
+    assert names == {sender, HELO, f"s1._domainkey.{sender}", *walk}
 
 
 def test_each_name_is_sent_at_the_callback_that_tells_it_and_read_by_its_check(
@@ -218,16 +220,17 @@ def test_each_name_is_sent_at_the_callback_that_tells_it_and_read_by_its_check(
     assert source.sent == [f"{sender}.", f"{HELO}."]
     told = {}
     for name, value in fields:
+        before = len(source.sent)
         header(ctx, name, value)
-        told[name] = source.sent[-1]
-    assert told["From"] == f"_dmarc.{sender}."
-    assert told["DKIM-Signature"] == f"s1._domainkey.{sender}."
-    assert len(source.sent) == 4
+        told[name] = source.sent[before:]
+    # The From field tells the whole DMARC tree walk (RFC 9989 §4.10), asked at once.
+    assert told["From"] == [f"_dmarc.{sender}.", f"_dmarc.{ZONE}.", "_dmarc.example."]
+    assert told["DKIM-Signature"] == [f"s1._domainkey.{sender}."]
+    assert len(source.sent) == 6
     assert ctx.app.body(raw.split(b"\r\n\r\n", 1)[1]) == Milter.NOREPLY
     assert ctx._eom() == Milter.ACCEPT
     assert "dkim=pass" in ctx.headers[0][1] and "dmarc=pass" in ctx.headers[0][1]
-    # Each check read the query sent for its name and asked none again (the DMARC tree walk's
-    # further names, told by no callback, are looked up as the walk goes).
+    # Each check read the query sent for its name and asked none again.
     assert sorted(source.read) == sorted(source.sent)
     assert not set(source.looked_up) & set(source.sent)
 
@@ -252,7 +255,7 @@ def test_rset_and_a_new_mail_from_close_the_sockets_nobody_read(
     before = open_descriptors()
     mail_from(ctx, f"reject.{ZONE}")
     header(ctx, "From", f" Bob <bob@reject.{ZONE}>".encode())
-    assert open_descriptors() == before + 3
+    assert open_descriptors() == before + 5  # SPF for MAIL FROM and HELO, the walk's three names
     ctx.rset()
     assert open_descriptors() == before
     assert waiting_prefetches.taken == 0
@@ -264,7 +267,7 @@ def test_rset_and_a_new_mail_from_close_the_sockets_nobody_read(
     assert open_descriptors() == before
     # The names cancelled were never read, so none is cached: each message sent its own.
     assert source.sent == [
-        *(f"reject.{ZONE}.", f"{HELO}.", f"_dmarc.reject.{ZONE}."),
+        *(f"reject.{ZONE}.", f"{HELO}.", f"_dmarc.reject.{ZONE}.", f"_dmarc.{ZONE}.", "_dmarc.example."),
         *(f"reject.{ZONE}.", f"{HELO}."),
         *(f"none.{ZONE}.", f"{HELO}."),
     ]

@@ -783,12 +783,18 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         return unusable_from(transaction.authors)
 
     def field_questions(self, field: HeaderField, settings: DmarcSettings) -> list[Question]:
-        # RFC 9989 §4.10: the walk starts at the Author Domain's own _dmarc name; a From the
-        # precheck refuses (its structural caps, §11.5) is asked nothing.
+        # RFC 9989 §4.10: the walk asks the Author Domain's own _dmarc name and then every shorter
+        # name of _walk_targets (it stops early only on a psd= tag), so all of them are asked at
+        # once: a sub-domain sender's policy then costs one round trip, not one per label. A From
+        # the precheck refuses (its structural caps, §11.5) is asked nothing.
         authors = parse_from(MessageHeaders((field,)))
         if unusable_from(authors) is not None:
             return []
-        return [(f"_dmarc.{domain}", dns.rdatatype.TXT) for domain in _author_domains(authors.domains)]
+        return [
+            (f"_dmarc.{target}", dns.rdatatype.TXT)
+            for domain in _author_domains(authors.domains)
+            for target in _walk_targets(domain, settings.max_tree_walk)
+        ]
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings
