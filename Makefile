@@ -15,7 +15,7 @@ APT_PACKAGES := libmilter-dev gcc python3-dev python3-venv knot systemd postfix 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Only for `make bench`: the OpenDKIM + OpenDMARC pair it compares against.
-BENCH_APT_PACKAGES := opendmarc
+BENCH_APT_PACKAGES := opendmarc iproute2
 
 # The Sendmail of tests/integration (sendmail.py): downloaded and unpacked, never installed, since
 # Debian's sendmail-bin conflicts with postfix. Its shared libraries come with APT_PACKAGES.

@@ -224,7 +224,7 @@ class BenchPostfix(PostfixInstance):
 
     def _main_cf(self) -> str:
         # The 10 MB run needs more than the 10,240,000-byte default; 0 means no limit. The TCP runs
-        # at 60 sessions exceed anvil's 50 concurrent connections per client (421 at XCLIENT).
+        # at 60 sessions exceed anvil's 50 concurrent connections per client.
         return super()._main_cf() + "message_size_limit = 0\nsmtpd_client_connection_count_limit = 0\n"
 
     def _master_cf(self) -> str:
