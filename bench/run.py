@@ -607,7 +607,7 @@ def _workload(
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if os.environ.get(PRIVATE_NETWORK) != "1":
-        return _in_private_network()
+        return _in_private_network(sys.argv[1:] if argv is None else list(argv))
     _bring_up_private_network()
     if args.queue_dir:
         # PostfixInstance makes its ROOT (queue included) under the default temporary folder.
@@ -673,11 +673,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _in_private_network() -> int:
-    """Run this benchmark again in a network namespace of its own (``unshare --net``): every server
-    and client it starts lives there, on a loopback interface nothing else shares, which can carry the
-    client's outside address without touching the machine's network."""
-    command = ["unshare", "--net", "--", sys.executable, *sys.argv]
+def _in_private_network(argv: Sequence[str]) -> int:
+    """Run this benchmark again, with the same options, in a network namespace of its own
+    (``unshare --net``): every server and client it starts lives there, on a loopback interface
+    nothing else shares, which can carry the client's outside address without touching the
+    machine's network."""
+    if os.geteuid() != 0:
+        print(
+            "bench/run.py needs root: it runs in a network namespace of its own (unshare --net) and "
+            "starts Postfix and the Debian milters; run it with sudo",
+            file=sys.stderr,
+        )
+        return 2
+    command = ["unshare", "--net", "--", sys.executable, str(Path(__file__).resolve()), *argv]
     return subprocess.run(command, env={**os.environ, PRIVATE_NETWORK: "1"}, check=False).returncode
 
 
