@@ -150,6 +150,8 @@ class LoadResult:
     # Postfix's cleanup and queue-file sync), and from connect to the 250.
     data_latencies: list[float] = field(default_factory=list)
     session_latencies: list[float] = field(default_factory=list)
+    # The message number (0 for the first message sent) of each entry in data_latencies.
+    data_latency_numbers: list[int] = field(default_factory=list)
 
     def merged(self, other: LoadResult) -> LoadResult:
         """Both runs as one (the rounds of one set-up)."""
@@ -161,6 +163,7 @@ class LoadResult:
             self.client_cpu_seconds + other.client_cpu_seconds,
             self.data_latencies + other.data_latencies,
             self.session_latencies + other.session_latencies,
+            self.data_latency_numbers + [self.sent + number for number in other.data_latency_numbers],
         )
 
     def percentile(self, values: Sequence[float], q: float) -> float:
@@ -298,6 +301,7 @@ def run_load(
                 else:
                     result.accepted += 1
                     result.data_latencies.append(data_wait)
+                    result.data_latency_numbers.append(number)
                     result.session_latencies.append(whole)
 
     threads = [threading.Thread(target=session, name=f"smtp-{n}") for n in range(sessions)]

@@ -142,6 +142,8 @@ class Measurement:
     results_seen: str  # what the check of the delivered messages found
     machine_busy: float  # share of all cores busy meanwhile (Postfix, sink, client, milter, DNS)
     dns: dict[str, int] = field(default_factory=dict)  # the proxy's counts during the load
+    # Messages sent first from their sender in the round: every DNS name they need is a cache miss.
+    new_sender_numbers: frozenset[int] = frozenset()
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -157,6 +159,24 @@ class Measurement:
 
     def latency_ms(self, q: float) -> float:
         return self.load.percentile(self.load.data_latencies, q) * 1e3
+
+    def latency_by_sender_ms(self, q: float) -> tuple[float, float]:
+        """The end-of-data wait at quantile ``q`` of the messages from a sender new in the round,
+        and of the repeats."""
+        new: list[float] = []
+        repeat: list[float] = []
+        for number, wait in zip(self.load.data_latency_numbers, self.load.data_latencies, strict=True):
+            (new if number in self.new_sender_numbers else repeat).append(wait)
+        return self.load.percentile(new, q) * 1e3, self.load.percentile(repeat, q) * 1e3
+
+    def latency_by_sender_summary(self) -> str:
+        new = len(self.new_sender_numbers & set(self.load.data_latency_numbers))
+        (new_p50, repeat_p50), (new_p90, repeat_p90) = (self.latency_by_sender_ms(q) for q in (0.5, 0.9))
+        return (
+            f"end-of-data wait, first message of its sender ({new}): p50 {new_p50:.1f} ms, p90 "
+            f"{new_p90:.1f} ms; repeats ({self.load.accepted - new}): p50 {repeat_p50:.1f} ms, "
+            f"p90 {repeat_p90:.1f} ms"
+        )
 
 
 @dataclass
@@ -212,8 +232,12 @@ class Bench:
             busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
             seen = check(self.sink)
             self.sink.clear()
-        measurement = Measurement(setup, transport, sessions, load, seconds, cpu, seen, busy, dns)
-        print(f"   {_line(measurement)}\n   {load.latency_summary()}", flush=True)
+        new_senders = first_messages_of_senders(self.messages, self.count)
+        measurement = Measurement(
+            setup, transport, sessions, load, seconds, cpu, seen, busy, dns, new_senders
+        )
+        summaries = (_line(measurement), load.latency_summary(), measurement.latency_by_sender_summary())
+        print("".join(f"   {summary}\n" for summary in summaries), end="", flush=True)
         if load.refused:
             raise WrongResults(f"{setup} over {transport}: refused {dict(load.refused)}")
         return measurement
@@ -230,6 +254,19 @@ class Bench:
                 raise RuntimeError(f"only {self.sink.count() - before} of {load.accepted} messages delivered")
             time.sleep(0.01)
         return load
+
+
+def first_messages_of_senders(messages: Sequence[tuple[str, bytes]], count: int) -> frozenset[int]:
+    """The numbers of the messages, of ``count`` sent cycling through ``messages``, that are the first
+    from their envelope sender's domain (the workload's From domain)."""
+    seen: set[str] = set()
+    first: set[int] = set()
+    for number in range(count):
+        domain = messages[number % len(messages)][0].rpartition("@")[2].lower()
+        if domain not in seen:
+            seen.add(domain)
+            first.add(number)
+    return frozenset(first)
 
 
 _UNFOLD = re.compile(rb"\r\n[ \t]+")
@@ -478,6 +515,12 @@ class Medians:
     def latency(self, q: float) -> float:
         return self.median(lambda m: m.latency_ms(q))
 
+    def latency_by_sender(self, q: float) -> tuple[float, float]:
+        return (
+            self.median(lambda m: m.latency_by_sender_ms(q)[0]),
+            self.median(lambda m: m.latency_by_sender_ms(q)[1]),
+        )
+
 
 def _row(m: Measurement | Medians, ceiling: float) -> str:
     if isinstance(m, Medians):
@@ -504,6 +547,7 @@ def report(rounds: list[list[Measurement]], rss_runs: Sequence[RssRun], args: ar
             for m in measured:
                 row = _row(m, ceiling.get(m.sessions, 0.0))
                 print(f"{number:<6}{m.setup:<28}{m.transport:<10}{m.sessions:>5}{row}")
+        _latency_by_sender(by_key)
     _comparison(by_key, args)
     _signing_verdicts(by_key)
     for number, run in enumerate(rss_runs):
@@ -513,6 +557,20 @@ def report(rounds: list[list[Measurement]], rss_runs: Sequence[RssRun], args: ar
             what = f"authmilter peak RSS over idle (MB), {run.what}"
             growth = run.peak_mb - run.idle_mb
             print(_verdict(what, growth, LARGE_RSS_GROWTH_TARGET_MB, at_least=False))
+
+
+def _latency_by_sender(by_key: dict[tuple[str, str, int], Medians]) -> None:
+    """The end-of-data wait split: a sender's first message in the round needs every DNS name
+    (waiting for misses), its repeats find the milters' caches warm; each half's own quantiles."""
+    columns = "".join(f"{name:>9}" for name in ("new p50", "new p90", "rep p50", "rep p90"))
+    print("\n== end-of-data wait by sender, medians: first message of its sender in the round / repeats ==")
+    print(f"{'set-up':<28}{'transport':<10}{'sess':>5}{columns}")
+    for (setup, transport, sessions), medians in by_key.items():
+        (new_p50, repeat_p50), (new_p90, repeat_p90) = (medians.latency_by_sender(q) for q in (0.5, 0.9))
+        print(
+            f"{setup:<28}{transport:<10}{sessions:>5}{new_p50:>9.1f}{new_p90:>9.1f}{repeat_p50:>9.1f}"
+            f"{repeat_p90:>9.1f}"
+        )
 
 
 def _comparison(by_key: dict[tuple[str, str, int], Medians], args: argparse.Namespace) -> None:
