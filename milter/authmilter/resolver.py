@@ -483,14 +483,17 @@ def wire_name(name: str | dns.name.Name) -> bytes:
     labels = name.encode("ascii").split(b".")
     if labels[-1]:
         labels.append(b"")  # absolute, as from_text makes it
-    if max(map(len, labels)) > 63:
-        raise dns.name.LabelTooLong
-    wire = b"".join(bytes((len(label),)) + label for label in labels)
+    wire = bytearray()
+    for label in labels:
+        if len(label) > 63:
+            raise dns.name.LabelTooLong
+        wire.append(len(label))
+        wire += label
     if len(wire) > 255:
         raise dns.name.NameTooLong
     if b"" in labels[:-1]:
         raise dns.name.EmptyLabel
-    return wire
+    return bytes(wire)
 
 
 def _always(value: object) -> bool:
@@ -594,17 +597,24 @@ class _Counts:
         self.sent = 0
 
 
+# What a waiter gets should the lookup it waited for end in an exception (answers are immutable).
+_WAITED_FOR_FAILED = tempfail("the lookup this one waited for failed")
+
+
 class _InFlight:
-    """One lookup on its way: its answer and expiry once ``done`` is set.
+    """One lookup on its way: its answer and expiry once :meth:`finish` was called.
 
     A prefetched lookup starts as a query sent that nobody reads yet (``sent``); the first asker
-    claims it (takes ``sent``) and reads it while later askers wait on ``done``. Nobody waits on an
+    claims it (takes ``sent``) and reads it while later askers :meth:`wait`. Nobody waits on an
     unclaimed one, so cancelling it (closing its socket) strands no one.
     """
 
     def __init__(self, started: float, sent: SentQuery | None = None) -> None:
-        self.done = threading.Event()
-        self.answer = tempfail("the lookup this one waited for failed")
+        # Held until the answer is in; waiters pass through it once it is released. A plain lock,
+        # not an Event (a Condition and a lock): most lookups have no waiter, and each miss makes one.
+        self._unfinished = threading.Lock()
+        self._unfinished.acquire()
+        self.answer = _WAITED_FOR_FAILED
         self.expires = 0.0
         self.started = started  # the resolver's clock when the query was sent: TTLs count from there
         self.sent = sent
@@ -613,6 +623,15 @@ class _InFlight:
         """The query sent and not yet claimed (the caller reads it), else None; under the lock."""
         sent, self.sent = self.sent, None
         return sent
+
+    def wait(self) -> None:
+        """Return once the lookup is finished."""
+        with self._unfinished:
+            pass
+
+    def finish(self) -> None:
+        """Wake the waiters (the answer and expiry are set); once per lookup."""
+        self._unfinished.release()
 
 
 class _Slots:
@@ -798,7 +817,7 @@ class Resolver:
             waiting_prefetches.give_back()
             return self._finish(key, pending, qtype, sent)
         if not owner:
-            pending.done.wait()
+            pending.wait()
             self._used(pending.expires, pending.answer)
             return pending.answer
         return self._finish(key, pending, qtype, wire)  # the owner checked the name above
@@ -829,7 +848,7 @@ class Resolver:
         finally:
             with self._lock:
                 del self._inflight[key]
-            pending.done.set()
+            pending.finish()
         return pending.answer
 
     def prefetch(self, limit: int) -> Prefetch:
