@@ -63,17 +63,22 @@ class CountingSource(NameserverSource):
         self.read: list[str] = []
         self.looked_up: list[str] = []
 
-    def send(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> SentQuery | None:
-        self.sent.append(name.to_text().lower())
-        return super().send(name, rdtype)
+    def send(self, wire_name: bytes, rdtype: int) -> SentQuery | None:
+        self.sent.append(text_of(wire_name))
+        return super().send(wire_name, rdtype)
 
-    def receive(self, sent: SentQuery, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
-        self.read.append(name.to_text().lower())
-        return super().receive(sent, name, rdtype)
+    def receive(self, sent: SentQuery) -> DnsAnswer:
+        self.read.append(text_of(sent.question))
+        return super().receive(sent)
 
-    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
-        self.looked_up.append(name.to_text().lower())
-        return super().lookup(name, rdtype)
+    def ask(self, wire_name: bytes, rdtype: int) -> DnsAnswer:
+        self.looked_up.append(text_of(wire_name))
+        return super().ask(wire_name, rdtype)
+
+
+def text_of(wire: bytes) -> str:
+    """The name a question or a name in wire form starts with, lower case."""
+    return str(dns.name.from_wire(wire, 0)[0].to_text().lower())
 
 
 def open_descriptors() -> int:

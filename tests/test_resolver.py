@@ -8,6 +8,8 @@ The real server is the session's ``dns_server`` (tests/conftest.py); every zone 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,7 +34,7 @@ from authmilter.resolver import (
     ZoneFileError,
     ZoneFileSource,
     build_resolver,
-    name_from_text,
+    wire_name,
 )
 from dnsserver import AuthoritativeDns
 
@@ -531,11 +533,11 @@ def test_non_ascii_name_never_raises(cache_zone: ZoneFileSource, qname: str) -> 
     assert Resolver(cache_zone).txt(qname).status is NXDOMAIN
 
 
-def _parsed(parse: Callable[[str], dns.name.Name], text: str) -> tuple[bytes, ...] | str:
+def _wire(parse: Callable[[str], bytes], text: str) -> bytes | None:
     try:
-        return parse(text).labels
-    except (dns.exception.DNSException, ValueError, UnicodeError) as e:
-        return type(e).__name__
+        return parse(text)
+    except (dns.exception.DNSException, ValueError, UnicodeError):
+        return None
 
 
 @pytest.mark.parametrize(
@@ -552,11 +554,14 @@ def _parsed(parse: Callable[[str], dns.name.Name], text: str) -> tuple[bytes, ..
         "with space.example",
         ("a" * 63 + ".") * 3 + "a" * 61,  # 255 octets: the longest name
         "bücher.example",
+        "a" * 64 + "..example",  # two faults
+        ("a" * 63 + ".") * 4 + ".example",
+        "a" * 64 + "." + ("a" * 63 + ".") * 4,
     ],
 )
-def test_name_from_text_is_dnspython_from_text(text: str) -> None:
-    # The same labels, case kept, or the same error as dnspython's parser.
-    assert _parsed(name_from_text, text) == _parsed(dns.name.from_text, text)
+def test_wire_name_is_dnspython_from_text(text: str) -> None:
+    # The same wire form, case kept, or refused as dnspython's parser refuses it.
+    assert _wire(wire_name, text) == _wire(lambda t: dns.name.from_text(t).to_wire(), text)
 
 
 @pytest.mark.parametrize("rdtype", ["NOSUCHTYPE", "", 65536, -1])
@@ -633,6 +638,51 @@ def test_nested_derived_value_shortens_the_outer_one(cache_zone: ZoneFileSource)
     clock.now += 101  # past the inner value's expiry (300 s after it was computed)
     resolver.derived("outer", outer)
     assert len(outer_runs) == 2
+
+
+class GatedSource:
+    """Zone-file answers that wait at a gate the test opens, counting the lookups."""
+
+    def __init__(self, zone: ZoneFileSource) -> None:
+        self.zone = zone
+        self.lookups = 0
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+        self.lookups += 1
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self.zone.lookup(name, rdtype)
+
+
+def _blocked_in(thread: threading.Thread, function: str) -> bool:
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == function and frame.f_code.co_filename.endswith("resolver.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_second_asker_waits_for_the_lookup_on_its_way(cache_zone: ZoneFileSource) -> None:
+    source = GatedSource(cache_zone)
+    resolver = Resolver(source)
+    answers: dict[str, DnsAnswer] = {}
+    first = threading.Thread(target=lambda: answers.setdefault("first", resolver.txt("a.cache.example")))
+    second = threading.Thread(target=lambda: answers.setdefault("second", resolver.txt("A.cache.example")))
+    first.start()
+    assert source.entered.wait(30)
+    second.start()
+    deadline = time.monotonic() + 30
+    while not _blocked_in(second, "wait") and second.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert _blocked_in(second, "wait"), "the second asker should wait for the first's lookup"
+    source.gate.set()
+    first.join(30)
+    second.join(30)
+    assert answers["first"].texts == answers["second"].texts == ("a",)
+    assert (source.lookups, resolver.queries) == (1, 1)
 
 
 def test_invalid_name_is_not_answered_from_a_similar_cached_name(cache_zone: ZoneFileSource) -> None:

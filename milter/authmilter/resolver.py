@@ -131,10 +131,16 @@ class NameserverSource:
         self.description = ",".join(f"{address} port {server_port}" for address, server_port in self._servers)
 
     def lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
-        return self._resolve(name, rdtype, None)
+        return self.ask(cast(bytes, name.to_wire()), rdtype)
 
-    def send(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> SentQuery | None:
-        """Send the first try of a lookup to the first server and return at once.
+    def ask(self, wire_name: bytes, rdtype: int) -> DnsAnswer:
+        """:meth:`lookup` for a name in wire form (RFC 1035 §3.1), as the :class:`Resolver` has it
+        (it builds no ``dns.name.Name``)."""
+        return self._resolve(_question(wire_name, rdtype), None)
+
+    def send(self, wire_name: bytes, rdtype: int) -> SentQuery | None:
+        """Send the first try of a lookup of ``wire_name`` (:meth:`ask`) to the first server and
+        return at once.
 
         The answer waits in the socket's buffer until :meth:`receive` reads it; no thread waits
         for it. The caller must pass the query to :meth:`receive` or close it.
@@ -144,11 +150,11 @@ class NameserverSource:
             normal way when it is needed).
         """
         try:
-            return _send_query(self._servers[0], name, rdtype)
+            return _send_query(self._servers[0], _question(wire_name, rdtype))
         except (OSError, IndexError):
             return None
 
-    def receive(self, sent: SentQuery, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> DnsAnswer:
+    def receive(self, sent: SentQuery) -> DnsAnswer:
         """The answer to a query :meth:`send` sent, as :meth:`lookup` would give it.
 
         Waits only for what is left of the first try's 2 s (an answer already in the buffer is
@@ -156,12 +162,11 @@ class NameserverSource:
         as :meth:`lookup` does (the next servers, further rounds), within ``timeout`` from now.
         The socket is closed in every case.
         """
-        return self._resolve(name, rdtype, sent)
+        return self._resolve(sent.question, sent)
 
-    def _resolve(
-        self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType, sent: SentQuery | None
-    ) -> DnsAnswer:
-        """The lookup loop; ``sent`` is a first try already sent to the first server."""
+    def _resolve(self, question: bytes, sent: SentQuery | None) -> DnsAnswer:
+        """The lookup loop for one question (:func:`_question`); ``sent`` is a first try already
+        sent to the first server."""
         deadline = time.monotonic() + self._timeout
         servers = list(self._servers)
         failures: list[str] = []
@@ -172,7 +177,7 @@ class NameserverSource:
                     if attempt is None:
                         if deadline - time.monotonic() <= 0:
                             return tempfail(f"timeout asking {self.description}", timed_out=True)
-                        attempt = _send_query(server, name, rdtype)
+                        attempt = _send_query(server, question)
                     answer = _read_answer(attempt, deadline)
                 except TimeoutError:
                     continue
@@ -237,14 +242,19 @@ class SentQuery:
         self._udp.close()
 
 
-def _send_query(server: tuple[str, int], name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> SentQuery:
-    """Send one try on a fresh socket, so its source port is random (RFC 5452 §9.2).
+def _question(wire_name: bytes, rdtype: int) -> bytes:
+    """A query's question section (RFC 1035 §4.1.2): the name, its type, class IN."""
+    return wire_name + _QUESTION_TAIL.pack(rdtype, dns.rdataclass.IN)
+
+
+def _send_query(server: tuple[str, int], question: bytes) -> SentQuery:
+    """Send one try of ``question`` (:func:`_question`) on a fresh socket, so its source port is
+    random (RFC 5452 §9.2).
 
     Raises:
         OSError: no socket, or the datagram could not be sent.
     """
     query_id = random.getrandbits(16)
-    question = cast(bytes, name.to_wire()) + _QUESTION_TAIL.pack(rdtype, dns.rdataclass.IN)
     wire = _HEADER.pack(query_id, _RECURSION_DESIRED, 1, 0, 0, 1) + question + _OPT_RECORD
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
     udp = socket.socket(family, socket.SOCK_DGRAM)
@@ -453,22 +463,37 @@ def _cache_key(name: str | dns.name.Name) -> str:
     return text if text.endswith(".") else text + "."
 
 
-def name_from_text(text: str) -> dns.name.Name:
-    """``dns.name.from_text(text)``, about four times cheaper for the usual name (ASCII, no escapes).
+def wire_name(name: str | dns.name.Name) -> bytes:
+    """``dns.name.from_text(name).to_wire()``: the name as a question carries it (RFC 1035 §3.1),
+    its case kept, without building a ``dns.name.Name`` for the usual name (ASCII, no escapes).
 
-    dnspython's parser packs each character on its own: ~12 µs a name, sent for every cache miss
-    (bench/README.md, "A cheap cold path"). Splitting at the dots gives the same labels, and
-    ``Name()`` refuses empty, over-long labels and over-long names as the parser does.
+    dnspython's parser packs each character on its own and its immutable ``Name`` costs several
+    µs more; a miss needs the name only on the wire (bench/README.md, "A cheap cold path").
+    Splitting at the dots gives the same labels, refused as ``Name()`` refuses them (RFC 1035
+    §2.3.4: labels of 1 to 63 octets, at most 255 octets in all), with dnspython's errors.
 
     Raises:
-        dns.exception.DNSException, ValueError, UnicodeError: as ``dns.name.from_text``.
+        dns.exception.DNSException, ValueError, UnicodeError: as ``dns.name.from_text``, or a
+            relative ``dns.name.Name``.
     """
-    if text.isascii() and "\\" not in text and text not in (".", "@"):
-        labels = text.encode("ascii").split(b".")
-        if labels[-1]:
-            labels.append(b"")  # absolute, as from_text makes it
-        return dns.name.Name(labels)
-    return dns.name.from_text(text)
+    if isinstance(name, dns.name.Name):
+        return cast(bytes, name.to_wire())
+    if not name.isascii() or "\\" in name or name in (".", "@"):
+        return cast(bytes, dns.name.from_text(name).to_wire())
+    labels = name.encode("ascii").split(b".")
+    if labels[-1]:
+        labels.append(b"")  # absolute, as from_text makes it
+    wire = bytearray()
+    for label in labels:
+        if len(label) > 63:
+            raise dns.name.LabelTooLong
+        wire.append(len(label))
+        wire += label
+    if len(wire) > 255:
+        raise dns.name.NameTooLong
+    if b"" in labels[:-1]:
+        raise dns.name.EmptyLabel
+    return bytes(wire)
 
 
 def _always(value: object) -> bool:
@@ -572,17 +597,24 @@ class _Counts:
         self.sent = 0
 
 
+# What a waiter gets should the lookup it waited for end in an exception (answers are immutable).
+_WAITED_FOR_FAILED = tempfail("the lookup this one waited for failed")
+
+
 class _InFlight:
-    """One lookup on its way: its answer and expiry once ``done`` is set.
+    """One lookup on its way: its answer and expiry once :meth:`finish` was called.
 
     A prefetched lookup starts as a query sent that nobody reads yet (``sent``); the first asker
-    claims it (takes ``sent``) and reads it while later askers wait on ``done``. Nobody waits on an
+    claims it (takes ``sent``) and reads it while later askers :meth:`wait`. Nobody waits on an
     unclaimed one, so cancelling it (closing its socket) strands no one.
     """
 
     def __init__(self, started: float, sent: SentQuery | None = None) -> None:
-        self.done = threading.Event()
-        self.answer = tempfail("the lookup this one waited for failed")
+        # Held until the answer is in; waiters pass through it once it is released. A plain lock,
+        # not an Event (a Condition and a lock): most lookups have no waiter, and each miss makes one.
+        self._unfinished = threading.Lock()
+        self._unfinished.acquire()
+        self.answer = _WAITED_FOR_FAILED
         self.expires = 0.0
         self.started = started  # the resolver's clock when the query was sent: TTLs count from there
         self.sent = sent
@@ -591,6 +623,15 @@ class _InFlight:
         """The query sent and not yet claimed (the caller reads it), else None; under the lock."""
         sent, self.sent = self.sent, None
         return sent
+
+    def wait(self) -> None:
+        """Return once the lookup is finished."""
+        with self._unfinished:
+            pass
+
+    def finish(self) -> None:
+        """Wake the waiters (the answer and expiry are set); once per lookup."""
+        self._unfinished.release()
 
 
 class _Slots:
@@ -696,8 +737,8 @@ class Resolver:
         self._observer = observer
         self._cache_size = cache_size
         self._clock = clock
-        # Keyed by the name's text (see _cache_key), not by dns.name.Name: a hit then costs no
-        # parsing, and hashing and comparing Name objects cost more than the rest of a hit.
+        # Keyed by the name's text (see _cache_key) and type, not by dns.name.Name: a hit then costs
+        # no parsing, and hashing and comparing Name objects cost more than the rest of a hit.
         self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
         self._derived: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
         self._lock = threading.Lock()
@@ -725,7 +766,8 @@ class Resolver:
     def query(self, name: str | dns.name.Name, rdtype: str | dns.rdatatype.RdataType) -> DnsAnswer:
         """Look up ``name``/``rdtype``; never raises for a DNS outcome or a malformed name."""
         try:
-            qtype = _RDTYPES.get(rdtype) if isinstance(rdtype, str) else None
+            # An RdataType as it is: RdataType.make costs a lookup chain even for one.
+            qtype = rdtype if isinstance(rdtype, dns.rdatatype.RdataType) else _RDTYPES.get(rdtype)
             if qtype is None:
                 qtype = dns.rdatatype.RdataType.make(rdtype)
         except (dns.exception.DNSException, ValueError) as e:
@@ -743,16 +785,16 @@ class Resolver:
                 if self._observer is not None:
                     self._observer.cache_hit()
                 return hit[1]
-        try:
-            qname = name if isinstance(name, dns.name.Name) else name_from_text(name)
-        except (dns.exception.DNSException, ValueError, UnicodeError) as e:
-            # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
-            return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
-        with self._lock:
+            # A name cached or on its way is a valid one: only a new question is checked below.
             pending = self._inflight.get(key)
             sent = pending.claim() if pending is not None else None
         owner = False
         if pending is None:
+            try:
+                wire = wire_name(name)
+            except (dns.exception.DNSException, ValueError, UnicodeError) as e:
+                # A name that cannot be a DNS name cannot exist (e.g. an empty label from a From header).
+                return DnsAnswer(DnsStatus.NXDOMAIN, reason=f"invalid name: {e}")
             # Charged before the lookup is shared: a message whose budget is spent gets its own
             # TEMPFAIL, never another message's, and waiting for a lookup on its way costs nothing.
             refused = self._budget.charge() if self._budget is not None else ""
@@ -773,24 +815,27 @@ class Resolver:
         if sent is not None:
             # A prefetched query: this asker reads it (it was charged to the budget when sent).
             waiting_prefetches.give_back()
-            return self._finish(key, pending, qname, qtype, sent)
+            return self._finish(key, pending, qtype, sent)
         if not owner:
-            pending.done.wait()
+            pending.wait()
             self._used(pending.expires, pending.answer)
             return pending.answer
-        return self._finish(key, pending, qname, qtype, None)
+        return self._finish(key, pending, qtype, wire)  # the owner checked the name above
 
     def _finish(
         self,
         key: tuple[str, int],
         pending: _InFlight,
-        qname: dns.name.Name,
         qtype: dns.rdatatype.RdataType,
-        sent: SentQuery | None,
+        question: SentQuery | bytes,
     ) -> DnsAnswer:
-        """Ask the source (or read the query sent for it), cache the answer, wake the waiters."""
+        """Ask the source (or read the query sent for it), cache the answer, wake the waiters.
+
+        Args:
+            question: the prefetched query to read, or the name in wire form (:func:`wire_name`).
+        """
         try:
-            answer = self._ask(qname, qtype, sent)
+            answer = self._ask(qtype, question)
             pending.expires = pending.started + min(answer.ttl, MAX_CACHE_TTL)
             pending.answer = answer
             self._used(pending.expires, answer)
@@ -803,7 +848,7 @@ class Resolver:
         finally:
             with self._lock:
                 del self._inflight[key]
-            pending.done.set()
+            pending.finish()
         return pending.answer
 
     def prefetch(self, limit: int) -> Prefetch:
@@ -829,7 +874,6 @@ class Resolver:
         send (cached, on its way, not a DNS name), :data:`_STOP` when no more may be sent."""
         try:
             key = (_cache_key(name), int(rdtype))
-            qname = name_from_text(name)
         except (dns.exception.DNSException, ValueError, UnicodeError):
             return None  # its check answers it without DNS
         now = self._clock()
@@ -837,12 +881,16 @@ class Resolver:
             hit = self._cache.get(key)
             if (hit is not None and hit[0] > now) or key in self._inflight:
                 return None
+        try:
+            wire = wire_name(name)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return None
         if self._sender is None or not waiting_prefetches.take():
             return _STOP
         if self._budget is not None and self._budget.charge():
             waiting_prefetches.give_back()
             return _STOP
-        sent = self._sender.send(qname, rdtype)
+        sent = self._sender.send(wire, rdtype)
         if sent is None:
             waiting_prefetches.give_back()
             return None
@@ -867,12 +915,17 @@ class Resolver:
             waiting_prefetches.give_back()
             sent.close()
 
-    def _ask(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType, sent: SentQuery | None) -> DnsAnswer:
-        started = time.perf_counter() if sent is None else sent.started
-        if sent is not None and self._sender is not None:  # only the sender sends queries ahead
-            answer = self._sender.receive(sent, qname, qtype)
+    def _ask(self, qtype: dns.rdatatype.RdataType, question: SentQuery | bytes) -> DnsAnswer:
+        """The source's answer: read from the prefetched query, or asked for the name (wire form)."""
+        if isinstance(question, SentQuery):  # only the sender sends queries ahead
+            started = question.started
+            answer = cast(NameserverSource, self._sender).receive(question)
         else:
-            answer = self.source.lookup(qname, qtype)
+            started = time.perf_counter()
+            if self._sender is not None:
+                answer = self._sender.ask(question, qtype)
+            else:  # other sources take a dnspython name
+                answer = self.source.lookup(dns.name.from_wire(question, 0)[0], qtype)
         if self._observer is not None:
             self._observer.answered(qtype, answer, time.perf_counter() - started)
         return answer
