@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 import re
 import time
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from authmilter import dkim_verify
+from authmilter import dkim_rsa, dkim_verify
 from authmilter.dkim_body import RELAXED, SIMPLE, BodyDigests, BodyHasher, BodyHashSpec, digest_body
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
 from authmilter.model import AuthResult, DkimResult
@@ -745,3 +746,88 @@ def test_body_hashes_needed_only_for_signatures_that_will_be_checked() -> None:
         BodyHashSpec(SIMPLE, 10, "sha1"),
     }
     assert dkim_verify.body_hashes_needed(values, DkimSettings(enabled=False)) == frozenset()
+
+
+# --- the header hash and signature check beside dkimpy's verify_sig_process ----------------------
+
+_HASHED_NAMES = [b"From", b"FROM", b"from", b"To", b"Subject", b"X-Odd_1", b"Date"]
+_HASHED_VALUES = [b" v", b"\tv", b"", b" ", b"  a \t b  ", b" a\r\n b", b" a\r\n\tb \r\n c"]
+_HASHED_VALUES += [b" x\x0b", b"\x0cy "]
+_FIELD_ENDS = [b"\r\n", b"\r\n", b" \r\n", b"\n", b"\r\r\n"]
+
+
+def _hashed_field(rng: random.Random) -> list[bytes]:
+    return [rng.choice(_HASHED_NAMES), rng.choice(_HASHED_VALUES) + rng.choice(_FIELD_ENDS)]
+
+
+def _signature_field(rng: random.Random) -> tuple[bytes, bytes]:
+    """A DKIM-Signature field with b= in odd places and forms: spaced, folded, empty, last."""
+    b_tag = rng.choice([b"b=abc/+=", b" b = ab\r\n c=", b"b=", b"\tb=\r\n\tQUJD", b"b=a b"])
+    tags = [b"v=1", b"a=rsa-sha256", b"bh=QUJD", b"d=example.org", b"h=from", b"s=sel", b"cb=x"]
+    tags.insert(rng.randint(0, len(tags)), b_tag)
+    value = b";".join(tags) + rng.choice([b"", b";", b"; ", b" \r\n"])
+    return rng.choice([b"DKIM-Signature", b"dkim-signature"]), b" " + value + b"\r\n"
+
+
+def test_signed_header_data_is_what_dkimpy_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module, name, _, original in dkim_rsa.PATCHES:  # dkimpy as shipped is the reference
+        monkeypatch.setattr(module, name, original)
+    rng = random.Random(37)
+    for _ in range(3000):
+        fields = [_hashed_field(rng) for _ in range(rng.randint(0, 8))]
+        signed = [name.lower() for name in rng.choices([*_HASHED_NAMES, b"", b"cc"], k=rng.randint(1, 6))]
+        header = _signature_field(rng)
+        relaxed = rng.random() < 0.5
+        policy = CanonicalizationPolicy.from_c_value(b"relaxed" if relaxed else b"simple")
+        reference = dkim.HashThrough(hashlib.sha256(), debug=True)
+        include = [*signed, b"from"] if b"from" in signed else list(signed)
+        dkim.hash_headers(reference, policy, policy.canonicalize_headers(fields), include, header, {})
+        ours = dkim_verify.signed_header_data(fields, signed, header, relaxed)
+        assert ours == reference.hashed(), (fields, signed, header, relaxed)
+
+
+def _verification_outcomes(
+    fields: list[list[bytes]], header: tuple[bytes, bytes], key: dkim_verify.PublicKey
+) -> tuple[object, object]:
+    """(dkimpy's verify_sig_process, ours) for one signature: a bool, or the exception raised."""
+    tags = dkim_verify._tag_list(header[1])
+    signed = dkim_verify._signed_header_names(tags)
+    reference = dkim.DKIM(b"", minkey=1024)
+    reference.headers = fields
+    reference.pk, reference.keysize, reference.ktag = key.pk, key.bits, key.ktag
+    without_body_hash = {k: v for k, v in tags.items() if k != b"bh"}
+    outcomes = []
+    for verify in (
+        lambda: reference.verify_sig_process(without_body_hash, signed, header, None),
+        lambda: dkim_verify.verify_header_signature(tags, signed, header, fields, key),
+    ):
+        try:
+            outcomes.append(verify())
+        except Exception as e:
+            outcomes.append((type(e).__mro__[:2], str(e)))
+    return outcomes[0], outcomes[1]
+
+
+def test_header_signature_verifies_exactly_like_dkimpy(tmp_path: Path, keys: dict[str, Key]) -> None:
+    records = {key_name(name): [key.record] for name, key in keys.items()}
+    resolver = resolver_for(tmp_path, records)
+    compared = set()
+    for name in ("rsa2048", "rsa1024", "ed25519"):
+        algorithm = keys[name].algorithm
+        public = dkim_verify.lookup_public_key(DOMAIN.encode(), name.encode(), algorithm, resolver, SETTINGS)
+        assert isinstance(public, dkim_verify.PublicKey)
+        for canonicalize in ((b"relaxed", b"simple"), (b"simple", b"simple")):
+            message = MESSAGE.replace(b"Subject: ", b"Subject:  \t")
+            fields, _ = dkim.rfc822_parse(sign(message, keys[name], name, canonicalize=canonicalize))
+            header = (fields[0][0], fields[0][1])
+            good_b = dkim_verify._tag_list(header[1])[b"b"]
+            # Added From above (signed once more: fails), added To below (unsigned: passes).
+            added_from, added_to = [b"From", b" x@example.org\r\n"], [b"to", b" c\r\n"]
+            for variant in (fields, [added_from, *fields], [*fields, added_to]):
+                # Bad padding, wrong length, wrong signature: exceptions and failures alike.
+                for b_value in (good_b, good_b[:-4], good_b[:-3], good_b[1:], b"A" * 86 + b"=="):
+                    changed = (header[0], header[1].replace(good_b, b_value))
+                    expected, ours = _verification_outcomes(variant, changed, public)
+                    assert ours == expected, (name, canonicalize, b_value)
+                    compared.add(repr(expected)[:40])
+    assert len(compared) >= 4  # passes, failures and both kinds of exception were compared

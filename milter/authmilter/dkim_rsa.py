@@ -8,7 +8,7 @@ signature header is hashed (RFC 6376 §3.7) takes about 0.1 ms per signature, on
 What is patched (by :func:`install`, once, at start; idempotent and thread-safe):
 - ``dkim.RSASSA_PKCS1_v1_5_sign`` and ``dkim.RSASSA_PKCS1_v1_5_verify``: the names ``dkim/__init__.py``
   imported from ``dkim.crypto`` and calls in ``DomainSigner.gen_header`` (signing, DKIM and ARC) and
-  ``DomainSigner.verify_sig_process`` (verifying).
+  ``DomainSigner.verify_sig_process`` (verifying ARC; dkim_verify.py calls :func:`rsa_verify` itself).
 - ``dkim.RE_BTAG``: the module global ``hash_headers``, ``hash_headers_ed25519`` and
   ``DomainSigner.gen_header`` read at each call, replaced by :data:`B_TAG`, which makes the same
   substitutions (see there) in a tenth of the time.
