@@ -831,3 +831,41 @@ def test_header_signature_verifies_exactly_like_dkimpy(tmp_path: Path, keys: dic
                     assert ours == expected, (name, canonicalize, b_value)
                     compared.add(repr(expected)[:40])
     assert len(compared) >= 4  # passes, failures and both kinds of exception were compared
+
+
+_FIELD_VALUES = {
+    b"v": [b"1", b"1", b"2", b""],
+    b"a": [b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1", b"rsa-md5", b"RSA-SHA256"],
+    b"b": [b"QUJD", b"QUJDRA==", b"QU JD\r\n RA==", b"QUJ", b"QUJD!", b"=QUJD", b"QUJD\n", b"", b"QU\x0bJD"],
+    b"bh": [b"QUJD", b"QUJ", b"QU\tJD", b"!!!!", b""],
+    b"d": [b"example.org", b"EXAMPLE.org", b"ex@mple.org", b"ex(ample", b"caf\xe9.org", b"a@b\xe9", b""],
+    b"i": [b"@example.org", b"u@mail.example.org", b"u@xexample.org", b"@EXAMPLE.ORG", b"example.org", b"@"],
+    b"l": [b"0", b"12", b"1" * 77, b"-1", b"1 2", b"12\n", b""],
+    b"q": [b"dns/txt", b"dns", b""],
+    b"cv": [b"pass", b"none", b"bad"],
+    b"t": [b"1", b"x"],
+    b"x": [b"1", b"x"],
+}
+
+
+def _validation_outcome(validate: Callable[[], object]) -> object:
+    try:
+        return validate() or ""
+    except dkim.ValidationError as e:
+        return str(e)
+    except IndexError as e:
+        return type(e)
+
+
+def test_field_problems_are_dkimpys() -> None:
+    rng = random.Random(6376_35)
+    outcomes = set()
+    for _ in range(20000):
+        tags = {name: rng.choice(_FIELD_VALUES[name]) for name in (b"v", b"a", b"b", b"bh", b"d")}
+        tags |= {b"h": b"from", b"s": b"sel"}
+        tags |= {name: rng.choice(values) for name, values in _FIELD_VALUES.items() if rng.random() < 0.2}
+        untimed = {name: value for name, value in tags.items() if name not in (b"t", b"x")}
+        expected = _validation_outcome(lambda: dkim.validate_signature_fields(untimed))  # noqa: B023
+        assert _validation_outcome(lambda: dkim_verify._field_problem(tags)) == expected, tags  # noqa: B023
+        outcomes.add(expected if not isinstance(expected, str) else expected.partition(" ")[0])
+    assert len(outcomes) >= 10, outcomes  # every check is reached, passing, failing and raising
