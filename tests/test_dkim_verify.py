@@ -869,3 +869,64 @@ def test_field_problems_are_dkimpys() -> None:
         assert _validation_outcome(lambda: dkim_verify._field_problem(tags)) == expected, tags  # noqa: B023
         outcomes.add(expected if not isinstance(expected, str) else expected.partition(" ")[0])
     assert len(outcomes) >= 10, outcomes  # every check is reached, passing, failing and raising
+
+
+# --- RSA keys read through OpenSSL beside dkimpy's ASN.1 parser ----------------------------------
+
+
+def _der_variants(key: rsa.RSAPublicKey, rng: random.Random) -> list[bytes]:
+    """The key's SubjectPublicKeyInfo and PKCS#1 DER, and hostile neighbours of both."""
+    variants = []
+    for encoding in (serialization.PublicFormat.SubjectPublicKeyInfo, serialization.PublicFormat.PKCS1):
+        der = key.public_bytes(serialization.Encoding.DER, encoding)
+        variants += [der, der + b"\x00", der[:-1], der[:40], b"\x30\x84" + bytes([0, 0]) + der[2:]]
+        # BER: the outer length in long form with a leading zero octet (not DER, dkimpy may take it).
+        variants.append(der[:1] + bytes([0x80 | (der[1] & 0x7F) + 1, 0]) + der[2:])
+        for _ in range(30):  # one octet changed: in the lengths, the OID, the integers
+            position = rng.randrange(len(der)) if rng.random() < 0.5 else rng.randrange(min(len(der), 40))
+            variants.append(der[:position] + bytes([rng.randrange(256)]) + der[position + 1 :])
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    rsa_encryption = bytes.fromhex("300d06092a864886f70d0101010500")  # AlgorithmIdentifier, NULL parameters
+    key_bits = spki[spki.index(rsa_encryption) + len(rsa_encryption) :]
+    # Without the NULL parameters (OpenSSL reads it, dkimpy does not); with the RSASSA-PSS OID (the reverse).
+    without_null = bytes.fromhex("300b06092a864886f70d010101") + key_bits
+    length = len(without_null).to_bytes((len(without_null).bit_length() + 7) // 8, "big")
+    variants.append(b"\x30" + bytes([0x80 | len(length)]) + length + without_null)  # DER: shortest length
+    variants.append(spki.replace(rsa_encryption, bytes.fromhex("300d06092a864886f70d01010a0500")))
+    return variants
+
+
+def _key_outcome(record: str) -> object:
+    tags = {b"a": b"rsa-sha256", b"d": DOMAIN.encode(), b"s": b"sel"}
+    try:
+        return dkim_verify._load_key(key_name() + ".", record, tags, DkimSettings(min_rsa_bits=1024))
+    except dkim_verify._Stop as stop:
+        return stop.result, stop.reason
+    except Exception as e:  # dkimpy's ASN.1 parser asserts on some input: _verify_one's permerror
+        return type(e)
+
+
+def test_rsa_keys_read_through_openssl_as_dkimpy_reads_them(
+    keys: dict[str, Key], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(8017)
+    public_keys = [
+        rsa.generate_private_key(65537, 1024).public_key(),
+        rsa.generate_private_key(3, 1024).public_key(),
+        small_rsa_key(768).public_key(),
+        serialization.load_der_public_key(base64.b64decode(keys["rsa2048"].public_b64)),
+    ]
+    ders = [der for key in public_keys for der in _der_variants(key, rng)]  # type: ignore[arg-type]
+    ders += [base64.b64decode(keys["ed25519"].public_b64), b"", b"\x30\x00"]
+    ders.append(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
+    records = [f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}" for der in ders]
+    records += ["p=" + keys["rsa2048"].public_b64[:100] + " \t" + keys["rsa2048"].public_b64[100:], "p=QUJD="]
+    fast = [_key_outcome(record) for record in records]
+    p_values = [record.split("p=")[1].encode() for record in records]
+    read_by_openssl = sum(dkim_verify._openssl_rsa_key(p_value) is not None for p_value in p_values)
+    monkeypatch.setattr(dkim_verify, "_openssl_rsa_key", lambda p_value: None)
+    assert [_key_outcome(record) for record in records] == fast
+    usable = sum(isinstance(outcome, dkim_verify.PublicKey) for outcome in fast)
+    assert 8 <= read_by_openssl < len(records) - 20 and usable >= 8, (read_by_openssl, usable)
