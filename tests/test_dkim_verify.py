@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 import re
 import time
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.util import InvalidTagValueList, parse_tag_value
 
-from authmilter import dkim_verify
+from authmilter import dkim_rsa, dkim_verify
 from authmilter.dkim_body import RELAXED, SIMPLE, BodyDigests, BodyHasher, BodyHashSpec, digest_body
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
 from authmilter.model import AuthResult, DkimResult
@@ -745,3 +746,187 @@ def test_body_hashes_needed_only_for_signatures_that_will_be_checked() -> None:
         BodyHashSpec(SIMPLE, 10, "sha1"),
     }
     assert dkim_verify.body_hashes_needed(values, DkimSettings(enabled=False)) == frozenset()
+
+
+# --- the header hash and signature check beside dkimpy's verify_sig_process ----------------------
+
+_HASHED_NAMES = [b"From", b"FROM", b"from", b"To", b"Subject", b"X-Odd_1", b"Date"]
+_HASHED_VALUES = [b" v", b"\tv", b"", b" ", b"  a \t b  ", b" a\r\n b", b" a\r\n\tb \r\n c"]
+_HASHED_VALUES += [b" x\x0b", b"\x0cy "]
+_FIELD_ENDS = [b"\r\n", b"\r\n", b" \r\n", b"\n", b"\r\r\n"]
+
+
+def _hashed_field(rng: random.Random) -> list[bytes]:
+    return [rng.choice(_HASHED_NAMES), rng.choice(_HASHED_VALUES) + rng.choice(_FIELD_ENDS)]
+
+
+def _signature_field(rng: random.Random) -> tuple[bytes, bytes]:
+    """A DKIM-Signature field with b= in odd places and forms: spaced, folded, empty, last."""
+    b_tag = rng.choice([b"b=abc/+=", b" b = ab\r\n c=", b"b=", b"\tb=\r\n\tQUJD", b"b=a b"])
+    tags = [b"v=1", b"a=rsa-sha256", b"bh=QUJD", b"d=example.org", b"h=from", b"s=sel", b"cb=x"]
+    tags.insert(rng.randint(0, len(tags)), b_tag)
+    value = b";".join(tags) + rng.choice([b"", b";", b"; ", b" \r\n"])
+    return rng.choice([b"DKIM-Signature", b"dkim-signature"]), b" " + value + b"\r\n"
+
+
+def test_signed_header_data_is_what_dkimpy_hashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    for module, name, _, original in dkim_rsa.PATCHES:  # dkimpy as shipped is the reference
+        monkeypatch.setattr(module, name, original)
+    rng = random.Random(37)
+    for _ in range(3000):
+        fields = [_hashed_field(rng) for _ in range(rng.randint(0, 8))]
+        signed = [name.lower() for name in rng.choices([*_HASHED_NAMES, b"", b"cc"], k=rng.randint(1, 6))]
+        header = _signature_field(rng)
+        relaxed = rng.random() < 0.5
+        policy = CanonicalizationPolicy.from_c_value(b"relaxed" if relaxed else b"simple")
+        reference = dkim.HashThrough(hashlib.sha256(), debug=True)
+        include = [*signed, b"from"] if b"from" in signed else list(signed)
+        dkim.hash_headers(reference, policy, policy.canonicalize_headers(fields), include, header, {})
+        ours = dkim_verify.signed_header_data(fields, signed, header, relaxed)
+        assert ours == reference.hashed(), (fields, signed, header, relaxed)
+
+
+def _verification_outcomes(
+    fields: list[list[bytes]], header: tuple[bytes, bytes], key: dkim_verify.PublicKey
+) -> tuple[object, object]:
+    """(dkimpy's verify_sig_process, ours) for one signature: a bool, or the exception raised."""
+    tags = dkim_verify._tag_list(header[1])
+    signed = dkim_verify._signed_header_names(tags)
+    reference = dkim.DKIM(b"", minkey=1024)
+    reference.headers = fields
+    reference.pk, reference.keysize, reference.ktag = key.pk, key.bits, key.ktag
+    without_body_hash = {k: v for k, v in tags.items() if k != b"bh"}
+    outcomes = []
+    for verify in (
+        lambda: reference.verify_sig_process(without_body_hash, signed, header, None),
+        lambda: dkim_verify.verify_header_signature(tags, signed, header, fields, key),
+    ):
+        try:
+            outcomes.append(verify())
+        except Exception as e:
+            outcomes.append((type(e).__mro__[:2], str(e)))
+    return outcomes[0], outcomes[1]
+
+
+def test_header_signature_verifies_exactly_like_dkimpy(tmp_path: Path, keys: dict[str, Key]) -> None:
+    records = {key_name(name): [key.record] for name, key in keys.items()}
+    resolver = resolver_for(tmp_path, records)
+    compared = set()
+    for name in ("rsa2048", "rsa1024", "ed25519"):
+        algorithm = keys[name].algorithm
+        public = dkim_verify.lookup_public_key(DOMAIN.encode(), name.encode(), algorithm, resolver, SETTINGS)
+        assert isinstance(public, dkim_verify.PublicKey)
+        for canonicalize in ((b"relaxed", b"simple"), (b"simple", b"simple")):
+            message = MESSAGE.replace(b"Subject: ", b"Subject:  \t")
+            fields, _ = dkim.rfc822_parse(sign(message, keys[name], name, canonicalize=canonicalize))
+            header = (fields[0][0], fields[0][1])
+            good_b = dkim_verify._tag_list(header[1])[b"b"]
+            # Added From above (signed once more: fails), added To below (unsigned: passes).
+            added_from, added_to = [b"From", b" x@example.org\r\n"], [b"to", b" c\r\n"]
+            for variant in (fields, [added_from, *fields], [*fields, added_to]):
+                # Bad padding, wrong length, wrong signature: exceptions and failures alike.
+                for b_value in (good_b, good_b[:-4], good_b[:-3], good_b[1:], b"A" * 86 + b"=="):
+                    changed = (header[0], header[1].replace(good_b, b_value))
+                    expected, ours = _verification_outcomes(variant, changed, public)
+                    assert ours == expected, (name, canonicalize, b_value)
+                    compared.add(repr(expected)[:40])
+    assert len(compared) >= 4  # passes, failures and both kinds of exception were compared
+
+
+_FIELD_VALUES = {
+    b"v": [b"1", b"1", b"2", b""],
+    b"a": [b"rsa-sha256", b"ed25519-sha256", b"rsa-sha1", b"rsa-md5", b"RSA-SHA256"],
+    b"b": [b"QUJD", b"QUJDRA==", b"QU JD\r\n RA==", b"QUJ", b"QUJD!", b"=QUJD", b"QUJD\n", b"", b"QU\x0bJD"],
+    b"bh": [b"QUJD", b"QUJ", b"QU\tJD", b"!!!!", b""],
+    b"d": [b"example.org", b"EXAMPLE.org", b"ex@mple.org", b"ex(ample", b"caf\xe9.org", b"a@b\xe9", b""],
+    b"i": [b"@example.org", b"u@mail.example.org", b"u@xexample.org", b"@EXAMPLE.ORG", b"example.org", b"@"],
+    b"l": [b"0", b"12", b"1" * 77, b"-1", b"1 2", b"12\n", b""],
+    b"q": [b"dns/txt", b"dns", b""],
+    b"cv": [b"pass", b"none", b"bad"],
+    b"t": [b"1", b"x"],
+    b"x": [b"1", b"x"],
+}
+
+
+def _validation_outcome(validate: Callable[[], object]) -> object:
+    try:
+        return validate() or ""
+    except dkim.ValidationError as e:
+        return str(e)
+    except IndexError as e:
+        return type(e)
+
+
+def test_field_problems_are_dkimpys() -> None:
+    rng = random.Random(6376_35)
+    outcomes = set()
+    for _ in range(20000):
+        tags = {name: rng.choice(_FIELD_VALUES[name]) for name in (b"v", b"a", b"b", b"bh", b"d")}
+        tags |= {b"h": b"from", b"s": b"sel"}
+        tags |= {name: rng.choice(values) for name, values in _FIELD_VALUES.items() if rng.random() < 0.2}
+        untimed = {name: value for name, value in tags.items() if name not in (b"t", b"x")}
+        expected = _validation_outcome(lambda: dkim.validate_signature_fields(untimed))  # noqa: B023
+        assert _validation_outcome(lambda: dkim_verify._field_problem(tags)) == expected, tags  # noqa: B023
+        outcomes.add(expected if not isinstance(expected, str) else expected.partition(" ")[0])
+    assert len(outcomes) >= 10, outcomes  # every check is reached, passing, failing and raising
+
+
+# --- RSA keys read through OpenSSL beside dkimpy's ASN.1 parser ----------------------------------
+
+
+def _der_variants(key: rsa.RSAPublicKey, rng: random.Random) -> list[bytes]:
+    """The key's SubjectPublicKeyInfo and PKCS#1 DER, and hostile neighbours of both."""
+    variants = []
+    for encoding in (serialization.PublicFormat.SubjectPublicKeyInfo, serialization.PublicFormat.PKCS1):
+        der = key.public_bytes(serialization.Encoding.DER, encoding)
+        variants += [der, der + b"\x00", der[:-1], der[:40], b"\x30\x84" + bytes([0, 0]) + der[2:]]
+        # BER: the outer length in long form with a leading zero octet (not DER, dkimpy may take it).
+        variants.append(der[:1] + bytes([0x80 | (der[1] & 0x7F) + 1, 0]) + der[2:])
+        for _ in range(30):  # one octet changed: in the lengths, the OID, the integers
+            position = rng.randrange(len(der)) if rng.random() < 0.5 else rng.randrange(min(len(der), 40))
+            variants.append(der[:position] + bytes([rng.randrange(256)]) + der[position + 1 :])
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    rsa_encryption = bytes.fromhex("300d06092a864886f70d0101010500")  # AlgorithmIdentifier, NULL parameters
+    key_bits = spki[spki.index(rsa_encryption) + len(rsa_encryption) :]
+    # Without the NULL parameters (OpenSSL reads it, dkimpy does not); with the RSASSA-PSS OID (the reverse).
+    without_null = bytes.fromhex("300b06092a864886f70d010101") + key_bits
+    length = len(without_null).to_bytes((len(without_null).bit_length() + 7) // 8, "big")
+    variants.append(b"\x30" + bytes([0x80 | len(length)]) + length + without_null)  # DER: shortest length
+    variants.append(spki.replace(rsa_encryption, bytes.fromhex("300d06092a864886f70d01010a0500")))
+    return variants
+
+
+def _key_outcome(record: str) -> object:
+    tags = {b"a": b"rsa-sha256", b"d": DOMAIN.encode(), b"s": b"sel"}
+    try:
+        return dkim_verify._load_key(key_name() + ".", record, tags, DkimSettings(min_rsa_bits=1024))
+    except dkim_verify._Stop as stop:
+        return stop.result, stop.reason
+    except Exception as e:  # dkimpy's ASN.1 parser asserts on some input: _verify_one's permerror
+        return type(e)
+
+
+def test_rsa_keys_read_through_openssl_as_dkimpy_reads_them(
+    keys: dict[str, Key], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(8017)
+    public_keys = [
+        rsa.generate_private_key(65537, 1024).public_key(),
+        rsa.generate_private_key(3, 1024).public_key(),
+        small_rsa_key(768).public_key(),
+        serialization.load_der_public_key(base64.b64decode(keys["rsa2048"].public_b64)),
+    ]
+    ders = [der for key in public_keys for der in _der_variants(key, rng)]  # type: ignore[arg-type]
+    ders += [base64.b64decode(keys["ed25519"].public_b64), b"", b"\x30\x00"]
+    ders.append(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
+    records = [f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}" for der in ders]
+    records += ["p=" + keys["rsa2048"].public_b64[:100] + " \t" + keys["rsa2048"].public_b64[100:], "p=QUJD="]
+    fast = [_key_outcome(record) for record in records]
+    p_values = [record.split("p=")[1].encode() for record in records]
+    read_by_openssl = sum(dkim_verify._openssl_rsa_key(p_value) is not None for p_value in p_values)
+    monkeypatch.setattr(dkim_verify, "_openssl_rsa_key", lambda p_value: None)
+    assert [_key_outcome(record) for record in records] == fast
+    usable = sum(isinstance(outcome, dkim_verify.PublicKey) for outcome in fast)
+    assert 8 <= read_by_openssl < len(records) - 20 and usable >= 8, (read_by_openssl, usable)

@@ -26,6 +26,7 @@ trailing empty lines to ignore.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ CHUNK_SIZE = 65535
 # Held-back empty lines that turn out not to be trailing are written in pieces of this many CRLFs,
 # so a hostile run of millions of empty lines costs bounded memory.
 _CRLF_BLOCK = 32768
+# An LF without a CR before it (RFC 5322 §2.3: CR and LF only together), at the start too. One
+# scan of the piece, where normalise_line_endings counts LFs and CRLFs (two, the second slower).
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class _Canonicalizer:
     def _canonical(self, piece: bytes) -> bytes:
         # The piece does not end in WSP or CR (those are held), so no CRLF and no WSP run straddles
         # its end, and it does not start with LF after a CR: it can be canonicalized on its own.
-        piece = normalise_line_endings(piece)
+        if _BARE_LF.search(piece):  # rare: SMTP and the MTA give CRLF
+            piece = normalise_line_endings(piece)
         if self._relaxed:
             piece = compress_whitespace(strip_trailing_whitespace(piece))
         return piece

@@ -8,15 +8,15 @@ signature header is hashed (RFC 6376 §3.7) takes about 0.1 ms per signature, on
 What is patched (by :func:`install`, once, at start; idempotent and thread-safe):
 - ``dkim.RSASSA_PKCS1_v1_5_sign`` and ``dkim.RSASSA_PKCS1_v1_5_verify``: the names ``dkim/__init__.py``
   imported from ``dkim.crypto`` and calls in ``DomainSigner.gen_header`` (signing, DKIM and ARC) and
-  ``DomainSigner.verify_sig_process`` (verifying).
+  ``DomainSigner.verify_sig_process`` (verifying ARC; dkim_verify.py calls :func:`rsa_verify` itself).
 - ``dkim.RE_BTAG``: the module global ``hash_headers``, ``hash_headers_ed25519`` and
   ``DomainSigner.gen_header`` read at each call, replaced by :data:`B_TAG`, which makes the same
   substitutions (see there) in a tenth of the time.
 - ``dkim.canonicalization``'s three regex helpers of the relaxed algorithm (RFC 6376 §3.4.2,
   §3.4.4), looked up at each call by ``Relaxed``: the same patterns compiled once (dkimpy passes
   pattern strings to ``re.sub``, a cache lookup per call, ~19 per message) and skipped when the
-  text holds nothing they would change (a tab, two spaces, WSP before CRLF, a line break): a
-  signed body is scanned, not copied.
+  text holds nothing they would change (a tab, two spaces, WSP before CRLF): a signed body is
+  scanned, not copied; unfolding is two ``bytes.replace`` calls.
 
 Nothing else: dkimpy still parses keys (``parse_pem_private_key`` / ``parse_public_key`` return dicts
 of integers), canonicalizes and hashes. ``dkim.crypto`` itself is left alone, so its functions stay
@@ -82,7 +82,6 @@ dkimpy_b_tag: re.Pattern[bytes] = dkim.RE_BTAG
 # dkim.canonicalization's patterns, as written there.
 _WSP_BEFORE_CRLF = re.compile(rb"[\t ]+\r\n")
 _WSP_RUN = re.compile(rb"[\t ]+")
-_LINE_BREAK = re.compile(rb"\r?\n")
 
 _install_lock = threading.Lock()
 
@@ -102,10 +101,13 @@ def compress_whitespace(content: bytes) -> bytes:
 
 
 def unfold_header_value(content: bytes) -> bytes:
-    """RFC 6376 §3.4.2: unfold, i.e. delete every line break (dkimpy's, precompiled)."""
-    if b"\n" not in content:
-        return content
-    return _LINE_BREAK.sub(b"", content)
+    """RFC 6376 §3.4.2: unfold, i.e. delete every line break (what dkimpy's regex deletes).
+
+    Every field value ends in a line break, so this runs on each signed field: two replaces cost
+    less than the regex. They delete the same octets: every LF, and a CR only where it stood
+    right before an LF (a CR the first replace brings next to an LF stays).
+    """
+    return content.replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 class HashLike(Protocol):

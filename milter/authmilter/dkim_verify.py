@@ -1,6 +1,6 @@
 """DKIM verification (RFC 6376 §6, RFC 8301, RFC 8463): one :class:`DkimResult` per DKIM-Signature.
 
-dkimpy does the canonicalization, hashing and the signature arithmetic; this module does the rest,
+dkimpy is the reference for every step, and still parses keys; this module drives the steps itself,
 because dkimpy's ``DKIM.verify()`` answers only True/False (or an exception), reads ``time.time()``
 inside and turns every key problem into False. So, per signature, in RFC 6376 §6.1 order:
 
@@ -14,33 +14,40 @@ inside and turns every key problem into False. So, per signature, in RFC 6376 §
    (``h=``, ``k=`` against ``a=``, ``s=``, revocation, ``t=s``, RFC 8301 §3.2 key size).
 3. §6.1.3, compute the verification: the body hash is compared here, from the
    :class:`~authmilter.dkim_body.BodyDigests` computed as the body streamed in (the body itself is
-   never kept, see dkim_body.py); dkimpy's ``verify_sig_process``, given the signature without
-   ``bh=``, then checks the header hash and the signature, on one ``dkim.DKIM`` object parsed once
-   for all signatures.
+   never kept, see dkim_body.py); then the header hash and the signature
+   (:func:`verify_header_signature`): what dkimpy's ``verify_sig_process`` does after the body
+   hash, the same octets hashed and the same RSA and Ed25519 checks, without building a
+   ``dkim.DKIM`` per message or canonicalizing fields that are not signed (tests compare both).
 
 Result words follow RFC 8601 §2.7.1. Nothing raises: an unexpected dkimpy exception is that
-signature's permerror, logged. Call :func:`authmilter.dkim_rsa.install` once at start for speed;
-without it the results are the same.
+signature's permerror, logged.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dkim
+import dkim.crypto
 import dns.rdatatype
+import nacl.exceptions
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
+from authmilter.dkim_rsa import B_TAG, compress_whitespace, rsa_verify, unfold_header_value
 from authmilter.message import HeaderField
 from authmilter.model import AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
@@ -48,7 +55,6 @@ from authmilter.settings import bounded, validate
 from authmilter.transaction import Transaction
 
 logger = logging.getLogger(__name__)
-_dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
 
 # RFC 6376 §3.5 gives no tolerance for t=/x=. An x= is the signer's own limit on replays, so only
 # our clock's error is forgiven: five minutes, OpenDKIM's default ClockDrift. A future t= carries no
@@ -102,7 +108,7 @@ class PublicKey:
     """A usable public key: dkimpy's key object and what the key record says about it.
 
     Attributes:
-        pk: dkimpy's key (for ``verify_sig_process``).
+        pk: dkimpy's key: a dict of integers for RSA, a PyNaCl ``VerifyKey`` for Ed25519.
         bits: the RSA modulus size (256 for Ed25519).
         ktag: the k= type, ``rsa`` or ``ed25519``.
         testing: the key record has t=y.
@@ -191,11 +197,9 @@ def _check_signature(tags: dict[bytes, bytes], now: float) -> list[bytes]:
         raise _Stop(AuthResult.PERMERROR, f"signature missing required tag {', '.join(missing)}=")
     if b"i" in tags and b"@" not in tags[b"i"]:
         raise _Stop(AuthResult.PERMERROR, "i= is not an identity (no @)")  # RFC 6376 §3.5 i=
-    try:
-        # dkimpy's checks for v=, a=, b=, bh=, d=, i=, l=, q=; t= and x= are ours (they read the clock).
-        dkim.validate_signature_fields({k: v for k, v in tags.items() if k not in (b"t", b"x")})
-    except dkim.ValidationError as e:
-        raise _Stop(AuthResult.PERMERROR, str(e)) from e
+    problem = _field_problem(tags)
+    if problem:
+        raise _Stop(AuthResult.PERMERROR, problem)
     if tags[b"a"] == b"rsa-sha1":
         # RFC 8301 §3.1: verifiers MUST NOT consider rsa-sha1 signatures valid.
         raise _Stop(AuthResult.FAIL, "rsa-sha1 not accepted (RFC 8301)")
@@ -207,16 +211,63 @@ def _check_signature(tags: dict[bytes, bytes], now: float) -> list[bytes]:
     return signed
 
 
+# dkimpy's patterns in validate_signature_fields, compiled once.
+_BASE64_VALUE = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
+_DOMAIN_SPECIAL = re.compile(rb"[\(\)<>\[\]:;@\\,]")
+_LENGTH = re.compile(rb"\d{,76}$")
+
+
+def _field_problem(tags: dict[bytes, bytes]) -> str:
+    """What ``dkim.validate_signature_fields`` says of a signature's v=, a=, b=, bh=, cv=, d=, i=,
+    l=, q= (RFC 6376 §3.5), in its order and words; "" when it says nothing.
+
+    Its checks without the module-level regex calls it makes on every message; t= and x= are ours
+    (:func:`_check_times`: they read the clock). The required tags are present (checked before).
+    """
+    if tags[b"a"] not in dkim.HASH_ALGORITHMS:
+        return f"unknown signature algorithm: {tags[b'a']!s}"
+    b_value, body_hash = tags[b"b"], tags[b"bh"]
+    if _BASE64_VALUE.match(b_value) is None or len(b"".join(b_value.split())) % 4:
+        return f"b= value is not valid base64 ({b_value!s})"
+    # dkimpy tests bh= against the b= pattern again (passed above): only the length is left.
+    if len(b"".join(body_hash.split())) % 4:
+        return f"bh= value is not valid base64 ({body_hash!s})"
+    if b"cv" in tags and tags[b"cv"] not in (dkim.CV_Pass, dkim.CV_Fail, dkim.CV_None):
+        return f"cv= value is not valid ({tags[b'cv']!s})"
+    domain = tags[b"d"]
+    if domain.isascii() and _DOMAIN_SPECIAL.search(domain):  # dkimpy skips non-ASCII domains
+        return f"d= value is not valid ({domain!s})"
+    identity = tags.get(b"i")
+    # As dkimpy, the octet before d= in i= is read without a length check: an IndexError here is
+    # one there too (and this signature's permerror in _verify_one).
+    if identity is not None and (
+        not identity.lower().endswith(domain.lower()) or identity[-len(domain) - 1] not in b"@."
+    ):
+        return f"i= domain is not a subdomain of d= (i={identity!s} d={domain!s})"
+    if b"l" in tags and _LENGTH.match(tags[b"l"]) is None:
+        return f"l= value is not a decimal integer ({tags[b'l']!s})"
+    if b"q" in tags and tags[b"q"] != b"dns/txt":
+        return f"q= value is not dns/txt ({tags[b'q']!s})"
+    if tags[b"v"] != b"1":
+        return f"v= value is not 1 ({tags[b'v']!s})"
+    return ""
+
+
+# The split dkimpy uses for h= (verify_headerprep), and our t=/x= syntax; compiled once.
+_H_SEPARATOR = re.compile(rb"\s*:\s*")
+_TIMESTAMP = re.compile(rb"\d{1,12}")
+
+
 def _signed_header_names(tags: dict[bytes, bytes]) -> list[bytes]:
     # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
-    return [name.lower() for name in re.split(rb"\s*:\s*", tags[b"h"].strip())]
+    return [name.lower() for name in _H_SEPARATOR.split(tags[b"h"].strip())]
 
 
 def _timestamp(tags: dict[bytes, bytes], tag: bytes) -> int | None:
     value = tags.get(tag)
     if value is None:
         return None
-    if not re.fullmatch(rb"\d{1,12}", value):
+    if not _TIMESTAMP.fullmatch(value):
         raise _Stop(AuthResult.PERMERROR, f"{tag.decode()}= is not a timestamp")
     return int(value)
 
@@ -270,7 +321,7 @@ def parsed_header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
     Raises:
         dkim.MessageFormatError: a header block dkimpy refuses.
     """
-    return list(_parsed(message, DkimSettings()).headers)
+    return [(name, value) for name, value in _parsed(message)[0]]
 
 
 def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
@@ -327,19 +378,46 @@ def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSe
     except InvalidTagValueList as e:
         raise _Stop(AuthResult.PERMERROR, f"key syntax error: {e!r}") from e
     _check_key_tags(key_tags, tags)
-    # s= is checked above; dkimpy's own s= test knows no lists (s=email:tlsrpt) and, on one,
-    # leaves the key unset instead of failing, so it never sees the tag.
-    without_services = b"; ".join(k + b"=" + v for k, v in key_tags.items() if k != b"s")
-    try:
-        pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, without_services)
-    except (dkim.DKIMException, binascii.Error, ValueError, TypeError) as e:
-        # §6.1.2 step 5: PERMFAIL (key syntax error), e.g. bad base64 or not an RSA key.
-        raise _Stop(AuthResult.PERMERROR, f"key syntax error: {e}") from e
+    openssl_read = _openssl_rsa_key(key_tags[b"p"]) if key_tags.get(b"k", b"rsa") == b"rsa" else None
+    if openssl_read is not None:
+        pk, bits, ktag = *openssl_read, b"rsa"
+    else:
+        # s= is checked above; dkimpy's own s= test knows no lists (s=email:tlsrpt) and, on one,
+        # leaves the key unset instead of failing, so it never sees the tag.
+        without_services = b"; ".join(k + b"=" + v for k, v in key_tags.items() if k != b"s")
+        try:
+            pk, bits, ktag, _tlsrpt = dkim.evaluate_pk(name, without_services)
+        except (dkim.DKIMException, binascii.Error, ValueError, TypeError) as e:
+            # §6.1.2 step 5: PERMFAIL (key syntax error), e.g. bad base64 or not an RSA key.
+            raise _Stop(AuthResult.PERMERROR, f"key syntax error: {e}") from e
     if ktag == b"rsa" and bits < settings.min_rsa_bits:
         # RFC 8301 §3.2: signatures with RSA keys under 1024 bits MUST NOT be considered valid.
         raise _Stop(AuthResult.FAIL, f"key too small: {bits} bits")
     # §3.6.1 t=y: the domain is testing DKIM; the result stands, the flag is only reported.
     return PublicKey(pk=pk, bits=bits, ktag=ktag, testing=b"y" in _colon_list(key_tags.get(b"t")))
+
+
+def _openssl_rsa_key(p_value: bytes) -> tuple[dict[str, int], int] | None:
+    """dkimpy's reading of an RSA p= (``evaluate_pk``: its key dict and bit size), through OpenSSL.
+
+    dkimpy reads the DER (RFC 6376 §3.6.1: SubjectPublicKeyInfo, or a bare PKCS#1 RSAPublicKey)
+    with its own ASN.1 parser in Python, several times slower. Only DER that ``cryptography``
+    writes back byte for byte is taken here: the strict encoding of an RSA key, which both read
+    as the same two integers. Anything else, lenient BER or not an RSA key, gives None and is
+    left to dkimpy, so what is accepted or refused, and why, does not change.
+    """
+    try:
+        der = base64.b64decode(p_value)
+        key = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm):  # binascii.Error is a ValueError
+        return None
+    if not isinstance(key, rsa.RSAPublicKey):
+        return None
+    encodings = (serialization.PublicFormat.SubjectPublicKeyInfo, serialization.PublicFormat.PKCS1)
+    if all(der != key.public_bytes(serialization.Encoding.DER, encoding) for encoding in encodings):
+        return None
+    numbers = key.public_numbers()
+    return {"modulus": numbers.n, "publicExponent": numbers.e}, numbers.n.bit_length()
 
 
 def _check_key_tags(key_tags: dict[bytes, bytes], tags: dict[bytes, bytes]) -> None:
@@ -351,7 +429,7 @@ def _check_key_tags(key_tags: dict[bytes, bytes], tags: dict[bytes, bytes]) -> N
         raise _Stop(AuthResult.PERMERROR, "inappropriate hash algorithm")  # §6.1.2 step 6
     if b"p" not in key_tags:
         raise _Stop(AuthResult.PERMERROR, "key syntax error: no p=")
-    if not re.sub(rb"\s+", b"", key_tags[b"p"]):
+    if not key_tags[b"p"].split():  # only whitespace (split() takes the bytes regex \s)
         # §6.1.2 step 7: an empty p= is a revoked key, which the verifier "MUST treat as a failed
         # signature check": the signature is a fail, not an error in the message.
         raise _Stop(AuthResult.FAIL, "key revoked")
@@ -420,45 +498,115 @@ def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpe
     digest = body.digests.get(spec)
     if digest is None:  # body_hashes_needed asked for every signature that gets here
         raise _Stop(AuthResult.TEMPERROR, "internal error: body hash not computed")
-    # dkimpy's decoding of bh= (verify_sig_process), so both agree on what a bh= says.
-    if digest != base64.b64decode(re.sub(rb"\s+", b"", tags[b"bh"])):
+    # dkimpy's decoding of bh= (verify_sig_process: whitespace, the bytes regex \s, removed first),
+    # so both agree on what a bh= says.
+    if digest != base64.b64decode(b"".join(tags[b"bh"].split())):
         raise _Stop(AuthResult.FAIL, "body hash did not verify")
     return spec
 
 
 def _compute(
-    verifier: dkim.DKIM,
+    fields: Sequence[Sequence[bytes]],
     header: tuple[bytes, bytes],
     tags: dict[bytes, bytes],
     signed: list[bytes],
     key: PublicKey,
     body: BodyDigests,
 ) -> str:
-    """RFC 6376 §6.1.3 with dkimpy; returns the reason to note on a pass, raises _Stop otherwise."""
+    """RFC 6376 §6.1.3; returns the reason to note on a pass, raises _Stop otherwise."""
     spec = _check_body_hash(tags, body)
-    verifier.pk, verifier.keysize, verifier.ktag = key.pk, key.bits, key.ktag
-    verifier.seqtlsrpt = False  # s= was checked in _check_key_tags
-    verifier.signature_fields = tags
-    verifier.domain, verifier.selector = tags[b"d"], tags[b"s"]
-    verifier.include_headers = tuple(signed)
-    all_headers = verifier.headers
-    # dkimpy canonicalizes every header field before picking the signed ones (RFC 6376 §5.4.2);
-    # handing it only the fields named in h= picks the same ones for far less work.
-    wanted = set(signed)
-    verifier.headers = [field for field in all_headers if field[0].lower() in wanted]
-    # Without bh= dkimpy skips the body (checked above): the header hash and signature are left.
-    without_body_hash = {name: value for name, value in tags.items() if name != b"bh"}
     try:
-        valid = verifier.verify_sig_process(without_body_hash, signed, header, None)
-    except dkim.MessageFormatError as e:
-        raise _Stop(AuthResult.PERMERROR, str(e)) from e
+        valid = verify_header_signature(tags, signed, header, fields, key)
     except dkim.KeyFormatError as e:
         raise _Stop(AuthResult.PERMERROR, f"inappropriate key: {e}") from e
-    finally:
-        verifier.headers = all_headers
     if not valid:
         raise _Stop(AuthResult.FAIL, "signature did not verify")
     return _body_length_note(spec, body)
+
+
+def verify_header_signature(
+    tags: dict[bytes, bytes],
+    signed: Sequence[bytes],
+    header: tuple[bytes, bytes],
+    fields: Sequence[Sequence[bytes]],
+    key: PublicKey,
+) -> bool:
+    """RFC 6376 §6.1.3 steps 4-5: the header hash (§3.7) and the signature over it.
+
+    What dkimpy's ``verify_sig_process`` does after the body hash, for a signature whose tags were
+    validated (a= known, c= valid): the same bytes hashed (tests compare them with its
+    ``hash_headers``), the same RSA verification (:func:`authmilter.dkim_rsa.rsa_verify`), the
+    same Ed25519 one (PyNaCl); without a ``dkim.DKIM`` object, and canonicalizing only the fields
+    that are signed rather than every field of the message.
+
+    Args:
+        tags: the signature's tags (a=, b=, c= are read).
+        signed: the field names of h=, lowercase, in order.
+        header: the signature field itself (name, raw value).
+        fields: the message's header fields (name, raw value), top first.
+        key: the signer's public key.
+
+    Returns:
+        True when the signature verifies.
+
+    Raises:
+        dkim.KeyFormatError: the RSA key is too short for the digest (as dkimpy).
+    """
+    relaxed = tags.get(b"c", b"simple/simple").split(b"/")[0] == b"relaxed"
+    hasher = hashlib.new(tags[b"a"].rpartition(b"-")[2].decode())
+    hasher.update(signed_header_data(fields, signed, header, relaxed))
+    # b64decode drops the whitespace (and other non-alphabet octets) itself; split() is the
+    # bytes regex \s dkimpy removes first, kept so that both read the same octets.
+    signature = base64.b64decode(b"".join(tags[b"b"].split()))
+    if key.ktag == b"ed25519":
+        try:
+            key.pk.verify(hasher.digest(), signature)
+        except nacl.exceptions.BadSignatureError:
+            return False
+        return True
+    try:
+        return rsa_verify(hasher, signature, key.pk)
+    except (TypeError, dkim.crypto.DigestTooLargeError) as e:
+        raise dkim.KeyFormatError(f"digest too large for modulus: {e}") from e
+
+
+def signed_header_data(
+    fields: Sequence[Sequence[bytes]], signed: Sequence[bytes], header: tuple[bytes, bytes], relaxed: bool
+) -> bytes:
+    """The octets RFC 6376 §3.7 hashes for the header: what dkimpy's ``hash_headers`` feeds its hash.
+
+    Args:
+        fields: the message's header fields (name, raw value), top first.
+        signed: the field names of h=, lowercase, in order.
+        header: the signature field (name, raw value).
+        relaxed: relaxed header canonicalization (§3.4.2), else simple (§3.4.1).
+
+    Returns:
+        The canonical signed fields, then the signature field with b= emptied and no final CRLF.
+    """
+    # §5.4.2: for a name signed n times, the n last fields of that name, bottom up. dkimpy signs
+    # a signed From once more than h= says (its bug#644046): a second From makes it fail.
+    names = [*signed, b"from"] if b"from" in signed else signed
+    remaining: dict[bytes, list[Sequence[bytes]]] = {name: [] for name in names}
+    for field in fields:
+        same_name = remaining.get(field[0].lower())
+        if same_name is not None:
+            same_name.append(field)
+    picked = [remaining[name].pop() for name in names if remaining[name]]
+    canonical = _relaxed_field if relaxed else _simple_field
+    parts = [canonical(name, value) for name, value in picked]
+    # The signature field is hashed without its final CRLF, whichever the canonicalization.
+    parts.append(canonical(header[0], B_TAG.sub(rb"\1", header[1])).rstrip())
+    return b"".join(parts)
+
+
+def _simple_field(name: bytes, value: bytes) -> bytes:
+    return name + b":" + value  # RFC 6376 §3.4.1: as it is
+
+
+def _relaxed_field(name: bytes, value: bytes) -> bytes:
+    # RFC 6376 §3.4.2, as dkimpy's Relaxed.canonicalize_headers (strip() takes all ASCII whitespace).
+    return name.lower().rstrip() + b":" + compress_whitespace(unfold_header_value(value)).strip() + b"\r\n"
 
 
 def _body_length_note(spec: BodyHashSpec, body: BodyDigests) -> str:
@@ -476,7 +624,7 @@ def _body_length_note(spec: BodyHashSpec, body: BodyDigests) -> str:
 
 
 def _verify_one(
-    verifier: dkim.DKIM,
+    fields: Sequence[Sequence[bytes]],
     header: tuple[bytes, bytes],
     body: BodyDigests,
     resolver: Resolver,
@@ -490,7 +638,7 @@ def _verify_one(
         signed = _check_signature(tags, now)
         key = _fetch_key(tags, resolver, settings)
         testing = key.testing
-        note = _compute(verifier, header, tags, signed, key, body)
+        note = _compute(fields, header, tags, signed, key, body)
     except _Stop as stop:
         # Only a signature that does not parse strictly needs its lenient reading, to be named.
         return _result(stop.result, _lenient_tags(header[1]) if tags is None else tags, stop.reason, testing)
@@ -553,15 +701,12 @@ def _split_crlf(message: bytes) -> tuple[list[list[bytes]], bytes] | None:
     return [[name, value] for name, value in fields], message[body_start:]
 
 
-def _parsed(message: bytes, settings: DkimSettings) -> dkim.DKIM:
-    """dkimpy's verifier over the message; raises what dkimpy raises for a header it refuses."""
-    verifier = dkim.DKIM(b"", logger=_dkimpy_logger, minkey=settings.min_rsa_bits)
+def _parsed(message: bytes) -> tuple[list[list[bytes]], bytes]:
+    """The header fields and body as dkimpy's ``rfc822_parse`` reads them; raises what it raises."""
     split = _split_crlf(message)
-    if split is None:
-        verifier.set_message(message)
-    else:
-        verifier.headers, verifier.body = split
-    return verifier
+    if split is not None:
+        return split
+    return dkim.rfc822_parse(message) if message else ([], b"")
 
 
 def verify_dkim(
@@ -591,17 +736,17 @@ def verify_dkim(
     verify_time = time.time() if now is None else now
     deadline = time.monotonic() + settings.timeout
     try:
-        verifier = _parsed(message, settings)
+        fields, raw_body = _parsed(message)
     except Exception as e:
         reason = f"message header not parseable: {e}"
         return tuple(
             _result(AuthResult.PERMERROR, _lenient_tags(value), reason)
             for value in _signature_headers_of_unparseable(message)
         )
-    signatures = [(name, value) for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+    signatures = [(name, value) for name, value in fields if name.lower() == b"dkim-signature"]
     if body is None:
         needed = body_hashes_needed((value for _, value in signatures), settings)
-        body = digest_body(needed, verifier.body or b"")  # dkimpy's body of an empty message is ""
+        body = digest_body(needed, raw_body)
     results = []
     for index, header in enumerate(signatures):
         if index >= settings.max_signatures:
@@ -611,7 +756,7 @@ def verify_dkim(
             reason = f"not checked: DKIM time limit of {settings.timeout:g}s reached"
             results.append(_result(AuthResult.TEMPERROR, _lenient_tags(header[1]), reason))
         else:
-            results.append(_verify_one(verifier, header, body, resolver, settings, verify_time))
+            results.append(_verify_one(fields, header, body, resolver, settings, verify_time))
     for result in results:
         logger.debug("dkim=%s d=%s s=%s (%s)", result.result, result.domain, result.selector, result.reason)
     return tuple(results)
