@@ -19,10 +19,11 @@ and never raises for anything in the message):
 - The A-R clause (:meth:`ArcCheck.method_results`, rendered by authresults.py):
   ``arc=... smtp.remote-ip=... header.oldest-pass=``, RFC 8617 §10.1 registers both properties.
 
-Validation follows RFC 8617 §5.2 step by step (see :func:`verify_arc`). dkimpy does the header
-canonicalization and the signature arithmetic (``verify_sig_process``, as dkim_verify.py uses it);
-keys come through our resolver (:func:`authmilter.dkim_verify.lookup_public_key`), body hashes from
-the digests computed as the body streamed in. dkimpy's own ``ARC.verify`` is not used: it reads the
+Validation follows RFC 8617 §5.2 step by step (see :func:`verify_arc`). The header hash and the
+signature over it are DKIM's (:func:`authmilter.dkim_verify.verify_header_signature`, which hashes
+what dkimpy's ``verify_sig_process`` hashes); keys come through our resolver
+(:func:`authmilter.dkim_verify.lookup_public_key`), body hashes from the digests computed as the
+body streamed in. dkimpy's own ``ARC.verify`` is not used: it reads the
 body, asks DNS itself, and picks the ARC-Seal's signed fields by their place in the header block
 rather than by instance (§5.1.1).
 
@@ -46,7 +47,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import dkim
 import dkim.util
@@ -61,6 +62,7 @@ from authmilter.dkim_verify import (
     PublicKey,
     lookup_public_key,
     parsed_header_fields,
+    verify_header_signature,
 )
 from authmilter.dmarc import DmarcSettings, identifier_aligned
 from authmilter.message import MessageHeaders, ParsedMessage, unfold
@@ -70,7 +72,6 @@ from authmilter.settings import one_of, validate
 from authmilter.transaction import Transaction
 
 log = logging.getLogger(__name__)
-_dkimpy_logger = logging.getLogger(__name__ + ".dkimpy")
 
 SEAL = "ARC-Seal"
 MESSAGE_SIGNATURE = "ARC-Message-Signature"
@@ -438,7 +439,6 @@ class _Verifier:
         self._resolver = resolver
         self._settings = settings
         self._body = body
-        self._dkim = dkim.DKIM(b"", logger=_dkimpy_logger, minkey=settings.min_rsa_bits)
 
     def message_signature(self, found: _Set) -> str:
         """§4.1.2 and RFC 6376 §6.1 for one AMS: "" when valid, else why not."""
@@ -502,13 +502,9 @@ class _Verifier:
         fields: Sequence[tuple[bytes, bytes]],
         key: PublicKey,
     ) -> bool:
-        verifier: Any = self._dkim
-        verifier.headers = list(fields)
-        verifier.pk, verifier.keysize, verifier.ktag = key.pk, key.bits, key.ktag
-        verifier.seqtlsrpt = False
         try:
-            return bool(verifier.verify_sig_process(tags, list(names), header, None))
-        except dkim.DKIMException:
+            return verify_header_signature(tags, names, header, fields, key)
+        except dkim.DKIMException:  # a key too short for the digest
             return False
 
 
