@@ -114,3 +114,18 @@ def test_a_replaced_dkim_key_is_seen_after_its_ttl(
     assert "dkim=pass" in first
     assert "dkim=pass" in cached
     assert "dkim=fail" in later
+
+
+def test_a_reused_dmarc_verdict_ends_with_the_existence_answers_it_read(dns_server: AuthoritativeDns) -> None:
+    # The DMARC verdict itself is a derived result: np= applies to an Author Domain that does not
+    # exist (RFC 9989 §4.10.1), judged from its A, AAAA and MX answers, so once the domain gets an
+    # address the kept verdict must end with those answers' TTL.
+    zone, sender = "np-ttl.example", "ghost.np-ttl.example"
+    policy = f"_dmarc TXT {zone_txt('v=DMARC1; p=none; np=reject')}"
+    raw = make_message(f"Bob <bob@{sender}>")
+    first, cached, after = results_across_the_ttl(
+        dns_server, zone, policy, f"{policy}\nghost A 192.0.2.1", raw, sender
+    )
+    assert "dmarc=fail (p=reject dis=reject)" in first
+    assert "dmarc=fail (p=reject dis=reject)" in cached
+    assert "dmarc=fail (p=none dis=none)" in after

@@ -26,7 +26,7 @@ import Milter
 import pytest
 from Milter import testctx
 
-from authmilter import dkim_rsa
+from authmilter import dkim_rsa, milter_app
 from authmilter.actions import FailureAction
 from authmilter.config import Config, default_config
 from authmilter.dkim_sign import SigningSettings
@@ -1032,11 +1032,13 @@ def test_serve_registers_factory_and_flags(monkeypatch: pytest.MonkeyPatch, zone
     monkeypatch.setattr(Milter, "factory", Milter.factory)  # restored after the test
     monkeypatch.setattr(Milter, "set_flags", lambda flags: calls.append(("flags", flags)))
     monkeypatch.setattr(Milter, "runmilter", lambda *args: calls.append(("run", *args)))
+    # The worker's garbage collector settings, not this test process's.
+    monkeypatch.setattr(milter_app, "_settle_collector", lambda: calls.append(("gc",)))
     config = make_config()
     config = dataclasses.replace(config, milter=dataclasses.replace(config.milter, idle_timeout=42))
     runtime = Runtime(config, Resolver(ScriptedSource(zone_files)), None)
     serve("fd:3", runtime)
-    assert calls == [("flags", ACTIONS), ("run", "authmilter", "fd:3", 42)]  # [milter] idle_timeout
+    assert calls == [("flags", ACTIONS), ("gc",), ("run", "authmilter", "fd:3", 42)]  # [milter] idle_timeout
     made = Milter.factory()
     assert isinstance(made, AuthMilter) and made._runtime is runtime
 

@@ -625,7 +625,19 @@ def evaluate_dmarc(
     too_many = too_many_author_domains(domains)
     if too_many is not None:
         return too_many
-    return max((_evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains), key=_severity)
+    # The verdict depends on these inputs and on DNS answers only: the resolver hands back the one
+    # computed while every answer it read (records, walks, existence checks) is still cached, as
+    # the same sender's next message needs it. A signature's header.b is new in every message and
+    # never read here, so the key leaves it out.
+    signatures = tuple(
+        (s.result, s.domain, s.selector, s.algorithm, s.reason, s.identity, s.testing) for s in dkim
+    )
+    key = ("dmarc", domains, spf, signatures, settings.org_domain, settings.psl_file, settings.max_tree_walk)
+
+    def strictest() -> DmarcVerdict:
+        return max((_evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains), key=_severity)
+
+    return resolver.derived(key, strictest)
 
 
 def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:

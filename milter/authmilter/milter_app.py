@@ -28,6 +28,7 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import resource
@@ -259,9 +260,30 @@ def serve(connection: str, runtime: Runtime, ready: Callable[[], None] | None = 
     gate = ConnectionGate.for_listener(connection, runtime.config.milter.max_connections)
     Milter.factory = functools.partial(AuthMilter, runtime, QuickAck.for_listener(connection), gate)
     Milter.set_flags(ACTIONS)
+    _settle_collector()
     if ready is not None:
         _call_when_serving(ready)
     Milter.runmilter(MILTER_NAME, connection, runtime.config.milter.idle_timeout)
+
+
+# Container objects allocated, net, before the cyclic garbage collector looks at the youngest
+# generation (Python's default is 700). A message allocates thousands that reference counting
+# frees; at 700 the collector ran every few messages and re-scanned the survivors: the cache
+# entries and the message in progress.
+GC_YOUNGEST_THRESHOLD = 10_000
+
+
+def _settle_collector() -> None:
+    """Keep the cyclic garbage collector off what lives as long as the worker.
+
+    Everything loaded before serving (modules, the config and its tables, the Public Suffix List,
+    keys) is never garbage; freezing it keeps the collector's full passes from walking it again
+    (the gc module's advice for pre-forked servers, which also leaves those pages shared with the
+    supervisor). Measured in a worker driven over the milter protocol: collection took 30-45 us
+    per message before (a full pass over the start-up heap ~20 ms), ~6 us after.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNGEST_THRESHOLD)
 
 
 # smfi_main starts a signal thread (mi_control_startup) and then, in Debian's build with

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from authmilter.actions import Decision, decide_action, internal_error_decision
 from authmilter.arc_check import ArcCheck, ArcCheckSettings, arc_body_hashes, trusted_forwarder, with_override
@@ -442,31 +442,69 @@ def _sealed_inbound(
 
 def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> dict[str, object]:
     early: dict[str, object] = {}
-    for registration in registry:
-        settings = registration.settings(config)
-        if not registration.check.enabled(settings):
-            continue
+    for check, settings in enabled_checks(registry, config).checks:
         try:
-            outcome = registration.check.precheck(transaction, settings)
+            outcome = check.precheck(transaction, settings)
         except Exception as e:
             # Only a shortcut is lost: the check still runs in full, and stands or fails alone.
             log.exception(
                 "queue_id=%s internal error in the %s check's precheck, checked in full instead: %s: %s",
                 transaction.queue_id or "-",
-                registration.check.label,
+                check.label,
                 type(e).__name__,
                 e,
             )
             continue
         if outcome is not None:
-            early[registration.check.name] = outcome
+            early[check.name] = outcome
     return early
+
+
+class EnabledChecks(NamedTuple):
+    """The checks of a registry that are on under one configuration.
+
+    Attributes:
+        config: the configuration.
+        registry: the registry.
+        checks: each enabled check with its settings, in the registry's order.
+        prefetch_fields: the header field names (lower case) that tell one of them a DNS name.
+    """
+
+    config: Config
+    registry: Registry
+    checks: tuple[tuple[Check[Any, Any], Any], ...]
+    prefetch_fields: frozenset[str]
+
+
+# The last answer of enabled_checks(): a worker asks with the same configuration and registry for
+# every callback and message, and picking each check's settings (a new ArcCheckSettings each time)
+# and asking enabled() cost more than the checks' own work at a header callback. Both are
+# immutable, so one compared by identity cannot go stale; another configuration (a test, a
+# reload's new workers) is looked at anew.
+_last_enabled: EnabledChecks | None = None
+
+
+def enabled_checks(registry: Registry, config: Config) -> EnabledChecks:
+    """The checks of ``registry`` that are on under ``config``, with their settings, in order."""
+    global _last_enabled
+    known = _last_enabled
+    if known is None or known.config is not config or known.registry is not registry:
+        checks = tuple(
+            (registration.check, settings)
+            for registration in registry
+            if registration.check.enabled(settings := registration.settings(config))
+        )
+        fields = frozenset().union(*(check.prefetch_fields for check, _ in checks))
+        known = _last_enabled = EnabledChecks(config, registry, checks, fields)
+    return known
 
 
 def prefetch_questions(registry: Registry, transaction: Transaction, config: Config) -> list[Question]:
     """The DNS questions the enabled checks declare for a whole message (:meth:`Check.prefetch`)."""
     return _declared(
-        registry, config, transaction.queue_id, lambda check, settings: check.prefetch(transaction, settings)
+        enabled_checks(registry, config).checks,
+        transaction.queue_id,
+        lambda check, settings: check.prefetch(transaction, settings),
     )
 
 
@@ -474,53 +512,46 @@ def envelope_questions(
     connection: Connection, mail_from: str, config: Config, registry: Registry = CHECKS
 ) -> list[Question]:
     """The DNS questions the enabled checks declare at MAIL FROM (see :meth:`Check.envelope_questions`)."""
-
-    def declare(check: Check[Any, Any], settings: Any) -> list[Question]:
-        return check.envelope_questions(connection, mail_from, settings)
-
-    return _declared(registry, config, "", declare)
+    return _declared(
+        enabled_checks(registry, config).checks,
+        "",
+        lambda check, settings: check.envelope_questions(connection, mail_from, settings),
+    )
 
 
 def field_questions(field: HeaderField, config: Config, registry: Registry = CHECKS) -> list[Question]:
     """The DNS questions the enabled checks declare for one header field (see
     :meth:`Check.field_questions`)."""
     name = field.name.lower()
-
-    def declare(check: Check[Any, Any], settings: Any) -> list[Question]:
-        return check.field_questions(field, settings) if name in check.prefetch_fields else []
-
-    return _declared(registry, config, "", declare)
+    askers = [
+        (check, settings)
+        for check, settings in enabled_checks(registry, config).checks
+        if name in check.prefetch_fields
+    ]
+    return _declared(askers, "", lambda check, settings: check.field_questions(field, settings))
 
 
 def prefetch_fields(config: Config, registry: Registry = CHECKS) -> frozenset[str]:
     """The header field names (lower case) that tell an enabled check a DNS name."""
-    names: set[str] = set()
-    for registration in registry:
-        if registration.check.enabled(registration.settings(config)):
-            names |= registration.check.prefetch_fields
-    return frozenset(names)
+    return enabled_checks(registry, config).prefetch_fields
 
 
 def _declared(
-    registry: Registry,
-    config: Config,
+    checks: Iterable[tuple[Check[Any, Any], Any]],
     queue_id: str,
     declare: Callable[[Check[Any, Any], Any], list[Question]],
 ) -> list[Question]:
-    """What ``declare`` gives for each enabled check, in registry order.
+    """What ``declare`` gives for each of the enabled ``checks`` with its settings, in order.
 
     Only a hint: a check whose declaration fails (a hostile header it cannot read) declares
     nothing here and meets the problem again, contained, when it runs.
     """
     questions: list[Question] = []
-    for registration in registry:
-        settings = registration.settings(config)
-        if not registration.check.enabled(settings):
-            continue
+    for check, settings in checks:
         try:
-            questions.extend(declare(registration.check, settings))
+            questions.extend(declare(check, settings))
         except Exception as e:
-            log.debug("queue_id=%s %s declared no DNS names: %s", queue_id or "-", registration.check.name, e)
+            log.debug("queue_id=%s %s declared no DNS names: %s", queue_id or "-", check.name, e)
     return questions
 
 
@@ -545,11 +576,7 @@ def run_checks(
     """
     outcomes: dict[str, object] = {}
     timings: list[CheckTiming] = []
-    for registration in registry:
-        check = registration.check
-        settings = registration.settings(config)
-        if not check.enabled(settings):
-            continue
+    for check, settings in enabled_checks(registry, config).checks:
         budget.start(check.label)
         started = time.perf_counter()
         try:

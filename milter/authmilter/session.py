@@ -134,9 +134,10 @@ class Session:
         """
         message = self._current()
         message.queue_id = queue_id
-        message.connection = dataclasses.replace(
-            message.connection, macros={**message.connection.macros, **macros}
-        )
+        if macros:  # inbound mail usually has none (no {auth_authen}): the connection's stand
+            message.connection = dataclasses.replace(
+                message.connection, macros={**message.connection.macros, **macros}
+            )
         # Now the envelope is complete: outbound mail is signed, not checked, and asks nothing.
         if self._prefetch is not None and not outbound_reason(message.connection, self._config):
             self._prefetching = True
