@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import struct
 import sys
 import time
@@ -43,6 +45,8 @@ import dns.rdatatype
 UPSTREAM_TIMEOUT = 5.0
 MAX_TCP_MESSAGE = 65535
 DEFAULT_NEGATIVE_TTL = 300
+PROXY_NICENESS = -10  # CFS weight about 9 times a normal process's
+MAX_TIMED_MISSES = 1_000_000  # answer times kept between two flushes (bounded memory)
 
 Key = tuple[str, int, int, str]  # lower-cased name, type, class, transport
 
@@ -68,11 +72,24 @@ class CachingProxy:
         self._cache: dict[Key, tuple[float, bytes]] = {}
         self._pending: dict[Key, asyncio.Future[bytes]] = {}
         self.counts: Counter[str] = Counter()
+        # Seconds from a miss's arrival to its answer: ``delay`` plus upstream, plus this process's
+        # own lag when the machine is saturated (so the benchmark shows how well it models a resolver).
+        self._miss_seconds: list[float] = []
+
+    def stats(self) -> dict[str, int]:
+        """The counts, and the misses' answer times at p50 and p90 in microseconds."""
+        counts = dict(self.counts)
+        if self._miss_seconds:
+            ordered = sorted(self._miss_seconds)
+            for name, q in (("miss_p50_us", 0.5), ("miss_p90_us", 0.9)):
+                counts[name] = round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6)
+        return counts
 
     def flush(self) -> dict[str, int]:
-        counts = dict(self.counts)
+        counts = self.stats()
         self._cache.clear()
         self.counts.clear()
+        self._miss_seconds.clear()
         return counts
 
     async def answer(self, wire: bytes, transport: str) -> bytes | None:
@@ -111,9 +128,12 @@ class CachingProxy:
 
     async def _miss(self, key: Key, wire: bytes, transport: str) -> bytes:
         self.counts["misses"] += 1
+        started = time.monotonic()
         async with self._slots:
             await asyncio.sleep(self.delay)
             response = await (self._tcp(wire) if transport == "tcp" else self._udp(wire))
+        if len(self._miss_seconds) < MAX_TIMED_MISSES:
+            self._miss_seconds.append(time.monotonic() - started)
         ttl = cache_ttl(dns.message.from_wire(response))
         if ttl is not None:
             if len(self._cache) >= self.max_entries:
@@ -190,7 +210,7 @@ async def serve_control(
     proxy: CachingProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
     command = (await reader.readline()).strip()
-    counts = proxy.flush() if command == b"flush" else dict(proxy.counts)
+    counts = proxy.flush() if command == b"flush" else proxy.stats()
     writer.write(json.dumps(counts).encode() + b"\n")
     await writer.drain()
     writer.close()
@@ -225,8 +245,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(main_async(parse_args(argv)))
+    args = parse_args(argv)
+    _run_ahead_of_the_load()
+    asyncio.run(main_async(args))
     return 0
+
+
+def _run_ahead_of_the_load() -> None:
+    """Scheduling priority above the load's, when allowed (as root).
+
+    The proxy stands for the MX's resolver, a C daemon that answers in its own time whatever the
+    milters do. This Python process costs about 1 ms of CPU per query and shares the cores with the
+    load: at normal priority, on a saturated machine, a miss took 32 ms at the median instead of the
+    20 ms modelled (and faster milters, which keep the machine busier, waited longer).
+    """
+    with contextlib.suppress(PermissionError):
+        os.setpriority(os.PRIO_PROCESS, 0, PROXY_NICENESS)
 
 
 if __name__ == "__main__":

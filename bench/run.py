@@ -341,8 +341,17 @@ def _line(m: Measurement) -> str:
         f"{m.cpu_ms_per_message:.2f} ms/msg; machine {m.machine_busy:.0%} busy; "
         f"client CPU {m.load.client_cpu_seconds / m.seconds:.0%} of a core; DNS proxy: "
         f"{dns.get('queries', 0)} queries ({dns.get('misses', 0)} misses, "
-        f"{dns.get('dmarc_queries', 0)} _dmarc, {dns.get('TXT', 0)} TXT); results: {m.results_seen}"
+        f"{dns.get('dmarc_queries', 0)} _dmarc, {dns.get('TXT', 0)} TXT{_miss_times(dns)}); "
+        f"results: {m.results_seen}"
     )
+
+
+def _miss_times(dns: dict[str, int]) -> str:
+    """How long the proxy took to answer a miss (its delay, Knot, its own lag on a busy machine)."""
+    if "miss_p50_us" not in dns:
+        return ""
+    p50, p90 = dns["miss_p50_us"] / 1e3, dns.get("miss_p90_us", 0) / 1e3
+    return f"; a miss answered in p50 {p50:.1f} ms, p90 {p90:.1f} ms"
 
 
 @dataclass(frozen=True)
