@@ -141,6 +141,11 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
         """SMFIP_HDR_LEADSPC was negotiated."""
         return bool(self._protocol & Milter.P_HDR_LEADSPC)
 
+    @property
+    def awaits_mail_reply(self) -> bool:
+        """SMFIP_NR_MAIL was not negotiated: the MTA waits for the milter's MAIL FROM reply."""
+        return not self._protocol & Milter.P_NR_MAIL
+
     # the MTA's moves
 
     def _negotiate(self) -> int:
@@ -175,10 +180,11 @@ class MtaCtx(testctx.TestCtx):  # type: ignore[misc]
         assert self.app.hello(helo) == Milter.NOREPLY
 
     def start(self, raw: bytes, mail_from: str, rcpts: tuple[str, ...]) -> None:
-        """MAIL FROM, RCPT TO and the header fields; every one of them gets no reply."""
+        """MAIL FROM, RCPT TO and the header fields; none gets a reply but an awaited MAIL FROM."""
         self.changes, self._reply, self._body = [], None, None
         self._stage = Milter.M_ENVFROM
-        assert self.app.envfrom_bytes(f"<{mail_from}>".encode(), b"SIZE=1000") == Milter.NOREPLY
+        mail_reply = self.app.envfrom_bytes(f"<{mail_from}>".encode(), b"SIZE=1000")
+        assert mail_reply == (Milter.CONTINUE if self.awaits_mail_reply else Milter.NOREPLY)
         self._stage = Milter.M_ENVRCPT
         for rcpt in rcpts:
             assert self.app.envrcpt_bytes(f"<{rcpt}>".encode()) == Milter.NOREPLY
@@ -312,17 +318,28 @@ def test_negotiates_only_the_actions_and_steps_it_uses(connect: Connect) -> None
     ctx = connect()
     actions, protocol = ctx._opts[0], ctx._opts[1]
     assert actions == ACTIONS == Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE
-    no_reply = (
-        Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_HDR
-    ) | Milter.P_NR_BODY
+    no_reply = Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_RCPT | Milter.P_NR_HDR | Milter.P_NR_BODY
     skipped = Milter.P_NOEOH | Milter.P_NODATA | Milter.P_NOUNKNOWN
     assert protocol & no_reply == no_reply
+    assert not protocol & Milter.P_NR_MAIL  # awaited while prefetching (the next test)
     assert protocol & skipped == skipped
     needed = Milter.P_NOCONNECT | Milter.P_NOHELO | Milter.P_NOMAIL | Milter.P_NORCPT
     unused = Milter.P_SKIP | Milter.P_RCPT_REJ | Milter.P_NR_EOH | Milter.P_NR_DATA
     assert protocol & (needed | Milter.P_NOHDRS | Milter.P_NOBODY | unused) == 0
     assert protocol & Milter.P_HDR_LEADSPC  # header values as sent (see milter_app's docstring)
     assert ctx._opts[2:] == [0, 0]
+
+
+def test_mail_from_is_awaited_only_when_it_starts_lookups(connect: Connect) -> None:
+    """Postfix holds the events it awaits no reply for until one it does: an unawaited MAIL FROM
+    reached the milter only at end of data, and the SPF lookups it starts with it."""
+    prefetching = connect()
+    assert prefetching.awaits_mail_reply  # [dns] prefetch_queries is on by default
+    assert prefetching.send(make_message()) == Milter.ACCEPT
+    base = make_config()
+    quiet = connect(config=dataclasses.replace(base, dns=dataclasses.replace(base.dns, prefetch_queries=0)))
+    assert not quiet.awaits_mail_reply
+    assert quiet.send(make_message()) == Milter.ACCEPT
 
 
 def test_header_values_reach_dkim_as_sent(connect: Connect, keys: dict[str, SigningKey]) -> None:

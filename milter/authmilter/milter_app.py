@@ -13,7 +13,9 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
 
 - Every callback before end of message only gathers input, so it is ``@Milter.noreply``: the MTA
   does not wait for it. Nothing can be refused there either; a failure in one is kept and applied at
-  end of message, the one place a decision is made.
+  end of message, the one place a decision is made. One exception: with ``[dns] prefetch_queries``
+  on, the MTA waits for our MAIL FROM reply (:meth:`AuthMilter.negotiate`), so that the lookups MAIL
+  FROM tells start while the client still sends the message.
 - Callbacks we do not define (``data``, ``eoh``, ``unknown``) are switched off, and only the
   actions we use are asked for: add/insert headers, change (delete) headers, quarantine.
 - Header values arrive as sent (``SMFIP_HDR_LEADSPC``, when the MTA offers it, as Postfix and
@@ -476,6 +478,12 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             if len(self._config.ignore_hosts):
                 # connect() must be answered to turn an ignored client away (see there).
                 self._protocol &= ~Milter.P_NR_CONN
+            if self._config.dns.prefetch_queries:
+                # Postfix (milter8.c) keeps the events it awaits no reply for in its stream buffer
+                # until one that awaits a reply: unanswered, MAIL FROM reached us with the message
+                # at end of data (measured: a median 3 ms before end of message, against ~20 ms
+                # of SMTP between them), and the SPF lookups it starts gained nothing.
+                self._protocol &= ~Milter.P_NR_MAIL
             opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
         except Exception:
             log.exception("cannot negotiate with the MTA (offer %r)", opts)
@@ -554,6 +562,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
 
     @_gathers
     def envrcpt(self, recipient: str, *params: str) -> None:
+        self._quickack.acknowledge(self._ack_fd)  # after our MAIL FROM reply, when it is awaited
         self._session.rcpt(recipient)
 
     @_header_values_as_bytes
