@@ -160,6 +160,21 @@ def test_a_nameserver_that_never_answers_counts_as_a_timeout(metrics: Metrics) -
     assert value(samples, "authmilter_dns_queries_total", type="TXT", status="tempfail") == 1
 
 
+def test_prefetched_queries_closed_unread_are_counted(metrics: Metrics) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        source = NameserverSource(["127.0.0.1"], port=silent.getsockname()[1], timeout=0.3)
+        resolver = Resolver(source, observer=metrics)
+        lookups = resolver.prefetch(8)
+        lookups.start([("read.example.org", dns.rdatatype.TXT), ("unread.example.org", dns.rdatatype.TXT)])
+        assert lookups.sent == 2
+        resolver.query("read.example.org", dns.rdatatype.TXT)  # claimed (and timed out): read
+        lookups.cancel()  # the message ends: the other one is closed unread
+    samples = exposition(metrics)
+    assert value(samples, "authmilter_dns_prefetches_unread_total") == 1
+    assert value(samples, "authmilter_dns_queries_total", type="TXT", status="tempfail") == 1
+
+
 def test_a_dead_workers_counters_stay_and_its_connections_go(metrics: Metrics) -> None:
     metrics.worker_started()
     pid = os.fork()

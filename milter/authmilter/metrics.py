@@ -139,6 +139,11 @@ class Metrics:
         self.dns_cache = _Labelled(
             Counter("authmilter_dns_cache_lookups", "DNS lookups by cache outcome", ["result"], registry=None)
         )
+        self.dns_prefetches_unread: Counter = Counter(
+            "authmilter_dns_prefetches_unread",
+            "Prefetched DNS queries closed unread (the message ended before a check asked the name)",
+            registry=None,
+        )
         self.dns_seconds: Histogram = Histogram(
             "authmilter_dns_query_duration_seconds",
             "Wall time of DNS queries sent",
@@ -223,6 +228,9 @@ class Metrics:
         self.dns_seconds.observe(seconds)
         if answer.status is DnsStatus.TEMPFAIL:
             self.dns_errors("timeout" if answer.timed_out else "error").inc()
+
+    def prefetch_unread(self) -> None:
+        self.dns_prefetches_unread.inc()
 
     # --- the supervisor ---
 

@@ -579,6 +579,9 @@ class DnsObserver(Protocol):
     def answered(self, rdtype: dns.rdatatype.RdataType, answer: DnsAnswer, seconds: float) -> None:
         """A query went to the source (a cache miss) and got ``answer`` after ``seconds``."""
 
+    def prefetch_unread(self) -> None:
+        """A prefetched query was closed unread: the message ended before a check asked the name."""
+
 
 class _Usage:
     """What the DNS answers read by one derived computation allow: when it expires, if at all."""
@@ -914,6 +917,8 @@ class Resolver:
         if sent is not None:
             waiting_prefetches.give_back()
             sent.close()
+            if self._observer is not None:
+                self._observer.prefetch_unread()
 
     def _ask(self, qtype: dns.rdatatype.RdataType, question: SentQuery | bytes) -> DnsAnswer:
         """The source's answer: read from the prefetched query, or asked for the name (wire form)."""
