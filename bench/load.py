@@ -153,19 +153,6 @@ class LoadResult:
     # The message number (0 for the first message sent) of each entry in data_latencies.
     data_latency_numbers: list[int] = field(default_factory=list)
 
-    def merged(self, other: LoadResult) -> LoadResult:
-        """Both runs as one (the rounds of one set-up)."""
-        return LoadResult(
-            self.sent + other.sent,
-            self.accepted + other.accepted,
-            self.refused + other.refused,
-            self.seconds + other.seconds,
-            self.client_cpu_seconds + other.client_cpu_seconds,
-            self.data_latencies + other.data_latencies,
-            self.session_latencies + other.session_latencies,
-            self.data_latency_numbers + [self.sent + number for number in other.data_latency_numbers],
-        )
-
     def percentile(self, values: Sequence[float], q: float) -> float:
         if not values:
             return 0.0

@@ -141,7 +141,8 @@ class Metrics:
         )
         self.dns_prefetches_unread: Counter = Counter(
             "authmilter_dns_prefetches_unread",
-            "Prefetched DNS queries closed unread (the message ended before a check asked the name)",
+            "Prefetched DNS queries closed unread (the message ended before a check asked the name, or "
+            "the same name was already on its way)",
             registry=None,
         )
         self.dns_seconds: Histogram = Histogram(

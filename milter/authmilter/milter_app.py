@@ -450,8 +450,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._config = runtime.config
         # The connection and its current message, fed by the callbacks below; the DNS names the
         # message tells are prefetched as they come (_prefetch), cancelled when it ends.
-        prefetching = runtime.config.dns.prefetch_queries > 0
-        self._session = Session(runtime.config, self._prefetch if prefetching else None)
+        self._prefetching = runtime.config.dns.prefetch_queries > 0
+        self._session = Session(runtime.config, self._prefetch if self._prefetching else None)
         self._lookups: Prefetch | None = None
         # Header changes were sent for the current message: a failure after that must not resend them.
         self._modifying = False
@@ -478,7 +478,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             if len(self._config.ignore_hosts):
                 # connect() must be answered to turn an ignored client away (see there).
                 self._protocol &= ~Milter.P_NR_CONN
-            if self._config.dns.prefetch_queries:
+            if self._prefetching:
                 # Postfix (milter8.c) keeps the events it awaits no reply for in its stream buffer
                 # until one that awaits a reply: unanswered, MAIL FROM reached us with the message
                 # at end of data (measured: a median 3 ms before end of message, against ~20 ms

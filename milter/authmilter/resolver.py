@@ -580,7 +580,8 @@ class DnsObserver(Protocol):
         """A query went to the source (a cache miss) and got ``answer`` after ``seconds``."""
 
     def prefetch_unread(self) -> None:
-        """A prefetched query was closed unread: the message ended before a check asked the name."""
+        """A prefetched query was closed unread: the message ended before a check asked the name,
+        or the same name was already on its way."""
 
 
 class _Usage:
