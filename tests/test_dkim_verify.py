@@ -23,6 +23,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from authmilter import dkim_rsa, dkim_verify
 from authmilter.dkim_body import RELAXED, SIMPLE, BodyDigests, BodyHasher, BodyHashSpec, digest_body
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
+from authmilter.message import HeaderField
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
 from signing import small_rsa_key
@@ -686,6 +687,41 @@ def test_tag_list_parses_and_fails_exactly_like_dkimpy() -> None:
         assert _parse_outcome(dkim_verify._tag_list, value) == expected, value
         parsed += isinstance(expected, dict) and len(expected) > 1
     assert 2000 < parsed < 18000  # both outcomes are exercised
+
+
+def test_signature_tags_are_the_tag_list_parsed_once_and_read_only() -> None:
+    rng = random.Random(3652)
+    for _ in range(5000):
+        value = _tag_list_value(rng)
+        expected = _parse_outcome(dkim_verify._tag_list, value)
+        # The header callback's value has no final CRLF, the message's has: both read alike.
+        for variant in (value, value + b"\r\n", b" " + value, value):
+            assert _parse_outcome(dkim_verify._signature_tags, variant) == expected, variant
+    tags = dkim_verify._signature_tags(b" v=1; d=example.org\r\n")
+    assert tags is dkim_verify._signature_tags(b"v=1; d=example.org")
+    with pytest.raises(TypeError):
+        tags[b"d"] = b"attacker.example"  # type: ignore[index]  # shared between callers
+    long_value = b"v=1; z=" + b"a" * dkim_verify.SIGNATURE_MEMO_LENGTH
+    assert dkim_verify._signature_tags(long_value) == dkim_verify._tag_list(long_value)
+    assert dkim_verify._signature_tags(long_value) is not dkim_verify._signature_tags(long_value)
+
+
+def test_key_asked_ahead_is_the_lenient_readings() -> None:
+    rng = random.Random(8301)
+    check = dkim_verify.DkimCheck()
+    names = [b"s", b"d", b"s", b"d", b"v", b"h", b"S", b""]
+    asked = 0
+    for _ in range(3000):
+        specs = [rng.choice(names) + rng.choice([b"=", b" = ", b""]) + rng.choice([b"k", b"a.example", b""])]
+        specs += [rng.choice(names) + b"=" + rng.choice([b"sel", b"b.example", b" "]) for _ in range(3)]
+        value = b";".join(rng.sample(specs, len(specs))) + rng.choice([b"", b";", b";\r\n "])
+        field = HeaderField("DKIM-Signature", value.decode("latin-1"), 1)
+        lenient = dkim_verify._lenient_tags(value)
+        selector, domain = lenient.get(b"s", b"").decode(), lenient.get(b"d", b"").decode()
+        expected = [(f"{selector}._domainkey.{domain}", dns.rdatatype.TXT)] if selector and domain else []
+        assert check.field_questions(field, SETTINGS) == expected, value
+        asked += bool(expected)
+    assert 150 < asked < 2850  # both outcomes are exercised
 
 
 def test_header_b_drops_whitespace_like_the_regex() -> None:

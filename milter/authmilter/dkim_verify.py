@@ -31,8 +31,10 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 import dkim
@@ -143,7 +145,7 @@ def _lenient_tags(value: bytes) -> dict[bytes, bytes]:
 
 
 def _result(
-    result: AuthResult, tags: dict[bytes, bytes], reason: str = "", testing: bool = False
+    result: AuthResult, tags: Mapping[bytes, bytes], reason: str = "", testing: bool = False
 ) -> DkimResult:
     return DkimResult(
         result=result,
@@ -181,16 +183,39 @@ def _tag_list(value: bytes) -> dict[bytes, bytes]:
     return tags
 
 
-def _parse_signature(value: bytes) -> dict[bytes, bytes]:
+# Each DKIM-Signature is read three times: at its header callback (DkimCheck.field_questions, for the
+# key to ask ahead), at the end of the header (body_hashes_needed) and when verified. The tag list
+# is parsed once and shared read-only; longer values than this are not kept but parsed each time,
+# so that hostile fields cannot fill the memory (at most SIZE x LENGTH octets are kept).
+SIGNATURE_MEMO_SIZE = 256
+SIGNATURE_MEMO_LENGTH = 4096
+
+
+def _signature_tags(value: bytes) -> Mapping[bytes, bytes]:
+    """:func:`_tag_list` of a DKIM-Signature value, parsed once; raises what it raises."""
+    # _tag_list strips the value first, so a value read with or without its final CRLF (the
+    # header callback's, the message's) gives the same tags, or the same exception.
+    stripped = value.strip()
+    if len(stripped) > SIGNATURE_MEMO_LENGTH:
+        return _tag_list(stripped)
+    return _remembered_signature_tags(stripped)
+
+
+@lru_cache(maxsize=SIGNATURE_MEMO_SIZE)
+def _remembered_signature_tags(value: bytes) -> Mapping[bytes, bytes]:
+    return MappingProxyType(_tag_list(value))  # shared by every caller: read-only
+
+
+def _parse_signature(value: bytes) -> Mapping[bytes, bytes]:
     """RFC 6376 §3.2 tag list of one DKIM-Signature; raises _Stop(permerror) when unreadable."""
     try:
-        tags = _tag_list(value)
+        tags = _signature_tags(value)
     except InvalidTagValueList as e:
         raise _Stop(AuthResult.PERMERROR, f"signature not parseable: {e!r}") from e
     return tags
 
 
-def _check_signature(tags: dict[bytes, bytes], now: float) -> list[bytes]:
+def _check_signature(tags: Mapping[bytes, bytes], now: float) -> list[bytes]:
     """RFC 6376 §6.1.1 and RFC 8301 §3.1; returns the signed field names, raises _Stop."""
     missing = [tag.decode() for tag in _REQUIRED_TAGS if tag not in tags]
     if missing:
@@ -217,7 +242,7 @@ _DOMAIN_SPECIAL = re.compile(rb"[\(\)<>\[\]:;@\\,]")
 _LENGTH = re.compile(rb"\d{,76}$")
 
 
-def _field_problem(tags: dict[bytes, bytes]) -> str:
+def _field_problem(tags: Mapping[bytes, bytes]) -> str:
     """What ``dkim.validate_signature_fields`` says of a signature's v=, a=, b=, bh=, cv=, d=, i=,
     l=, q= (RFC 6376 §3.5), in its order and words; "" when it says nothing.
 
@@ -258,12 +283,12 @@ _H_SEPARATOR = re.compile(rb"\s*:\s*")
 _TIMESTAMP = re.compile(rb"\d{1,12}")
 
 
-def _signed_header_names(tags: dict[bytes, bytes]) -> list[bytes]:
+def _signed_header_names(tags: Mapping[bytes, bytes]) -> list[bytes]:
     # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
     return [name.lower() for name in _H_SEPARATOR.split(tags[b"h"].strip())]
 
 
-def _timestamp(tags: dict[bytes, bytes], tag: bytes) -> int | None:
+def _timestamp(tags: Mapping[bytes, bytes], tag: bytes) -> int | None:
     value = tags.get(tag)
     if value is None:
         return None
@@ -272,7 +297,7 @@ def _timestamp(tags: dict[bytes, bytes], tag: bytes) -> int | None:
     return int(value)
 
 
-def _check_times(tags: dict[bytes, bytes], now: float) -> None:
+def _check_times(tags: Mapping[bytes, bytes], now: float) -> None:
     signed_at = _timestamp(tags, b"t")
     expires_at = _timestamp(tags, b"x")
     if signed_at is not None and expires_at is not None and expires_at <= signed_at:
@@ -324,7 +349,7 @@ def parsed_header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, value in _parsed(message)[0]]
 
 
-def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
+def _fetch_key(tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
     """RFC 6376 §6.1.2: look up ``s._domainkey.d`` and pick a usable key record; raises _Stop.
 
     The outcome depends only on the key records and the tags read below, so it is kept as long as
@@ -343,7 +368,7 @@ def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSetti
 
 
 def _key_or_stop(
-    name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings
+    name: str, tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings
 ) -> PublicKey | _Stop:
     try:
         return _lookup_key(name, tags, resolver, settings)
@@ -351,7 +376,9 @@ def _key_or_stop(
         return _Stop(stop.result, stop.reason)  # kept without the traceback and its frames
 
 
-def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
+def _lookup_key(
+    name: str, tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings
+) -> PublicKey:
     answer = resolver.txt(name)
     if answer.status is DnsStatus.TEMPFAIL:
         # §6.1.2 step 2: TEMPFAIL (key unavailable).
@@ -371,7 +398,7 @@ def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, setting
     raise first_problem
 
 
-def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSettings) -> PublicKey:
+def _load_key(name: str, record: str, tags: Mapping[bytes, bytes], settings: DkimSettings) -> PublicKey:
     """RFC 6376 §3.6.1 and §6.1.2 steps 5-8 for one key record; raises _Stop."""
     try:
         key_tags = _tag_list(record.encode("utf-8"))
@@ -420,7 +447,7 @@ def _openssl_rsa_key(p_value: bytes) -> tuple[dict[str, int], int] | None:
     return {"modulus": numbers.n, "publicExponent": numbers.e}, numbers.n.bit_length()
 
 
-def _check_key_tags(key_tags: dict[bytes, bytes], tags: dict[bytes, bytes]) -> None:
+def _check_key_tags(key_tags: Mapping[bytes, bytes], tags: Mapping[bytes, bytes]) -> None:
     if key_tags.get(b"v", b"DKIM1") != b"DKIM1":
         raise _Stop(AuthResult.PERMERROR, "key syntax error: v= is not DKIM1")  # §6.1.2 step 5
     key_type, _, hash_name = tags[b"a"].partition(b"-")
@@ -455,7 +482,7 @@ def _colon_list(value: bytes | None) -> set[bytes]:
     return {item.strip().lower() for item in value.split(b":") if item.strip()}
 
 
-def _body_hash_spec(tags: dict[bytes, bytes]) -> BodyHashSpec:
+def _body_hash_spec(tags: Mapping[bytes, bytes]) -> BodyHashSpec:
     """The body hash a signature's c=, l= and a= ask for; raises what dkimpy raises for bad ones."""
     policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
     length = int(tags[b"l"]) if b"l" in tags else None
@@ -481,7 +508,7 @@ def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> f
         if index >= settings.max_signatures:
             break
         try:
-            tags = _tag_list(value)
+            tags = _signature_tags(value)
             if tags.get(b"a") in dkim.HASH_ALGORITHMS:
                 needed.add(_body_hash_spec(tags))
         except (InvalidTagValueList, InvalidCanonicalizationPolicyError, ValueError):
@@ -489,7 +516,7 @@ def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> f
     return frozenset(needed)
 
 
-def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpec:
+def _check_body_hash(tags: Mapping[bytes, bytes], body: BodyDigests) -> BodyHashSpec:
     """RFC 6376 §6.1.3 step 3: the body hash must be bh=; returns what was hashed, raises _Stop."""
     try:
         spec = _body_hash_spec(tags)
@@ -508,7 +535,7 @@ def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpe
 def _compute(
     fields: Sequence[Sequence[bytes]],
     header: tuple[bytes, bytes],
-    tags: dict[bytes, bytes],
+    tags: Mapping[bytes, bytes],
     signed: list[bytes],
     key: PublicKey,
     body: BodyDigests,
@@ -525,7 +552,7 @@ def _compute(
 
 
 def verify_header_signature(
-    tags: dict[bytes, bytes],
+    tags: Mapping[bytes, bytes],
     signed: Sequence[bytes],
     header: tuple[bytes, bytes],
     fields: Sequence[Sequence[bytes]],
@@ -631,7 +658,7 @@ def _verify_one(
     settings: DkimSettings,
     now: float,
 ) -> DkimResult:
-    tags: dict[bytes, bytes] | None = None
+    tags: Mapping[bytes, bytes] | None = None
     testing = False
     try:
         tags = _parse_signature(header[1])
@@ -781,7 +808,13 @@ class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
         # past max_signatures are not verified, so their keys are not asked.
         if field.index > settings.max_signatures:
             return []
-        tags = _lenient_tags(field.value.encode("latin-1"))
+        value = field.value.encode("latin-1")
+        try:
+            # Where the strict reading succeeds it names the same s= and d= as the lenient one,
+            # and verification will want it again.
+            tags = _signature_tags(value)
+        except InvalidTagValueList:
+            tags = _lenient_tags(value)
         selector, domain = _text(tags.get(b"s", b"")), _text(tags.get(b"d", b""))
         return [(f"{selector}._domainkey.{domain}", dns.rdatatype.TXT)] if selector and domain else []
 
