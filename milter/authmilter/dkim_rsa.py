@@ -58,7 +58,9 @@ PRIVATE_KEY_CACHE_SIZE = 64
 PUBLIC_KEY_CACHE_SIZE = 2048
 
 # The digests dkimpy asks for (HASH_ALGORITHMS: rsa-sha1 and rsa-sha256), by hashlib name.
-_DIGESTS: dict[str, Callable[[], hashes.HashAlgorithm]] = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}
+# Both are stateless descriptions of the operation, so one of each serves every call.
+_PREHASHED = {"sha1": Prehashed(hashes.SHA1()), "sha256": Prehashed(hashes.SHA256())}
+_PKCS1_V1_5 = padding.PKCS1v15()
 
 # RFC 8017 §9.2 note 1: DigestInfo is 35 octets for SHA-1, 51 for SHA-256, and EMSA-PKCS1-v1_5 needs
 # 11 more; dkimpy raises DigestTooLargeError below that, and so must we.
@@ -177,7 +179,7 @@ def rsa_sign(hash: HashLike, private_key: Mapping[str, int]) -> bytes:
     except (ValueError, UnsupportedAlgorithm):
         # OpenSSL refuses an inconsistent key; dkimpy signs with it anyway, so do what it does.
         return bytes(pure_python_sign(hash, private_key))
-    return key.sign(hash.digest(), padding.PKCS1v15(), Prehashed(_DIGESTS[hash_name]()))
+    return key.sign(hash.digest(), _PKCS1_V1_5, _PREHASHED[hash_name])
 
 
 def rsa_verify(hash: HashLike, signature: bytes, public_key: Mapping[str, int]) -> bool:
@@ -206,7 +208,7 @@ def rsa_verify(hash: HashLike, signature: bytes, public_key: Mapping[str, int]) 
     padded = representative.to_bytes(_modulus_length(modulus), "big")
     try:
         key = _public_key(modulus, public_key["publicExponent"])
-        key.verify(padded, hash.digest(), padding.PKCS1v15(), Prehashed(_DIGESTS[hash_name]()))
+        key.verify(padded, hash.digest(), _PKCS1_V1_5, _PREHASHED[hash_name])
     except (InvalidSignature, ValueError, UnsupportedAlgorithm):
         return False
     return True
