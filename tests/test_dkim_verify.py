@@ -17,7 +17,7 @@ import dns.rdatatype
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from authmilter import dkim_rsa, dkim_verify
@@ -782,6 +782,25 @@ def test_body_hashes_needed_only_for_signatures_that_will_be_checked() -> None:
         BodyHashSpec(SIMPLE, 10, "sha1"),
     }
     assert dkim_verify.body_hashes_needed(values, DkimSettings(enabled=False)) == frozenset()
+
+
+def test_body_hash_spec_is_the_same_kept_or_not() -> None:
+    cases = [
+        ({b"a": b"rsa-sha256"}, BodyHashSpec(SIMPLE, None, "sha256")),
+        ({b"a": b"rsa-sha1", b"c": b"relaxed", b"l": b"7"}, BodyHashSpec(SIMPLE, 7, "sha1")),
+        (  # too long to be kept
+            {b"a": b"rsa-sha256", b"c": b"simple/relaxed", b"l": b"9" * 200},
+            BodyHashSpec(RELAXED, int(b"9" * 200), "sha256"),
+        ),
+    ]
+    for tags, expected in cases * 2:  # the second time from the memo, when kept
+        assert dkim_verify._body_hash_spec(tags) == expected
+    for c_value in (b"relaxed/odd", b"relaxed/" + b"x" * 200):
+        for _ in range(2):
+            with pytest.raises(InvalidCanonicalizationPolicyError):
+                dkim_verify._body_hash_spec({b"a": b"rsa-sha256", b"c": c_value})
+    with pytest.raises(ValueError):
+        dkim_verify._body_hash_spec({b"a": b"rsa-sha256", b"l": b""})
 
 
 # --- the header hash and signature check beside dkimpy's verify_sig_process ----------------------

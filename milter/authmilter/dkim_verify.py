@@ -485,10 +485,24 @@ def _colon_list(value: bytes | None) -> set[bytes]:
 
 def _body_hash_spec(tags: Mapping[bytes, bytes]) -> BodyHashSpec:
     """The body hash a signature's c=, l= and a= ask for; raises what dkimpy raises for bad ones."""
-    policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-    length = int(tags[b"l"]) if b"l" in tags else None
+    c_value, length, algorithm = tags.get(b"c", b"simple/simple"), tags.get(b"l"), tags[b"a"]
+    # Asked at the end of the header and again when verifying, with the same few values from one
+    # signer to the next: kept, unless they are too long to be any valid ones (hostile, not kept).
+    if len(c_value) + len(length or b"") + len(algorithm) > BODY_HASH_MEMO_LENGTH:
+        return _spec_of(c_value, length, algorithm)
+    return _remembered_spec_of(c_value, length, algorithm)
+
+
+def _spec_of(c_value: bytes, length: bytes | None, algorithm: bytes) -> BodyHashSpec:
+    policy = CanonicalizationPolicy.from_c_value(c_value)
+    octets = None if length is None else int(length)
     # a= is rsa-sha1, rsa-sha256 or ed25519-sha256 (validate_signature_fields): the hash follows "-".
-    return BodyHashSpec(policy.body_algorithm.name.decode(), length, tags[b"a"].rpartition(b"-")[2].decode())
+    return BodyHashSpec(policy.body_algorithm.name.decode(), octets, algorithm.rpartition(b"-")[2].decode())
+
+
+# Valid c= (15 octets at most), l= (76 digits, RFC 6376 §3.5) and a= values fit; a few signers' worth.
+BODY_HASH_MEMO_LENGTH = 128
+_remembered_spec_of = lru_cache(maxsize=64)(_spec_of)  # BodyHashSpec is frozen: shared safely
 
 
 def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> frozenset[BodyHashSpec]:
