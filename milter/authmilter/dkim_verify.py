@@ -355,22 +355,23 @@ def _fetch_key(tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSe
 
     The outcome depends only on the key records and the tags read below, so it is kept as long as
     the records are cached: parsing the key (ASN.1, base64) costs more than the RSA verification.
+    The key record's name is made from s= and d= only when it is looked up.
     """
-    name = f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}."
-    key = ("dkim-key", name, tags[b"a"], tags[b"d"], tags.get(b"i"), settings.min_rsa_bits)
-    outcome = resolver.derived(
-        key,
-        lambda: _key_or_stop(name, tags, resolver, settings),
-        keep=lambda found: not (isinstance(found, _Stop) and found.result is AuthResult.TEMPERROR),
-    )
+    key = ("dkim-key", tags[b"s"], tags[b"d"], tags[b"a"], tags.get(b"i"), settings.min_rsa_bits)
+    outcome = resolver.derived(key, lambda: _key_or_stop(tags, resolver, settings), keep=_not_temporary)
     if isinstance(outcome, _Stop):
         raise _Stop(outcome.result, outcome.reason)  # a fresh one: raising grows a traceback
     return outcome
 
 
+def _not_temporary(found: PublicKey | _Stop) -> bool:
+    return not (isinstance(found, _Stop) and found.result is AuthResult.TEMPERROR)
+
+
 def _key_or_stop(
-    name: str, tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings
+    tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings
 ) -> PublicKey | _Stop:
+    name = f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}."
     try:
         return _lookup_key(name, tags, resolver, settings)
     except _Stop as stop:
