@@ -706,6 +706,16 @@ def test_signature_tags_are_the_tag_list_parsed_once_and_read_only() -> None:
     assert dkim_verify._signature_tags(long_value) is not dkim_verify._signature_tags(long_value)
 
 
+def test_signed_header_names_are_dkimpys_split_kept_or_not() -> None:
+    rng = random.Random(5322)
+    long_h = b" : ".join([b"From", b"To"] * dkim_verify.SIGNATURE_MEMO_LENGTH)
+    for value in [*(_tag_list_value(rng) for _ in range(500)), long_h, long_h]:
+        # dkimpy's verify_headerprep: re.split on the stripped h=, each name lowercased.
+        expected = tuple(name.lower() for name in re.split(rb"\s*:\s*", value.strip()))
+        assert dkim_verify._signed_header_names({b"h": value}) == expected, value
+        assert dkim_verify._signed_header_names({b"h": value}) == expected  # the second time kept
+
+
 def test_key_asked_ahead_is_the_lenient_readings() -> None:
     rng = random.Random(8301)
     check = dkim_verify.DkimCheck()
@@ -853,7 +863,7 @@ def _verification_outcomes(
     without_body_hash = {k: v for k, v in tags.items() if k != b"bh"}
     outcomes = []
     for verify in (
-        lambda: reference.verify_sig_process(without_body_hash, signed, header, None),
+        lambda: reference.verify_sig_process(without_body_hash, list(signed), header, None),  # it appends
         lambda: dkim_verify.verify_header_signature(tags, signed, header, fields, key),
     ):
         try:

@@ -216,7 +216,7 @@ def _parse_signature(value: bytes) -> Mapping[bytes, bytes]:
     return tags
 
 
-def _check_signature(tags: Mapping[bytes, bytes], now: float) -> list[bytes]:
+def _check_signature(tags: Mapping[bytes, bytes], now: float) -> tuple[bytes, ...]:
     """RFC 6376 §6.1.1 and RFC 8301 §3.1; returns the signed field names, raises _Stop."""
     missing = [tag.decode() for tag in _REQUIRED_TAGS if tag not in tags]
     if missing:
@@ -284,9 +284,21 @@ _H_SEPARATOR = re.compile(rb"\s*:\s*")
 _TIMESTAMP = re.compile(rb"\d{1,12}")
 
 
-def _signed_header_names(tags: Mapping[bytes, bytes]) -> list[bytes]:
+def _signed_header_names(tags: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
+    # A signer's h= is the same from one message to the next: its reading is kept (bounded, as the
+    # tag lists are), a tuple shared by every caller.
+    signed = tags[b"h"]
+    if len(signed) > SIGNATURE_MEMO_LENGTH:
+        return _split_signed_header_names(signed)
+    return _remembered_signed_header_names(signed)
+
+
+def _split_signed_header_names(signed: bytes) -> tuple[bytes, ...]:
     # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
-    return [name.lower() for name in _H_SEPARATOR.split(tags[b"h"].strip())]
+    return tuple(name.lower() for name in _H_SEPARATOR.split(signed.strip()))
+
+
+_remembered_signed_header_names = lru_cache(maxsize=SIGNATURE_MEMO_SIZE)(_split_signed_header_names)
 
 
 def _timestamp(tags: Mapping[bytes, bytes], tag: bytes) -> int | None:
@@ -552,7 +564,7 @@ def _compute(
     fields: Sequence[Sequence[bytes]],
     header: tuple[bytes, bytes],
     tags: Mapping[bytes, bytes],
-    signed: list[bytes],
+    signed: Sequence[bytes],
     key: PublicKey,
     body: BodyDigests,
 ) -> str:
