@@ -38,7 +38,7 @@ RELAXED = "relaxed"
 CANONICALIZATIONS = (SIMPLE, RELAXED)
 # The hash algorithms of DKIM's a= values (RFC 6376 §3.3, RFC 8463 §3), by hashlib name, with their
 # constructors (hashlib.new looks the name up on each call, at twice the cost).
-HASH_ALGORITHMS: dict[str, Callable[[], hashlib._Hash]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
+HASH_ALGORITHMS: Mapping[str, Callable[[], hashlib._Hash]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 # How a whole message in memory is fed to a hasher: the size of a libmilter body chunk
 # (MILTER_CHUNK_SIZE), so the CLI and tests take the milter's path, with its bounded copies.
 CHUNK_SIZE = 65535

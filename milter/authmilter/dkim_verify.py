@@ -5,7 +5,8 @@ because dkimpy's ``DKIM.verify()`` answers only True/False (or an exception), re
 inside and turns every key problem into False. So, per signature, in RFC 6376 §6.1 order:
 
 1. §6.1.1, validate the signature header: dkimpy's tag-list rules (``_tag_list``: the same results
-   as its ``parse_tag_value``, faster) and ``validate_signature_fields``
+   as its ``parse_tag_value``, faster; parsed once per field value, which the header callback and
+   the end of the header read too) and ``validate_signature_fields``
    (with ``t=``/``x=`` taken out and checked here against ``now``, so tests and replays can freeze
    time without touching ``time.time``), plus the rules dkimpy skips: From must be signed, no
    rsa-sha1 (RFC 8301 §3.1).
