@@ -176,12 +176,17 @@ def _matches(pattern: re.Pattern[bytes], value: bytes) -> list[tuple[tuple[int, 
     return [(match.span(), match.group(1)) for match in pattern.finditer(value)]
 
 
+def _dkimpy_matches(value: bytes) -> list[tuple[tuple[int, int], bytes]]:
+    """dkimpy's matches as B_TAG's: B_TAG leaves the [;\\s] octet before "b" out of the match."""
+    return [((start + 1, end), group[1:]) for (start, end), group in _matches(dkim_rsa.dkimpy_b_tag, value)]
+
+
 def test_b_tag_pattern_substitutes_exactly_like_dkimpys() -> None:
     rng = random.Random(6376)
     matched = 0
     for _ in range(12000):
         value = _signature_value(rng)
-        expected = _matches(dkim_rsa.dkimpy_b_tag, value)
+        expected = _dkimpy_matches(value)
         assert _matches(dkim_rsa.B_TAG, value) == expected, value
         assert dkim_rsa.B_TAG.sub(rb"\1", value) == dkim_rsa.dkimpy_b_tag.sub(rb"\1", value), value
         matched += bool(expected)
@@ -202,7 +207,7 @@ def test_b_tag_pattern_substitutes_exactly_like_dkimpys() -> None:
     ],
 )
 def test_b_tag_pattern_on_chosen_values(value: bytes) -> None:
-    assert _matches(dkim_rsa.B_TAG, value) == _matches(dkim_rsa.dkimpy_b_tag, value)
+    assert _matches(dkim_rsa.B_TAG, value) == _dkimpy_matches(value)
     assert dkim_rsa.B_TAG.sub(rb"\1", value) == dkim_rsa.dkimpy_b_tag.sub(rb"\1", value)
 
 

@@ -17,12 +17,13 @@ import dns.rdatatype
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
-from dkim.canonicalization import CanonicalizationPolicy
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from authmilter import dkim_rsa, dkim_verify
 from authmilter.dkim_body import RELAXED, SIMPLE, BodyDigests, BodyHasher, BodyHashSpec, digest_body
 from authmilter.dkim_verify import FUTURE_TIMESTAMP_SKEW, DkimSettings, verify_dkim
+from authmilter.message import HeaderField
 from authmilter.model import AuthResult, DkimResult
 from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
 from signing import small_rsa_key
@@ -688,6 +689,51 @@ def test_tag_list_parses_and_fails_exactly_like_dkimpy() -> None:
     assert 2000 < parsed < 18000  # both outcomes are exercised
 
 
+def test_signature_tags_are_the_tag_list_parsed_once_and_read_only() -> None:
+    rng = random.Random(3652)
+    for _ in range(5000):
+        value = _tag_list_value(rng)
+        expected = _parse_outcome(dkim_verify._tag_list, value)
+        # The header callback's value has no final CRLF, the message's has: both read alike.
+        for variant in (value, value + b"\r\n", b" " + value, value):
+            assert _parse_outcome(dkim_verify._signature_tags, variant) == expected, variant
+    tags = dkim_verify._signature_tags(b" v=1; d=example.org\r\n")
+    assert tags is dkim_verify._signature_tags(b"v=1; d=example.org")
+    with pytest.raises(TypeError):
+        tags[b"d"] = b"attacker.example"  # type: ignore[index]  # shared between callers
+    long_value = b"v=1; z=" + b"a" * dkim_verify.SIGNATURE_MEMO_LENGTH
+    assert dkim_verify._signature_tags(long_value) == dkim_verify._tag_list(long_value)
+    assert dkim_verify._signature_tags(long_value) is not dkim_verify._signature_tags(long_value)
+
+
+def test_signed_header_names_are_dkimpys_split_kept_or_not() -> None:
+    rng = random.Random(5322)
+    long_h = b" : ".join([b"From", b"To"] * dkim_verify.SIGNATURE_MEMO_LENGTH)
+    for value in [*(_tag_list_value(rng) for _ in range(500)), long_h, long_h]:
+        # dkimpy's verify_headerprep: re.split on the stripped h=, each name lowercased.
+        expected = tuple(name.lower() for name in re.split(rb"\s*:\s*", value.strip()))
+        assert dkim_verify._signed_header_names({b"h": value}) == expected, value
+        assert dkim_verify._signed_header_names({b"h": value}) == expected  # the second time kept
+
+
+def test_key_asked_ahead_is_the_lenient_readings() -> None:
+    rng = random.Random(8301)
+    check = dkim_verify.DkimCheck()
+    names = [b"s", b"d", b"s", b"d", b"v", b"h", b"S", b""]
+    asked = 0
+    for _ in range(3000):
+        specs = [rng.choice(names) + rng.choice([b"=", b" = ", b""]) + rng.choice([b"k", b"a.example", b""])]
+        specs += [rng.choice(names) + b"=" + rng.choice([b"sel", b"b.example", b" "]) for _ in range(3)]
+        value = b";".join(rng.sample(specs, len(specs))) + rng.choice([b"", b";", b";\r\n "])
+        field = HeaderField("DKIM-Signature", value.decode("latin-1"), 1)
+        lenient = dkim_verify._lenient_tags(value)
+        selector, domain = lenient.get(b"s", b"").decode(), lenient.get(b"d", b"").decode()
+        expected = [(f"{selector}._domainkey.{domain}", dns.rdatatype.TXT)] if selector and domain else []
+        assert check.field_questions(field, SETTINGS) == expected, value
+        asked += bool(expected)
+    assert 150 < asked < 2850  # both outcomes are exercised
+
+
 def test_header_b_drops_whitespace_like_the_regex() -> None:
     rng = random.Random(6008)
     for _ in range(2000):
@@ -748,6 +794,25 @@ def test_body_hashes_needed_only_for_signatures_that_will_be_checked() -> None:
     assert dkim_verify.body_hashes_needed(values, DkimSettings(enabled=False)) == frozenset()
 
 
+def test_body_hash_spec_is_the_same_kept_or_not() -> None:
+    cases = [
+        ({b"a": b"rsa-sha256"}, BodyHashSpec(SIMPLE, None, "sha256")),
+        ({b"a": b"rsa-sha1", b"c": b"relaxed", b"l": b"7"}, BodyHashSpec(SIMPLE, 7, "sha1")),
+        (  # too long to be kept
+            {b"a": b"rsa-sha256", b"c": b"simple/relaxed", b"l": b"9" * 200},
+            BodyHashSpec(RELAXED, int(b"9" * 200), "sha256"),
+        ),
+    ]
+    for tags, expected in cases * 2:  # the second time from the memo, when kept
+        assert dkim_verify._body_hash_spec(tags) == expected
+    for c_value in (b"relaxed/odd", b"relaxed/" + b"x" * 200):
+        for _ in range(2):
+            with pytest.raises(InvalidCanonicalizationPolicyError):
+                dkim_verify._body_hash_spec({b"a": b"rsa-sha256", b"c": c_value})
+    with pytest.raises(ValueError):
+        dkim_verify._body_hash_spec({b"a": b"rsa-sha256", b"l": b""})
+
+
 # --- the header hash and signature check beside dkimpy's verify_sig_process ----------------------
 
 _HASHED_NAMES = [b"From", b"FROM", b"from", b"To", b"Subject", b"X-Odd_1", b"Date"]
@@ -798,7 +863,7 @@ def _verification_outcomes(
     without_body_hash = {k: v for k, v in tags.items() if k != b"bh"}
     outcomes = []
     for verify in (
-        lambda: reference.verify_sig_process(without_body_hash, signed, header, None),
+        lambda: reference.verify_sig_process(without_body_hash, list(signed), header, None),  # it appends
         lambda: dkim_verify.verify_header_signature(tags, signed, header, fields, key),
     ):
         try:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from authmilter.dkim_rsa import compress_whitespace, strip_trailing_whitespace
@@ -36,8 +36,9 @@ from authmilter.message import normalise_line_endings
 SIMPLE = "simple"
 RELAXED = "relaxed"
 CANONICALIZATIONS = (SIMPLE, RELAXED)
-# The hash algorithms of DKIM's a= values (RFC 6376 §3.3, RFC 8463 §3), by hashlib name.
-HASH_ALGORITHMS = ("sha1", "sha256")
+# The hash algorithms of DKIM's a= values (RFC 6376 §3.3, RFC 8463 §3), by hashlib name, with their
+# constructors (hashlib.new looks the name up on each call, at twice the cost).
+HASH_ALGORITHMS: Mapping[str, Callable[[], hashlib._Hash]] = {"sha1": hashlib.sha1, "sha256": hashlib.sha256}
 # How a whole message in memory is fed to a hasher: the size of a libmilter body chunk
 # (MILTER_CHUNK_SIZE), so the CLI and tests take the milter's path, with its bounded copies.
 CHUNK_SIZE = 65535
@@ -90,7 +91,7 @@ class _Sink:
 
     def __init__(self, spec: BodyHashSpec) -> None:
         self.spec = spec
-        self._hash = hashlib.new(spec.algorithm)
+        self._hash = HASH_ALGORITHMS[spec.algorithm]()
         self._remaining = spec.length
 
     def write(self, data: bytes | memoryview) -> None:
@@ -198,10 +199,11 @@ class BodyHasher:
 
     def __init__(self, specs: Iterable[BodyHashSpec]) -> None:
         self._sinks = [_Sink(spec) for spec in dict.fromkeys(specs)]
+        sinks_by_canonicalization: dict[str, list[_Sink]] = {}
+        for sink in self._sinks:
+            sinks_by_canonicalization.setdefault(sink.spec.canonicalization, []).append(sink)
         self._canonicalizers = {
-            name: _Canonicalizer(name == RELAXED, sinks)
-            for name in CANONICALIZATIONS
-            if (sinks := [sink for sink in self._sinks if sink.spec.canonicalization == name])
+            name: _Canonicalizer(name == RELAXED, sinks) for name, sinks in sinks_by_canonicalization.items()
         }
         self._result: BodyDigests | None = None
 

@@ -5,7 +5,8 @@ because dkimpy's ``DKIM.verify()`` answers only True/False (or an exception), re
 inside and turns every key problem into False. So, per signature, in RFC 6376 §6.1 order:
 
 1. §6.1.1, validate the signature header: dkimpy's tag-list rules (``_tag_list``: the same results
-   as its ``parse_tag_value``, faster) and ``validate_signature_fields``
+   as its ``parse_tag_value``, faster; parsed once per field value, which the header callback and
+   the end of the header read too) and ``validate_signature_fields``
    (with ``t=``/``x=`` taken out and checked here against ``now``, so tests and replays can freeze
    time without touching ``time.time``), plus the rules dkimpy skips: From must be signed, no
    rsa-sha1 (RFC 8301 §3.1).
@@ -29,10 +30,13 @@ import base64
 import binascii
 import hashlib
 import logging
+import operator
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from types import MappingProxyType
 from typing import Any
 
 import dkim
@@ -143,7 +147,7 @@ def _lenient_tags(value: bytes) -> dict[bytes, bytes]:
 
 
 def _result(
-    result: AuthResult, tags: dict[bytes, bytes], reason: str = "", testing: bool = False
+    result: AuthResult, tags: Mapping[bytes, bytes], reason: str = "", testing: bool = False
 ) -> DkimResult:
     return DkimResult(
         result=result,
@@ -181,16 +185,39 @@ def _tag_list(value: bytes) -> dict[bytes, bytes]:
     return tags
 
 
-def _parse_signature(value: bytes) -> dict[bytes, bytes]:
+# Each DKIM-Signature is read three times: at its header callback (DkimCheck.field_questions, for the
+# key to ask ahead), at the end of the header (body_hashes_needed) and when verified. The tag list
+# is parsed once and shared read-only; longer values than this are not kept but parsed each time,
+# so that hostile fields cannot fill the memory (at most SIZE x LENGTH octets are kept).
+SIGNATURE_MEMO_SIZE = 256
+SIGNATURE_MEMO_LENGTH = 4096
+
+
+def _signature_tags(value: bytes) -> Mapping[bytes, bytes]:
+    """:func:`_tag_list` of a DKIM-Signature value, parsed once; raises what it raises."""
+    # _tag_list strips the value first, so a value read with or without its final CRLF (the
+    # header callback's, the message's) gives the same tags, or the same exception.
+    stripped = value.strip()
+    if len(stripped) > SIGNATURE_MEMO_LENGTH:
+        return _tag_list(stripped)
+    return _remembered_signature_tags(stripped)
+
+
+@lru_cache(maxsize=SIGNATURE_MEMO_SIZE)
+def _remembered_signature_tags(value: bytes) -> Mapping[bytes, bytes]:
+    return MappingProxyType(_tag_list(value))  # shared by every caller: read-only
+
+
+def _parse_signature(value: bytes) -> Mapping[bytes, bytes]:
     """RFC 6376 §3.2 tag list of one DKIM-Signature; raises _Stop(permerror) when unreadable."""
     try:
-        tags = _tag_list(value)
+        tags = _signature_tags(value)
     except InvalidTagValueList as e:
         raise _Stop(AuthResult.PERMERROR, f"signature not parseable: {e!r}") from e
     return tags
 
 
-def _check_signature(tags: dict[bytes, bytes], now: float) -> list[bytes]:
+def _check_signature(tags: Mapping[bytes, bytes], now: float) -> tuple[bytes, ...]:
     """RFC 6376 §6.1.1 and RFC 8301 §3.1; returns the signed field names, raises _Stop."""
     missing = [tag.decode() for tag in _REQUIRED_TAGS if tag not in tags]
     if missing:
@@ -217,7 +244,7 @@ _DOMAIN_SPECIAL = re.compile(rb"[\(\)<>\[\]:;@\\,]")
 _LENGTH = re.compile(rb"\d{,76}$")
 
 
-def _field_problem(tags: dict[bytes, bytes]) -> str:
+def _field_problem(tags: Mapping[bytes, bytes]) -> str:
     """What ``dkim.validate_signature_fields`` says of a signature's v=, a=, b=, bh=, cv=, d=, i=,
     l=, q= (RFC 6376 §3.5), in its order and words; "" when it says nothing.
 
@@ -258,12 +285,24 @@ _H_SEPARATOR = re.compile(rb"\s*:\s*")
 _TIMESTAMP = re.compile(rb"\d{1,12}")
 
 
-def _signed_header_names(tags: dict[bytes, bytes]) -> list[bytes]:
+def _signed_header_names(tags: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
+    # A signer's h= is the same from one message to the next: its reading is kept (bounded, as the
+    # tag lists are), a tuple shared by every caller.
+    signed = tags[b"h"]
+    if len(signed) > SIGNATURE_MEMO_LENGTH:
+        return _split_signed_header_names(signed)
+    return _remembered_signed_header_names(signed)
+
+
+def _split_signed_header_names(signed: bytes) -> tuple[bytes, ...]:
     # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
-    return [name.lower() for name in _H_SEPARATOR.split(tags[b"h"].strip())]
+    return tuple(name.lower() for name in _H_SEPARATOR.split(signed.strip()))
 
 
-def _timestamp(tags: dict[bytes, bytes], tag: bytes) -> int | None:
+_remembered_signed_header_names = lru_cache(maxsize=SIGNATURE_MEMO_SIZE)(_split_signed_header_names)
+
+
+def _timestamp(tags: Mapping[bytes, bytes], tag: bytes) -> int | None:
     value = tags.get(tag)
     if value is None:
         return None
@@ -272,7 +311,7 @@ def _timestamp(tags: dict[bytes, bytes], tag: bytes) -> int | None:
     return int(value)
 
 
-def _check_times(tags: dict[bytes, bytes], now: float) -> None:
+def _check_times(tags: Mapping[bytes, bytes], now: float) -> None:
     signed_at = _timestamp(tags, b"t")
     expires_at = _timestamp(tags, b"x")
     if signed_at is not None and expires_at is not None and expires_at <= signed_at:
@@ -324,34 +363,37 @@ def parsed_header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, value in _parsed(message)[0]]
 
 
-def _fetch_key(tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
+def _fetch_key(tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
     """RFC 6376 §6.1.2: look up ``s._domainkey.d`` and pick a usable key record; raises _Stop.
 
     The outcome depends only on the key records and the tags read below, so it is kept as long as
     the records are cached: parsing the key (ASN.1, base64) costs more than the RSA verification.
+    The key record's name is made from s= and d= only when it is looked up.
     """
-    name = f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}."
-    key = ("dkim-key", name, tags[b"a"], tags[b"d"], tags.get(b"i"), settings.min_rsa_bits)
-    outcome = resolver.derived(
-        key,
-        lambda: _key_or_stop(name, tags, resolver, settings),
-        keep=lambda found: not (isinstance(found, _Stop) and found.result is AuthResult.TEMPERROR),
-    )
+    key = ("dkim-key", tags[b"s"], tags[b"d"], tags[b"a"], tags.get(b"i"), settings.min_rsa_bits)
+    outcome = resolver.derived(key, lambda: _key_or_stop(tags, resolver, settings), keep=_not_temporary)
     if isinstance(outcome, _Stop):
         raise _Stop(outcome.result, outcome.reason)  # a fresh one: raising grows a traceback
     return outcome
 
 
+def _not_temporary(found: PublicKey | _Stop) -> bool:
+    return not (isinstance(found, _Stop) and found.result is AuthResult.TEMPERROR)
+
+
 def _key_or_stop(
-    name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings
+    tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings
 ) -> PublicKey | _Stop:
+    name = f"{_text(tags[b's'])}._domainkey.{_text(tags[b'd'])}."
     try:
         return _lookup_key(name, tags, resolver, settings)
     except _Stop as stop:
         return _Stop(stop.result, stop.reason)  # kept without the traceback and its frames
 
 
-def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, settings: DkimSettings) -> PublicKey:
+def _lookup_key(
+    name: str, tags: Mapping[bytes, bytes], resolver: Resolver, settings: DkimSettings
+) -> PublicKey:
     answer = resolver.txt(name)
     if answer.status is DnsStatus.TEMPFAIL:
         # §6.1.2 step 2: TEMPFAIL (key unavailable).
@@ -371,7 +413,7 @@ def _lookup_key(name: str, tags: dict[bytes, bytes], resolver: Resolver, setting
     raise first_problem
 
 
-def _load_key(name: str, record: str, tags: dict[bytes, bytes], settings: DkimSettings) -> PublicKey:
+def _load_key(name: str, record: str, tags: Mapping[bytes, bytes], settings: DkimSettings) -> PublicKey:
     """RFC 6376 §3.6.1 and §6.1.2 steps 5-8 for one key record; raises _Stop."""
     try:
         key_tags = _tag_list(record.encode("utf-8"))
@@ -420,7 +462,7 @@ def _openssl_rsa_key(p_value: bytes) -> tuple[dict[str, int], int] | None:
     return {"modulus": numbers.n, "publicExponent": numbers.e}, numbers.n.bit_length()
 
 
-def _check_key_tags(key_tags: dict[bytes, bytes], tags: dict[bytes, bytes]) -> None:
+def _check_key_tags(key_tags: Mapping[bytes, bytes], tags: Mapping[bytes, bytes]) -> None:
     if key_tags.get(b"v", b"DKIM1") != b"DKIM1":
         raise _Stop(AuthResult.PERMERROR, "key syntax error: v= is not DKIM1")  # §6.1.2 step 5
     key_type, _, hash_name = tags[b"a"].partition(b"-")
@@ -455,12 +497,26 @@ def _colon_list(value: bytes | None) -> set[bytes]:
     return {item.strip().lower() for item in value.split(b":") if item.strip()}
 
 
-def _body_hash_spec(tags: dict[bytes, bytes]) -> BodyHashSpec:
+def _body_hash_spec(tags: Mapping[bytes, bytes]) -> BodyHashSpec:
     """The body hash a signature's c=, l= and a= ask for; raises what dkimpy raises for bad ones."""
-    policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-    length = int(tags[b"l"]) if b"l" in tags else None
+    c_value, length, algorithm = tags.get(b"c", b"simple/simple"), tags.get(b"l"), tags[b"a"]
+    # Asked at the end of the header and again when verifying, with the same few values from one
+    # signer to the next: kept, unless they are too long to be any valid ones (hostile, not kept).
+    if len(c_value) + len(length or b"") + len(algorithm) > BODY_HASH_MEMO_LENGTH:
+        return _spec_of(c_value, length, algorithm)
+    return _remembered_spec_of(c_value, length, algorithm)
+
+
+def _spec_of(c_value: bytes, length: bytes | None, algorithm: bytes) -> BodyHashSpec:
+    policy = CanonicalizationPolicy.from_c_value(c_value)
+    octets = None if length is None else int(length)
     # a= is rsa-sha1, rsa-sha256 or ed25519-sha256 (validate_signature_fields): the hash follows "-".
-    return BodyHashSpec(policy.body_algorithm.name.decode(), length, tags[b"a"].rpartition(b"-")[2].decode())
+    return BodyHashSpec(policy.body_algorithm.name.decode(), octets, algorithm.rpartition(b"-")[2].decode())
+
+
+# Valid c= (15 octets at most), l= (76 digits, RFC 6376 §3.5) and a= values fit; a few signers' worth.
+BODY_HASH_MEMO_LENGTH = 128
+_remembered_spec_of = lru_cache(maxsize=64)(_spec_of)  # BodyHashSpec is frozen: shared safely
 
 
 def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> frozenset[BodyHashSpec]:
@@ -481,7 +537,7 @@ def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> f
         if index >= settings.max_signatures:
             break
         try:
-            tags = _tag_list(value)
+            tags = _signature_tags(value)
             if tags.get(b"a") in dkim.HASH_ALGORITHMS:
                 needed.add(_body_hash_spec(tags))
         except (InvalidTagValueList, InvalidCanonicalizationPolicyError, ValueError):
@@ -489,7 +545,7 @@ def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> f
     return frozenset(needed)
 
 
-def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpec:
+def _check_body_hash(tags: Mapping[bytes, bytes], body: BodyDigests) -> BodyHashSpec:
     """RFC 6376 §6.1.3 step 3: the body hash must be bh=; returns what was hashed, raises _Stop."""
     try:
         spec = _body_hash_spec(tags)
@@ -508,8 +564,8 @@ def _check_body_hash(tags: dict[bytes, bytes], body: BodyDigests) -> BodyHashSpe
 def _compute(
     fields: Sequence[Sequence[bytes]],
     header: tuple[bytes, bytes],
-    tags: dict[bytes, bytes],
-    signed: list[bytes],
+    tags: Mapping[bytes, bytes],
+    signed: Sequence[bytes],
     key: PublicKey,
     body: BodyDigests,
 ) -> str:
@@ -525,7 +581,7 @@ def _compute(
 
 
 def verify_header_signature(
-    tags: dict[bytes, bytes],
+    tags: Mapping[bytes, bytes],
     signed: Sequence[bytes],
     header: tuple[bytes, bytes],
     fields: Sequence[Sequence[bytes]],
@@ -596,8 +652,13 @@ def signed_header_data(
     canonical = _relaxed_field if relaxed else _simple_field
     parts = [canonical(name, value) for name, value in picked]
     # The signature field is hashed without its final CRLF, whichever the canonicalization.
-    parts.append(canonical(header[0], B_TAG.sub(rb"\1", header[1])).rstrip())
+    parts.append(canonical(header[0], B_TAG.sub(_B_TAG_KEPT, header[1])).rstrip())
     return b"".join(parts)
+
+
+# What B_TAG.sub keeps of a match: group 1, as the template rb"\1" would, without the template's
+# per-match expansion in Python (re's expand_template) that costs twice the substitution.
+_B_TAG_KEPT = operator.itemgetter(1)
 
 
 def _simple_field(name: bytes, value: bytes) -> bytes:
@@ -631,7 +692,7 @@ def _verify_one(
     settings: DkimSettings,
     now: float,
 ) -> DkimResult:
-    tags: dict[bytes, bytes] | None = None
+    tags: Mapping[bytes, bytes] | None = None
     testing = False
     try:
         tags = _parse_signature(header[1])
@@ -781,7 +842,13 @@ class DkimCheck(Check[DkimSettings, tuple[DkimResult, ...]]):
         # past max_signatures are not verified, so their keys are not asked.
         if field.index > settings.max_signatures:
             return []
-        tags = _lenient_tags(field.value.encode("latin-1"))
+        value = field.value.encode("latin-1")
+        try:
+            # Where the strict reading succeeds it names the same s= and d= as the lenient one,
+            # and verification will want it again.
+            tags = _signature_tags(value)
+        except InvalidTagValueList:
+            tags = _lenient_tags(value)
         selector, domain = _text(tags.get(b"s", b"")), _text(tags.get(b"d", b""))
         return [(f"{selector}._domainkey.{domain}", dns.rdatatype.TXT)] if selector and domain else []
 
