@@ -117,6 +117,14 @@ def test_indices_per_name_case_insensitive() -> None:
     assert headers.get_all("Missing") == ()
 
 
+def test_named_fields_keep_message_order_across_names() -> None:
+    raw = b"Received: 1\r\nX-A: a\r\nreceived: 2\r\nFrom: f\r\nx-a: b\r\n\r\n"
+    headers = parse_message(raw).headers
+    assert [f.value for f in headers.named({"x-a", "received"})] == [" 1", " a", " 2", " b"]
+    assert headers.named({"missing"}) == ()
+    assert headers.get_all("from") == headers.named({"from"})
+
+
 def test_ten_thousand_headers_are_truncated() -> None:
     raw = b"".join(b"X-Junk-%d: v\r\n" % i for i in range(10_000)) + b"\r\nbody"
     message = parse_message(raw)

@@ -27,9 +27,9 @@ leaves the header on the first non-header line); ``has_separator`` is then False
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 from authmilter.domains import MAX_NAME_LENGTH, DomainError, a_label
@@ -110,8 +110,24 @@ class MessageHeaders:
         Returns:
             The matching fields, possibly empty.
         """
-        wanted = name.lower()
-        return tuple(field for field in self.fields if field.name.lower() == wanted)
+        return self.named((name.lower(),))
+
+    def named(self, names: Collection[str]) -> tuple[HeaderField, ...]:
+        """Fields whose name is one of ``names``, in message order.
+
+        Args:
+            names: lower-case field names, e.g. ``{"from", "dkim-signature"}``.
+
+        Returns:
+            The matching fields, possibly empty.
+        """
+        return tuple(field for field, key in zip(self.fields, self._keys, strict=True) if key in names)
+
+    @cached_property
+    def _keys(self) -> tuple[str, ...]:
+        # Each name lower-cased once per message: the checks, the prefetch and the renderer ask
+        # for fields by name several times per message.
+        return tuple(field.name.lower() for field in self.fields)
 
 
 @dataclass(frozen=True)
@@ -427,7 +443,18 @@ def parse_from(headers: MessageHeaders) -> FromAuthors:
         return FromAuthors(error="no From header field")
     if len(fields) > 1:
         return FromAuthors(error=f"{len(fields)} From header fields")
-    value = fields[0].value
+    return parse_from_value(fields[0].value)
+
+
+def parse_from_value(value: str) -> FromAuthors:
+    """The authors of one From field's value (see :func:`parse_from`, which finds the field).
+
+    Args:
+        value: the field value, as ``HeaderField.value``.
+
+    Returns:
+        The authors, or an error saying why there are none to evaluate.
+    """
     if len(value) <= MAX_CACHED_FROM_LENGTH:
         return _authors_of(value)
     return _authors_of.__wrapped__(value)
