@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import NamedTuple
 
 from authmilter.domains import MAX_NAME_LENGTH, DomainError, a_label
@@ -100,6 +100,15 @@ class MessageHeaders:
     fields: tuple[HeaderField, ...]
     truncated: bool = False
     key_fields_dropped: bool = False
+    # The fields by lower-case name, found once: the checks, the prefetch and the forged A-R
+    # search each ask for fields by name, several times per message. Never handed out.
+    _by_name: dict[str, list[HeaderField]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_name: dict[str, list[HeaderField]] = {}
+        for found in self.fields:
+            by_name.setdefault(found.name.lower(), []).append(found)
+        object.__setattr__(self, "_by_name", by_name)
 
     def get_all(self, name: str) -> tuple[HeaderField, ...]:
         """Fields with this name, case-insensitively (RFC 5322 §1.2.2), in order.
@@ -110,7 +119,7 @@ class MessageHeaders:
         Returns:
             The matching fields, possibly empty.
         """
-        return self.named((name.lower(),))
+        return tuple(self._by_name.get(name.lower(), ()))
 
     def named(self, names: Collection[str]) -> tuple[HeaderField, ...]:
         """Fields whose name is one of ``names``, in message order.
@@ -121,13 +130,10 @@ class MessageHeaders:
         Returns:
             The matching fields, possibly empty.
         """
-        return tuple(field for field, key in zip(self.fields, self._keys, strict=True) if key in names)
-
-    @cached_property
-    def _keys(self) -> tuple[str, ...]:
-        # Each name lower-cased once per message: the checks, the prefetch and the renderer ask
-        # for fields by name several times per message.
-        return tuple(field.name.lower() for field in self.fields)
+        if len(names) == 1:  # the usual question, answered from the index
+            (name,) = names
+            return tuple(self._by_name.get(name, ()))
+        return tuple(found for found in self.fields if found.name.lower() in names)
 
 
 @dataclass(frozen=True)
