@@ -221,6 +221,13 @@ def test_headers_from_pairs_restores_the_eaten_space_and_crlf() -> None:
     ]
 
 
+def test_continuation_lines_become_crlf_whether_sent_with_lf_or_crlf() -> None:
+    headers = headers_from_pairs(
+        [("X-LF", "a\n b\n\tc"), ("X-CRLF", "a\r\n b"), ("X-Mixed", "a\r\n b\n c\r\n\td")]
+    )
+    assert [f.value for f in headers.fields] == [" a\r\n b\r\n\tc", " a\r\n b", " a\r\n b\r\n c\r\n\td"]
+
+
 def test_headers_from_pairs_with_leading_space_negotiated() -> None:
     headers = headers_from_pairs([("Subject", "  two spaces")], leading_space_included=True)
     assert headers.fields[0].value == "  two spaces"
