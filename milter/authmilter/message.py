@@ -194,7 +194,7 @@ class HeaderCollector:
         name = _wire_text(raw_name).rstrip(" \t")
         key = name.lower()
         if not self._keeps(key):  # a field that is not kept needs no decoding
-            self._count(key, kept=False)
+            self._drop(key)
             return None
         value = _wire_text(raw_value)
         if "\n" in value:  # folded: most fields are not, and the regex costs more than this test
@@ -227,7 +227,7 @@ class HeaderCollector:
         if self._keeps(key):
             self._append(name, key, value)
         else:
-            self._count(key, kept=False)
+            self._drop(key)
 
     def _keeps(self, key: str) -> bool:
         if self._seen < self._max_headers:
@@ -235,21 +235,19 @@ class HeaderCollector:
         return key in KEY_FIELDS and len(self._fields) < 2 * self._max_headers
 
     def _append(self, name: str, key: str, value: str) -> HeaderField:
-        field = HeaderField(name, value, self._count(key, kept=True))
+        self._seen += 1
+        index = self._counts[key] = self._counts.get(key, 0) + 1  # 1-based among fields of that name
+        field = HeaderField(name, value, index)
         self._fields.append(field)
         return field
 
-    def _count(self, key: str, kept: bool) -> int:
-        """Count a field; returns its 1-based index among fields of that name."""
+    def _drop(self, key: str) -> None:
+        """Count a field that is not kept."""
         self._seen += 1
         # Past the limit only key fields can still be kept, so only their count matters.
-        if not kept and key not in KEY_FIELDS:
-            return 0
-        index = self._counts.get(key, 0) + 1
-        self._counts[key] = index
-        if not kept:
+        if key in KEY_FIELDS:
+            self._counts[key] = self._counts.get(key, 0) + 1
             self._key_fields_dropped = True
-        return index
 
     def result(self) -> MessageHeaders:
         """The headers so far.
