@@ -26,9 +26,10 @@ leaves the header on the first non-header line); ``has_separator`` is then False
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -102,7 +103,7 @@ class MessageHeaders:
     key_fields_dropped: bool = False
     # The fields by lower-case name, found once: the checks, the prefetch and the forged A-R
     # search each ask for fields by name, several times per message. Never handed out.
-    _by_name: dict[str, list[HeaderField]] = field(init=False, repr=False, compare=False)
+    _by_name: dict[str, list[HeaderField]] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_name: dict[str, list[HeaderField]] = {}
