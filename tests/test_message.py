@@ -117,6 +117,14 @@ def test_indices_per_name_case_insensitive() -> None:
     assert headers.get_all("Missing") == ()
 
 
+def test_named_fields_keep_message_order_across_names() -> None:
+    raw = b"Received: 1\r\nX-A: a\r\nreceived: 2\r\nFrom: f\r\nx-a: b\r\n\r\n"
+    headers = parse_message(raw).headers
+    assert [f.value for f in headers.named({"x-a", "received"})] == [" 1", " a", " 2", " b"]
+    assert headers.named({"missing"}) == ()
+    assert headers.get_all("from") == headers.named({"from"})
+
+
 def test_ten_thousand_headers_are_truncated() -> None:
     raw = b"".join(b"X-Junk-%d: v\r\n" % i for i in range(10_000)) + b"\r\nbody"
     message = parse_message(raw)
@@ -211,6 +219,13 @@ def test_headers_from_pairs_restores_the_eaten_space_and_crlf() -> None:
         ("Subject", " one\r\n two", 1),
         ("subject", " x", 2),
     ]
+
+
+def test_continuation_lines_become_crlf_whether_sent_with_lf_or_crlf() -> None:
+    headers = headers_from_pairs(
+        [("X-LF", "a\n b\n\tc"), ("X-CRLF", "a\r\n b"), ("X-Mixed", "a\r\n b\n c\r\n\td")]
+    )
+    assert [f.value for f in headers.fields] == [" a\r\n b\r\n\tc", " a\r\n b", " a\r\n b\r\n c\r\n\td"]
 
 
 def test_headers_from_pairs_with_leading_space_negotiated() -> None:

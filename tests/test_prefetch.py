@@ -27,7 +27,7 @@ from authmilter.config import Config, default_config
 from authmilter.message import parse_message
 from authmilter.milter_app import AuthMilter, Runtime
 from authmilter.model import Verdict
-from authmilter.pipeline import CHECKS, Connection, Transaction, evaluate, prefetch_questions
+from authmilter.pipeline import CHECKS, Connection, Transaction, evaluate, field_questions, prefetch_questions
 from authmilter.resolver import (
     DnsAnswer,
     DnsBudget,
@@ -210,6 +210,17 @@ def test_the_checks_declare_spf_dkim_and_dmarc_names(key: SigningKey) -> None:
     # RFC 9989 §4.10: the whole tree walk, the Author Domain's name and every shorter one.
     walk = {f"_dmarc.{sender}", f"_dmarc.{ZONE}", "_dmarc.example"}
     assert names == {sender, HELO, f"s1._domainkey.{sender}", *walk}
+
+
+def test_a_from_field_tells_the_same_names_message_after_message() -> None:
+    # The DMARC questions of a From value are computed once: a caller changing its list must not
+    # change what the next message is told.
+    field = parse_message(f"From: Bob <bob@reject.{ZONE}>\r\n\r\n".encode()).headers.fields[0]
+    first = field_questions(field, BASE)
+    expected = list(first)
+    first.clear()
+    assert field_questions(field, BASE) == expected
+    assert [name for name, _ in expected] == [f"_dmarc.reject.{ZONE}", f"_dmarc.{ZONE}", "_dmarc.example"]
 
 
 def test_each_name_is_sent_at_the_callback_that_tells_it_and_read_by_its_check(

@@ -97,8 +97,8 @@ class Check(Generic[SettingsT, OutcomeT]):
         """Every name the whole message tells at once: its envelope's, then its fields' (a message
         read whole, as ``authmilter check`` does, tells them all at end of message)."""
         questions = self.envelope_questions(transaction.connection, transaction.mail_from, settings)
-        for field in transaction.message.headers.fields:
-            if field.name.lower() in self.prefetch_fields:
+        if self.prefetch_fields:  # most checks read no field
+            for field in transaction.message.headers.named(self.prefetch_fields):
                 questions.extend(self.field_questions(field, settings))
         return questions
 

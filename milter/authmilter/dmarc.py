@@ -67,7 +67,7 @@ import dns.rdatatype
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import is_within, normalize
-from authmilter.message import FromAuthors, HeaderField, MessageHeaders, parse_from
+from authmilter.message import FromAuthors, HeaderField, parse_from_value
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
     Action,
@@ -799,14 +799,7 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         # name of _walk_targets (it stops early only on a psd= tag), so all of them are asked at
         # once: a sub-domain sender's policy then costs one round trip, not one per label. A From
         # the precheck refuses (its structural caps, §11.5) is asked nothing.
-        authors = parse_from(MessageHeaders((field,)))
-        if unusable_from(authors) is not None:
-            return []
-        return [
-            (f"_dmarc.{target}", dns.rdatatype.TXT)
-            for domain in _author_domains(authors.domains)
-            for target in _walk_targets(domain, settings.max_tree_walk)
-        ]
+        return list(_policy_questions(parse_from_value(field.value), settings.max_tree_walk))
 
     def evaluate(
         self, transaction: Transaction, earlier: Outcomes, resolver: Resolver, settings: DmarcSettings
@@ -835,6 +828,23 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         return _method_results(outcome, unenforced_disposition(outcome, decided.action), sealer)
 
 
+# The From value of a sender recurs message after message, and parse_from gives the same
+# FromAuthors for it (message.py caches short values): what DMARC derives from it alone is
+# computed once. Both results are immutable (a frozen verdict, a tuple).
+
+
+@lru_cache(maxsize=RESULT_CACHE_SIZE)
+def _policy_questions(authors: FromAuthors, max_tree_walk: int) -> tuple[Question, ...]:
+    if unusable_from(authors) is not None:
+        return ()
+    return tuple(
+        (f"_dmarc.{target}", dns.rdatatype.TXT)
+        for domain in _author_domains(authors.domains)
+        for target in _walk_targets(domain, max_tree_walk)
+    )
+
+
+@lru_cache(maxsize=RESULT_CACHE_SIZE)
 def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
     """The permerror verdict for a From that gives no Author Domain DMARC can evaluate, else None."""
     if authors.error:
