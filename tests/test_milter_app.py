@@ -710,6 +710,17 @@ def test_envelope_and_macros_reach_the_transaction(
     assert connection.macros == {"j": "mx.receiver.example", "{daemon_name}": "smtpd"}
 
 
+def test_queue_id_is_made_safe_for_every_line_that_names_it(
+    connect: Connect, signed: Callable[..., bytes], history: History
+) -> None:
+    ctx = connect()
+    ctx.macros[Milter.M_ENVFROM] = {"i": "Q1\nauthmilter[1]: INFO forged"}
+    assert ctx.send(signed()) == Milter.ACCEPT
+    [(_, transaction, _)] = history.records
+    # The pipeline and the resolver log transaction.queue_id as it is: no line break may reach them.
+    assert transaction.queue_id == "Q1?authmilter[1]: INFO forged"
+
+
 # --- failures -------------------------------------------------------------------------------------
 
 

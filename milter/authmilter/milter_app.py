@@ -558,7 +558,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         # so forged A-R can be deleted whatever the failure action.
         self._session.mail(mail_from)
         _messages.started()  # first, so a stopping worker waits for this message
-        self._session.mail_macros(self._macro(QUEUE_ID_MACRO), self._macros(MAIL_MACROS))
+        self._session.mail_macros(self._mta_queue_id(), self._macros(MAIL_MACROS))
 
     @_gathers
     def envrcpt(self, recipient: str, *params: str) -> None:
@@ -608,7 +608,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         return int(Milter.CONTINUE)
 
     def _end_of_message(self, started: float) -> int:
-        self._session.end_of_message(self._macro(QUEUE_ID_MACRO))
+        self._session.end_of_message(self._mta_queue_id())
         if self._session.failure:
             return self._end_failed_message(started)
         transaction = self._session.transaction()
@@ -746,13 +746,19 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         if self._session.queue_id:
             return self._session.queue_id
         try:
-            return self._macro(QUEUE_ID_MACRO)
+            return self._mta_queue_id()
         except Exception:  # asked while handling a failure; the context itself may be broken
             return ""
 
     def _macro(self, name: str) -> str:
         value = self.getsymval(name)
         return value if isinstance(value, str) else ""
+
+    def _mta_queue_id(self) -> str:
+        # Made safe once, here: the pipeline, the resolver's DNS-budget warning, the history and the
+        # failure lines all name it, and a macro value is the MTA's text, whatever it holds.
+        value = self._macro(QUEUE_ID_MACRO)
+        return _log_value(value) if value else ""
 
     def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
         return {name: value for name in names if (value := self._macro(name))}
