@@ -12,14 +12,14 @@ Tables (schema version 1):
 - ``report_rows``: message counts per (policy domain, period, row key); the key is stored as
   canonical JSON (aggregate.encode_row) beside its digest, the primary key's last part.
 - ``reporting_hosts``: which hosts' records each period's counts include.
-
-  A period leaves these three tables together, ``[reports] keep_days`` after it ended
-  (:meth:`Store.prune`).
 - ``imported_files``: per history file identity, how many bytes of its (decompressed) content
   were imported. Counts and offset are written in the same transaction, so a crash or a lost
   database connection never leaves counts without their offset or the reverse.
 - ``schema_version``: the version; :func:`open_store` applies the missing migrations under a
   lock, so several MX hosts may start at once against one PostgreSQL database.
+
+A period leaves ``periods``, ``report_rows`` and ``reporting_hosts`` together, ``[reports]
+keep_days`` after it ended (:meth:`Store.prune`).
 
 Errors: every database failure becomes :class:`StoreError`, naming the database (the URL
 without its password) and what was being done; a failed transaction is rolled back whole.
@@ -430,7 +430,8 @@ class Store:
             StoreError: the database failed; nothing was deleted.
         """
         with self._errors("cannot delete the old periods"), self._db.transaction() as db:
-            # Locked in key order, the order imports lock them in (_write_batch): never a deadlock.
+            # Locked in key order, as an import locks them (_write_batch), so the two seldom wait
+            # on each other crosswise; PostgreSQL aborts one that would, and the next run retries.
             keys = db.query(
                 "SELECT policy_domain, period_begin, period_end FROM periods WHERE period_end < ? "
                 "ORDER BY policy_domain, period_begin, period_end" + db.for_update,
