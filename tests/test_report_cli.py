@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -250,3 +251,109 @@ def test_send_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[
         main(["report", "send", "--config", str(config), "--out", str(tmp_path / "missing")])
     assert exit_info.value.code == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+# --- report prune, and report send pruning after it sent ([reports] keep_days) ----------------------
+
+OLD_DAY = DAY - 40 * 86400  # a day whose period is removed, where DAY's stays
+
+
+def keep_days_line() -> str:
+    """``keep_days`` such that the cutoff (now - keep_days) falls 9-10 days before DAY, whatever now is."""
+    return f"keep_days = {(int(time.time()) - DAY) // 86400 + 10}\n"
+
+
+def test_prune_removes_the_old_periods_and_counts_the_reports_never_delivered(
+    report_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    history = write_history(tmp_path / "history.jsonl", [record(time=OLD_DAY + 60), record()])
+    config = write_config(tmp_path, report_database, extra=keep_days_line())
+    assert main(["report", "import", "--config", str(config), str(history)]) == 0
+    capsys.readouterr()
+    assert main(["report", "prune", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: would remove 1 period(s) that ended before "), out
+    assert "; 1 of them have a report due and not delivered, lost once removed" in out
+    assert main(["report", "prune", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("removed 1 period(s) that ended before "), out
+    assert "; 1 of them had a report due and never delivered, now lost" in out
+    assert main(["report", "show", "--config", str(config), "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert shown["messages"] == 1 and [p["begin"] for p in shown["periods"]] == [DAY]
+    assert main(["report", "prune", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith("removed 0 period(s)")
+
+
+def test_keep_days_0_keeps_everything(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler, port = relay
+    config = prune_site(tmp_path, dns_server, port, keep_days="keep_days = 0\n")
+    capsys.readouterr()
+    assert main(["report", "prune", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out == "[reports] keep_days = 0: the store keeps every period; nothing removed\n"
+    assert send(config) == 0 and len(handler.received) == 2
+    assert "removed" not in capsys.readouterr().out
+    assert main(["report", "show", "--config", str(config), "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert [p["begin"] for p in shown["periods"]] == [OLD_DAY, DAY]
+
+
+def prune_site(
+    tmp_path: Path, dns_server: AuthoritativeDns, relay_port: int, keep_days: str = ""
+) -> Path:
+    """send_site's store with one more report due, of a day old enough to be pruned."""
+    config = send_site(tmp_path, dns_server, relay_port)
+    config.write_text(config.read_text().replace("[dns]\n", f"{keep_days or keep_days_line()}[dns]\n"))
+    old = write_history(tmp_path / "old.jsonl", [record(domain=SEND_DOMAIN, time=OLD_DAY + 60)])
+    assert main(["report", "import", "--config", str(config), str(old)]) == 0
+    return config
+
+
+def test_send_prunes_after_sending(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler, port = relay
+    config = prune_site(tmp_path, dns_server, port)
+    capsys.readouterr()
+    assert send(config) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(handler.received) == 2, "the old period's report is sent before its period goes"
+    assert lines[-1].startswith("removed 1 period(s) that ended before "), lines
+    assert "never delivered" not in lines[-1]
+    assert send(config) == 0
+    assert capsys.readouterr().out == "no report due\n", "nothing removed: no line"
+
+
+def test_send_says_when_a_pruned_report_was_never_delivered(
+    tmp_path: Path, dns_server: AuthoritativeDns, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = prune_site(tmp_path, dns_server, free_port(HOST))
+    capsys.readouterr()
+    assert send(config) == 1
+    out = capsys.readouterr().out
+    assert ": failed to dmarc@" in out
+    assert "removed 1 period(s) that ended before " in out
+    assert "; 1 of them had a report due and never delivered, now lost" in out
+
+
+def test_a_dry_run_send_prunes_nothing(
+    tmp_path: Path,
+    dns_server: AuthoritativeDns,
+    relay: tuple[RelayHandler, int],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    handler, port = relay
+    config = prune_site(tmp_path, dns_server, port)
+    capsys.readouterr()
+    assert send(config, "--dry-run") == 0
+    assert "removed" not in capsys.readouterr().out
+    assert send(config) == 0 and len(handler.received) == 2, "both reports were still there"

@@ -31,6 +31,7 @@ def test_a_database_alone_is_enough_and_names_come_from_the_authserv_id() -> Non
 
 def test_the_built_in_defaults_are_complete() -> None:
     reports = default_config().reports
+    assert reports.keep_days == 30
     assert reports.database == "sqlite:///var/lib/authmilter/reports.sqlite"
     assert reports.org_name and reports.email.startswith("postmaster@")
 
@@ -71,6 +72,8 @@ def test_periods_that_keep_to_utc_days_are_accepted(hours: int) -> None:
         ('smtp_password_file = "secret"', r"absolute path"),
         ('smtp_user = "reports"', r"set smtp_user and smtp_password_file together"),
         ('suppress_domains = "x.example"', r"expected a list"),
+        ("keep_days = -1", r"out of range \(0 to 3650\)"),
+        ('keep_days = "30d"', r"expected an integer"),
     ],
 )
 def test_bad_values_name_the_file_line_and_key(line: str, problem: str) -> None:

@@ -22,7 +22,7 @@ from authmilter.reports.model import (
     RowKey,
     SpfAuthResult,
 )
-from authmilter.reports.store import SCHEMA_VERSION, Store, StoreError, open_store
+from authmilter.reports.store import SCHEMA_VERSION, PruneOutcome, Store, StoreError, open_store
 from historydata import DAY, HOUR, record, write_history
 
 PERIOD = 86400
@@ -432,3 +432,62 @@ def test_summaries_count_results_per_domain(store: Store, tmp_path: Path) -> Non
     assert later.messages == 1
     assert store.summaries(since=FIRST_DAY.end + PERIOD) == []
     assert store.summaries(domain="other.example") == []
+
+
+# --- pruning ([reports] keep_days) -----------------------------------------------------------------
+
+
+def stored_periods(store: Store) -> dict[str, set[tuple[str, int]]]:
+    """Per table, the (policy domain, period begin) it holds rows of."""
+    return {
+        table: {
+            (domain, int(begin))
+            for domain, begin in store._db.query(f"SELECT policy_domain, period_begin FROM {table}")
+        }
+        for table in ("periods", "report_rows", "reporting_hosts")
+    }
+
+
+def test_prune_deletes_the_periods_ended_before_the_cutoff_with_their_rows_and_hosts(
+    store: Store, tmp_path: Path
+) -> None:
+    second_day = DAY + PERIOD + 5
+    history = write_history(
+        tmp_path / "h",
+        [
+            record(),
+            record(aligned=False, source_ip="198.51.100.7", host="mx2.receiver.example"),
+            record(domain="other.example"),
+            record(time=second_day),
+            record(time=second_day, domain="other.example", host="mx2.receiver.example"),
+        ],
+    )
+    run_import(store, history)
+    # The second day ends exactly at the cutoff: "ended before" it excludes it.
+    outcome = store.prune(DAY + 2 * PERIOD)
+    assert outcome.periods == 2
+    kept = {("sender.example", DAY + PERIOD), ("other.example", DAY + PERIOD)}
+    assert stored_periods(store) == {"periods": kept, "report_rows": kept, "reporting_hosts": kept}
+    assert counts(store) == {("sender.example", DAY + PERIOD): 1, ("other.example", DAY + PERIOD): 1}
+    assert store.prune(DAY + 2 * PERIOD).periods == 0
+
+
+def test_prune_counts_the_due_reports_never_delivered(report_database: str, tmp_path: Path) -> None:
+    no_rua = record(domain="norua.example")
+    no_rua["policy_published"]["rua"] = []
+    domains = ("sender.example", "other.example", "quiet.example")
+    history = write_history(tmp_path / "h", [*(record(domain=d) for d in domains), no_rua])
+    with open_store(report_database, suppress_domains=["quiet.example"]) as store:
+        run_import(store, history)
+        with store.send_lock():
+            store.mark_delivered("sender.example", FIRST_DAY, "report-1")
+        # Delivered, without rua, suppressed: none lost; other.example's report was due and is.
+        assert store.prune(FIRST_DAY.end + 1) == PruneOutcome(periods=4, undelivered=1)
+        assert stored_periods(store)["periods"] == set()
+
+
+def test_a_dry_run_prune_counts_and_deletes_nothing(store: Store, tmp_path: Path) -> None:
+    run_import(store, write_history(tmp_path / "h", [record(), record(time=DAY + PERIOD + 5)]))
+    before = stored_periods(store)
+    assert store.prune(FIRST_DAY.end + 1, dry_run=True) == PruneOutcome(periods=1, undelivered=1)
+    assert stored_periods(store) == before

@@ -51,8 +51,10 @@ from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
 from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
+from authmilter.reports import SECONDS_PER_DAY
 from authmilter.reports.delivery import DeliverySettings, Outcome, SendRun, SettingsError, SmtpRelay, Status
 from authmilter.reports.importer import history_files, import_files
+from authmilter.reports.show import prune_line
 from authmilter.reports.show import show as show_reports
 from authmilter.reports.store import Store, StoreError, open_store
 from authmilter.resolver import (
@@ -253,6 +255,18 @@ def _add_report_send(report_commands: argparse._SubParsersAction[argparse.Argume
         help="only periods ended by TIME: 2026-12-05, 2026-12-05T10:00 (UTC unless an offset is "
         "given), seconds since the epoch, or an age such as 1d (default: now)",
     )
+
+
+def _add_report_prune(report_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    prune = report_commands.add_parser(
+        "prune",
+        help="delete the periods older than [reports] keep_days",
+        description="Delete from the report store every period that ended more than [reports] "
+        "keep_days ago, with its counts, reported or not, and say how many had a report due that "
+        "was never delivered. report send does this after each run; keep_days = 0 keeps everything.",
+    )
+    prune.add_argument("--config", type=Path, help=f"the config file (default: {DEFAULT_CONFIG})")
+    prune.add_argument("--dry-run", action="store_true", help="print what would be deleted; delete nothing")
 
 
 def _add_sign_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -853,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     report = commands.add_parser(
         "report",
-        help="DMARC aggregate reports (RFC 9990): import the history, show the counts, send",
+        help="DMARC aggregate reports (RFC 9990): import the history, show the counts, send, prune",
         description="DMARC aggregate reports (RFC 9990) from the history file, through the store "
         "named by [reports] database (docs/reports.md).",
     )
@@ -889,6 +903,7 @@ def _add_report_parser(commands: argparse._SubParsersAction[argparse.ArgumentPar
     )
     showing.add_argument("--json", action="store_true", help="print JSON")
     _add_report_send(report_commands)
+    _add_report_prune(report_commands)
 
 
 def parse_time(text: str, now: float) -> int:
@@ -951,8 +966,16 @@ def run_report(args: argparse.Namespace) -> int:
             if args.report_command == "send":
                 outcomes = _send_reports(store, config, args)
                 print(format_send_outcomes(outcomes, args.dry_run))
+                if settings.keep_days and not args.dry_run:
+                    _prune_old_periods(store, settings.keep_days, quiet=True)
                 left = (Status.DEFERRED, Status.FAILED)
                 return 1 if any(outcome.status in left for outcome in outcomes) else 0
+            if args.report_command == "prune":
+                if not settings.keep_days:
+                    print("[reports] keep_days = 0: the store keeps every period; nothing removed")
+                else:
+                    _prune_old_periods(store, settings.keep_days, dry_run=args.dry_run)
+                return 0
             print(show_reports(store, since=args.since_time, domain=args.domain, as_json=args.json))
             return 0
     except StoreError as e:
@@ -968,6 +991,16 @@ def _send_reports(store: Store, config: Config, args: argparse.Namespace) -> lis
         return SendRun(store, delivery, resolver, config.dmarc, relay, args.out, args.dry_run).run(
             args.until_time
         )
+
+
+def _prune_old_periods(store: Store, keep_days: int, *, dry_run: bool = False, quiet: bool = False) -> None:
+    """Delete the periods that ended over ``keep_days`` ago; print what went (``quiet``: only if any)."""
+    before = int(time.time()) - keep_days * SECONDS_PER_DAY
+    # Under the send lock, so that no send running meanwhile finds the period of its report gone.
+    with contextlib.nullcontext() if dry_run else store.send_lock():
+        outcome = store.prune(before, dry_run=dry_run)
+    if outcome.periods or not quiet:
+        print(prune_line(outcome, keep_days=keep_days, before=before, dry_run=dry_run))
 
 
 def _default_history(config: Config) -> list[str]:

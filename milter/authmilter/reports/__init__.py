@@ -19,6 +19,8 @@ SECONDS_PER_HOUR = 3600
 SECONDS_PER_DAY = 86400
 # Longest period: a week. RFC 9990 expects daily reports; longer ones only delay feedback.
 MAX_PERIOD = 7 * SECONDS_PER_DAY
+# Longest [reports] keep_days: ten years; past that, 0 (keep everything) says what is meant.
+MAX_KEEP_DAYS = 3650
 
 SQLITE_PREFIX = "sqlite://"
 POSTGRESQL_PREFIXES = ("postgresql://", "postgres://")
@@ -42,6 +44,8 @@ class ReportsSettings:
         period: the reporting period in seconds: a whole number of hours that divides a day,
             or a whole number of days (at most 7). Periods start at 00:00 UTC (RFC 7489 §7.2,
             kept by RFC 9990: hour boundaries, days from 00:00 UTC).
+        keep_days: days a period stays in the store after it ended, delivered or not: ``report
+            send`` then removes it with its rows (``report prune`` on demand); 0 = keep all.
         org_name: ``report_metadata/org_name``; empty = the authserv-id.
         email: ``report_metadata/email``; empty = ``postmaster@`` the authserv-id (a host that
             takes mail has a postmaster, RFC 5321 §4.5.1).
@@ -61,6 +65,7 @@ class ReportsSettings:
 
     database: str = "sqlite:///var/lib/authmilter/reports.sqlite"
     period: int = bounded(SECONDS_PER_DAY, SECONDS_PER_HOUR, MAX_PERIOD)
+    keep_days: int = bounded(30, 0, MAX_KEEP_DAYS)
     org_name: str = ""
     email: str = ""
     extra_contact_info: str = ""

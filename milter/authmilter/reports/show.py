@@ -1,4 +1,7 @@
-"""``authmilter report show``: what the store holds per policy domain, before reports go out."""
+"""``authmilter report show``: what the store holds per policy domain, before reports go out.
+
+Also the line ``report send`` and ``report prune`` print about the periods pruned.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from authmilter.reports.aggregate import DomainSummary
-from authmilter.reports.store import PeriodState, Store
+from authmilter.reports.store import PeriodState, PruneOutcome, Store
 
 
 def show(store: Store, *, since: int = 0, domain: str | None = None, as_json: bool = False) -> str:
@@ -62,6 +65,35 @@ def _as_text(summary: DomainSummary, periods: list[PeriodState]) -> str:
         f"  top sources   {_sources(summary.top_sources())}",
     ]
     return "\n".join(lines)
+
+
+def prune_line(outcome: PruneOutcome, *, keep_days: int, before: int, dry_run: bool = False) -> str:
+    """What :meth:`Store.prune` deleted (or, with ``dry_run``, would delete), in one line.
+
+    Args:
+        outcome: the prune's outcome.
+        keep_days: ``[reports] keep_days``, named in the line.
+        before: the cutoff the prune was given (seconds since the epoch).
+        dry_run: the prune only counted.
+    """
+    prefix, verb = ("dry run: ", "would remove") if dry_run else ("", "removed")
+    line = (
+        f"{prefix}{verb} {outcome.periods} period(s) that ended before {_utc(before)} "
+        f"([reports] keep_days = {keep_days})"
+    )
+    if not outcome.undelivered:
+        return line
+    if dry_run:
+        return (
+            f"{line}; {outcome.undelivered} of them have a report due and not delivered, lost once "
+            "removed: run `authmilter report send` and fix what its log says keeps them, or raise "
+            "[reports] keep_days"
+        )
+    return (
+        f"{line}; {outcome.undelivered} of them had a report due and never delivered, now lost: the "
+        "log of earlier `report send` runs says why (relay, DNS); raise [reports] keep_days if "
+        "sending may stay blocked that long"
+    )
 
 
 def _counts(counter: Counter[str]) -> str:

@@ -18,6 +18,9 @@ Tables (schema version 1):
 - ``schema_version``: the version; :func:`open_store` applies the missing migrations under a
   lock, so several MX hosts may start at once against one PostgreSQL database.
 
+A period leaves ``periods``, ``report_rows`` and ``reporting_hosts`` together, ``[reports]
+keep_days`` after it ended (:meth:`Store.prune`).
+
 Errors: every database failure becomes :class:`StoreError`, naming the database (the URL
 without its password) and what was being done; a failed transaction is rolled back whole.
 """
@@ -176,6 +179,20 @@ class PeriodState:
     period: ReportPeriod
     rua: tuple[str, ...]
     report_id: str | None
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """What :meth:`Store.prune` deleted.
+
+    Attributes:
+        periods: the periods deleted (each with its report rows and reporting hosts).
+        undelivered: of those, the ones that were due (a ``rua``, the domain not suppressed)
+            and never delivered: their reports are lost.
+    """
+
+    periods: int
+    undelivered: int
 
 
 def open_store(url: str, *, suppress_domains: Collection[str] = (), timeout: float = 30.0) -> Store:
@@ -393,6 +410,51 @@ class Store:
                     f"report database {self.label}: {action}: no undelivered report for it "
                     "(already delivered?)"
                 )
+
+    def prune(self, before: int, *, dry_run: bool = False) -> PruneOutcome:
+        """Delete every period that ended before ``before``, with its rows and hosts, in one transaction.
+
+        Delivered or not: a period that was due (a ``rua``, its domain not suppressed) and never
+        delivered is deleted too, and counted, so that the caller can say so. Call it inside
+        :meth:`send_lock`, so that no ``send`` is delivering a report whose period goes.
+
+        Args:
+            before: seconds since the epoch; periods with ``period_end < before`` go.
+            dry_run: count only; delete nothing.
+
+        Returns:
+            How many periods were (or, with ``dry_run``, would be) deleted, and how many of
+            them were due and never delivered.
+
+        Raises:
+            StoreError: the database failed; nothing was deleted.
+        """
+        with self._errors("cannot delete the old periods"), self._db.transaction() as db:
+            # Locked in key order, as an import locks them (_write_batch), so the two seldom wait
+            # on each other crosswise; PostgreSQL aborts one that would, and the next run retries.
+            keys = db.query(
+                "SELECT policy_domain, period_begin, period_end FROM periods WHERE period_end < ? "
+                "ORDER BY policy_domain, period_begin, period_end" + db.for_update,
+                (before,),
+            )
+            # One row per distinct policy, not per period: a domain without rua is never
+            # delivered, so its old periods are many.
+            undelivered = db.query(
+                "SELECT policy_domain, policy, COUNT(*) FROM periods "
+                "WHERE period_end < ? AND report_id IS NULL GROUP BY policy_domain, policy",
+                (before,),
+            )
+            lost = sum(
+                int(count)
+                for domain, policy, count in undelivered
+                if not self._is_suppressed(domain) and decode_policy(policy).rua
+            )
+            if not dry_run:
+                # By key, not by period_end: report_rows has no index on period_end, and a
+                # period an import adds meanwhile stays whole.
+                for table in ("report_rows", "reporting_hosts", "periods"):
+                    db.executemany(f"DELETE FROM {table} WHERE {_PERIOD_MATCH}", keys)
+        return PruneOutcome(periods=len(keys), undelivered=lost)
 
     def send_lock(self) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock across processes and hosts for one ``report send`` run.
