@@ -267,8 +267,10 @@ def test_prune_removes_the_old_periods_and_counts_the_reports_never_delivered(
     report_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     history = write_history(tmp_path / "history.jsonl", [record(time=OLD_DAY + 60), record()])
-    config = write_config(tmp_path, report_database, extra=keep_days_line())
+    # Imported while the store keeps everything: an import skips what keep_days would prune.
+    config = write_config(tmp_path, report_database, extra="keep_days = 0\n")
     assert main(["report", "import", "--config", str(config), str(history)]) == 0
+    write_config(tmp_path, report_database, extra=keep_days_line())
     capsys.readouterr()
     assert main(["report", "prune", "--config", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -309,10 +311,27 @@ def prune_site(
 ) -> Path:
     """send_site's store with one more report due, of a day old enough to be pruned."""
     config = send_site(tmp_path, dns_server, relay_port)
-    config.write_text(config.read_text().replace("[dns]\n", f"{keep_days or keep_days_line()}[dns]\n"))
+    # Imported while the store keeps everything: an import skips what keep_days would prune.
+    config.write_text(config.read_text().replace("[dns]\n", "keep_days = 0\n[dns]\n"))
     old = write_history(tmp_path / "old.jsonl", [record(domain=SEND_DOMAIN, time=OLD_DAY + 60)])
     assert main(["report", "import", "--config", str(config), str(old)]) == 0
+    config.write_text(config.read_text().replace("keep_days = 0\n", keep_days or keep_days_line()))
     return config
+
+
+def test_import_skips_the_periods_keep_days_prunes(
+    report_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A history file older than keep_days (a rotated copy, a late import) must not bring back the
+    # periods the store pruned, nor get their reports sent weeks late.
+    history = write_history(tmp_path / "history.jsonl", [record(time=OLD_DAY + 60), record()])
+    config = write_config(tmp_path, report_database, extra=keep_days_line())
+    assert main(["report", "import", "--config", str(config), str(history)]) == 0
+    out = capsys.readouterr().out
+    assert "imported 1 record(s)" in out and ", 1 of periods older than [reports] keep_days" in out
+    assert main(["report", "show", "--config", str(config), "--json"]) == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert [p["begin"] for p in shown["periods"]] == [DAY]
 
 
 def test_send_prunes_after_sending(

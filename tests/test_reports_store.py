@@ -257,6 +257,21 @@ def test_suppressed_domains_are_not_imported(store: Store, tmp_path: Path) -> No
     assert counts(store) == {("sender.example", DAY): 1}
 
 
+def test_records_of_periods_ended_before_the_cutoff_are_not_imported(store: Store, tmp_path: Path) -> None:
+    cutoff = DAY - 30 * PERIOD
+    history = write_history(
+        tmp_path / "h",
+        [
+            record(time=cutoff - 2 * PERIOD + 60),  # its period ended before the cutoff
+            record(time=cutoff - PERIOD + 60),  # its period ends at the cutoff: kept, as prune keeps it
+            record(time=DAY + 60),
+        ],
+    )
+    outcome = run_import(store, history, ended_before=cutoff)
+    assert (outcome.expired, outcome.records) == (1, 2)
+    assert counts(store) == {("sender.example", cutoff - PERIOD): 1, ("sender.example", DAY): 1}
+
+
 def test_due_reports_leave_out_suppressed_domains_and_those_without_rua(
     report_database: str, tmp_path: Path
 ) -> None:

@@ -960,6 +960,7 @@ def run_report(args: argparse.Namespace) -> int:
                     args.history or _default_history(config),
                     period=settings.period,
                     suppress_domains=settings.suppress_domains,
+                    ended_before=_prune_cutoff(settings.keep_days),
                 )
                 print(outcome.summary())
                 return 1 if outcome.failed else 0
@@ -995,12 +996,17 @@ def _send_reports(store: Store, config: Config, args: argparse.Namespace) -> lis
 
 def _prune_old_periods(store: Store, keep_days: int, *, dry_run: bool = False, quiet: bool = False) -> None:
     """Delete the periods that ended over ``keep_days`` ago; print what went (``quiet``: only if any)."""
-    before = int(time.time()) - keep_days * SECONDS_PER_DAY
+    before = _prune_cutoff(keep_days)
     # Under the send lock, so that no send running meanwhile finds the period of its report gone.
     with contextlib.nullcontext() if dry_run else store.send_lock():
         outcome = store.prune(before, dry_run=dry_run)
     if outcome.periods or not quiet:
         print(prune_line(outcome, keep_days=keep_days, before=before, dry_run=dry_run))
+
+
+def _prune_cutoff(keep_days: int) -> int:
+    """The end before which periods are pruned and not imported again; 0 (none) for keep_days = 0."""
+    return int(time.time()) - keep_days * SECONDS_PER_DAY if keep_days else 0
 
 
 def _default_history(config: Config) -> list[str]:

@@ -80,6 +80,7 @@ class LineCounts:
     no_policy: int = 0
     tempfail: int = 0
     suppressed: int = 0
+    expired: int = 0
 
     def add(self, other: LineCounts) -> None:
         for name in LineCounts.__dataclass_fields__:
@@ -110,6 +111,7 @@ class ImportReport(LineCounts):
             f"{self.corrupt} corrupt line(s), {self.unknown_version} record(s) of unknown version, "
             f"{self.tempfail} tempfail, {self.no_policy} without DMARC record, "
             f"{self.suppressed} of suppressed domains"
+            + (f", {self.expired} of periods older than [reports] keep_days" if self.expired else "")
         )
         return "\n".join(lines)
 
@@ -136,6 +138,7 @@ def import_files(
     period: int,
     suppress_domains: Iterable[str] = (),
     batch_lines: int = BATCH_LINES,
+    ended_before: int = 0,
 ) -> ImportReport:
     """Import history files into the store; what was imported before is not counted again.
 
@@ -145,6 +148,10 @@ def import_files(
         period: the reporting period in seconds (``[reports] period``).
         suppress_domains: policy domains (and subdomains) whose records are skipped.
         batch_lines: lines per transaction.
+        ended_before: records of periods that ended before this time (seconds since the epoch)
+            are skipped: the store has pruned such periods (:meth:`Store.prune`, ``[reports]
+            keep_days``), and importing them again would bring them back and send their reports
+            late. 0 skips none.
 
     Returns:
         What was imported and skipped, per file.
@@ -153,7 +160,7 @@ def import_files(
         StoreError: the database failed; the batches committed before stay, consistent.
     """
     report = ImportReport()
-    reader = _RecordReader(period, tuple(normalise_domain(d) for d in suppress_domains))
+    reader = _RecordReader(period, tuple(normalise_domain(d) for d in suppress_domains), ended_before)
     for path in paths:
         try:
             source = open(path, "rb")  # noqa: SIM115 (closed below, also on errors)
@@ -266,8 +273,9 @@ class _RecordReader:
     message costs its JSON parse and a few dict lookups.
     """
 
-    def __init__(self, period: int, suppressed: tuple[str, ...]) -> None:
+    def __init__(self, period: int, suppressed: tuple[str, ...], ended_before: int = 0) -> None:
         self._period = period
+        self._ended_before = ended_before
         self._suppressed = suppressed
         self._suppressed_domains: dict[str, bool] = {}
         self._keys: dict[tuple[Any, ...], StoredKey] = {}
@@ -304,6 +312,9 @@ class _RecordReader:
             report.corrupt += 1
             return
         begin = period_start(when, self._period)
+        if begin + self._period < self._ended_before:
+            report.expired += 1
+            return
         batch.add((policy[0], begin, begin + self._period), key, when, policy[1], host)
         report.records += 1
 
