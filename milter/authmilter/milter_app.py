@@ -450,7 +450,9 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._config = runtime.config
         # The connection and its current message, fed by the callbacks below; the DNS names the
         # message tells are prefetched as they come (_prefetch), cancelled when it ends.
-        self._prefetching = runtime.config.dns.prefetch_queries > 0
+        # Only where queries can go out ahead: otherwise awaiting MAIL FROM (negotiate) costs the MTA
+        # a round trip per message for nothing.
+        self._prefetching = runtime.config.dns.prefetch_queries > 0 and runtime.resolver.sends_ahead
         self._session = Session(runtime.config, self._prefetch if self._prefetching else None)
         self._lookups: Prefetch | None = None
         # Header changes were sent for the current message: a failure after that must not resend them.

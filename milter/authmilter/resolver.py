@@ -869,7 +869,13 @@ class Resolver:
         Returns:
             The message's prefetch; cancel it when the message is over (it is a context manager).
         """
-        return Prefetch(self, limit if self._sender is not None and self._cache_size > 0 else 0)
+        return Prefetch(self, limit if self.sends_ahead else 0)
+
+    @property
+    def sends_ahead(self) -> bool:
+        """Queries can be prefetched: the source sends them over the network (a zone file answers
+        at once) and the cache keeps what they bring."""
+        return self._sender is not None and self._cache_size > 0
 
     def _start(
         self, name: str, rdtype: dns.rdatatype.RdataType
