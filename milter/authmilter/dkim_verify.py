@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import operator
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, wraps
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import dkim
 import dkim.crypto
@@ -50,7 +49,7 @@ from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizatio
 from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 
 from authmilter.checks import Check, Decided, Outcomes, Question
-from authmilter.dkim_body import BodyDigests, BodyHashSpec, digest_body
+from authmilter.dkim_body import HASH_ALGORITHMS, BodyDigests, BodyHashSpec, digest_body
 from authmilter.dkim_rsa import B_TAG, compress_whitespace, rsa_verify, unfold_header_value
 from authmilter.message import HeaderField
 from authmilter.model import AuthResult, DkimResult, MethodResult
@@ -185,10 +184,34 @@ def _tag_list(value: bytes) -> dict[bytes, bytes]:
     return tags
 
 
+_T = TypeVar("_T")
+
+
+def _remembered_when_short(size: int, limit: int) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Keep a pure function's results (never its exceptions) for the last ``size`` arguments.
+
+    A signer's values recur from one message to the next. Arguments (bytes, or None) longer than
+    ``limit`` octets in all are no valid ones but hostile: computed each time, never kept, so that
+    at most ``size`` x ``limit`` octets are. What is kept is shared by every caller: immutable.
+    """
+
+    def remember(function: Callable[..., _T]) -> Callable[..., _T]:
+        remembered = lru_cache(maxsize=size)(function)
+
+        @wraps(function)
+        def call(*values: bytes | None) -> _T:
+            if sum(len(value) for value in values if value is not None) > limit:
+                return function(*values)
+            return remembered(*values)
+
+        return call
+
+    return remember
+
+
 # Each DKIM-Signature is read three times: at its header callback (DkimCheck.field_questions, for the
 # key to ask ahead), at the end of the header (body_hashes_needed) and when verified. The tag list
-# is parsed once and shared read-only; longer values than this are not kept but parsed each time,
-# so that hostile fields cannot fill the memory (at most SIZE x LENGTH octets are kept).
+# is parsed once and shared read-only.
 SIGNATURE_MEMO_SIZE = 256
 SIGNATURE_MEMO_LENGTH = 4096
 
@@ -197,14 +220,11 @@ def _signature_tags(value: bytes) -> Mapping[bytes, bytes]:
     """:func:`_tag_list` of a DKIM-Signature value, parsed once; raises what it raises."""
     # _tag_list strips the value first, so a value read with or without its final CRLF (the
     # header callback's, the message's) gives the same tags, or the same exception.
-    stripped = value.strip()
-    if len(stripped) > SIGNATURE_MEMO_LENGTH:
-        return _tag_list(stripped)
-    return _remembered_signature_tags(stripped)
+    return _read_signature_tags(value.strip())
 
 
-@lru_cache(maxsize=SIGNATURE_MEMO_SIZE)
-def _remembered_signature_tags(value: bytes) -> Mapping[bytes, bytes]:
+@_remembered_when_short(SIGNATURE_MEMO_SIZE, SIGNATURE_MEMO_LENGTH)
+def _read_signature_tags(value: bytes) -> Mapping[bytes, bytes]:
     return MappingProxyType(_tag_list(value))  # shared by every caller: read-only
 
 
@@ -286,20 +306,14 @@ _TIMESTAMP = re.compile(rb"\d{1,12}")
 
 
 def _signed_header_names(tags: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
-    # A signer's h= is the same from one message to the next: its reading is kept (bounded, as the
-    # tag lists are), a tuple shared by every caller.
-    signed = tags[b"h"]
-    if len(signed) > SIGNATURE_MEMO_LENGTH:
-        return _split_signed_header_names(signed)
-    return _remembered_signed_header_names(signed)
+    # A signer's h= is the same from one message to the next: its reading is kept, a tuple.
+    return _split_signed_header_names(tags[b"h"])
 
 
+@_remembered_when_short(SIGNATURE_MEMO_SIZE, SIGNATURE_MEMO_LENGTH)
 def _split_signed_header_names(signed: bytes) -> tuple[bytes, ...]:
     # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
     return tuple(name.lower() for name in _H_SEPARATOR.split(signed.strip()))
-
-
-_remembered_signed_header_names = lru_cache(maxsize=SIGNATURE_MEMO_SIZE)(_split_signed_header_names)
 
 
 def _timestamp(tags: Mapping[bytes, bytes], tag: bytes) -> int | None:
@@ -499,24 +513,21 @@ def _colon_list(value: bytes | None) -> set[bytes]:
 
 def _body_hash_spec(tags: Mapping[bytes, bytes]) -> BodyHashSpec:
     """The body hash a signature's c=, l= and a= ask for; raises what dkimpy raises for bad ones."""
-    c_value, length, algorithm = tags.get(b"c", b"simple/simple"), tags.get(b"l"), tags[b"a"]
     # Asked at the end of the header and again when verifying, with the same few values from one
-    # signer to the next: kept, unless they are too long to be any valid ones (hostile, not kept).
-    if len(c_value) + len(length or b"") + len(algorithm) > BODY_HASH_MEMO_LENGTH:
-        return _spec_of(c_value, length, algorithm)
-    return _remembered_spec_of(c_value, length, algorithm)
+    # signer to the next.
+    return _spec_of(tags.get(b"c", b"simple/simple"), tags.get(b"l"), tags[b"a"])
 
 
+# Valid c= (15 octets at most), l= (76 digits, RFC 6376 §3.5) and a= values fit; a few signers' worth.
+BODY_HASH_MEMO_LENGTH = 128
+
+
+@_remembered_when_short(64, BODY_HASH_MEMO_LENGTH)  # BodyHashSpec is frozen: shared safely
 def _spec_of(c_value: bytes, length: bytes | None, algorithm: bytes) -> BodyHashSpec:
     policy = CanonicalizationPolicy.from_c_value(c_value)
     octets = None if length is None else int(length)
     # a= is rsa-sha1, rsa-sha256 or ed25519-sha256 (validate_signature_fields): the hash follows "-".
     return BodyHashSpec(policy.body_algorithm.name.decode(), octets, algorithm.rpartition(b"-")[2].decode())
-
-
-# Valid c= (15 octets at most), l= (76 digits, RFC 6376 §3.5) and a= values fit; a few signers' worth.
-BODY_HASH_MEMO_LENGTH = 128
-_remembered_spec_of = lru_cache(maxsize=64)(_spec_of)  # BodyHashSpec is frozen: shared safely
 
 
 def body_hashes_needed(signatures: Iterable[bytes], settings: DkimSettings) -> frozenset[BodyHashSpec]:
@@ -609,7 +620,7 @@ def verify_header_signature(
         dkim.KeyFormatError: the RSA key is too short for the digest (as dkimpy).
     """
     relaxed = tags.get(b"c", b"simple/simple").split(b"/")[0] == b"relaxed"
-    hasher = hashlib.new(tags[b"a"].rpartition(b"-")[2].decode())
+    hasher = HASH_ALGORITHMS[tags[b"a"].rpartition(b"-")[2].decode()]()  # a= was validated
     hasher.update(signed_header_data(fields, signed, header, relaxed))
     # b64decode drops the whitespace (and other non-alphabet octets) itself; split() is the
     # bytes regex \s dkimpy removes first, kept so that both read the same octets.
