@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "milter" / PACKAGE_NAME
 RANKS = {
     "model": 0,
     "settings": 0,
+    "memo": 0,  # bounded memos for pure functions of what senders send
     "domains": 0.5,  # names and envelope paths, below everything that reads them
     "message": 1,
     "dnswire": 0.8,  # DNS responses as plain values, below the resolver
@@ -72,6 +73,7 @@ PER_MESSAGE_CORE = (
     "model",
     "domains",
     "settings",
+    "memo",
     "transaction",
     "checks",
     "session",

@@ -32,11 +32,10 @@ import logging
 import operator
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, wraps
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any
 
 import dkim
 import dkim.crypto
@@ -51,6 +50,7 @@ from dkim.util import DuplicateTag, InvalidTagSpec, InvalidTagValueList
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.dkim_body import HASH_ALGORITHMS, BodyDigests, BodyHashSpec, digest_body
 from authmilter.dkim_rsa import B_TAG, compress_whitespace, rsa_verify, unfold_header_value
+from authmilter.memo import octets, remembered_when_small
 from authmilter.message import HeaderField
 from authmilter.model import AuthResult, DkimResult, MethodResult
 from authmilter.resolver import DnsStatus, Resolver
@@ -184,34 +184,9 @@ def _tag_list(value: bytes) -> dict[bytes, bytes]:
     return tags
 
 
-_T = TypeVar("_T")
-
-
-def _remembered_when_short(size: int, limit: int) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
-    """Keep a pure function's results (never its exceptions) for the last ``size`` arguments.
-
-    A signer's values recur from one message to the next. Arguments (bytes, or None) longer than
-    ``limit`` octets in all are no valid ones but hostile: computed each time, never kept, so that
-    at most ``size`` x ``limit`` octets are. What is kept is shared by every caller: immutable.
-    """
-
-    def remember(function: Callable[..., _T]) -> Callable[..., _T]:
-        remembered = lru_cache(maxsize=size)(function)
-
-        @wraps(function)
-        def call(*values: bytes | None) -> _T:
-            if sum(len(value) for value in values if value is not None) > limit:
-                return function(*values)
-            return remembered(*values)
-
-        return call
-
-    return remember
-
-
 # Each DKIM-Signature is read three times: at its header callback (DkimCheck.field_questions, for the
 # key to ask ahead), at the end of the header (body_hashes_needed) and when verified. The tag list
-# is parsed once and shared read-only.
+# is parsed once and shared read-only; a value longer than any real one is parsed each time.
 SIGNATURE_MEMO_SIZE = 256
 SIGNATURE_MEMO_LENGTH = 4096
 
@@ -223,7 +198,7 @@ def _signature_tags(value: bytes) -> Mapping[bytes, bytes]:
     return _read_signature_tags(value.strip())
 
 
-@_remembered_when_short(SIGNATURE_MEMO_SIZE, SIGNATURE_MEMO_LENGTH)
+@remembered_when_small(SIGNATURE_MEMO_SIZE, SIGNATURE_MEMO_LENGTH, octets)
 def _read_signature_tags(value: bytes) -> Mapping[bytes, bytes]:
     return MappingProxyType(_tag_list(value))  # shared by every caller: read-only
 
@@ -310,7 +285,7 @@ def _signed_header_names(tags: Mapping[bytes, bytes]) -> tuple[bytes, ...]:
     return _split_signed_header_names(tags[b"h"])
 
 
-@_remembered_when_short(SIGNATURE_MEMO_SIZE, SIGNATURE_MEMO_LENGTH)
+@remembered_when_small(SIGNATURE_MEMO_SIZE, SIGNATURE_MEMO_LENGTH, octets)
 def _split_signed_header_names(signed: bytes) -> tuple[bytes, ...]:
     # The split dkimpy itself uses for h= (verify_headerprep), so both agree on what is signed.
     return tuple(name.lower() for name in _H_SEPARATOR.split(signed.strip()))
@@ -522,7 +497,7 @@ def _body_hash_spec(tags: Mapping[bytes, bytes]) -> BodyHashSpec:
 BODY_HASH_MEMO_LENGTH = 128
 
 
-@_remembered_when_short(64, BODY_HASH_MEMO_LENGTH)  # BodyHashSpec is frozen: shared safely
+@remembered_when_small(64, BODY_HASH_MEMO_LENGTH, octets)  # BodyHashSpec is frozen: shared safely
 def _spec_of(c_value: bytes, length: bytes | None, algorithm: bytes) -> BodyHashSpec:
     policy = CanonicalizationPolicy.from_c_value(c_value)
     octets = None if length is None else int(length)

@@ -67,7 +67,8 @@ import dns.rdatatype
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import is_within, normalize
-from authmilter.message import FromAuthors, HeaderField, parse_from_value
+from authmilter.memo import remembered_when_small
+from authmilter.message import MAX_CACHED_FROM_LENGTH, FromAuthors, HeaderField, parse_from_value
 from authmilter.model import (
     NOT_ENFORCED_NOTE,
     Action,
@@ -829,11 +830,14 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
 
 
 # The From value of a sender recurs message after message, and parse_from gives the same
-# FromAuthors for it (message.py caches short values): what DMARC derives from it alone is
-# computed once. Both results are immutable (a frozen verdict, a tuple).
+# FromAuthors for it: what DMARC derives from it alone is computed once (both results immutable: a
+# frozen verdict, a tuple), for the short Froms message.py keeps parsed too. A hostile From of up to
+# MAX_FROM_LENGTH is computed each time, so the memos stay as small as message.py's.
+def _from_length(authors: FromAuthors, *settings: object) -> int:
+    return sum(map(len, authors.addresses)) + len(authors.error)
 
 
-@lru_cache(maxsize=RESULT_CACHE_SIZE)
+@remembered_when_small(RESULT_CACHE_SIZE, MAX_CACHED_FROM_LENGTH, _from_length)
 def _policy_questions(authors: FromAuthors, max_tree_walk: int) -> tuple[Question, ...]:
     if unusable_from(authors) is not None:
         return ()
@@ -844,7 +848,7 @@ def _policy_questions(authors: FromAuthors, max_tree_walk: int) -> tuple[Questio
     )
 
 
-@lru_cache(maxsize=RESULT_CACHE_SIZE)
+@remembered_when_small(RESULT_CACHE_SIZE, MAX_CACHED_FROM_LENGTH, _from_length)
 def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
     """The permerror verdict for a From that gives no Author Domain DMARC can evaluate, else None."""
     if authors.error:
