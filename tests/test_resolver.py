@@ -24,6 +24,7 @@ from authmilter.resolver import (
     DEFAULT_NEGATIVE_TTL,
     MAX_CACHE_TTL,
     MAX_CNAME_CHAIN,
+    MAX_KEPT_KEY_LENGTH,
     DnsAnswer,
     DnsBudget,
     DnsRecord,
@@ -620,6 +621,24 @@ def test_derived_value_refused_by_keep_is_not_kept(cache_zone: ZoneFileSource) -
     for _ in range(2):
         resolver.derived("a", compute, keep=lambda value: False)
     assert len(computed) == 2
+
+
+def test_derived_value_of_an_oversized_key_is_not_kept(cache_zone: ZoneFileSource) -> None:
+    """Keys hold what senders send: a hostile one as long as a header field must not stay in memory."""
+    resolver = Resolver(cache_zone, clock=FakeClock())
+    computed: list[int] = []
+
+    def compute() -> tuple[str, ...]:
+        computed.append(1)
+        return _texts_of(resolver, "a")
+
+    hostile = ("dkim-key", b"s", b"d", b"rsa-sha256", b"@d" * MAX_KEPT_KEY_LENGTH)
+    for _ in range(2):
+        assert resolver.derived(hostile, compute) == ("a",)
+    assert len(computed) == 2
+    for _ in range(2):
+        resolver.derived(hostile[:4], compute)
+    assert len(computed) == 3  # a real key's is kept
 
 
 def test_nested_derived_value_shortens_the_outer_one(cache_zone: ZoneFileSource) -> None:

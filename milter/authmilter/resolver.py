@@ -663,6 +663,11 @@ class _Slots:
 # quarter of the usual soft limit of 1024 descriptors; past it nothing more is prefetched (the
 # checks then ask as they run).
 MAX_WAITING_PREFETCHES = 256
+# Derived values are keyed by what senders send (a local-part, an i= tag, a signature's failure
+# reason naming its b= value): a key whose text is longer than this, far more than any real one,
+# is computed each time and not kept, so a hostile message cannot pin up to a header's size per
+# entry (a Postfix header may be 100 KB; the cache holds [dns] cache_size entries).
+MAX_KEPT_KEY_LENGTH = 4096
 waiting_prefetches = _Slots(MAX_WAITING_PREFETCHES)
 
 
@@ -956,6 +961,7 @@ class Resolver:
                 must name the computation too (e.g. ``("spf", ip, sender, helo)``).
             compute: computes the value, asking this resolver for every DNS answer it needs.
             keep: whether a computed value may be kept (e.g. not a result of a time-out).
+                A key longer than :data:`MAX_KEPT_KEY_LENGTH` as text is never kept.
 
         Returns:
             The value, fresh or kept.
@@ -975,7 +981,13 @@ class Resolver:
             self._tracking.usage = outer
         if outer is not None:  # a derived value used inside another lasts no longer than its parts
             outer.add(usage.expires, usage.tempfail)
-        if not usage.tempfail and usage.expires > now and self._cache_size > 0 and keep(value):
+        if (
+            not usage.tempfail
+            and usage.expires > now
+            and self._cache_size > 0
+            and keep(value)
+            and len(repr(key)) <= MAX_KEPT_KEY_LENGTH  # measured on a miss only
+        ):
             with self._lock:
                 self._derived[key] = (usage.expires, value)
                 self._derived.move_to_end(key)
