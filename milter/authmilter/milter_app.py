@@ -14,8 +14,9 @@ Protocol choices (negotiated per connection, see :meth:`AuthMilter.negotiate`):
 - Every callback before end of message only gathers input, so it is ``@Milter.noreply``: the MTA
   does not wait for it. Nothing can be refused there either; a failure in one is kept and applied at
   end of message, the one place a decision is made. One exception: with ``[dns] prefetch_queries``
-  on, the MTA waits for our MAIL FROM reply (:meth:`AuthMilter.negotiate`), so that the lookups MAIL
-  FROM tells start while the client still sends the message.
+  on and a resolver that sends queries ahead (nameservers, a cache), the MTA waits for our MAIL
+  FROM reply (:meth:`AuthMilter.negotiate`), so that the lookups MAIL FROM tells start while the
+  client still sends the message.
 - Callbacks we do not define (``data``, ``eoh``, ``unknown``) are switched off, and only the
   actions we use are asked for: add/insert headers, change (delete) headers, quarantine.
 - Header values arrive as sent (``SMFIP_HDR_LEADSPC``, when the MTA offers it, as Postfix and
