@@ -429,3 +429,30 @@ def test_ready_made_client_address_is_what_pyspf_sets(resolver: Resolver, ip: st
     assert {k: v for k, v in vars(ours).items() if k in vars(own) and k != "t"} == {
         k: v for k, v in vars(own).items() if k != "t"
     }
+
+
+@pytest.mark.parametrize(
+    ("ip", "addresses", "length"),
+    [
+        (GOOD_IP, [GOOD_IP], 32),
+        (GOOD_IP, ["192.0.2.200"], 24),
+        (GOOD_IP, ["192.0.2.200"], 25),
+        (GOOD_IP, ["198.51.100.1", GOOD_IP], 32),
+        (GOOD_IP, [], 32),
+        (GOOD_IP, [GOOD_IP, "192.0.2.256"], 32),  # matched first, but an invalid one is permerror
+        (GOOD_IP, ["192.0.2.1/24"], 32),
+        ("2001:db8::25", ["2001:db8::1"], 64),
+        ("2001:db8::25", ["2001:db8::1"], 128),
+        ("2001:db8::25", [GOOD_IP], 32),  # the other family never matches
+    ],
+)
+def test_cidrmatch_is_pyspfs(resolver: Resolver, ip: str, addresses: list[str], length: int) -> None:
+    ours, own = ours_and_pyspfs(resolver, ip)
+    for _ in range(2):  # computed, then remembered
+        outcomes = []
+        for query in (ours, own):
+            try:
+                outcomes.append(query.cidrmatch(addresses, length))
+            except spf.PermError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1]

@@ -23,6 +23,7 @@ import spf
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a_labels
+from authmilter.memo import remembered_when_small
 from authmilter.model import AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
@@ -176,6 +177,16 @@ def _client_address(text: str) -> ClientAddress | None:
     return tuple(vars(attributes).items())
 
 
+# RFC 4291 §2.2 with an IPv4 tail: no longer text is an address, so none is worth keeping.
+_LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
+
+
+@remembered_when_small(ADDRESS_CACHE_SIZE, _LONGEST_ADDRESS, lambda address, length: len(address))
+def _network(address: str, length: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``address`` widened to its /``length`` network, as pyspf's cidrmatch computes it."""
+    return ipaddress.ip_network(address).supernet(new_prefix=length)
+
+
 def _check(
     client_ip: str,
     address: ClientAddress,
@@ -284,6 +295,19 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
             if self.void_lookups > spf.MAX_VOID_LOOKUPS:
                 raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
         return values
+
+    def cidrmatch(self, ipaddrs: list[Any], n: int) -> bool:
+        """Whether the client is in one of ``ipaddrs`` widened to /``n`` (pyspf's own test).
+
+        pyspf parses every address each time; the same few (an ip4: term, a provider's A record)
+        recur message after message, so each (address, length) is parsed once. As in pyspf, all
+        are parsed before any is matched: an invalid one is a permerror even after a match.
+        """
+        try:
+            networks = [_network(ip, n) for ip in ipaddrs]
+        except ValueError as e:
+            raise spf.PermError(str(e)) from None
+        return any(self.ipaddr in network for network in networks)
 
     def validated_ptrs(self) -> list[str]:
         """Validated names for the client address (RFC 7208 §5.5, also used by the %{p} macro).
