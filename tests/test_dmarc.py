@@ -11,6 +11,7 @@ import pytest
 
 from authmilter.dmarc import (
     MAX_AUTHOR_DOMAINS,
+    RECORD_MEMO_LENGTH,
     DmarcSettings,
     evaluate_dmarc,
     from_header_error,
@@ -124,6 +125,16 @@ def test_defaults() -> None:
     assert record.subdomain_policy is None and record.nonexistent_policy is None
     assert not (record.adkim_strict or record.aspf_strict or record.testing)
     assert (record.psd, record.failure_options, record.pct, record.rua) == ("u", "0", None, ())
+
+
+def test_a_record_text_is_parsed_once_but_a_long_one_each_time() -> None:
+    # Domains publishing the same text share one (frozen) record; a text longer than any real
+    # record is not kept, so a zone cannot pin large keys.
+    text = "v=DMARC1; p=reject; rua=mailto:shared@provider.example"
+    assert parse_dmarc_record(text) is parse_dmarc_record(text)
+    long_text = text + "; x=" + "y" * RECORD_MEMO_LENGTH
+    first, again = parse_dmarc_record(long_text), parse_dmarc_record(long_text)
+    assert first == again and first is not again
 
 
 def test_whitespace_and_case_of_names_and_values() -> None:

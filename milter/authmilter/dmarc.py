@@ -133,6 +133,14 @@ class DmarcSettings:
 # Record parsing (RFC 9989 §4.7, §4.8)
 
 
+# Many domains publish the same record text ("v=DMARC1; p=none", a provider's): the record is
+# frozen, so one parse serves them all. No real record comes near the length limit; a longer TXT
+# text is parsed each time, so what is kept stays bounded whatever a zone publishes.
+RECORD_MEMO_SIZE = 1024
+RECORD_MEMO_LENGTH = 1024
+
+
+@remembered_when_small(RECORD_MEMO_SIZE, RECORD_MEMO_LENGTH, len)
 def parse_dmarc_record(text: str) -> DmarcRecord | None:
     """Parse one TXT record (its strings already joined, RFC 9989 §4.5).
 
