@@ -637,16 +637,25 @@ def evaluate_dmarc(
     # The verdict depends on these inputs and on DNS answers only: the resolver hands back the one
     # computed while every answer it read (records, walks, existence checks) is still cached, as
     # the same sender's next message needs it. A signature's header.b is new in every message and
-    # never read here, so the key leaves it out.
+    # never read here, so the key leaves it out. It holds plain values, not the result objects: the
+    # resolver measures a new key as text, and dataclass and enum reprs cost more than the key.
     signatures = tuple(
-        (s.result, s.domain, s.selector, s.algorithm, s.reason, s.identity, s.testing) for s in dkim
+        (s.result.value, s.domain, s.selector, s.algorithm, s.reason, s.identity, s.testing) for s in dkim
     )
-    key = ("dmarc", domains, spf, signatures, settings.org_domain, settings.psl_file, settings.max_tree_walk)
+    walk = (settings.org_domain, settings.psl_file, settings.max_tree_walk)
+    key = ("dmarc", domains, _plain_spf(spf), signatures, walk)
 
     def strictest() -> DmarcVerdict:
         return max((_evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains), key=_severity)
 
     return resolver.derived(key, strictest)
+
+
+def _plain_spf(spf: SpfResult | None) -> tuple[str, ...] | None:
+    """Every field of an SPF result, as plain values for a key."""
+    if spf is None:
+        return None
+    return (spf.result.value, spf.domain, spf.scope.value, spf.identity, spf.explanation)
 
 
 def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:

@@ -152,7 +152,7 @@ def _evaluate(
         return _none(domain, local, scope, f"{domain!r} is not a checkable domain name")
     # The result depends on these and on DNS answers only (pyspf reads no clock and no other
     # state), so the resolver may hand back the one computed while those answers are still cached.
-    key = ("spf", scope, client_ip, local, ascii_domain, helo, settings.timeout)
+    key = ("spf", scope.value, client_ip, local, ascii_domain, helo, settings.timeout)  # no enum repr
     return resolver.derived(
         key,
         lambda: _check(client_ip, address, helo, local, ascii_domain, scope, resolver, settings),
