@@ -177,7 +177,8 @@ def _client_address(text: str) -> ClientAddress | None:
     return tuple(vars(attributes).items())
 
 
-# RFC 4291 §2.2 with an IPv4 tail: no longer text is an address, so none is worth keeping.
+# The longest address text (RFC 4291 §2.2, with an IPv4 tail); anything longer (a zone index, junk
+# from a record) is parsed each time and not kept.
 _LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
 
 
