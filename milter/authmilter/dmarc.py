@@ -843,7 +843,11 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         # A trusted ARC sealer that lifted the failure is named (pipeline's trusted-forwarder step).
         arc = decided.outcomes.get("arc")
         sealer = arc.override if isinstance(arc, ArcResult) else ""
-        return _method_results(outcome, unenforced_disposition(outcome, decided.action), sealer)
+        applied = unenforced_disposition(outcome, decided.action)
+        # Keyed by what the resinfo shows: hashing a whole verdict (its record, its reason) costs
+        # more than building the resinfo.
+        shown = (outcome.result, outcome.from_domain, outcome.policy, outcome.disposition)
+        return _method_results(*shown, applied, sealer)
 
 
 # The From value of a sender recurs message after message, and parse_from gives the same
@@ -875,15 +879,20 @@ def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
 
 @lru_cache(maxsize=RESULT_CACHE_SIZE)
 def _method_results(
-    dmarc: DmarcVerdict, applied: Disposition | None, trusted_sealer: str
+    result: AuthResult,
+    from_domain: str,
+    policy: Disposition | None,
+    disposition: Disposition,
+    applied: Disposition | None,
+    trusted_sealer: str,
 ) -> tuple[MethodResult, ...]:
     # dis= says what was done: when local policy did not apply the disposition DMARC asked for
     # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
-    comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
-    if dmarc.policy and applied is not None and applied is not dmarc.disposition:
+    comment = f"p={policy.value} dis={disposition.value}" if policy else ""
+    if policy and applied is not None and applied is not disposition:
         why = f"overridden by trusted ARC sealer {trusted_sealer}" if trusted_sealer else NOT_ENFORCED_NOTE
-        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {why}"
-    return (MethodResult("dmarc", dmarc.result, (("header", "from", dmarc.from_domain),), comment),)
+        comment = f"p={policy.value} dis={applied.value}, {disposition.value} {why}"
+    return (MethodResult("dmarc", result, (("header", "from", from_domain),), comment),)
 
 
 # What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed
