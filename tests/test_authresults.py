@@ -6,12 +6,16 @@ import random
 from dataclasses import replace
 
 import authres
+import authres.core
 import pytest
 
 from authmilter.authresults import (
+    _ALREADY_SAFE,
     MAX_INCOMING_FIELDS,
     MAX_INCOMING_LENGTH,
     MAX_PROPERTY_VALUE_LENGTH,
+    _property_piece,
+    _sanitized,
     find_forged_authentication_results,
     inspect_authentication_results,
     sanitize_authserv_id,
@@ -473,3 +477,30 @@ def test_forged_field_hidden_behind_junk_is_found() -> None:
 
 def test_no_authentication_results() -> None:
     assert find_forged_authentication_results(headers_from_pairs([("Subject", "x")]), "mx.example") == ()
+
+
+def _generated_values(rng: random.Random, count: int) -> list[str]:
+    """Values around what the sanitizer keeps as it is: dots, "@", safe and unsafe characters."""
+    pieces = [*"aaaaaaaaZ9..-_", "@", "/", "=", "+", "!", "~", " ", ";", '"', "é", "ü"]
+    def part() -> str:
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+
+    values = [part() + rng.choice(["", "@"]) + part() for _ in range(count)]
+    values += ["news@s1.bench.example", "s1.bench.example", "rsa-sha256", "a" * 256, "a" * 257]
+    values += ["l" * 200 + "@" + "d" * 55, "l" * 200 + "@" + "d" * 56, "x.@y", "@x", "x@", ".x@y"]
+    return values
+
+
+def test_values_already_safe_are_kept_as_the_full_sanitizer_keeps_them() -> None:
+    values = _generated_values(random.Random(2045), 20000)
+    kept = [value for value in values if _ALREADY_SAFE.fullmatch(value)]
+    assert len(kept) > 1000 and sum("@" in value for value in kept) > 300, "both forms are tried"
+    for value in values:
+        assert sanitize_property_value(value) == _sanitized(value), repr(value)
+
+
+def test_property_pieces_are_what_authres_writes() -> None:
+    for raw in _generated_values(random.Random(8601), 5000):
+        value = sanitize_property_value(raw)
+        expected = str(authres.core.AuthenticationResultProperty("smtp", "mailfrom", value)) if value else ""
+        assert _property_piece("smtp", "mailfrom", raw) == expected, repr(raw)

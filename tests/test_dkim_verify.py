@@ -995,3 +995,18 @@ def test_rsa_keys_read_through_openssl_as_dkimpy_reads_them(
     assert [_key_outcome(record) for record in records] == fast
     usable = sum(isinstance(outcome, dkim_verify.PublicKey) for outcome in fast)
     assert 8 <= read_by_openssl < len(records) - 20 and usable >= 8, (read_by_openssl, usable)
+
+
+def test_a_key_is_read_once_and_shared_read_only(keys: dict[str, Key]) -> None:
+    # The same p= published under many names is parsed once; what is shared cannot be altered.
+    p_value = keys["rsa2048"].public_b64.encode()
+    read = dkim_verify._openssl_rsa_key(p_value)
+    assert read is not None and read is dkim_verify._openssl_rsa_key(p_value)
+    integers, bits = read
+    assert bits == 2048 and set(integers) == {"modulus", "publicExponent"}
+    with pytest.raises(TypeError):
+        integers["modulus"] = 3  # type: ignore[index]  # shared between callers
+    # A value longer than any key (here whitespace around one) is read each time, and read alike.
+    padded = p_value + b" " * dkim_verify.KEY_MEMO_LENGTH
+    assert dkim_verify._openssl_rsa_key(padded) == read
+    assert dkim_verify._openssl_rsa_key(padded) is not dkim_verify._openssl_rsa_key(padded)

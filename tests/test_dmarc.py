@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import dns.name
 import dns.rdatatype
@@ -11,6 +12,7 @@ import pytest
 
 from authmilter.dmarc import (
     MAX_AUTHOR_DOMAINS,
+    RECORD_MEMO_LENGTH,
     DmarcSettings,
     evaluate_dmarc,
     from_header_error,
@@ -22,6 +24,7 @@ from authmilter.resolver import DnsAnswer, Resolver, ZoneFileSource, tempfail
 
 TREEWALK = DmarcSettings()
 PSL = DmarcSettings(org_domain="psl")
+T = TypeVar("T")
 
 
 class Recorder:
@@ -124,6 +127,16 @@ def test_defaults() -> None:
     assert record.subdomain_policy is None and record.nonexistent_policy is None
     assert not (record.adkim_strict or record.aspf_strict or record.testing)
     assert (record.psd, record.failure_options, record.pct, record.rua) == ("u", "0", None, ())
+
+
+def test_a_record_text_is_parsed_once_but_a_long_one_each_time() -> None:
+    # Domains publishing the same text share one (frozen) record; a text longer than any real
+    # record is not kept, so a zone cannot pin large keys.
+    text = "v=DMARC1; p=reject; rua=mailto:shared@provider.example"
+    assert parse_dmarc_record(text) is parse_dmarc_record(text)
+    long_text = text + "; x=" + "y" * RECORD_MEMO_LENGTH
+    first, again = parse_dmarc_record(long_text), parse_dmarc_record(long_text)
+    assert first == again and first is not again
 
 
 def test_whitespace_and_case_of_names_and_values() -> None:
@@ -787,3 +800,28 @@ def test_psl_mode_ignores_psd(tmp_path: Path) -> None:
         "bank.example",
         "bank.example",
     )
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_plain(item) for item in value)
+    return value is None or type(value) in (str, int, bool)
+
+
+def test_a_verdict_is_kept_under_a_key_of_plain_values(tmp_path: Path) -> None:
+    # The resolver measures a new key as text; result objects and enums in it cost their repr.
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    keys: list[object] = []
+    derived = resolver.derived
+
+    def recording(key: Hashable, compute: Callable[[], T], keep: Callable[[T], bool] = lambda _: True) -> T:
+        keys.append(key)
+        return derived(key, compute, keep)
+
+    resolver.derived = recording  # type: ignore[method-assign]
+    verdict = evaluate(resolver, ["example.com"], spf_pass("example.com"), [dkim_sig("example.com")])
+    assert verdict.result is AuthResult.PASS
+    assert keys and all(_plain(key) for key in keys), keys
+    failing = SpfResult(AuthResult.FAIL, "example.com", SpfScope.MFROM, "bounce@example.com", "not allowed")
+    assert evaluate(resolver, ["example.com"], failing, [dkim_sig("example.com")]).spf_aligned is False
+    assert len(set(keys)) == len(keys) - 1, "another SPF result, another key"

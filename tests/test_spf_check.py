@@ -20,6 +20,8 @@ from authmilter.resolver import DnsAnswer, DnsSource, Resolver, ZoneFileSource, 
 from authmilter.spf_check import (
     SpfSettings,
     _checkable_domain,
+    _client_address,
+    _ResolverQuery,
     check_helo,
     check_mail_from,
 )
@@ -408,3 +410,49 @@ def test_threads_with_different_resolvers_get_their_own_answers(
     for thread in threads:
         thread.join(timeout=30)
     assert results == {expected: [expected] * 20 for expected in resolvers}
+
+
+def ours_and_pyspfs(resolver: Resolver, ip: str) -> tuple[spf.query, spf.query]:
+    """Our query and pyspf's own for one client address and sender."""
+    address = _client_address(ip)
+    assert address is not None
+    sender, helo = "user@sender.example", "mta.example"
+    ours = _ResolverQuery(address, sender, "user", "sender.example", helo, resolver, 0)
+    return ours, spf.query(i=ip, s=sender, h=helo, strict=True)
+
+
+@pytest.mark.parametrize("ip", [GOOD_IP, "2001:db8::25", "2001:DB8:0::1", f"::ffff:{GOOD_IP}"])
+def test_ready_made_client_address_is_what_pyspf_sets(resolver: Resolver, ip: str) -> None:
+    # The client's attributes are set once per address; a query must hold what pyspf's own
+    # constructor gives it (its clock reading "t" aside).
+    ours, own = ours_and_pyspfs(resolver, ip)
+    assert {k: v for k, v in vars(ours).items() if k in vars(own) and k != "t"} == {
+        k: v for k, v in vars(own).items() if k != "t"
+    }
+
+
+@pytest.mark.parametrize(
+    ("ip", "addresses", "length"),
+    [
+        (GOOD_IP, [GOOD_IP], 32),
+        (GOOD_IP, ["192.0.2.200"], 24),
+        (GOOD_IP, ["192.0.2.200"], 25),
+        (GOOD_IP, ["198.51.100.1", GOOD_IP], 32),
+        (GOOD_IP, [], 32),
+        (GOOD_IP, [GOOD_IP, "192.0.2.256"], 32),  # matched first, but an invalid one is permerror
+        (GOOD_IP, ["192.0.2.1/24"], 32),
+        ("2001:db8::25", ["2001:db8::1"], 64),
+        ("2001:db8::25", ["2001:db8::1"], 128),
+        ("2001:db8::25", [GOOD_IP], 32),  # the other family never matches
+    ],
+)
+def test_cidrmatch_is_pyspfs(resolver: Resolver, ip: str, addresses: list[str], length: int) -> None:
+    ours, own = ours_and_pyspfs(resolver, ip)
+    for _ in range(2):  # computed, then remembered
+        outcomes = []
+        for query in (ours, own):
+            try:
+                outcomes.append(query.cidrmatch(addresses, length))
+            except spf.PermError as e:
+                outcomes.append(str(e))
+        assert outcomes[0] == outcomes[1]

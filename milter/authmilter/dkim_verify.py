@@ -428,7 +428,17 @@ def _load_key(name: str, record: str, tags: Mapping[bytes, bytes], settings: Dki
     return PublicKey(pk=pk, bits=bits, ktag=ktag, testing=b"y" in _colon_list(key_tags.get(b"t")))
 
 
-def _openssl_rsa_key(p_value: bytes) -> tuple[dict[str, int], int] | None:
+# Parsing a p= (base64, DER through OpenSSL, the check that writes it back) costs more than the rest
+# of a key record's checks. The same key is published under many names (each selector and domain
+# a signer uses, a provider's key CNAMEd or copied into its customers' zones), so each p= value is
+# read once; the result is shared read-only. A value longer than any key in use (an RSA-8192 p= is
+# about 1,420 octets) is read each time.
+KEY_MEMO_SIZE = 256
+KEY_MEMO_LENGTH = 1500
+
+
+@remembered_when_small(KEY_MEMO_SIZE, KEY_MEMO_LENGTH, octets)
+def _openssl_rsa_key(p_value: bytes) -> tuple[Mapping[str, int], int] | None:
     """dkimpy's reading of an RSA p= (``evaluate_pk``: its key dict and bit size), through OpenSSL.
 
     dkimpy reads the DER (RFC 6376 §3.6.1: SubjectPublicKeyInfo, or a bare PKCS#1 RSAPublicKey)
@@ -448,7 +458,8 @@ def _openssl_rsa_key(p_value: bytes) -> tuple[dict[str, int], int] | None:
     if all(der != key.public_bytes(serialization.Encoding.DER, encoding) for encoding in encodings):
         return None
     numbers = key.public_numbers()
-    return {"modulus": numbers.n, "publicExponent": numbers.e}, numbers.n.bit_length()
+    key_integers = MappingProxyType({"modulus": numbers.n, "publicExponent": numbers.e})
+    return key_integers, numbers.n.bit_length()
 
 
 def _check_key_tags(key_tags: Mapping[bytes, bytes], tags: Mapping[bytes, bytes]) -> None:

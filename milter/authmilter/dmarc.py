@@ -133,6 +133,14 @@ class DmarcSettings:
 # Record parsing (RFC 9989 §4.7, §4.8)
 
 
+# Many domains publish the same record text ("v=DMARC1; p=none", a provider's): the record is
+# frozen, so one parse serves them all. No real record comes near the length limit; a longer TXT
+# text is parsed each time, so what is kept stays bounded whatever a zone publishes.
+RECORD_MEMO_SIZE = 1024
+RECORD_MEMO_LENGTH = 1024
+
+
+@remembered_when_small(RECORD_MEMO_SIZE, RECORD_MEMO_LENGTH, len)
 def parse_dmarc_record(text: str) -> DmarcRecord | None:
     """Parse one TXT record (its strings already joined, RFC 9989 §4.5).
 
@@ -629,16 +637,25 @@ def evaluate_dmarc(
     # The verdict depends on these inputs and on DNS answers only: the resolver hands back the one
     # computed while every answer it read (records, walks, existence checks) is still cached, as
     # the same sender's next message needs it. A signature's header.b is new in every message and
-    # never read here, so the key leaves it out.
+    # never read here, so the key leaves it out. It holds plain values, not the result objects: the
+    # resolver measures a new key as text, and dataclass and enum reprs cost more than the key.
     signatures = tuple(
-        (s.result, s.domain, s.selector, s.algorithm, s.reason, s.identity, s.testing) for s in dkim
+        (s.result.value, s.domain, s.selector, s.algorithm, s.reason, s.identity, s.testing) for s in dkim
     )
-    key = ("dmarc", domains, spf, signatures, settings.org_domain, settings.psl_file, settings.max_tree_walk)
+    walk = (settings.org_domain, settings.psl_file, settings.max_tree_walk)
+    key = ("dmarc", domains, _plain_spf(spf), signatures, walk)
 
     def strictest() -> DmarcVerdict:
         return max((_evaluate_one(d, domains, spf, dkim, resolver, settings) for d in domains), key=_severity)
 
     return resolver.derived(key, strictest)
+
+
+def _plain_spf(spf: SpfResult | None) -> tuple[str, ...] | None:
+    """Every field of an SPF result, as plain values for a key."""
+    if spf is None:
+        return None
+    return (spf.result.value, spf.domain, spf.scope.value, spf.identity, spf.explanation)
 
 
 def _author_domains(from_domains: Sequence[str]) -> tuple[str, ...]:
@@ -826,7 +843,11 @@ class DmarcCheck(Check[DmarcSettings, DmarcVerdict]):
         # A trusted ARC sealer that lifted the failure is named (pipeline's trusted-forwarder step).
         arc = decided.outcomes.get("arc")
         sealer = arc.override if isinstance(arc, ArcResult) else ""
-        return _method_results(outcome, unenforced_disposition(outcome, decided.action), sealer)
+        applied = unenforced_disposition(outcome, decided.action)
+        # Keyed by what the resinfo shows: hashing a whole verdict (its record, its reason) costs
+        # more than building the resinfo.
+        shown = (outcome.result, outcome.from_domain, outcome.policy, outcome.disposition)
+        return _method_results(*shown, applied, sealer)
 
 
 # The From value of a sender recurs message after message, and parse_from gives the same
@@ -858,15 +879,20 @@ def unusable_from(authors: FromAuthors) -> DmarcVerdict | None:
 
 @lru_cache(maxsize=RESULT_CACHE_SIZE)
 def _method_results(
-    dmarc: DmarcVerdict, applied: Disposition | None, trusted_sealer: str
+    result: AuthResult,
+    from_domain: str,
+    policy: Disposition | None,
+    disposition: Disposition,
+    applied: Disposition | None,
+    trusted_sealer: str,
 ) -> tuple[MethodResult, ...]:
     # dis= says what was done: when local policy did not apply the disposition DMARC asked for
     # ([policy] enforce = false, never_reject_*), a reader must not take the message as rejected.
-    comment = f"p={dmarc.policy.value} dis={dmarc.disposition.value}" if dmarc.policy else ""
-    if dmarc.policy and applied is not None and applied is not dmarc.disposition:
+    comment = f"p={policy.value} dis={disposition.value}" if policy else ""
+    if policy and applied is not None and applied is not disposition:
         why = f"overridden by trusted ARC sealer {trusted_sealer}" if trusted_sealer else NOT_ENFORCED_NOTE
-        comment = f"p={dmarc.policy.value} dis={applied.value}, {dmarc.disposition.value} {why}"
-    return (MethodResult("dmarc", dmarc.result, (("header", "from", dmarc.from_domain),), comment),)
+        comment = f"p={policy.value} dis={applied.value}, {disposition.value} {why}"
+    return (MethodResult("dmarc", result, (("header", "from", from_domain),), comment),)
 
 
 # What an action does to a message, as a DMARC disposition (RFC 9989 §4.7's terms). A tempfailed

@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
+from types import SimpleNamespace
 from typing import Any
 
 import dns.rdatatype
@@ -22,6 +23,7 @@ import spf
 
 from authmilter.checks import Check, Decided, Outcomes, Question
 from authmilter.domains import MAX_LABEL_LENGTH, DomainError, path_address, to_a_labels
+from authmilter.memo import remembered_when_small
 from authmilter.model import AuthResult, MethodResult, SpfResult, SpfScope
 from authmilter.resolver import DnsStatus, Resolver
 from authmilter.settings import bounded, validate
@@ -36,6 +38,8 @@ _MULTI_LABEL_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 # Client addresses recur (a handful of clients send most mail); parsing one costs more than the
 # rest of a check whose result the resolver has kept.
 ADDRESS_CACHE_SIZE = 1024
+# A client address as pyspf keeps it: its query's attributes (name, value) from ``set_ip``.
+ClientAddress = tuple[tuple[str, Any], ...]
 
 # pyspf's result words, including the pre-RFC 4408 names it still knows, mapped to RFC 7208 §2.6.
 _RESULT_WORDS: dict[str, AuthResult] = {
@@ -138,7 +142,8 @@ def _evaluate(
 ) -> SpfResult:
     if not settings.enabled:
         return _none(domain, local, scope, "SPF checking disabled")
-    if not _is_ip_address(client_ip):
+    address = _client_address(client_ip)
+    if address is None:
         # Not the sender's fault and nothing to authorize: no result rather than an error.
         return _none(domain, local, scope, f"client address {client_ip!r} is not an IP address")
     ascii_domain = _checkable_domain(domain)
@@ -147,25 +152,45 @@ def _evaluate(
         return _none(domain, local, scope, f"{domain!r} is not a checkable domain name")
     # The result depends on these and on DNS answers only (pyspf reads no clock and no other
     # state), so the resolver may hand back the one computed while those answers are still cached.
-    key = ("spf", scope, client_ip, local, ascii_domain, helo, settings.timeout)
+    key = ("spf", scope.value, client_ip, local, ascii_domain, helo, settings.timeout)  # no enum repr
     return resolver.derived(
         key,
-        lambda: _check(client_ip, helo, local, ascii_domain, scope, resolver, settings),
+        lambda: _check(client_ip, address, helo, local, ascii_domain, scope, resolver, settings),
         keep=lambda result: result.result is not AuthResult.TEMPERROR,  # e.g. out of time
     )
 
 
 @lru_cache(maxsize=ADDRESS_CACHE_SIZE)
-def _is_ip_address(text: str) -> bool:
+def _client_address(text: str) -> ClientAddress | None:
+    """pyspf's attributes for a client address (``spf.query.set_ip``), or None if it is none.
+
+    Parsing an address costs as much as evaluating a short record, and every message asks for
+    its client's twice (HELO and MAIL FROM): set once per address, by pyspf's own code. The
+    values are strings, numbers and an ``ipaddress`` object, all immutable, so shared safely.
+    """
     try:
-        ipaddress.ip_address(text)
+        ipaddress.ip_address(text)  # set_ip would also take the words "list" and "list6"
     except ValueError:
-        return False
-    return True
+        return None
+    attributes = SimpleNamespace(ipaddr=None)  # set_ip reads what __init__ set before it
+    spf.query.set_ip(attributes, text)
+    return tuple(vars(attributes).items())
+
+
+# The longest address text (RFC 4291 §2.2, with an IPv4 tail); anything longer (a zone index, junk
+# from a record) is parsed each time and not kept.
+_LONGEST_ADDRESS = len("ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255")
+
+
+@remembered_when_small(ADDRESS_CACHE_SIZE, _LONGEST_ADDRESS, lambda address, length: len(address))
+def _network(address: str, length: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``address`` widened to its /``length`` network, as pyspf's cidrmatch computes it."""
+    return ipaddress.ip_network(address).supernet(new_prefix=length)
 
 
 def _check(
     client_ip: str,
+    address: ClientAddress,
     helo: str,
     local: str,
     ascii_domain: str,
@@ -176,7 +201,7 @@ def _check(
     identity = f"{local}@{ascii_domain}"
     deadline = time.monotonic() + settings.timeout
     try:
-        query = _ResolverQuery(client_ip, identity, local, ascii_domain, helo, resolver, deadline)
+        query = _ResolverQuery(address, identity, local, ascii_domain, helo, resolver, deadline)
         word, _code, explanation = query.check()
     except Exception as e:
         # pyspf reports record and DNS problems as results; an exception here is pyspf tripping over
@@ -227,7 +252,7 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
 
     def __init__(
         self,
-        client_ip: str,
+        address: ClientAddress,
         sender: str,
         local: str,
         domain: str,
@@ -236,7 +261,10 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
         deadline: float,
     ) -> None:
         # strict=True is pyspf's RFC 7208 mode: limits and syntax errors are permerror (§4.6.4).
-        super().__init__(i=client_ip, s=sender, h=helo, strict=True)
+        # Without i= pyspf parses no address: the client's attributes come ready-made.
+        super().__init__(i=None, s=sender, h=helo, strict=True)
+        for name, value in address:
+            setattr(self, name, value)
         # pyspf splits the sender at the first "@"; a quoted local-part may hold one, so set the
         # parts we split at the last one (RFC 7208 §4.3).
         self.l, self.o, self.d = local, domain, domain
@@ -268,6 +296,19 @@ class _ResolverQuery(spf.query):  # type: ignore[misc]
             if self.void_lookups > spf.MAX_VOID_LOOKUPS:
                 raise spf.PermError(f"Void lookup limit of {spf.MAX_VOID_LOOKUPS} exceeded")
         return values
+
+    def cidrmatch(self, ipaddrs: list[Any], n: int) -> bool:
+        """Whether the client is in one of ``ipaddrs`` widened to /``n`` (pyspf's own test).
+
+        pyspf parses every address each time; the same few (an ip4: term, a provider's A record)
+        recur message after message, so each (address, length) is parsed once. As in pyspf, all
+        are parsed before any is matched: an invalid one is a permerror even after a match.
+        """
+        try:
+            networks = [_network(ip, n) for ip in ipaddrs]
+        except ValueError as e:
+            raise spf.PermError(str(e)) from None
+        return any(self.ipaddr in network for network in networks)
 
     def validated_ptrs(self) -> list[str]:
         """Validated names for the client address (RFC 7208 §5.5, also used by the %{p} macro).
