@@ -605,6 +605,16 @@ class _Usage:
         self.tempfail = self.tempfail or tempfail
 
 
+class _Tracking(threading.local):
+    """Per thread: the derived computation (:meth:`Resolver.derived`) whose answers are tracked.
+
+    A class default, not ``getattr(local, "usage", None)``: every lookup reads it, and a missing
+    attribute of a ``threading.local`` costs a formatted AttributeError each time.
+    """
+
+    usage: _Usage | None = None
+
+
 class _Counts:
     def __init__(self) -> None:
         self.sent = 0
@@ -760,7 +770,7 @@ class Resolver:
         self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
         self._derived: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
         self._lock = threading.Lock()
-        self._tracking = threading.local()
+        self._tracking = _Tracking()
         self._counts = _Counts()  # shared with the views for_message() makes
         self._budget: DnsBudget | None = None
         # Lookups on their way, by cache key: a second asker waits for the first's answer instead of
@@ -982,7 +992,7 @@ class Resolver:
                 self._derived.move_to_end(key)
                 self._used(hit[0], None)
                 return hit[1]  # type: ignore[return-value]  # stored by this method for this key
-        outer = getattr(self._tracking, "usage", None)
+        outer = self._tracking.usage
         usage = self._tracking.usage = _Usage()
         try:
             value = compute()
@@ -1005,7 +1015,7 @@ class Resolver:
         return value
 
     def _used(self, expires: float, answer: DnsAnswer | None) -> None:
-        usage: _Usage | None = getattr(self._tracking, "usage", None)
+        usage = self._tracking.usage
         if usage is not None:
             usage.add(expires, answer is not None and answer.status is DnsStatus.TEMPFAIL)
 
