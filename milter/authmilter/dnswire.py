@@ -118,6 +118,7 @@ _TYPE_AAAA, _TYPE_OPT, _TYPE_SPF = 28, 41, 99
 # RFC 1035 §2.3.4: a name is at most 255 octets on the wire, so at most 127 labels; an encoder
 # writes at most one pointer per name, so a chain of more pointers than that is an attack.
 _MAX_NAME = 255
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # the question's name starts right after the 12-octet header
 _MAX_POINTERS = 127
 # Label bytes dnspython writes as they are; anything else it escapes (``_escapify`` in dns.name).
 _PLAIN_LABEL = re.compile(rb"[!#%&'*+,\-/0-9:<=>?A-Z\[\]^_`a-z{|}~]*")
@@ -149,14 +150,14 @@ def parse_response(data: bytes) -> DnsAnswer:
         raise UnusableAnswer("datagram is a query, not a response")
     if questions != 1:
         raise UnusableAnswer(f"response carries {questions} questions instead of 1")
-    qname, offset = _read_name(data, _HEADER.size)
+    name, offset = _read_name(data, _HEADER.size)
+    qname = name.lower()
     if offset + 4 > len(data):
         raise UnusableAnswer("response ends inside its question")
-    (qtype,) = struct.unpack_from("!H", data, offset)
-    offset += 4
-    answer, offset = _records(data, offset, answers)
-    authority, offset = _records(data, offset, authorities)
-    additional, offset = _records(data, offset, additionals)
+    qtype = data[offset] << 8 | data[offset + 1]
+    answer, authority, additional, offset = _sections(
+        data, offset + 4, (answers, authorities, additionals), qname
+    )
     if offset != len(data):
         raise UnusableAnswer(f"{len(data) - offset} bytes after the last record")
     rcode = flags & 0xF
@@ -175,32 +176,46 @@ def parse_response(data: bytes) -> DnsAnswer:
 _Record = tuple[int, bytes, int, int, int]
 
 
-def _records(data: bytes, offset: int, count: int) -> tuple[list[_Record], int]:
-    """``count`` records of class IN (others are skipped) from ``offset``, and where they end."""
-    found: list[_Record] = []
+def _sections(
+    data: bytes, offset: int, counts: tuple[int, int, int], qname: bytes
+) -> tuple[list[_Record], list[_Record], list[_Record], int]:
+    """The answer, authority and additional records (``counts`` of each) from ``offset``, only
+    those of class IN (and OPT), and where they end; ``qname`` is the question's name, lower case.
+    """
+    sections: tuple[list[_Record], list[_Record], list[_Record]] = ([], [], [])
     end = len(data)
-    for _ in range(count):  # each record takes at least 11 bytes, so a huge count fails fast
-        owner, offset = _read_name(data, offset)
-        if offset + _RR_FIXED.size > end:
-            raise UnusableAnswer("response ends inside a record")
-        rtype, rclass, ttl, length = _RR_FIXED.unpack_from(data, offset)
-        start = offset + _RR_FIXED.size
-        offset = start + length
-        if offset > end:
-            raise UnusableAnswer("a record's data runs past the end of the response")
-        if rclass == _CLASS_IN or rtype == _TYPE_OPT:
-            # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
-            if ttl >= 1 << 31 and rtype != _TYPE_OPT:
-                ttl = 0
-            found.append((rtype, owner.lower(), ttl, start, offset))
-    return found, offset
+    for found, count in zip(sections, counts, strict=True):
+        for _ in range(count):  # each record takes at least 11 bytes, so a huge count fails fast
+            # The usual owners need no walk: a pointer to the question's name (offset 12, always
+            # backwards from a record), or the root (an OPT record's).
+            if data.startswith(_POINTER_TO_QUESTION, offset):
+                owner, offset = qname, offset + 2
+            elif data.startswith(b"\x00", offset):
+                owner, offset = b"\x00", offset + 1
+            else:
+                owner, offset = _read_name(data, offset)
+                owner = owner.lower()
+            if offset + _RR_FIXED.size > end:
+                raise UnusableAnswer("response ends inside a record")
+            rtype, rclass, ttl, length = _RR_FIXED.unpack_from(data, offset)
+            start = offset + _RR_FIXED.size
+            offset = start + length
+            if offset > end:
+                raise UnusableAnswer("a record's data runs past the end of the response")
+            if rclass == _CLASS_IN or rtype == _TYPE_OPT:
+                # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
+                if ttl >= 1 << 31 and rtype != _TYPE_OPT:
+                    ttl = 0
+                found.append((rtype, owner, ttl, start, offset))
+    return *sections, offset
 
 
 def _follow(
     data: bytes, qname: bytes, qtype: int, answer: list[_Record], authority: list[_Record]
 ) -> DnsAnswer:
-    """The records of ``qtype`` at ``qname`` or at the end of its CNAME chain (RFC 1034 §3.6.2)."""
-    ttl, current = MAX_CACHE_TTL, qname.lower()
+    """The records of ``qtype`` at ``qname`` (lower case) or at the end of its CNAME chain
+    (RFC 1034 §3.6.2)."""
+    ttl, current = MAX_CACHE_TTL, qname
     for _ in range(MAX_CNAME_CHAIN + 1):
         matching = [record for record in answer if record[1] == current and record[0] == qtype]
         if matching:
