@@ -167,10 +167,10 @@ class NameserverSource:
         """The lookup loop for one question (:func:`_question`); ``sent`` is a first try already
         sent to the first server."""
         deadline = time.monotonic() + self._timeout
-        servers = list(self._servers)
+        servers = self._servers  # copied only when one fails
         failures: list[str] = []
         while servers:
-            for server in list(servers):
+            for server in servers:
                 attempt, sent = sent, None
                 try:
                     if attempt is None:
@@ -182,7 +182,7 @@ class NameserverSource:
                     continue
                 except (UnusableAnswer, OSError, EOFError) as e:
                     failures.append(f"{server[0]} port {server[1]}: {e or type(e).__name__}")
-                    servers.remove(server)
+                    servers = [other for other in servers if other is not server]  # this round goes on
                     continue
                 return answer
         return tempfail(f"no nameserver answered ({'; '.join(failures)})")
@@ -862,20 +862,21 @@ class Resolver:
         Args:
             question: the prefetched query to read, or the name in wire form (:func:`wire_name`).
         """
+        cached = False
         try:
             answer = self._ask(qtype, question)
             pending.expires = pending.started + min(answer.ttl, MAX_CACHE_TTL)
             pending.answer = answer
             self._used(pending.expires, answer)
-            if answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0:
-                with self._lock:
-                    self._cache[key] = (pending.expires, answer)
+            cached = answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0
+        finally:
+            with self._lock:  # once: the lookup leaves those on their way as its answer enters the cache
+                del self._inflight[key]
+                if cached:
+                    self._cache[key] = (pending.expires, pending.answer)
                     self._cache.move_to_end(key)
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
-        finally:
-            with self._lock:
-                del self._inflight[key]
             pending.finish()
         return pending.answer
 
