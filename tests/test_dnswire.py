@@ -198,6 +198,27 @@ def test_parse_equals_dnspython(wire: bytes) -> None:
     assert unordered(parse_response(wire)) == unordered(dnspython_answer(wire))
 
 
+def _question_of(wire: bytes) -> bytes:
+    """The question section as the resolver sent it: the name in wire form, type, class."""
+    question = dns.message.from_wire(wire).question[0]
+    return bytes(question.name.to_wire()) + struct.pack("!HH", question.rdtype, question.rdclass)
+
+
+@pytest.mark.parametrize("wire", CASES.values(), ids=CASES.keys())
+def test_a_question_given_is_the_question_read(wire: bytes) -> None:
+    # The resolver passes the question it sent (the response repeats it) instead of having it read.
+    assert parse_response(wire, _question_of(wire)) == parse_response(wire)
+
+
+def test_a_response_to_another_question_is_unusable() -> None:
+    wire = CASES["txt"]
+    other = _question_of(CASES["mixed case owner"])
+    with pytest.raises(UnusableAnswer, match="not to the question asked"):
+        parse_response(wire, other)
+    with pytest.raises(UnusableAnswer, match="not to the question asked"):
+        parse_response(wire, _question_of(wire)[:-1] + b"\x02")  # class CH, not IN
+
+
 def test_values_are_the_plain_values_the_checks_use() -> None:
     assert unordered(parse_response(CASES["txt several strings and records"])).records == (
         (b"other", b""),
@@ -258,6 +279,7 @@ def test_parse_equals_dnspython_on_random_responses() -> None:
         assert unordered(parse_response(wire)) == unordered(dnspython_answer(wire)), dns.message.from_wire(
             wire
         ).to_text()
+        assert parse_response(wire, _question_of(wire)) == parse_response(wire)
 
 
 # --- against real Knot ---------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def is_truncated(data: bytes) -> bool:
     return len(data) >= _HEADER.size and bool(data[2] << 8 & _TC)
 
 
-def parse_response(data: bytes) -> DnsAnswer:
+def parse_response(data: bytes, question: bytes | None = None) -> DnsAnswer:
     """One response as a :class:`DnsAnswer` for the question it carries (RFC 1035 §4.1).
 
     The caller has checked that the question is the one it asked (RFC 5452 §3). The CNAME chain
@@ -139,9 +139,15 @@ def parse_response(data: bytes) -> DnsAnswer:
     than the shortest TTL on the way (RFC 2181 §5.2). NXDOMAIN and NODATA last min(SOA TTL, SOA
     MINIMUM) from the authority section (RFC 2308 §5), or :data:`DEFAULT_NEGATIVE_TTL` without one.
 
+    Args:
+        data: the response datagram.
+        question: the question section as sent (the name in wire form, type and class), when the
+            caller has it: it is then compared as it is instead of read from the response.
+
     Raises:
         UnusableAnswer: not a response, an RCODE other than NOERROR or NXDOMAIN, or malformed
-            (a count running past the end, a bad compression pointer, a record that does not fit).
+            (a count running past the end, a bad compression pointer, a record that does not fit),
+            or not to ``question``.
     """
     if len(data) < _HEADER.size:
         raise UnusableAnswer(f"response of {len(data)} bytes is shorter than a DNS header")
@@ -150,13 +156,17 @@ def parse_response(data: bytes) -> DnsAnswer:
         raise UnusableAnswer("datagram is a query, not a response")
     if questions != 1:
         raise UnusableAnswer(f"response carries {questions} questions instead of 1")
-    name, offset = _read_name(data, _HEADER.size)
-    qname = name.lower()
-    if offset + 4 > len(data):
-        raise UnusableAnswer("response ends inside its question")
-    qtype = data[offset] << 8 | data[offset + 1]
+    if question is None:
+        _, offset = _read_name(data, _HEADER.size)
+        if offset + 4 > len(data):
+            raise UnusableAnswer("response ends inside its question")
+        question = data[_HEADER.size : offset + 4]
+    elif not data.startswith(question, _HEADER.size):
+        raise UnusableAnswer("the response is not to the question asked")
+    qname = question[:-4].lower()
+    qtype = question[-4] << 8 | question[-3]
     answer, authority, additional, offset = _sections(
-        data, offset + 4, (answers, authorities, additionals), qname
+        data, _HEADER.size + len(question), (answers, authorities, additionals), qname
     )
     if offset != len(data):
         raise UnusableAnswer(f"{len(data) - offset} bytes after the last record")

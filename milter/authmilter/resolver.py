@@ -289,7 +289,7 @@ def _read_answer(sent: SentQuery, deadline: float) -> DnsAnswer:
         # RFC 7766 §5: a truncated answer is asked again over TCP, a try of its own.
         tcp_deadline = min(time.monotonic() + _TRY_TIMEOUT, deadline)
         data = _ask_over_tcp(sent.server, sent.wire, sent.question, tcp_deadline)
-    return parse_response(data)
+    return parse_response(data, sent.question)
 
 
 def _ask_over_tcp(server: tuple[str, int], wire: bytes, question: bytes, deadline: float) -> bytes:
