@@ -199,7 +199,7 @@ class SentQuery:
 
     __slots__ = ("_expires", "_udp", "question", "server", "started", "wire")
 
-    def __init__(self, udp: socket.socket, server: tuple[str, int], wire: bytes, question: bytes) -> None:
+    def __init__(self, udp: socket.SocketType, server: tuple[str, int], wire: bytes, question: bytes) -> None:
         self._udp = udp
         self.server = server
         self.wire = wire
@@ -265,7 +265,9 @@ def _send_query(server: tuple[str, int], question: bytes) -> SentQuery:
     query_id = random.getrandbits(16)
     wire = _HEADER.pack(query_id, _RECURSION_DESIRED, 1, 0, 0, 1) + question + _OPT_RECORD
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    udp = socket.socket(family, socket.SOCK_DGRAM)
+    # The socket type itself (the C one; close-on-exec all the same), not socket.socket: its
+    # Python layer (__init__, close, the file-object bookkeeping) is not used by a datagram socket.
+    udp = socket.SocketType(family, socket.SOCK_DGRAM)
     try:
         udp.sendto(wire, server)
     except OSError:
