@@ -944,6 +944,8 @@ class Resolver:
 
     def _drop(self, key: tuple[str, int], entry: _InFlight) -> None:
         """Close a prefetched query unless a check claimed it (its reader then finishes it)."""
+        if entry.sent is None:  # claimed (the usual case): a claim is never undone, so no lock
+            return
         with self._lock:
             sent = entry.claim()
             if sent is not None and self._inflight.get(key) is entry:
