@@ -227,12 +227,20 @@ def _follow(
     (RFC 1034 §3.6.2)."""
     ttl, current = MAX_CACHE_TTL, qname
     for _ in range(MAX_CNAME_CHAIN + 1):
-        matching = [record for record in answer if record[1] == current and record[0] == qtype]
-        if matching:
-            # One RRset: its TTL is the smallest of its records', and a record repeated counts once.
-            values = dict.fromkeys(_value(data, qtype, start, end) for _, _, _, start, end in matching)
-            return DnsAnswer(DnsStatus.OK, tuple(values), ttl=min(ttl, *(r[2] for r in matching)))
-        alias = next((r for r in answer if r[1] == current and r[0] == _TYPE_CNAME), None)
+        # One pass over the answer section per name: the RRset of qtype (its TTL is the smallest
+        # of its records', a record repeated counts once), else the first CNAME.
+        values: dict[DnsRecord, None] = {}
+        alias: _Record | None = None
+        for record in answer:
+            if record[1] != current:
+                continue
+            if record[0] == qtype:
+                values[_value(data, qtype, record[3], record[4])] = None
+                ttl = min(ttl, record[2])
+            elif record[0] == _TYPE_CNAME and alias is None:
+                alias = record
+        if values:
+            return DnsAnswer(DnsStatus.OK, tuple(values), ttl=ttl)
         if alias is None:
             break
         target, end = _read_name(data, alias[3])
