@@ -241,6 +241,28 @@ def test_values_are_the_plain_values_the_checks_use() -> None:
     assert parse_response(CASES["nxdomain soa ttl smaller"]) == DnsAnswer(DnsStatus.NXDOMAIN, ttl=30)
 
 
+def _with_class_ch(wire: bytes, section: str, owner: str, rdtype: str, text: str) -> bytes:
+    """``wire`` with a record of class CH added first to ``section`` (a server may send one)."""
+    reply = dns.message.from_wire(wire)
+    getattr(reply, section).insert(0, dns.rrset.from_text(owner, 1, dns.rdataclass.CH, rdtype, text))
+    return reply.to_wire(max_size=65535)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("txt", "answer", "sender.example.", "TXT", '"chaos"'),
+        ("cname chain", "answer", "c0.zone.example.", "CNAME", "elsewhere.example."),
+        ("nxdomain with soa", "authority", "zone.example.", "SOA", SOA.format(minimum=7)),
+    ],
+    ids=["txt", "cname", "soa"],
+)
+def test_records_of_another_class_are_ignored(case: tuple[str, str, str, str, str]) -> None:
+    # RFC 1035 §3.2: only class IN records answer an IN question (the negative TTL included).
+    name, *record = case
+    assert parse_response(_with_class_ch(CASES[name], *record)) == parse_response(CASES[name])
+
+
 def _random_response(rng: random.Random) -> bytes:
     """A response mixing what servers send: aliases, several types and owners, case changes."""
     owners = [f"{rng.choice(['a', 'B', 'mx'])}{n}.Zone.example." for n in range(4)]

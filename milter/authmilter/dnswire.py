@@ -165,13 +165,12 @@ def parse_response(data: bytes, question: bytes | None = None) -> DnsAnswer:
         raise UnusableAnswer("the response is not to the question asked")
     qname = question[:-4].lower()
     qtype = question[-4] << 8 | question[-3]
-    answer, authority, additional, offset = _sections(
-        data, _HEADER.size + len(question), (answers, authorities, additionals), qname
-    )
+    records, offset = _records(data, _HEADER.size + len(question), answers + authorities + additionals, qname)
     if offset != len(data):
         raise UnusableAnswer(f"{len(data) - offset} bytes after the last record")
+    answer, authority = records[:answers], records[answers : answers + authorities]
     rcode = flags & 0xF
-    for rtype, _, ttl, _, _ in additional:
+    for rtype, _, _, ttl, _, _ in records[answers + authorities :]:
         if rtype == _TYPE_OPT:  # RFC 6891 §6.1.3: the OPT TTL's top octet extends the RCODE
             rcode |= (ttl >> 24) << 4
     if rcode == _NXDOMAIN:
@@ -181,43 +180,38 @@ def parse_response(data: bytes, question: bytes | None = None) -> DnsAnswer:
     return _follow(data, qname, qtype, answer, authority)
 
 
-# A resource record located in the datagram: TYPE, lower-cased owner name (wire form), TTL,
+# A resource record located in the datagram: TYPE, CLASS, lower-cased owner name (wire form), TTL,
 # and where its RDATA starts and ends.
-_Record = tuple[int, bytes, int, int, int]
+_Record = tuple[int, int, bytes, int, int, int]
 
 
-def _sections(
-    data: bytes, offset: int, counts: tuple[int, int, int], qname: bytes
-) -> tuple[list[_Record], list[_Record], list[_Record], int]:
-    """The answer, authority and additional records (``counts`` of each) from ``offset``, only
-    those of class IN (and OPT), and where they end; ``qname`` is the question's name, lower case.
-    """
-    sections: tuple[list[_Record], list[_Record], list[_Record]] = ([], [], [])
+def _records(data: bytes, offset: int, count: int, qname: bytes) -> tuple[list[_Record], int]:
+    """``count`` records from ``offset`` (the three sections in one pass: the caller slices them by
+    their counts), and where they end; ``qname`` is the question's name, lower case."""
+    records: list[_Record] = []
     end = len(data)
-    for found, count in zip(sections, counts, strict=True):
-        for _ in range(count):  # each record takes at least 11 bytes, so a huge count fails fast
-            # The usual owners need no walk: a pointer to the question's name (offset 12, always
-            # backwards from a record), or the root (an OPT record's).
-            if data.startswith(_POINTER_TO_QUESTION, offset):
-                owner, offset = qname, offset + 2
-            elif data.startswith(b"\x00", offset):
-                owner, offset = b"\x00", offset + 1
-            else:
-                owner, offset = _read_name(data, offset)
-                owner = owner.lower()
-            if offset + _RR_FIXED.size > end:
-                raise UnusableAnswer("response ends inside a record")
-            rtype, rclass, ttl, length = _RR_FIXED.unpack_from(data, offset)
-            start = offset + _RR_FIXED.size
-            offset = start + length
-            if offset > end:
-                raise UnusableAnswer("a record's data runs past the end of the response")
-            if rclass == _CLASS_IN or rtype == _TYPE_OPT:
-                # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
-                if ttl >= 1 << 31 and rtype != _TYPE_OPT:
-                    ttl = 0
-                found.append((rtype, owner, ttl, start, offset))
-    return *sections, offset
+    for _ in range(count):  # each record takes at least 11 bytes, so a huge count fails fast
+        # The usual owners need no walk: a pointer to the question's name (offset 12, always
+        # backwards from a record), or the root (an OPT record's).
+        if data.startswith(_POINTER_TO_QUESTION, offset):
+            owner, offset = qname, offset + 2
+        elif data.startswith(b"\x00", offset):
+            owner, offset = b"\x00", offset + 1
+        else:
+            owner, offset = _read_name(data, offset)
+            owner = owner.lower()
+        if offset + _RR_FIXED.size > end:
+            raise UnusableAnswer("response ends inside a record")
+        rtype, rclass, ttl, length = _RR_FIXED.unpack_from(data, offset)
+        start = offset + _RR_FIXED.size
+        offset = start + length
+        if offset > end:
+            raise UnusableAnswer("a record's data runs past the end of the response")
+        # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
+        if ttl >= 1 << 31 and rtype != _TYPE_OPT:
+            ttl = 0
+        records.append((rtype, rclass, owner, ttl, start, offset))
+    return records, offset
 
 
 def _follow(
@@ -232,28 +226,30 @@ def _follow(
         values: dict[DnsRecord, None] = {}
         alias: _Record | None = None
         for record in answer:
-            if record[1] != current:
+            rtype, rclass, owner, record_ttl, start, end = record
+            if owner != current or rclass != _CLASS_IN:
                 continue
-            if record[0] == qtype:
-                values[_value(data, qtype, record[3], record[4])] = None
-                ttl = min(ttl, record[2])
-            elif record[0] == _TYPE_CNAME and alias is None:
+            if rtype == qtype:
+                values[_value(data, qtype, start, end)] = None
+                ttl = min(ttl, record_ttl)
+            elif rtype == _TYPE_CNAME and alias is None:
                 alias = record
         if values:
             return DnsAnswer(DnsStatus.OK, tuple(values), ttl=ttl)
         if alias is None:
             break
-        target, end = _read_name(data, alias[3])
-        if end != alias[4]:
+        _, _, _, alias_ttl, start, end = alias
+        target, after = _read_name(data, start)
+        if after != end:
             raise UnusableAnswer("a CNAME record holds more than its target")
-        ttl, current = min(ttl, alias[2]), target.lower()
+        ttl, current = min(ttl, alias_ttl), target.lower()
     return DnsAnswer(DnsStatus.NODATA, ttl=_negative_ttl(data, authority))
 
 
 def _negative_ttl(data: bytes, authority: list[_Record]) -> int:
     """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) seconds."""
-    for rtype, _, ttl, start, end in authority:
-        if rtype == _TYPE_SOA:
+    for rtype, rclass, _, ttl, start, end in authority:
+        if rtype == _TYPE_SOA and rclass == _CLASS_IN:
             _, offset = _read_name(data, start)  # MNAME
             _, offset = _read_name(data, offset)  # RNAME
             if offset + _SOA_TIMES.size != end:
