@@ -210,6 +210,14 @@ def test_a_question_given_is_the_question_read(wire: bytes) -> None:
     assert parse_response(wire, _question_of(wire)) == parse_response(wire)
 
 
+def test_a_question_name_compressed_is_read_decompressed() -> None:
+    # A pointer is allowed wherever it points backwards (RFC 1035 §4.1.4), even into the header:
+    # here at the ARCOUNT of 0, which reads as the root name, the owner of the answer.
+    wire = _header(answers=1) + b"\xc0\x0a" + struct.pack("!HH", 16, 1) + _owner(b"\x00")
+    assert parse_response(wire) == dnspython_answer(wire)
+    assert parse_response(wire).texts == ("ok",)
+
+
 def test_a_response_to_another_question_is_unusable() -> None:
     wire = CASES["txt"]
     other = _question_of(CASES["mixed case owner"])

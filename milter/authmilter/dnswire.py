@@ -118,8 +118,8 @@ _TYPE_AAAA, _TYPE_OPT, _TYPE_SPF = 28, 41, 99
 # RFC 1035 §2.3.4: a name is at most 255 octets on the wire, so at most 127 labels; an encoder
 # writes at most one pointer per name, so a chain of more pointers than that is an attack.
 _MAX_NAME = 255
-_POINTER_TO_QUESTION = b"\xc0\x0c"  # the question's name starts right after the 12-octet header
 _MAX_POINTERS = 127
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # the question's name starts right after the 12-octet header
 # Label bytes dnspython writes as they are; anything else it escapes (``_escapify`` in dns.name).
 _PLAIN_LABEL = re.compile(rb"[!#%&'*+,\-/0-9:<=>?A-Z\[\]^_`a-z{|}~]*")
 _ESCAPED = frozenset(b'"().;\\@$')
@@ -157,15 +157,17 @@ def parse_response(data: bytes, question: bytes | None = None) -> DnsAnswer:
     if questions != 1:
         raise UnusableAnswer(f"response carries {questions} questions instead of 1")
     if question is None:
-        _, offset = _read_name(data, _HEADER.size)
+        name, offset = _read_name(data, _HEADER.size)
         if offset + 4 > len(data):
             raise UnusableAnswer("response ends inside its question")
-        question = data[_HEADER.size : offset + 4]
-    elif not data.startswith(question, _HEADER.size):
+        question, offset = name + data[offset : offset + 4], offset + 4
+    elif data.startswith(question, _HEADER.size):
+        offset = _HEADER.size + len(question)
+    else:
         raise UnusableAnswer("the response is not to the question asked")
     qname = question[:-4].lower()
     qtype = question[-4] << 8 | question[-3]
-    records, offset = _records(data, _HEADER.size + len(question), answers + authorities + additionals, qname)
+    records, offset = _records(data, offset, answers + authorities + additionals, qname)
     if offset != len(data):
         raise UnusableAnswer(f"{len(data) - offset} bytes after the last record")
     answer, authority = records[:answers], records[answers : answers + authorities]
