@@ -198,6 +198,35 @@ def test_parse_equals_dnspython(wire: bytes) -> None:
     assert unordered(parse_response(wire)) == unordered(dnspython_answer(wire))
 
 
+def _question_of(wire: bytes) -> bytes:
+    """The question section as the resolver sent it: the name in wire form, type, class."""
+    question = dns.message.from_wire(wire).question[0]
+    return bytes(question.name.to_wire()) + struct.pack("!HH", question.rdtype, question.rdclass)
+
+
+@pytest.mark.parametrize("wire", CASES.values(), ids=CASES.keys())
+def test_a_question_given_is_the_question_read(wire: bytes) -> None:
+    # The resolver passes the question it sent (the response repeats it) instead of having it read.
+    assert parse_response(wire, _question_of(wire)) == parse_response(wire)
+
+
+def test_a_question_name_compressed_is_read_decompressed() -> None:
+    # A pointer is allowed wherever it points backwards (RFC 1035 §4.1.4), even into the header:
+    # here at the ARCOUNT of 0, which reads as the root name, the owner of the answer.
+    wire = _header(answers=1) + b"\xc0\x0a" + struct.pack("!HH", 16, 1) + _owner(b"\x00")
+    assert parse_response(wire) == dnspython_answer(wire)
+    assert parse_response(wire).texts == ("ok",)
+
+
+def test_a_response_to_another_question_is_unusable() -> None:
+    wire = CASES["txt"]
+    other = _question_of(CASES["mixed case owner"])
+    with pytest.raises(UnusableAnswer, match="not to the question asked"):
+        parse_response(wire, other)
+    with pytest.raises(UnusableAnswer, match="not to the question asked"):
+        parse_response(wire, _question_of(wire)[:-1] + b"\x02")  # class CH, not IN
+
+
 def test_values_are_the_plain_values_the_checks_use() -> None:
     assert unordered(parse_response(CASES["txt several strings and records"])).records == (
         (b"other", b""),
@@ -218,6 +247,28 @@ def test_values_are_the_plain_values_the_checks_use() -> None:
     assert (chain.texts, chain.ttl) == (("end of chain",), 298)  # the CNAMEs' shortest TTL
     assert parse_response(CASES["cname asked as such"]).records == ("c1.zone.example.",)
     assert parse_response(CASES["nxdomain soa ttl smaller"]) == DnsAnswer(DnsStatus.NXDOMAIN, ttl=30)
+
+
+def _with_class_ch(wire: bytes, section: str, owner: str, rdtype: str, text: str) -> bytes:
+    """``wire`` with a record of class CH added first to ``section`` (a server may send one)."""
+    reply = dns.message.from_wire(wire)
+    getattr(reply, section).insert(0, dns.rrset.from_text(owner, 1, dns.rdataclass.CH, rdtype, text))
+    return reply.to_wire(max_size=65535)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("txt", "answer", "sender.example.", "TXT", '"chaos"'),
+        ("cname chain", "answer", "c0.zone.example.", "CNAME", "elsewhere.example."),
+        ("nxdomain with soa", "authority", "zone.example.", "SOA", SOA.format(minimum=7)),
+    ],
+    ids=["txt", "cname", "soa"],
+)
+def test_records_of_another_class_are_ignored(case: tuple[str, str, str, str, str]) -> None:
+    # RFC 1035 §3.2: only class IN records answer an IN question (the negative TTL included).
+    name, *record = case
+    assert parse_response(_with_class_ch(CASES[name], *record)) == parse_response(CASES[name])
 
 
 def _random_response(rng: random.Random) -> bytes:
@@ -258,6 +309,7 @@ def test_parse_equals_dnspython_on_random_responses() -> None:
         assert unordered(parse_response(wire)) == unordered(dnspython_answer(wire)), dns.message.from_wire(
             wire
         ).to_text()
+        assert parse_response(wire, _question_of(wire)) == parse_response(wire)
 
 
 # --- against real Knot ---------------------------------------------------------------------------

@@ -119,6 +119,7 @@ _TYPE_AAAA, _TYPE_OPT, _TYPE_SPF = 28, 41, 99
 # writes at most one pointer per name, so a chain of more pointers than that is an attack.
 _MAX_NAME = 255
 _MAX_POINTERS = 127
+_POINTER_TO_QUESTION = b"\xc0\x0c"  # the question's name starts right after the 12-octet header
 # Label bytes dnspython writes as they are; anything else it escapes (``_escapify`` in dns.name).
 _PLAIN_LABEL = re.compile(rb"[!#%&'*+,\-/0-9:<=>?A-Z\[\]^_`a-z{|}~]*")
 _ESCAPED = frozenset(b'"().;\\@$')
@@ -129,7 +130,7 @@ def is_truncated(data: bytes) -> bool:
     return len(data) >= _HEADER.size and bool(data[2] << 8 & _TC)
 
 
-def parse_response(data: bytes) -> DnsAnswer:
+def parse_response(data: bytes, question: bytes | None = None) -> DnsAnswer:
     """One response as a :class:`DnsAnswer` for the question it carries (RFC 1035 §4.1).
 
     The caller has checked that the question is the one it asked (RFC 5452 §3). The CNAME chain
@@ -138,9 +139,15 @@ def parse_response(data: bytes) -> DnsAnswer:
     than the shortest TTL on the way (RFC 2181 §5.2). NXDOMAIN and NODATA last min(SOA TTL, SOA
     MINIMUM) from the authority section (RFC 2308 §5), or :data:`DEFAULT_NEGATIVE_TTL` without one.
 
+    Args:
+        data: the response datagram.
+        question: the question section as sent (the name in wire form, type and class), when the
+            caller has it: it is then compared as it is instead of read from the response.
+
     Raises:
         UnusableAnswer: not a response, an RCODE other than NOERROR or NXDOMAIN, or malformed
-            (a count running past the end, a bad compression pointer, a record that does not fit).
+            (a count running past the end, a bad compression pointer, a record that does not fit),
+            or not to ``question``.
     """
     if len(data) < _HEADER.size:
         raise UnusableAnswer(f"response of {len(data)} bytes is shorter than a DNS header")
@@ -149,18 +156,23 @@ def parse_response(data: bytes) -> DnsAnswer:
         raise UnusableAnswer("datagram is a query, not a response")
     if questions != 1:
         raise UnusableAnswer(f"response carries {questions} questions instead of 1")
-    qname, offset = _read_name(data, _HEADER.size)
-    if offset + 4 > len(data):
-        raise UnusableAnswer("response ends inside its question")
-    (qtype,) = struct.unpack_from("!H", data, offset)
-    offset += 4
-    answer, offset = _records(data, offset, answers)
-    authority, offset = _records(data, offset, authorities)
-    additional, offset = _records(data, offset, additionals)
+    if question is None:
+        name, offset = _read_name(data, _HEADER.size)
+        if offset + 4 > len(data):
+            raise UnusableAnswer("response ends inside its question")
+        question, offset = name + data[offset : offset + 4], offset + 4
+    elif data.startswith(question, _HEADER.size):
+        offset = _HEADER.size + len(question)
+    else:
+        raise UnusableAnswer("the response is not to the question asked")
+    qname = question[:-4].lower()
+    qtype = question[-4] << 8 | question[-3]
+    records, offset = _records(data, offset, answers + authorities + additionals, qname)
     if offset != len(data):
         raise UnusableAnswer(f"{len(data) - offset} bytes after the last record")
+    answer, authority = records[:answers], records[answers : answers + authorities]
     rcode = flags & 0xF
-    for rtype, _, ttl, _, _ in additional:
+    for rtype, _, _, ttl, _, _ in records[answers + authorities :]:
         if rtype == _TYPE_OPT:  # RFC 6891 §6.1.3: the OPT TTL's top octet extends the RCODE
             rcode |= (ttl >> 24) << 4
     if rcode == _NXDOMAIN:
@@ -170,17 +182,26 @@ def parse_response(data: bytes) -> DnsAnswer:
     return _follow(data, qname, qtype, answer, authority)
 
 
-# A resource record located in the datagram: TYPE, lower-cased owner name (wire form), TTL,
+# A resource record located in the datagram: TYPE, CLASS, lower-cased owner name (wire form), TTL,
 # and where its RDATA starts and ends.
-_Record = tuple[int, bytes, int, int, int]
+_Record = tuple[int, int, bytes, int, int, int]
 
 
-def _records(data: bytes, offset: int, count: int) -> tuple[list[_Record], int]:
-    """``count`` records of class IN (others are skipped) from ``offset``, and where they end."""
-    found: list[_Record] = []
+def _records(data: bytes, offset: int, count: int, qname: bytes) -> tuple[list[_Record], int]:
+    """``count`` records from ``offset`` (the three sections in one pass: the caller slices them by
+    their counts), and where they end; ``qname`` is the question's name, lower case."""
+    records: list[_Record] = []
     end = len(data)
     for _ in range(count):  # each record takes at least 11 bytes, so a huge count fails fast
-        owner, offset = _read_name(data, offset)
+        # The usual owners need no walk: a pointer to the question's name (offset 12, always
+        # backwards from a record), or the root (an OPT record's).
+        if data.startswith(_POINTER_TO_QUESTION, offset):
+            owner, offset = qname, offset + 2
+        elif data.startswith(b"\x00", offset):
+            owner, offset = b"\x00", offset + 1
+        else:
+            owner, offset = _read_name(data, offset)
+            owner = owner.lower()
         if offset + _RR_FIXED.size > end:
             raise UnusableAnswer("response ends inside a record")
         rtype, rclass, ttl, length = _RR_FIXED.unpack_from(data, offset)
@@ -188,39 +209,49 @@ def _records(data: bytes, offset: int, count: int) -> tuple[list[_Record], int]:
         offset = start + length
         if offset > end:
             raise UnusableAnswer("a record's data runs past the end of the response")
-        if rclass == _CLASS_IN or rtype == _TYPE_OPT:
-            # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
-            if ttl >= 1 << 31 and rtype != _TYPE_OPT:
-                ttl = 0
-            found.append((rtype, owner.lower(), ttl, start, offset))
-    return found, offset
+        # RFC 2181 §8: a TTL with the top bit set counts as zero (OPT's TTL is flags, RFC 6891).
+        if ttl >= 1 << 31 and rtype != _TYPE_OPT:
+            ttl = 0
+        records.append((rtype, rclass, owner, ttl, start, offset))
+    return records, offset
 
 
 def _follow(
     data: bytes, qname: bytes, qtype: int, answer: list[_Record], authority: list[_Record]
 ) -> DnsAnswer:
-    """The records of ``qtype`` at ``qname`` or at the end of its CNAME chain (RFC 1034 §3.6.2)."""
-    ttl, current = MAX_CACHE_TTL, qname.lower()
+    """The records of ``qtype`` at ``qname`` (lower case) or at the end of its CNAME chain
+    (RFC 1034 §3.6.2)."""
+    ttl, current = MAX_CACHE_TTL, qname
     for _ in range(MAX_CNAME_CHAIN + 1):
-        matching = [record for record in answer if record[1] == current and record[0] == qtype]
-        if matching:
-            # One RRset: its TTL is the smallest of its records', and a record repeated counts once.
-            values = dict.fromkeys(_value(data, qtype, start, end) for _, _, _, start, end in matching)
-            return DnsAnswer(DnsStatus.OK, tuple(values), ttl=min(ttl, *(r[2] for r in matching)))
-        alias = next((r for r in answer if r[1] == current and r[0] == _TYPE_CNAME), None)
+        # One pass over the answer section per name: the RRset of qtype (its TTL is the smallest
+        # of its records', a record repeated counts once), else the first CNAME.
+        values: dict[DnsRecord, None] = {}
+        alias: _Record | None = None
+        for record in answer:
+            rtype, rclass, owner, record_ttl, start, end = record
+            if owner != current or rclass != _CLASS_IN:
+                continue
+            if rtype == qtype:
+                values[_value(data, qtype, start, end)] = None
+                ttl = min(ttl, record_ttl)
+            elif rtype == _TYPE_CNAME and alias is None:
+                alias = record
+        if values:
+            return DnsAnswer(DnsStatus.OK, tuple(values), ttl=ttl)
         if alias is None:
             break
-        target, end = _read_name(data, alias[3])
-        if end != alias[4]:
+        _, _, _, alias_ttl, start, end = alias
+        target, after = _read_name(data, start)
+        if after != end:
             raise UnusableAnswer("a CNAME record holds more than its target")
-        ttl, current = min(ttl, alias[2]), target.lower()
+        ttl, current = min(ttl, alias_ttl), target.lower()
     return DnsAnswer(DnsStatus.NODATA, ttl=_negative_ttl(data, authority))
 
 
 def _negative_ttl(data: bytes, authority: list[_Record]) -> int:
     """RFC 2308 §5: a negative answer lives min(SOA TTL, SOA MINIMUM) seconds."""
-    for rtype, _, ttl, start, end in authority:
-        if rtype == _TYPE_SOA:
+    for rtype, rclass, _, ttl, start, end in authority:
+        if rtype == _TYPE_SOA and rclass == _CLASS_IN:
             _, offset = _read_name(data, start)  # MNAME
             _, offset = _read_name(data, offset)  # RNAME
             if offset + _SOA_TIMES.size != end:

@@ -24,7 +24,6 @@ Sources:
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import logging
 import math
@@ -168,10 +167,10 @@ class NameserverSource:
         """The lookup loop for one question (:func:`_question`); ``sent`` is a first try already
         sent to the first server."""
         deadline = time.monotonic() + self._timeout
-        servers = list(self._servers)
+        servers = self._servers  # copied only when one fails
         failures: list[str] = []
         while servers:
-            for server in list(servers):
+            for server in servers:
                 attempt, sent = sent, None
                 try:
                     if attempt is None:
@@ -183,7 +182,7 @@ class NameserverSource:
                     continue
                 except (UnusableAnswer, OSError, EOFError) as e:
                     failures.append(f"{server[0]} port {server[1]}: {e or type(e).__name__}")
-                    servers.remove(server)
+                    servers = [other for other in servers if other is not server]  # this round goes on
                     continue
                 return answer
         return tempfail(f"no nameserver answered ({'; '.join(failures)})")
@@ -200,7 +199,7 @@ class SentQuery:
 
     __slots__ = ("_expires", "_udp", "question", "server", "started", "wire")
 
-    def __init__(self, udp: socket.socket, server: tuple[str, int], wire: bytes, question: bytes) -> None:
+    def __init__(self, udp: socket.SocketType, server: tuple[str, int], wire: bytes, question: bytes) -> None:
         self._udp = udp
         self.server = server
         self.wire = wire
@@ -217,6 +216,9 @@ class SentQuery:
             OSError: the socket failed.
         """
         until, late_reads = min(self._expires, deadline), 0
+        # What already waits (a prefetched answer, usually) is read first without waiting: a read
+        # with a timeout costs two more system calls (ioctl to make the socket non-blocking, poll).
+        waiting = False
         while True:
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -225,11 +227,17 @@ class SentQuery:
                 late_reads += 1
                 if late_reads > _MAX_LATE_DATAGRAMS:
                     raise TimeoutError
-            self._udp.settimeout(max(remaining, 0.0))
             try:
-                data, source = self._udp.recvfrom(_MAX_DATAGRAM)
+                if waiting:
+                    self._udp.settimeout(max(remaining, 0.0))
+                    data, source = self._udp.recvfrom(_MAX_DATAGRAM)
+                else:  # the socket has no timeout yet, so the flag alone keeps this read from waiting
+                    data, source = self._udp.recvfrom(_MAX_DATAGRAM, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                raise TimeoutError from None
+                if waiting or remaining <= 0:
+                    raise TimeoutError from None
+                waiting = True
+                continue
             # RFC 5452 §3: anything else is a stray or spoofed datagram: keep waiting for the answer.
             if (
                 source[:2] == self.server
@@ -257,7 +265,9 @@ def _send_query(server: tuple[str, int], question: bytes) -> SentQuery:
     query_id = random.getrandbits(16)
     wire = _HEADER.pack(query_id, _RECURSION_DESIRED, 1, 0, 0, 1) + question + _OPT_RECORD
     family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-    udp = socket.socket(family, socket.SOCK_DGRAM)
+    # The socket type itself (the C one; close-on-exec all the same), not socket.socket: its
+    # Python layer (__init__, close, the file-object bookkeeping) is not used by a datagram socket.
+    udp = socket.SocketType(family, socket.SOCK_DGRAM)
     try:
         udp.sendto(wire, server)
     except OSError:
@@ -281,7 +291,7 @@ def _read_answer(sent: SentQuery, deadline: float) -> DnsAnswer:
         # RFC 7766 §5: a truncated answer is asked again over TCP, a try of its own.
         tcp_deadline = min(time.monotonic() + _TRY_TIMEOUT, deadline)
         data = _ask_over_tcp(sent.server, sent.wire, sent.question, tcp_deadline)
-    return parse_response(data)
+    return parse_response(data, sent.question)
 
 
 def _ask_over_tcp(server: tuple[str, int], wire: bytes, question: bytes, deadline: float) -> bytes:
@@ -596,6 +606,16 @@ class _Usage:
         self.tempfail = self.tempfail or tempfail
 
 
+class _Tracking(threading.local):
+    """Per thread: the derived computation (:meth:`Resolver.derived`) whose answers are tracked.
+
+    A class default, not ``getattr(local, "usage", None)``: every lookup reads it, and a missing
+    attribute of a ``threading.local`` costs a formatted AttributeError each time.
+    """
+
+    usage: _Usage | None = None
+
+
 class _Counts:
     def __init__(self) -> None:
         self.sent = 0
@@ -751,7 +771,7 @@ class Resolver:
         self._cache: OrderedDict[tuple[str, int], tuple[float, DnsAnswer]] = OrderedDict()
         self._derived: OrderedDict[Hashable, tuple[float, object]] = OrderedDict()
         self._lock = threading.Lock()
-        self._tracking = threading.local()
+        self._tracking = _Tracking()
         self._counts = _Counts()  # shared with the views for_message() makes
         self._budget: DnsBudget | None = None
         # Lookups on their way, by cache key: a second asker waits for the first's answer instead of
@@ -768,7 +788,8 @@ class Resolver:
 
         The view costs a shallow copy; it shares the cache, the lock and the counts with this one.
         """
-        view = copy.copy(self)
+        view = object.__new__(type(self))  # copy.copy's work without its __reduce_ex__ round trip
+        view.__dict__.update(self.__dict__)
         view._budget = budget
         return view
 
@@ -843,20 +864,21 @@ class Resolver:
         Args:
             question: the prefetched query to read, or the name in wire form (:func:`wire_name`).
         """
+        cached = False
         try:
             answer = self._ask(qtype, question)
             pending.expires = pending.started + min(answer.ttl, MAX_CACHE_TTL)
             pending.answer = answer
             self._used(pending.expires, answer)
-            if answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0:
-                with self._lock:
-                    self._cache[key] = (pending.expires, answer)
+            cached = answer.status is not DnsStatus.TEMPFAIL and self._cache_size > 0
+        finally:
+            with self._lock:  # once: the lookup leaves those on their way as its answer enters the cache
+                del self._inflight[key]
+                if cached:
+                    self._cache[key] = (pending.expires, pending.answer)
                     self._cache.move_to_end(key)
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
-        finally:
-            with self._lock:
-                del self._inflight[key]
             pending.finish()
         return pending.answer
 
@@ -922,6 +944,8 @@ class Resolver:
 
     def _drop(self, key: tuple[str, int], entry: _InFlight) -> None:
         """Close a prefetched query unless a check claimed it (its reader then finishes it)."""
+        if entry.sent is None:  # claimed (the usual case): a claim is never undone, so no lock
+            return
         with self._lock:
             sent = entry.claim()
             if sent is not None and self._inflight.get(key) is entry:
@@ -973,7 +997,7 @@ class Resolver:
                 self._derived.move_to_end(key)
                 self._used(hit[0], None)
                 return hit[1]  # type: ignore[return-value]  # stored by this method for this key
-        outer = getattr(self._tracking, "usage", None)
+        outer = self._tracking.usage
         usage = self._tracking.usage = _Usage()
         try:
             value = compute()
@@ -996,7 +1020,7 @@ class Resolver:
         return value
 
     def _used(self, expires: float, answer: DnsAnswer | None) -> None:
-        usage: _Usage | None = getattr(self._tracking, "usage", None)
+        usage = self._tracking.usage
         if usage is not None:
             usage.add(expires, answer is not None and answer.status is DnsStatus.TEMPFAIL)
 
