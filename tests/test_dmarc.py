@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
@@ -808,10 +809,9 @@ def _plain(value: object) -> bool:
     return value is None or type(value) in (str, int, bool)
 
 
-def test_a_verdict_is_kept_under_a_key_of_plain_values(tmp_path: Path) -> None:
-    # The resolver measures a new key as text; result objects and enums in it cost their repr.
-    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
-    keys: list[object] = []
+def _record_derived_keys(resolver: Resolver) -> list[Hashable]:
+    """The keys of every derived result the resolver is asked for from now on, in order."""
+    keys: list[Hashable] = []
     derived = resolver.derived
 
     def recording(key: Hashable, compute: Callable[[], T], keep: Callable[[T], bool] = lambda _: True) -> T:
@@ -819,9 +819,39 @@ def test_a_verdict_is_kept_under_a_key_of_plain_values(tmp_path: Path) -> None:
         return derived(key, compute, keep)
 
     resolver.derived = recording  # type: ignore[method-assign]
+    return keys
+
+
+def test_a_verdict_is_kept_under_a_key_of_plain_values(tmp_path: Path) -> None:
+    # The resolver measures a new key as text; result objects and enums in it cost their repr.
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    keys = _record_derived_keys(resolver)
     verdict = evaluate(resolver, ["example.com"], spf_pass("example.com"), [dkim_sig("example.com")])
     assert verdict.result is AuthResult.PASS
     assert keys and all(_plain(key) for key in keys), keys
     failing = SpfResult(AuthResult.FAIL, "example.com", SpfScope.MFROM, "bounce@example.com", "not allowed")
     assert evaluate(resolver, ["example.com"], failing, [dkim_sig("example.com")]).spf_aligned is False
     assert len(set(keys)) == len(keys) - 1, "another SPF result, another key"
+
+
+def test_every_field_of_the_spf_result_is_in_the_verdict_key(tmp_path: Path) -> None:
+    # The key lists SpfResult's fields by hand (plain values, above): a field added to SpfResult
+    # and left out of it would let two messages that differ in it share one verdict.
+    resolver, _ = make_dns(tmp_path, {"example.com": EXAMPLE_COM})
+    keys = _record_derived_keys(resolver)
+    base = SpfResult(AuthResult.PASS, "example.com", SpfScope.MFROM, "bounce@example.com", "allowed")
+    changed = {
+        "result": AuthResult.SOFTFAIL,
+        "domain": "mail.example.com",
+        "scope": SpfScope.HELO,
+        "identity": "other@example.com",
+        "explanation": "another reason",
+    }
+    assert set(changed) == {f.name for f in dataclasses.fields(SpfResult)}, "a new field: add it here"
+    for name, value in changed.items():
+        keys.clear()
+        evaluate(resolver, ["example.com"], base, [dkim_sig("example.com")])
+        other = dataclasses.replace(base, **{name: value})
+        evaluate(resolver, ["example.com"], other, [dkim_sig("example.com")])
+        dmarc_keys = [key for key in keys if isinstance(key, tuple) and key[0] == "dmarc"]
+        assert len(dmarc_keys) == 2 and dmarc_keys[0] != dmarc_keys[1], name
