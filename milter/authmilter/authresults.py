@@ -55,17 +55,19 @@ _FOLD = "\n\t"
 # RFC 2045 §5.1 token characters plus "/" and "=" (base64 in header.b, RFC 6008), which only
 # need a quoted-string. Nothing here needs escaping inside quotes, and none of CR, LF, ";", "(",
 # ")", '"', "\\", "@" or whitespace survives. The same set is atext (RFC 5322 §3.2.3) for a
-# local-part.
-_VALUE_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+.^_`{|}~/=-]")
+# local-part. Each set is written once, without the dot and ending in "-" (a class body); the
+# patterns below are built from them, so the fast path and the sanitizer cannot drift apart.
+_VALUE_CHARS = r"A-Za-z0-9!#$%&'*+^_`{|}~/=-"
 # The domain-name after "@" in a pvalue (RFC 8601 §2.2, syntax of RFC 6376 §3.5).
-_DOMAIN_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_DOMAIN_CHARS = r"A-Za-z0-9_-"
+_VALUE_UNSAFE = re.compile(rf"[^.{_VALUE_CHARS}]")
+_DOMAIN_UNSAFE = re.compile(rf"[^.{_DOMAIN_CHARS}]")
 # A value sanitize_property_value gives back as it is: safe characters only, and with an "@" a
 # dot-atom local-part (or none) and a dot-atom domain. Most values are (addresses, domains).
-_LOCAL_ATOM = r"[A-Za-z0-9!#$%&'*+^_`{|}~/=-]+"
-_DOMAIN_ATOM = r"[A-Za-z0-9_-]+"
+_LOCAL_ATOM = rf"[{_VALUE_CHARS}]+"
+_DOMAIN_ATOM = rf"[{_DOMAIN_CHARS}]+"
 _ALREADY_SAFE = re.compile(
-    r"[A-Za-z0-9!#$%&'*+.^_`{|}~/=-]*"
-    rf"|(?:{_LOCAL_ATOM}(?:\.{_LOCAL_ATOM})*)?@{_DOMAIN_ATOM}(?:\.{_DOMAIN_ATOM})*"
+    rf"[.{_VALUE_CHARS}]*|(?:{_LOCAL_ATOM}(?:\.{_LOCAL_ATOM})*)?@{_DOMAIN_ATOM}(?:\.{_DOMAIN_ATOM})*"
 )
 # What authres writes unquoted (``QuotableValue``): a value with "@", or an RFC 2045 token.
 _TOKEN = re.compile(authres.core.RFC2045_TOKEN_PATTERN)
