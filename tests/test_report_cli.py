@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from authmilter.cli import main, parse_args, parse_time
+from authmilter.reports.store import open_store
 from dnsserver import AuthoritativeDns, free_port
 from historydata import DAY, record, write_history
 from smtprelay import HOST, RelayHandler, running_relay
@@ -285,6 +286,22 @@ def test_prune_removes_the_old_periods_and_counts_the_reports_never_delivered(
     assert shown["messages"] == 1 and [p["begin"] for p in shown["periods"]] == [DAY]
     assert main(["report", "prune", "--config", str(config)]) == 0
     assert capsys.readouterr().out.startswith("removed 0 period(s)")
+
+
+def test_prune_names_the_history_files_whose_import_offsets_it_forgot(
+    report_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    history = write_history(tmp_path / "history.jsonl", [record(time=OLD_DAY + 60)])
+    config = write_config(tmp_path, report_database, extra="keep_days = 0\n")
+    assert main(["report", "import", "--config", str(config), str(history)]) == 0
+    with open_store(report_database) as store, store._db.transaction() as db:
+        db.execute("UPDATE imported_files SET updated_at = ?", (OLD_DAY + 3600,))
+    write_config(tmp_path, report_database, extra=keep_days_line())
+    capsys.readouterr()
+    assert main(["report", "prune", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("removed 1 period(s) that ended before "), out
+    assert ", and the import offsets of 1 history file(s) last imported a period and a day before that" in out
 
 
 def test_keep_days_0_keeps_everything(

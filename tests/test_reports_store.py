@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from authmilter.history import encode_record
-from authmilter.reports import importer
+from authmilter.reports import SECONDS_PER_DAY, importer
 from authmilter.reports.importer import history_files, import_files
 from authmilter.reports.model import (
     DkimAuthResult,
@@ -479,12 +479,12 @@ def test_prune_deletes_the_periods_ended_before_the_cutoff_with_their_rows_and_h
     )
     run_import(store, history)
     # The second day ends exactly at the cutoff: "ended before" it excludes it.
-    outcome = store.prune(DAY + 2 * PERIOD)
+    outcome = store.prune(DAY + 2 * PERIOD, period=PERIOD)
     assert outcome.periods == 2
     kept = {("sender.example", DAY + PERIOD), ("other.example", DAY + PERIOD)}
     assert stored_periods(store) == {"periods": kept, "report_rows": kept, "reporting_hosts": kept}
     assert counts(store) == {("sender.example", DAY + PERIOD): 1, ("other.example", DAY + PERIOD): 1}
-    assert store.prune(DAY + 2 * PERIOD).periods == 0
+    assert store.prune(DAY + 2 * PERIOD, period=PERIOD).periods == 0
 
 
 def test_prune_counts_the_due_reports_never_delivered(report_database: str, tmp_path: Path) -> None:
@@ -497,12 +497,51 @@ def test_prune_counts_the_due_reports_never_delivered(report_database: str, tmp_
         with store.send_lock():
             store.mark_delivered("sender.example", FIRST_DAY, "report-1")
         # Delivered, without rua, suppressed: none lost; other.example's report was due and is.
-        assert store.prune(FIRST_DAY.end + 1) == PruneOutcome(periods=4, undelivered=1)
+        assert store.prune(FIRST_DAY.end + 1, period=PERIOD) == PruneOutcome(periods=4, undelivered=1)
         assert stored_periods(store)["periods"] == set()
+
+
+def file_imported_at(store: Store, history: Path, when: int) -> str:
+    """Set the time of the history file's last import to ``when``; its identity."""
+    identity = importer.file_identity(history.read_bytes().split(b"\n", 1)[0] + b"\n")
+    with store._db.transaction() as db:
+        db.execute("UPDATE imported_files SET updated_at = ? WHERE identity = ?", (when, identity))
+    return identity
+
+
+def test_prune_forgets_files_idle_past_the_cutoff_and_reading_them_again_counts_nothing_twice(
+    store: Store, tmp_path: Path
+) -> None:
+    cutoff = DAY + 3 * PERIOD
+    # A file's state goes when its last import came a period and a day (the clocks' slack)
+    # before the cutoff; each file was imported after its records were written.
+    forgotten_before = cutoff - PERIOD - SECONDS_PER_DAY
+    idle = write_history(tmp_path / "idle", [record(time=DAY + 5)])
+    boundary = write_history(tmp_path / "boundary", [record(domain="other.example", time=DAY + 5)])
+    recent = write_history(tmp_path / "recent", [record(time=DAY + 2 * PERIOD + 5)])
+    run_import(store, idle, boundary, recent)
+    idle_identity = file_imported_at(store, idle, forgotten_before - 1)
+    boundary_identity = file_imported_at(store, boundary, forgotten_before)
+    recent_identity = file_imported_at(store, recent, DAY + 2 * PERIOD + 10)
+    dry = store.prune(cutoff, period=PERIOD, dry_run=True)
+    assert (dry.history_files, store.imported_bytes(idle_identity)) == (1, idle.stat().st_size)
+    assert store.prune(cutoff, period=PERIOD) == PruneOutcome(periods=2, undelivered=2, history_files=1)
+    assert store.imported_bytes(idle_identity) == 0
+    assert store.imported_bytes(boundary_identity) == boundary.stat().st_size
+    assert store.imported_bytes(recent_identity) == recent.stat().st_size
+    kept = {("sender.example", DAY + 2 * PERIOD): 1}
+    assert counts(store) == kept
+    # The idle file is read again from its start: what it held before is skipped, what was
+    # appended since is counted once.
+    write_history(idle, [record(time=cutoff + 5)], mode="ab")
+    outcome = run_import(store, idle, ended_before=cutoff)
+    assert (outcome.expired, outcome.records) == (1, 1)
+    assert counts(store) == {**kept, ("sender.example", cutoff): 1}
 
 
 def test_a_dry_run_prune_counts_and_deletes_nothing(store: Store, tmp_path: Path) -> None:
     run_import(store, write_history(tmp_path / "h", [record(), record(time=DAY + PERIOD + 5)]))
     before = stored_periods(store)
-    assert store.prune(FIRST_DAY.end + 1, dry_run=True) == PruneOutcome(periods=1, undelivered=1)
+    outcome = store.prune(FIRST_DAY.end + 1, period=PERIOD, dry_run=True)
+    assert outcome == PruneOutcome(periods=1, undelivered=1)
     assert stored_periods(store) == before

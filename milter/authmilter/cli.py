@@ -51,7 +51,7 @@ from authmilter.model import Verdict
 from authmilter.pipeline import Connection, SigningOutcome, Transaction, evaluate, sign_transaction
 from authmilter.preflight import problems as preflight_problems
 from authmilter.reload import ReloadError, configured_status_file, reload_daemon, status_path
-from authmilter.reports import SECONDS_PER_DAY
+from authmilter.reports import SECONDS_PER_DAY, ReportsSettings
 from authmilter.reports.delivery import DeliverySettings, Outcome, SendRun, SettingsError, SmtpRelay, Status
 from authmilter.reports.importer import history_files, import_files
 from authmilter.reports.show import prune_line
@@ -968,14 +968,14 @@ def run_report(args: argparse.Namespace) -> int:
                 outcomes = _send_reports(store, config, args)
                 print(format_send_outcomes(outcomes, args.dry_run))
                 if settings.keep_days and not args.dry_run:
-                    _prune_old_periods(store, settings.keep_days, quiet=True)
+                    _prune_old_periods(store, settings, quiet=True)
                 left = (Status.DEFERRED, Status.FAILED)
                 return 1 if any(outcome.status in left for outcome in outcomes) else 0
             if args.report_command == "prune":
                 if not settings.keep_days:
                     print("[reports] keep_days = 0: the store keeps every period; nothing removed")
                 else:
-                    _prune_old_periods(store, settings.keep_days, dry_run=args.dry_run)
+                    _prune_old_periods(store, settings, dry_run=args.dry_run)
                 return 0
             print(show_reports(store, since=args.since_time, domain=args.domain, as_json=args.json))
             return 0
@@ -994,14 +994,16 @@ def _send_reports(store: Store, config: Config, args: argparse.Namespace) -> lis
         )
 
 
-def _prune_old_periods(store: Store, keep_days: int, *, dry_run: bool = False, quiet: bool = False) -> None:
+def _prune_old_periods(
+    store: Store, settings: ReportsSettings, *, dry_run: bool = False, quiet: bool = False
+) -> None:
     """Delete the periods that ended over ``keep_days`` ago; print what went (``quiet``: only if any)."""
-    before = _prune_cutoff(keep_days)
+    before = _prune_cutoff(settings.keep_days)
     # Under the send lock, so that no send running meanwhile finds the period of its report gone.
     with contextlib.nullcontext() if dry_run else store.send_lock():
-        outcome = store.prune(before, dry_run=dry_run)
+        outcome = store.prune(before, period=settings.period, dry_run=dry_run)
     if outcome.periods or not quiet:
-        print(prune_line(outcome, keep_days=keep_days, before=before, dry_run=dry_run))
+        print(prune_line(outcome, keep_days=settings.keep_days, before=before, dry_run=dry_run))
 
 
 def _prune_cutoff(keep_days: int) -> int:

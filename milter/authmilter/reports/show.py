@@ -81,6 +81,11 @@ def prune_line(outcome: PruneOutcome, *, keep_days: int, before: int, dry_run: b
         f"{prefix}{verb} {outcome.periods} period(s) that ended before {_utc(before)} "
         f"([reports] keep_days = {keep_days})"
     )
+    if outcome.history_files:
+        line += (
+            f", and the import offsets of {outcome.history_files} history file(s) last imported a "
+            "period and a day before that"
+        )
     if not outcome.undelivered:
         return line
     if dry_run:

@@ -19,7 +19,8 @@ Tables (schema version 1):
   lock, so several MX hosts may start at once against one PostgreSQL database.
 
 A period leaves ``periods``, ``report_rows`` and ``reporting_hosts`` together, ``[reports]
-keep_days`` after it ended (:meth:`Store.prune`).
+keep_days`` after it ended; a file's ``imported_files`` row goes a period and a day after that,
+counted from its last import (:meth:`Store.prune`).
 
 Errors: every database failure becomes :class:`StoreError`, naming the database (the URL
 without its password) and what was being done; a failed transaction is rolled back whole.
@@ -41,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from authmilter.reports import (
     POSTGRESQL_PREFIXES,
+    SECONDS_PER_DAY,
     SQLITE_PREFIX,
     check_database_url,
     is_within,
@@ -189,10 +191,12 @@ class PruneOutcome:
         periods: the periods deleted (each with its report rows and reporting hosts).
         undelivered: of those, the ones that were due (a ``rua``, the domain not suppressed)
             and never delivered: their reports are lost.
+        history_files: the history files whose import state was forgotten (see :meth:`Store.prune`).
     """
 
     periods: int
     undelivered: int
+    history_files: int = 0
 
 
 def open_store(url: str, *, suppress_domains: Collection[str] = (), timeout: float = 30.0) -> Store:
@@ -411,15 +415,23 @@ class Store:
                     "(already delivered?)"
                 )
 
-    def prune(self, before: int, *, dry_run: bool = False) -> PruneOutcome:
+    def prune(self, before: int, *, period: int, dry_run: bool = False) -> PruneOutcome:
         """Delete every period that ended before ``before``, with its rows and hosts, in one transaction.
 
         Delivered or not: a period that was due (a ``rua``, its domain not suppressed) and never
         delivered is deleted too, and counted, so that the caller can say so. Call it inside
         :meth:`send_lock`, so that no ``send`` is delivering a report whose period goes.
 
+        The import state of a history file last imported a period and a day before ``before``
+        goes too, or the table would keep a row for every history file ever rotated. Forgetting
+        it cannot count a record twice: every record imported from the file by then was written
+        before that import (the day is slack for the clocks of the host that wrote it and the one
+        that imported it), so its period ended before ``before``, and an import with that cutoff
+        (``import_files``' ``ended_before``) skips it if the file is read again from its start.
+
         Args:
             before: seconds since the epoch; periods with ``period_end < before`` go.
+            period: the reporting period in seconds (``[reports] period``).
             dry_run: count only; delete nothing.
 
         Returns:
@@ -449,12 +461,15 @@ class Store:
                 for domain, policy, count in undelivered
                 if not self._is_suppressed(domain) and decode_policy(policy).rua
             )
+            idle_since = (before - period - SECONDS_PER_DAY,)
+            (files,) = db.query("SELECT COUNT(*) FROM imported_files WHERE updated_at < ?", idle_since)
             if not dry_run:
                 # By key, not by period_end: report_rows has no index on period_end, and a
                 # period an import adds meanwhile stays whole.
                 for table in ("report_rows", "reporting_hosts", "periods"):
                     db.executemany(f"DELETE FROM {table} WHERE {_PERIOD_MATCH}", keys)
-        return PruneOutcome(periods=len(keys), undelivered=lost)
+                db.execute("DELETE FROM imported_files WHERE updated_at < ?", idle_since)
+        return PruneOutcome(periods=len(keys), undelivered=lost, history_files=int(files[0]))
 
     def send_lock(self) -> contextlib.AbstractContextManager[None]:
         """An exclusive lock across processes and hosts for one ``report send`` run.
