@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from authmilter.actions import Decision, decide_action, internal_error_decision
@@ -442,7 +443,7 @@ def _sealed_inbound(
 
 def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> dict[str, object]:
     early: dict[str, object] = {}
-    for check, settings in enabled_checks(registry, config).checks:
+    for check, settings in enabled_checks(registry, config).prechecking:
         try:
             outcome = check.precheck(transaction, settings)
         except Exception as e:
@@ -468,12 +469,18 @@ class EnabledChecks(NamedTuple):
         registry: the registry.
         checks: each enabled check with its settings, in the registry's order.
         prefetch_fields: the header field names (lower case) that tell one of them a DNS name.
+        prechecking: the checks of ``checks`` with a :meth:`Check.precheck` of their own.
+        envelope_askers: those with :meth:`Check.envelope_questions` of their own.
+        field_askers: by header field name (lower case), those that name it in ``prefetch_fields``.
     """
 
     config: Config
     registry: Registry
     checks: tuple[tuple[Check[Any, Any], Any], ...]
     prefetch_fields: frozenset[str]
+    prechecking: tuple[tuple[Check[Any, Any], Any], ...]
+    envelope_askers: tuple[tuple[Check[Any, Any], Any], ...]
+    field_askers: Mapping[str, tuple[tuple[Check[Any, Any], Any], ...]]
 
 
 # The last answer of enabled_checks(): a worker asks with the same configuration and registry for
@@ -495,8 +502,27 @@ def enabled_checks(registry: Registry, config: Config) -> EnabledChecks:
             if registration.check.enabled(settings := registration.settings(config))
         )
         fields = frozenset().union(*(check.prefetch_fields for check, _ in checks))
-        known = _last_enabled = EnabledChecks(config, registry, checks, fields)
+        known = _last_enabled = EnabledChecks(
+            config,
+            registry,
+            checks,
+            fields,
+            prechecking=tuple(entry for entry in checks if _overrides(entry[0], "precheck")),
+            envelope_askers=tuple(entry for entry in checks if _overrides(entry[0], "envelope_questions")),
+            field_askers=MappingProxyType(
+                {
+                    name: tuple(entry for entry in checks if name in entry[0].prefetch_fields)
+                    for name in fields
+                }
+            ),
+        )
     return known
+
+
+def _overrides(check: Check[Any, Any], method: str) -> bool:
+    # Found once, as aiosmtpd finds its hooks: a check without its own method gets the default,
+    # which declares nothing, so it is not asked at every message (STYLE.md §3).
+    return getattr(type(check), method) is not getattr(Check, method)
 
 
 def prefetch_questions(registry: Registry, transaction: Transaction, config: Config) -> list[Question]:
@@ -513,7 +539,7 @@ def envelope_questions(
 ) -> list[Question]:
     """The DNS questions the enabled checks declare at MAIL FROM (see :meth:`Check.envelope_questions`)."""
     return _declared(
-        enabled_checks(registry, config).checks,
+        enabled_checks(registry, config).envelope_askers,
         "",
         lambda check, settings: check.envelope_questions(connection, mail_from, settings),
     )
@@ -522,12 +548,7 @@ def envelope_questions(
 def field_questions(field: HeaderField, config: Config, registry: Registry = CHECKS) -> list[Question]:
     """The DNS questions the enabled checks declare for one header field (see
     :meth:`Check.field_questions`)."""
-    name = field.name.lower()
-    askers = [
-        (check, settings)
-        for check, settings in enabled_checks(registry, config).checks
-        if name in check.prefetch_fields
-    ]
+    askers = enabled_checks(registry, config).field_askers.get(field.name.lower(), ())
     return _declared(askers, "", lambda check, settings: check.field_questions(field, settings))
 
 
