@@ -388,13 +388,14 @@ def _evaluate(
         sent=prefetched or 0,
     )
     message_resolver = resolver.for_message(budget)
-    whole = prefetched is None
-    with message_resolver.prefetch(dns_config.prefetch_queries if whole else 0) as lookups:
+    if prefetched is None:
         # A message read whole tells all its names now: they are asked together first, so the
         # checks, which still ask in their own order (RFC 7208 §4.6.4's limits stay exact), mostly
         # find them answered or on their way.
-        if whole:
+        with message_resolver.prefetch(dns_config.prefetch_queries) as lookups:
             lookups.start(prefetch_questions(registry, transaction, config))
+            outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
+    else:  # the milter: its callbacks prefetched the names as they told them
         outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
     decision = _decide(transaction, outcomes, config)
     if decision.action in (Action.REJECT, Action.QUARANTINE):
