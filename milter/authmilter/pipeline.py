@@ -150,7 +150,7 @@ def outbound_reason(connection: Connection, config: Config) -> str:
     if entry is not None and entry.included:
         return f"internal host ({entry.text} at {entry.source})"
     macros = connection.macros
-    if config.milter.skip_authenticated and any(macros.get(name) for name in AUTH_MACROS):
+    if config.milter.skip_authenticated and (macros.get(AUTH_MACROS[0]) or macros.get(AUTH_MACROS[1])):
         who = macros.get("{auth_authen}") or f"an unnamed user ({macros.get('{auth_type}')})"
         return f"authenticated as {who}"
     daemon = macros.get(DAEMON_NAME_MACRO, "")
@@ -159,20 +159,23 @@ def outbound_reason(connection: Connection, config: Config) -> str:
     return ""
 
 
-def body_hashes(connection: Connection, headers: MessageHeaders, config: Config) -> frozenset[BodyHashSpec]:
+def body_hashes(
+    connection: Connection, headers: MessageHeaders, config: Config, why_outbound: str | None = None
+) -> frozenset[BodyHashSpec]:
     """The DKIM body hashes this message will need, known at the end of its header block.
 
     Args:
         connection: the client (outbound mail is signed, inbound mail verified).
         headers: the header fields, with the DKIM-Signature fields to verify.
         config: ``[dkim]`` and ``[signing]``.
+        why_outbound: :func:`outbound_reason` for ``connection``, when the caller knows it already.
 
     Returns:
         For outbound mail, the hash our signatures carry; for inbound mail, one per distinct body
         canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7), and
         of the ARC-Message-Signatures (RFC 8617 §4.1.2); the hash of our ARC seal when we seal.
     """
-    outbound = bool(outbound_reason(connection, config))
+    outbound = bool(outbound_reason(connection, config) if why_outbound is None else why_outbound)
     sealing = {SEAL_BODY_HASH} if config.arc.seals(outbound) else set()
     if outbound:
         return frozenset({signing_body_hash(config.signing), *sealing})
@@ -255,7 +258,9 @@ def evaluate(
         the queue id and traceback.
     """
     try:
-        why_outbound = outbound_reason(transaction.connection, config)
+        why_outbound = transaction.outbound
+        if why_outbound is None:
+            why_outbound = outbound_reason(transaction.connection, config)
         if why_outbound:
             return _evaluate_outbound(transaction, config, why_outbound, keys, now)
         return _evaluate(transaction, resolver, config, registry, keys, now, prefetched)
