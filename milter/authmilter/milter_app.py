@@ -742,12 +742,11 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._lookups.start(questions)
 
     def _reset_message(self) -> None:
-        if self._session.in_message:
+        if self._session.abort():
             _messages.ended()
         if self._lookups is not None:  # the queries no check read: their sockets are closed
             self._lookups.cancel()
             self._lookups = None
-        self._session.abort()
         self._modifying = False
 
     def _record_failure(self, stage: str, exc: Exception) -> None:
@@ -779,7 +778,12 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         return _log_value(value) if value else ""
 
     def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
-        return {name: value for name in names if (value := self._macro(name))}
+        found: dict[str, str] = {}
+        for name in names:  # as _macro does, without a call per name: four names per message
+            value = self.getsymval(name)
+            if value and isinstance(value, str):
+                found[name] = value
+        return found
 
     def _log_verdict(self, transaction: Transaction, verdict: Verdict, started: float) -> None:
         # One line per message; in [log] format = "json" the fields below are the object's keys.
@@ -880,6 +884,8 @@ def _elapsed_ms(started: float) -> float:
 
 def _log_value(value: str) -> str:
     """One line, bounded: a value from the network must not forge or flood log lines."""
+    if len(value) <= MAX_LOG_VALUE and value.isprintable():  # the usual value: nothing to replace
+        return value or "-"
     cleaned = "".join(char if char.isprintable() else "?" for char in value[:MAX_LOG_VALUE])
     return (cleaned + "..." if len(value) > MAX_LOG_VALUE else cleaned) or "-"
 

@@ -210,11 +210,17 @@ class Session:
             outbound=self._outbound(message),
         )
 
-    def abort(self) -> None:
-        """The message is abandoned (RSET, QUIT, a lost client) or over: forget it."""
+    def abort(self) -> bool:
+        """The message is abandoned (RSET, QUIT, a lost client) or over: forget it.
+
+        Returns:
+            True when a message was in progress (between MAIL FROM and now).
+        """
+        in_message = self._message is not None
         self._message = None
         self._message_failure = ""
         self._prefetching = False
+        return in_message
 
     # --- failures ----------------------------------------------------------------------------
 
