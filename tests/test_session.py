@@ -120,8 +120,9 @@ def test_message_events_need_mail_from() -> None:
     with pytest.raises(RuntimeError, match="without MAIL FROM"):
         session.rcpt("<alice@receiver.example>")
     session.mail("<bob@sender.example>")
-    session.abort()
+    assert session.abort() is True  # a message was in progress (the adapter counts it ended)
     assert not session.in_message and session.headers().fields == ()
+    assert session.abort() is False
 
 
 def test_mail_from_drops_an_unfinished_message() -> None:
