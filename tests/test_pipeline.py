@@ -12,7 +12,7 @@ import dns.rdatatype
 import pytest
 
 from authmilter.actions import FailureAction, MultipleFromDomains
-from authmilter.checks import Check, Decided, Outcomes, Registration, Registry
+from authmilter.checks import Check, Decided, Outcomes, Question, Registration, Registry
 from authmilter.config import Config, default_config
 from authmilter.dkim_body import BodyHashSpec, digest_body
 from authmilter.dkim_sign import SigningSettings
@@ -20,14 +20,16 @@ from authmilter.dkim_verify import DkimCheck
 from authmilter.dmarc import DmarcCheck
 from authmilter.history import Envelope, make_record
 from authmilter.keys import KeyCache
-from authmilter.message import parse_message
+from authmilter.message import HeaderField, parse_message
 from authmilter.model import Action, AuthResult, Disposition, MethodResult, SpfResult, Verdict
 from authmilter.pipeline import (
     CHECKS,
     Connection,
     Transaction,
     body_hashes,
+    envelope_questions,
     evaluate,
+    field_questions,
     match_internal_host,
     outbound_reason,
     sign_transaction,
@@ -307,6 +309,34 @@ def test_a_check_is_one_class_and_one_registration(resolver: Resolver, key: Sign
     without = run(raw, resolver).as_json()
     assert {**verdict.as_json(), "authentication_results": ""} == {**without, "authentication_results": ""}
     assert verdict.authentication_results.startswith(without["authentication_results"] + ";")
+
+
+class AskingCheck(XTestCheck):
+    """A check of the tests' own that tells DNS names at MAIL FROM and from a field of its own."""
+
+    name = "x-asking"
+    prefetch_fields = frozenset({"x-probe"})
+
+    def envelope_questions(self, connection: Connection, mail_from: str, settings: None) -> list[Question]:
+        return [(f"envelope.{connection.helo}", dns.rdatatype.TXT)]
+
+    def field_questions(self, field: HeaderField, settings: None) -> list[Question]:
+        return [(f"field.{field.value.strip()}", dns.rdatatype.A)]
+
+
+def test_a_check_of_its_own_is_asked_its_questions_as_the_built_in_ones() -> None:
+    # The checks that declare nothing are found once and not asked per message: one that does
+    # declare, defined outside the pipeline, must still be asked at MAIL FROM and per field.
+    registry = CHECKS.register(AskingCheck(), lambda config: None)
+    connection = Connection(client_ip="192.0.2.10", helo="mx.sender.example")
+    assert envelope_questions(connection, "bob@sender.example", CONFIG, registry) == [
+        ("sender.example", dns.rdatatype.TXT),
+        ("mx.sender.example", dns.rdatatype.TXT),
+        ("envelope.mx.sender.example", dns.rdatatype.TXT),
+    ]
+    (probe,) = parse_message(b"X-Probe: probe.example\r\n\r\n").headers.fields
+    assert field_questions(probe, CONFIG, registry) == [("field.probe.example", dns.rdatatype.A)]
+    assert field_questions(probe, CONFIG) == []
 
 
 def test_checks_name_the_dns_questions_they_will_ask(key: SigningKey) -> None:

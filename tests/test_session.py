@@ -10,7 +10,7 @@ import pytest
 from authmilter.config import Config, default_config
 from authmilter.message import parse_message
 from authmilter.model import Action, AuthResult
-from authmilter.pipeline import evaluate
+from authmilter.pipeline import evaluate, outbound_reason
 from authmilter.resolver import Resolver, ZoneFileSource
 from authmilter.session import MAX_RECIPIENTS, Session
 from signing import SigningKey, make_message, rsa_key, sign, zone_txt
@@ -120,8 +120,9 @@ def test_message_events_need_mail_from() -> None:
     with pytest.raises(RuntimeError, match="without MAIL FROM"):
         session.rcpt("<alice@receiver.example>")
     session.mail("<bob@sender.example>")
-    session.abort()
+    assert session.abort() is True  # a message was in progress (the adapter counts it ended)
     assert not session.in_message and session.headers().fields == ()
+    assert session.abort() is False
 
 
 def test_mail_from_drops_an_unfinished_message() -> None:
@@ -142,3 +143,33 @@ def test_the_internal_hosts_entry_is_found_at_connect() -> None:
     session.end_of_message()
     entry = session.transaction().connection.internal_host
     assert entry is not None and entry.included
+
+
+@pytest.mark.parametrize(
+    ("client_ip", "connect_macros", "mail_macros", "expected"),
+    [
+        ("192.0.2.10", {}, {}, ""),
+        ("127.0.0.1", {}, {}, "internal host (127.0.0.1 at <default>:1)"),
+        ("192.0.2.10", {}, {"{auth_authen}": "bob"}, "authenticated as bob"),
+        ("192.0.2.10", {"{daemon_name}": "submission"}, {}, "daemon_name submission"),
+        ("192.0.2.10", {"{daemon_name}": "submission"}, None, "daemon_name submission"),
+        ("192.0.2.10", {}, None, ""),
+    ],
+)
+def test_the_direction_found_once_is_the_one_of_the_complete_envelope(
+    client_ip: str, connect_macros: dict[str, str], mail_macros: dict[str, str] | None, expected: str
+) -> None:
+    # The session finds why a message is outbound once, when MAIL FROM's macros complete the
+    # envelope (None: they never come, as in authmilter check), and the body hashes and evaluate()
+    # reuse it: it must be what outbound_reason() says of the transaction's final connection.
+    config = dataclasses.replace(
+        CONFIG, signing=dataclasses.replace(CONFIG.signing, sign_daemon_names=("submission",))
+    )
+    session = Session(config)
+    session.connect(client_ip, "", connect_macros)
+    session.mail("<bob@sender.example>")
+    if mail_macros is not None:
+        session.mail_macros("QID1", mail_macros)
+    session.end_of_message()
+    transaction = session.transaction()
+    assert transaction.outbound == expected == outbound_reason(transaction.connection, config)

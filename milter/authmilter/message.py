@@ -194,7 +194,8 @@ class HeaderCollector:
         """
         name = _wire_text(raw_name).rstrip(" \t")
         key = name.lower()
-        if not self._keeps(key):  # a field that is not kept needs no decoding
+        # Below the limit (the usual case: no call); a field that is not kept needs no decoding.
+        if self._seen >= self._max_headers and not self._keeps(key):
             self._drop(key)
             return None
         value = _wire_text(raw_value)

@@ -397,22 +397,30 @@ _Gatherer = Callable[Concatenate["AuthMilter", P], None]
 _Callback = Callable[Concatenate["AuthMilter", P], int]
 
 
+_CONTINUE: int = Milter.CONTINUE
+_NOREPLY: int = Milter.NOREPLY
+
+
 def _gathers(callback: _Gatherer[P]) -> _Callback[P]:
     """Make a callback that only gathers input: no reply awaited, never raises.
 
     A failure is logged and kept; end of message applies the configured failure action.
+    Milter.noreply's work is done here, in the same frame (a header field is one callback): the
+    callback is marked as one whose reply the MTA need not await (protocol_mask() reads the mark),
+    and it answers NOREPLY when negotiate() left the MTA not waiting for it.
     """
+    no_reply_bit: int = Milter.OPTIONAL_CALLBACKS[callback.__name__][0]
 
-    @functools.wraps(callback)
-    def contained(self: AuthMilter, *args: P.args, **kwargs: P.kwargs) -> int:
+    def contained(self: AuthMilter, /, *args: P.args, **kwargs: P.kwargs) -> int:
         try:
             callback(self, *args, **kwargs)
         except Exception as exc:
             self._record_failure(callback.__name__, exc)
-        return int(Milter.CONTINUE)
+        return _NOREPLY if self._protocol & no_reply_bit else _CONTINUE
 
-    noreply: _Callback[P] = Milter.noreply(contained)
-    return noreply
+    functools.update_wrapper(contained, callback)
+    contained.__dict__["milter_protocol"] = no_reply_bit
+    return contained
 
 
 def _noreply(callback: _Callback[P]) -> _Callback[P]:
@@ -460,6 +468,8 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._modifying = False
         self._quickack = quickack or QuickAck(None)
         self._ack_fd: int | None = None
+        # SMFIP_HDR_LEADSPC was negotiated: header values keep the whitespace after the colon.
+        self._leading_space = False
 
     # --- negotiation -------------------------------------------------------------------------
 
@@ -478,6 +488,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             # reply we never give.
             self._actions = offered_actions & ACTIONS
             self._protocol = offered_protocol & ~(self.protocol_mask() & ~EXTENSIONS) & ~Milter.P_SKIP
+            self._leading_space = bool(self._protocol & Milter.P_HDR_LEADSPC)
             if len(self._config.ignore_hosts):
                 # connect() must be answered to turn an ignored client away (see there).
                 self._protocol &= ~Milter.P_NR_CONN
@@ -492,11 +503,6 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
             log.exception("cannot negotiate with the MTA (offer %r)", opts)
             return int(Milter.ALL_OPTS)
         return int(Milter.CONTINUE)
-
-    @property
-    def _leading_space(self) -> bool:
-        """SMFIP_HDR_LEADSPC was negotiated: header values keep the whitespace after the colon."""
-        return bool(self._protocol & Milter.P_HDR_LEADSPC)
 
     # --- gathering ---------------------------------------------------------------------------
 
@@ -552,6 +558,15 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
     @_gathers
     def hello(self, hostname: str) -> None:
         self._session.hello(hostname)
+
+    # pymilter calls envfrom_bytes and envrcpt_bytes; its own decode the ESMTP parameters too, which
+    # we never read. UTF-8 with surrogateescape, as pymilter's: the original bytes survive, and
+    # decoding cannot fail.
+    def envfrom_bytes(self, mail_from: bytes, *params: bytes) -> int:
+        return self.envfrom(mail_from.decode("utf-8", "surrogateescape"))
+
+    def envrcpt_bytes(self, recipient: bytes, *params: bytes) -> int:
+        return self.envrcpt(recipient.decode("utf-8", "surrogateescape"))
 
     @_gathers
     def envfrom(self, mail_from: str, *params: str) -> None:
@@ -727,12 +742,11 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         self._lookups.start(questions)
 
     def _reset_message(self) -> None:
-        if self._session.in_message:
+        if self._session.abort():
             _messages.ended()
         if self._lookups is not None:  # the queries no check read: their sockets are closed
             self._lookups.cancel()
             self._lookups = None
-        self._session.abort()
         self._modifying = False
 
     def _record_failure(self, stage: str, exc: Exception) -> None:
@@ -764,7 +778,12 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         return _log_value(value) if value else ""
 
     def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
-        return {name: value for name in names if (value := self._macro(name))}
+        found: dict[str, str] = {}
+        for name in names:  # as _macro does, without a call per name: four names per message
+            value = self.getsymval(name)
+            if value and isinstance(value, str):
+                found[name] = value
+        return found
 
     def _log_verdict(self, transaction: Transaction, verdict: Verdict, started: float) -> None:
         # One line per message; in [log] format = "json" the fields below are the object's keys.
@@ -865,6 +884,8 @@ def _elapsed_ms(started: float) -> float:
 
 def _log_value(value: str) -> str:
     """One line, bounded: a value from the network must not forge or flood log lines."""
+    if len(value) <= MAX_LOG_VALUE and value.isprintable():  # the usual value: nothing to replace
+        return value or "-"
     cleaned = "".join(char if char.isprintable() else "?" for char in value[:MAX_LOG_VALUE])
     return (cleaned + "..." if len(value) > MAX_LOG_VALUE else cleaned) or "-"
 

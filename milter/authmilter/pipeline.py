@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from authmilter.actions import Decision, decide_action, internal_error_decision
@@ -149,7 +150,7 @@ def outbound_reason(connection: Connection, config: Config) -> str:
     if entry is not None and entry.included:
         return f"internal host ({entry.text} at {entry.source})"
     macros = connection.macros
-    if config.milter.skip_authenticated and any(macros.get(name) for name in AUTH_MACROS):
+    if config.milter.skip_authenticated and (macros.get(AUTH_MACROS[0]) or macros.get(AUTH_MACROS[1])):
         who = macros.get("{auth_authen}") or f"an unnamed user ({macros.get('{auth_type}')})"
         return f"authenticated as {who}"
     daemon = macros.get(DAEMON_NAME_MACRO, "")
@@ -158,20 +159,23 @@ def outbound_reason(connection: Connection, config: Config) -> str:
     return ""
 
 
-def body_hashes(connection: Connection, headers: MessageHeaders, config: Config) -> frozenset[BodyHashSpec]:
+def body_hashes(
+    connection: Connection, headers: MessageHeaders, config: Config, why_outbound: str | None = None
+) -> frozenset[BodyHashSpec]:
     """The DKIM body hashes this message will need, known at the end of its header block.
 
     Args:
         connection: the client (outbound mail is signed, inbound mail verified).
         headers: the header fields, with the DKIM-Signature fields to verify.
         config: ``[dkim]`` and ``[signing]``.
+        why_outbound: :func:`outbound_reason` for ``connection``, when the caller knows it already.
 
     Returns:
         For outbound mail, the hash our signatures carry; for inbound mail, one per distinct body
         canonicalization, l= and hash of the signatures that will be checked (RFC 6376 §3.7), and
         of the ARC-Message-Signatures (RFC 8617 §4.1.2); the hash of our ARC seal when we seal.
     """
-    outbound = bool(outbound_reason(connection, config))
+    outbound = bool(outbound_reason(connection, config) if why_outbound is None else why_outbound)
     sealing = {SEAL_BODY_HASH} if config.arc.seals(outbound) else set()
     if outbound:
         return frozenset({signing_body_hash(config.signing), *sealing})
@@ -254,7 +258,9 @@ def evaluate(
         the queue id and traceback.
     """
     try:
-        why_outbound = outbound_reason(transaction.connection, config)
+        why_outbound = transaction.outbound
+        if why_outbound is None:
+            why_outbound = outbound_reason(transaction.connection, config)
         if why_outbound:
             return _evaluate_outbound(transaction, config, why_outbound, keys, now)
         return _evaluate(transaction, resolver, config, registry, keys, now, prefetched)
@@ -387,13 +393,14 @@ def _evaluate(
         sent=prefetched or 0,
     )
     message_resolver = resolver.for_message(budget)
-    whole = prefetched is None
-    with message_resolver.prefetch(dns_config.prefetch_queries if whole else 0) as lookups:
+    if prefetched is None:
         # A message read whole tells all its names now: they are asked together first, so the
         # checks, which still ask in their own order (RFC 7208 §4.6.4's limits stay exact), mostly
         # find them answered or on their way.
-        if whole:
+        with message_resolver.prefetch(dns_config.prefetch_queries) as lookups:
             lookups.start(prefetch_questions(registry, transaction, config))
+            outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
+    else:  # the milter: its callbacks prefetched the names as they told them
         outcomes, timings = run_checks(registry, transaction, message_resolver, config, budget)
     decision = _decide(transaction, outcomes, config)
     if decision.action in (Action.REJECT, Action.QUARANTINE):
@@ -442,7 +449,7 @@ def _sealed_inbound(
 
 def _prechecks(transaction: Transaction, config: Config, registry: Registry) -> dict[str, object]:
     early: dict[str, object] = {}
-    for check, settings in enabled_checks(registry, config).checks:
+    for check, settings in enabled_checks(registry, config).prechecking:
         try:
             outcome = check.precheck(transaction, settings)
         except Exception as e:
@@ -468,12 +475,18 @@ class EnabledChecks(NamedTuple):
         registry: the registry.
         checks: each enabled check with its settings, in the registry's order.
         prefetch_fields: the header field names (lower case) that tell one of them a DNS name.
+        prechecking: the checks of ``checks`` with a :meth:`Check.precheck` of their own.
+        envelope_askers: those with :meth:`Check.envelope_questions` of their own.
+        field_askers: by header field name (lower case), those that name it in ``prefetch_fields``.
     """
 
     config: Config
     registry: Registry
     checks: tuple[tuple[Check[Any, Any], Any], ...]
     prefetch_fields: frozenset[str]
+    prechecking: tuple[tuple[Check[Any, Any], Any], ...]
+    envelope_askers: tuple[tuple[Check[Any, Any], Any], ...]
+    field_askers: Mapping[str, tuple[tuple[Check[Any, Any], Any], ...]]
 
 
 # The last answer of enabled_checks(): a worker asks with the same configuration and registry for
@@ -495,8 +508,27 @@ def enabled_checks(registry: Registry, config: Config) -> EnabledChecks:
             if registration.check.enabled(settings := registration.settings(config))
         )
         fields = frozenset().union(*(check.prefetch_fields for check, _ in checks))
-        known = _last_enabled = EnabledChecks(config, registry, checks, fields)
+        known = _last_enabled = EnabledChecks(
+            config,
+            registry,
+            checks,
+            fields,
+            prechecking=tuple(entry for entry in checks if _overrides(entry[0], "precheck")),
+            envelope_askers=tuple(entry for entry in checks if _overrides(entry[0], "envelope_questions")),
+            field_askers=MappingProxyType(
+                {
+                    name: tuple(entry for entry in checks if name in entry[0].prefetch_fields)
+                    for name in fields
+                }
+            ),
+        )
     return known
+
+
+def _overrides(check: Check[Any, Any], method: str) -> bool:
+    # Found once, as aiosmtpd finds its hooks: a check without its own method gets the default,
+    # which declares nothing, so it is not asked at every message (STYLE.md §3).
+    return getattr(type(check), method) is not getattr(Check, method)
 
 
 def prefetch_questions(registry: Registry, transaction: Transaction, config: Config) -> list[Question]:
@@ -513,7 +545,7 @@ def envelope_questions(
 ) -> list[Question]:
     """The DNS questions the enabled checks declare at MAIL FROM (see :meth:`Check.envelope_questions`)."""
     return _declared(
-        enabled_checks(registry, config).checks,
+        enabled_checks(registry, config).envelope_askers,
         "",
         lambda check, settings: check.envelope_questions(connection, mail_from, settings),
     )
@@ -522,12 +554,7 @@ def envelope_questions(
 def field_questions(field: HeaderField, config: Config, registry: Registry = CHECKS) -> list[Question]:
     """The DNS questions the enabled checks declare for one header field (see
     :meth:`Check.field_questions`)."""
-    name = field.name.lower()
-    askers = [
-        (check, settings)
-        for check, settings in enabled_checks(registry, config).checks
-        if name in check.prefetch_fields
-    ]
+    askers = enabled_checks(registry, config).field_askers.get(field.name.lower(), ())
     return _declared(askers, "", lambda check, settings: check.field_questions(field, settings))
 
 

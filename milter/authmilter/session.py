@@ -68,6 +68,8 @@ class _Message:
         self.body: BodyHasher | None = None
         # A message read whole (authmilter check): its body is hashed by the DKIM check itself.
         self.whole: ParsedMessage | None = None
+        # Why it is outbound ("" inbound), found once the envelope is complete (Session._outbound).
+        self.outbound: str | None = None
 
 
 class Session:
@@ -139,7 +141,8 @@ class Session:
                 message.connection, macros={**message.connection.macros, **macros}
             )
         # Now the envelope is complete: outbound mail is signed, not checked, and asks nothing.
-        if self._prefetch is not None and not outbound_reason(message.connection, self._config):
+        message.outbound = outbound_reason(message.connection, self._config)
+        if self._prefetch is not None and not message.outbound:
             self._prefetching = True
             self._ask(envelope_questions(message.connection, message.mail_from, self._config))
 
@@ -204,13 +207,20 @@ class Session:
             message=parsed,
             queue_id=message.queue_id,
             body=digests,
+            outbound=self._outbound(message),
         )
 
-    def abort(self) -> None:
-        """The message is abandoned (RSET, QUIT, a lost client) or over: forget it."""
+    def abort(self) -> bool:
+        """The message is abandoned (RSET, QUIT, a lost client) or over: forget it.
+
+        Returns:
+            True when a message was in progress (between MAIL FROM and now).
+        """
+        in_message = self._message is not None
         self._message = None
         self._message_failure = ""
         self._prefetching = False
+        return in_message
 
     # --- failures ----------------------------------------------------------------------------
 
@@ -260,9 +270,16 @@ class Session:
 
     def _body_hasher(self, message: _Message) -> BodyHasher:
         if message.body is None:
-            needed = body_hashes(message.connection, self._headers(message), self._config)
+            headers = self._headers(message)
+            needed = body_hashes(message.connection, headers, self._config, self._outbound(message))
             message.body = BodyHasher(needed)
         return message.body
+
+    def _outbound(self, message: _Message) -> str:
+        # Found at MAIL FROM's macros; a message without them (authmilter check) finds it here.
+        if message.outbound is None:
+            message.outbound = outbound_reason(message.connection, self._config)
+        return message.outbound
 
     def _headers(self, message: _Message) -> MessageHeaders:
         if message.parsed_headers is None:

@@ -718,6 +718,8 @@ class HostSet:
         return next((self._names[c] for c in candidates if c in self._names), None)
 
     def _match_ip(self, ip: str) -> HostEntry | None:
+        if not self._networks:  # ignore_hosts is usually empty: the address needs no parsing
+            return None
         packed = packed_client_ip(ip)
         if packed is None:
             return None

@@ -44,6 +44,9 @@ class Transaction:
         body: the DKIM body hashes, computed as the body streamed in (pipeline.body_hashes; the
             milter keeps no body, so its ``message`` is the header block only); None: computed
             from ``message``'s body (a message read whole, as ``authmilter check`` does).
+        outbound: why the message is outbound (pipeline.outbound_reason; "" inbound), as the
+            session found it once the envelope was complete and used it all along; None:
+            ``pipeline.evaluate`` finds it.
     """
 
     connection: Connection
@@ -52,6 +55,7 @@ class Transaction:
     message: ParsedMessage
     queue_id: str = ""
     body: BodyDigests | None = None
+    outbound: str | None = None
 
     @cached_property
     def authors(self) -> FromAuthors:
