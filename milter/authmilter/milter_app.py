@@ -778,12 +778,7 @@ class AuthMilter(Milter.Base):  # type: ignore[misc]  # pymilter has no type inf
         return _log_value(value) if value else ""
 
     def _macros(self, names: tuple[str, ...]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for name in names:  # as _macro does, without a call per name: four names per message
-            value = self.getsymval(name)
-            if value and isinstance(value, str):
-                found[name] = value
-        return found
+        return {name: value for name in names if (value := self._macro(name))}
 
     def _log_verdict(self, transaction: Transaction, verdict: Verdict, started: float) -> None:
         # One line per message; in [log] format = "json" the fields below are the object's keys.

@@ -150,7 +150,7 @@ def outbound_reason(connection: Connection, config: Config) -> str:
     if entry is not None and entry.included:
         return f"internal host ({entry.text} at {entry.source})"
     macros = connection.macros
-    if config.milter.skip_authenticated and (macros.get(AUTH_MACROS[0]) or macros.get(AUTH_MACROS[1])):
+    if config.milter.skip_authenticated and any(macros.get(name) for name in AUTH_MACROS):
         who = macros.get("{auth_authen}") or f"an unnamed user ({macros.get('{auth_type}')})"
         return f"authenticated as {who}"
     daemon = macros.get(DAEMON_NAME_MACRO, "")
