@@ -597,6 +597,8 @@ class DnsObserver(Protocol):
 class _Usage:
     """What the DNS answers read by one derived computation allow: when it expires, if at all."""
 
+    __slots__ = ("expires", "tempfail")  # one per derived computation
+
     def __init__(self) -> None:
         self.expires = math.inf
         self.tempfail = False
@@ -632,6 +634,8 @@ class _InFlight:
     claims it (takes ``sent``) and reads it while later askers :meth:`wait`. Nobody waits on an
     unclaimed one, so cancelling it (closing its socket) strands no one.
     """
+
+    __slots__ = ("_unfinished", "answer", "expires", "sent", "started")  # one per query sent
 
     def __init__(self, started: float, sent: SentQuery | None = None) -> None:
         # Held until the answer is in; waiters pass through it once it is released. A plain lock,
