@@ -516,3 +516,11 @@ def test_truncated_flag() -> None:
     assert is_truncated(_header(flags=0x8380) + QUESTION)
     assert not is_truncated(_header() + QUESTION)
     assert not is_truncated(b"\x12")
+
+
+def test_texts_are_the_txt_records_joined() -> None:
+    # Only TXT (and SPF) records, tuples of bytes, have texts: an MX tuple, an address or a name
+    # has none, whichever records an answer holds.
+    records = ((b"v=spf1 ", b"-all"), (), (10, "mx.example"), "192.0.2.1", (b"\xff",), (0, "."))
+    answer = DnsAnswer(DnsStatus.OK, records, ttl=60)
+    assert answer.texts == ("v=spf1 -all", "", "\ufffd")

@@ -87,9 +87,10 @@ class DnsAnswer:
         Non-ASCII bytes are replaced: every TXT record we read (SPF, DKIM keys, DMARC) is ASCII.
         """
         return tuple(
-            b"".join(record).decode("utf-8", "replace")  # type: ignore[arg-type]  # checked: all bytes
+            b"".join(record).decode("utf-8", "replace")
             for record in self.records
-            if isinstance(record, tuple) and all(isinstance(part, bytes) for part in record)
+            # A tuple is TXT's strings (all bytes, perhaps none) or MX's (preference, exchange).
+            if isinstance(record, tuple) and (not record or isinstance(record[0], bytes))
         )
 
     @property
