@@ -729,7 +729,8 @@ class Prefetch:
     def cancel(self) -> None:
         """Close the queries no check claimed (their answers are dropped, never waited for)."""
         for key, entry in self._started:
-            self._resolver._drop(key, entry)
+            if entry.sent is not None:  # claimed (the usual case): a claim is never undone, so no lock
+                self._resolver._drop(key, entry)
         self._started.clear()
 
     def __enter__(self) -> Prefetch:
@@ -947,9 +948,7 @@ class Resolver:
         return key, entry
 
     def _drop(self, key: tuple[str, int], entry: _InFlight) -> None:
-        """Close a prefetched query unless a check claimed it (its reader then finishes it)."""
-        if entry.sent is None:  # claimed (the usual case): a claim is never undone, so no lock
-            return
+        """Close a prefetched query unless a check claimed it meanwhile (its reader then finishes it)."""
         with self._lock:
             sent = entry.claim()
             if sent is not None and self._inflight.get(key) is entry:
