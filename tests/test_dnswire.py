@@ -218,6 +218,20 @@ def test_a_question_name_compressed_is_read_decompressed() -> None:
     assert parse_response(wire).texts == ("ok",)
 
 
+def test_an_owner_pointing_into_the_question_is_read_as_the_walk_reads_it() -> None:
+    # Owners that point into the question's name are taken from it without the name walk: at a
+    # label boundary the parent name (not the question's: no match), mid-label the walk's refusal.
+    wire = CASES["txt"]
+    owner = wire.index(b"\xc0\x0c", 12)
+    parent = wire[:owner] + b"\xc0\x13" + wire[owner + 2 :]  # "example." in "sender.example."
+    assert parent[0x13 : 0x13 + 8] == b"\x07example"
+    assert parse_response(parent) == dnspython_answer(parent)
+    assert parse_response(parent).status is DnsStatus.NODATA
+    mid_label = wire[:owner] + b"\xc0\x0d" + wire[owner + 2 :]  # the "s" of "sender"
+    with pytest.raises(UnusableAnswer, match="not a length"):
+        parse_response(mid_label)
+
+
 def test_a_response_to_another_question_is_unusable() -> None:
     wire = CASES["txt"]
     other = _question_of(CASES["mixed case owner"])
@@ -502,3 +516,11 @@ def test_truncated_flag() -> None:
     assert is_truncated(_header(flags=0x8380) + QUESTION)
     assert not is_truncated(_header() + QUESTION)
     assert not is_truncated(b"\x12")
+
+
+def test_texts_are_the_txt_records_joined() -> None:
+    # Only TXT (and SPF) records, tuples of bytes, have texts: an MX tuple, an address or a name
+    # has none, whichever records an answer holds.
+    records = ((b"v=spf1 ", b"-all"), (), (10, "mx.example"), "192.0.2.1", (b"\xff",), (0, "."))
+    answer = DnsAnswer(DnsStatus.OK, records, ttl=60)
+    assert answer.texts == ("v=spf1 -all", "", "\ufffd")

@@ -16,7 +16,7 @@ import spf
 
 from authmilter.domains import MAX_LABEL_LENGTH, MAX_NAME_LENGTH
 from authmilter.model import AuthResult, SpfResult, SpfScope
-from authmilter.resolver import DnsAnswer, DnsSource, Resolver, ZoneFileSource, tempfail
+from authmilter.resolver import DnsAnswer, DnsSource, DnsStatus, Resolver, ZoneFileSource, tempfail
 from authmilter.spf_check import (
     SpfSettings,
     _checkable_domain,
@@ -456,3 +456,25 @@ def test_cidrmatch_is_pyspfs(resolver: Resolver, ip: str, addresses: list[str], 
             except spf.PermError as e:
                 outcomes.append(str(e))
         assert outcomes[0] == outcomes[1]
+
+
+def test_names_that_cannot_exist_are_not_asked(resolver: Resolver) -> None:
+    # dns() answers "no records" without asking for a name with an empty label or one longer than
+    # 63 characters (after one final dot is dropped), whatever the labels hold, as pyspf does.
+    asked: list[str] = []
+
+    class Recording(Resolver):
+        def query(self, name: str | dns.name.Name, rdtype: str | dns.rdatatype.RdataType) -> DnsAnswer:
+            asked.append(str(name))
+            return DnsAnswer(DnsStatus.NXDOMAIN, ttl=60)
+
+    ours, _ = ours_and_pyspfs(Recording(resolver.source), GOOD_IP)
+    ours._deadline = time.monotonic() + 60
+    names = [*_generated_domains(random.Random(4), 3000), "\n.x", "a.\n", "é" * 63 + ".x", "é" * 64 + ".x"]
+    for name in names:
+        asked.clear()
+        ours.void_lookups = 0
+        ours.dns(name, "TXT")
+        text = name[:-1] if name.endswith(".") else name
+        possible = bool(text) and all(0 < len(label) <= MAX_LABEL_LENGTH for label in text.split("."))
+        assert asked == ([text] if possible else []), repr(name)

@@ -387,13 +387,14 @@ def _lookup_key(
     if answer.status is DnsStatus.TEMPFAIL:
         # §6.1.2 step 2: TEMPFAIL (key unavailable).
         raise _Stop(AuthResult.TEMPERROR, f"key unavailable: {answer.reason or 'DNS error'}")
-    if not answer.texts:
+    texts = answer.texts  # joined and decoded at each reading
+    if not texts:
         # §6.1.2 step 3: PERMFAIL (no key for signature); NXDOMAIN and NODATA alike.
         raise _Stop(AuthResult.PERMERROR, "no key record")
     # §6.1.2 step 4: with several records a verifier may cycle through them; the first usable wins,
     # otherwise the first record's problem is the answer.
     first_problem: _Stop | None = None
-    for record in answer.texts:
+    for record in texts:
         try:
             return _load_key(name, record, tags, settings)
         except _Stop as problem:

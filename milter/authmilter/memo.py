@@ -45,4 +45,4 @@ def remembered_when_small(
 
 def octets(*values: bytes | None) -> int:
     """The length of ``values`` in all (None counts 0): a ``measure`` for bytes arguments."""
-    return sum(len(value) for value in values if value is not None)
+    return sum(map(len, filter(None, values)))  # measured on every call: no generator frame

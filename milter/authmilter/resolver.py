@@ -597,6 +597,8 @@ class DnsObserver(Protocol):
 class _Usage:
     """What the DNS answers read by one derived computation allow: when it expires, if at all."""
 
+    __slots__ = ("expires", "tempfail")  # one per derived computation
+
     def __init__(self) -> None:
         self.expires = math.inf
         self.tempfail = False
@@ -632,6 +634,8 @@ class _InFlight:
     claims it (takes ``sent``) and reads it while later askers :meth:`wait`. Nobody waits on an
     unclaimed one, so cancelling it (closing its socket) strands no one.
     """
+
+    __slots__ = ("_unfinished", "answer", "expires", "sent", "started")  # one per query sent
 
     def __init__(self, started: float, sent: SentQuery | None = None) -> None:
         # Held until the answer is in; waiters pass through it once it is released. A plain lock,
@@ -725,7 +729,8 @@ class Prefetch:
     def cancel(self) -> None:
         """Close the queries no check claimed (their answers are dropped, never waited for)."""
         for key, entry in self._started:
-            self._resolver._drop(key, entry)
+            if entry.sent is not None:  # claimed (the usual case): a claim is never undone, so no lock
+                self._resolver._drop(key, entry)
         self._started.clear()
 
     def __enter__(self) -> Prefetch:
@@ -943,9 +948,7 @@ class Resolver:
         return key, entry
 
     def _drop(self, key: tuple[str, int], entry: _InFlight) -> None:
-        """Close a prefetched query unless a check claimed it (its reader then finishes it)."""
-        if entry.sent is None:  # claimed (the usual case): a claim is never undone, so no lock
-            return
+        """Close a prefetched query unless a check claimed it meanwhile (its reader then finishes it)."""
         with self._lock:
             sent = entry.claim()
             if sent is not None and self._inflight.get(key) is entry:
