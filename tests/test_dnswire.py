@@ -524,3 +524,22 @@ def test_texts_are_the_txt_records_joined() -> None:
     records = ((b"v=spf1 ", b"-all"), (), (10, "mx.example"), "192.0.2.1", (b"\xff",), (0, "."))
     answer = DnsAnswer(DnsStatus.OK, records, ttl=60)
     assert answer.texts == ("v=spf1 -all", "", "\ufffd")
+
+
+def test_an_answer_made_with_every_field_given_holds_each_as_the_dataclass_would() -> None:
+    # DnsAnswer's __init__ is written by hand (one dict update, not one setattr per field): a field
+    # added to the class and not to it would be missing from every answer.
+    given = {
+        "status": DnsStatus.OK,
+        "records": ((b"v=spf1 -all",),),
+        "ttl": 300,
+        "reason": "why",
+        "timed_out": True,
+    }
+    assert {f.name for f in dataclasses.fields(DnsAnswer)} == set(given)
+    answer = DnsAnswer(**given)  # type: ignore[arg-type]
+    assert {name: getattr(answer, name) for name in given} == given
+    assert answer == DnsAnswer(**given) and hash(answer) == hash(DnsAnswer(**given))  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        answer.ttl = 1  # type: ignore[misc]
+    assert DnsAnswer(DnsStatus.NXDOMAIN) == DnsAnswer(DnsStatus.NXDOMAIN, (), 0, "", False)
