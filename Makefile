@@ -7,6 +7,9 @@
 PYTHON ?= /usr/bin/python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# The venv's stamp names the interpreter it was made from, so that a venv made from another one (by
+# an earlier Makefile, or another PYTHON) is made again rather than kept.
+VENV_STAMP := $(VENV)/.installed$(subst /,_,$(shell readlink -f "$$(command -v $(PYTHON))"))
 CONFIG ?= conf/authmilter.toml
 # knot: the authoritative DNS server the tests run on loopback; systemd: systemd-analyze for the
 # unit's test; postfix: the private MTA of tests/integration; opendkim: the independent DKIM
@@ -54,7 +57,7 @@ bench: deps bench-apt
 test-docker: deps
 	docker/test-docker.sh
 
-deps: $(VENV)/.installed
+deps: $(VENV_STAMP)
 
 # Debian packages first (pymilter compiles against libmilter), then the venv.
 apt:
@@ -95,8 +98,8 @@ bench-apt:
 	@$(MAKE) --no-print-directory apt APT_PACKAGES="$(BENCH_APT_PACKAGES)"
 	@$(SUDO) systemctl disable opendmarc.service >/dev/null 2>&1 || true
 
-$(VENV)/.installed: pyproject.toml | apt
-	$(PYTHON) -m venv $(VENV)
+$(VENV_STAMP): pyproject.toml | apt
+	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
