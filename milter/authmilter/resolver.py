@@ -729,7 +729,8 @@ class Prefetch:
     def cancel(self) -> None:
         """Close the queries no check claimed (their answers are dropped, never waited for)."""
         for key, entry in self._started:
-            if entry.sent is not None:  # claimed (the usual case): a claim is never undone, so no lock
+            # A check's claim empties ``sent`` for good (the usual case): only the unclaimed need the lock.
+            if entry.sent is not None:
                 self._resolver._drop(key, entry)
         self._started.clear()
 
