@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -48,7 +49,28 @@ DEFAULT_NEGATIVE_TTL = 300
 PROXY_NICENESS = -10  # CFS weight about 9 times a normal process's
 MAX_TIMED_MISSES = 1_000_000  # answer times kept between two flushes (bounded memory)
 
-Key = tuple[str, int, int, str]  # lower-cased name, type, class, transport
+Key = tuple[bytes, int, int, str]  # the name in wire form lower-cased, type, class, transport
+MAX_NAME_OCTETS = 255  # RFC 1035 §3.1
+DMARC_LABEL = b"\x06_dmarc"
+
+
+def question_of(wire: bytes) -> tuple[bytes, int, int] | None:
+    """The one question of a query in wire form: (its name in wire form, ASCII lower-cased; type;
+    class), or None when ``wire`` is not a query of one plain question (RFC 1035 §4.1.1-4.1.2).
+
+    Read from the octets, without a DNS library: a cached answer is then found in microseconds, as a
+    resolver daemon finds it, and not in the ~200 µs of a parse in Python (which would add to every
+    cached answer the milters wait for, and most to a milter that asks again for every message).
+    """
+    if len(wire) < 12 or wire[4:6] != b"\x00\x01":  # QDCOUNT: one question
+        return None
+    end = 12
+    while end < len(wire) and 0 < wire[end] <= 63:  # a label; a pointer or an extended type is not plain
+        end += 1 + wire[end]
+    if end >= len(wire) or wire[end] != 0 or end + 5 > len(wire) or end + 1 - 12 > MAX_NAME_OCTETS:
+        return None
+    qtype, qclass = struct.unpack_from("!HH", wire, end + 1)
+    return wire[12 : end + 1].lower(), qtype, qclass
 
 
 def cache_ttl(response: dns.message.Message) -> int | None:
@@ -61,6 +83,11 @@ def cache_ttl(response: dns.message.Message) -> int | None:
         if rrset.rdtype == dns.rdatatype.SOA:
             return min(rrset.ttl, int(rrset[0].minimum))
     return DEFAULT_NEGATIVE_TTL
+
+
+@functools.cache
+def _type_name(rdtype: int) -> str:
+    return dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rdtype))
 
 
 class CachingProxy:
@@ -94,29 +121,39 @@ class CachingProxy:
 
     async def answer(self, wire: bytes, transport: str) -> bytes | None:
         """The response to one query in wire form, with the query's ID; None for an unparseable query."""
-        try:
-            query = dns.message.from_wire(wire)
-        except dns.exception.DNSException:
+        looked_up = self.look_up(wire, transport)
+        if looked_up is None:
             return None
-        if not query.question:
+        key, cached = looked_up
+        return cached if cached is not None else await self.resolve(key, wire)
+
+    def look_up(self, wire: bytes, transport: str) -> tuple[Key, bytes | None] | None:
+        """Count the query; its key and its cached response with the query's ID (None if not cached),
+        or None for a query that is not one plain question."""
+        question = question_of(wire)
+        if question is None:
             return None
-        question = query.question[0]
-        key = (question.name.to_text().lower(), question.rdtype, question.rdclass, transport)
+        key = (*question, transport)
         self.counts["queries"] += 1
-        if question.name.labels and question.name.labels[0].lower() == b"_dmarc":
+        if question[0].startswith(DMARC_LABEL):
             self.counts["dmarc_queries"] += 1
-        self.counts[dns.rdatatype.to_text(question.rdtype)] += 1
+        self.counts[_type_name(question[1])] += 1
         cached = self._cache.get(key)
         if cached is not None and cached[0] > time.monotonic():
-            response = cached[1]
-        elif key in self._pending:
+            return key, wire[:2] + cached[1][2:]
+        return key, None
+
+    async def resolve(self, key: Key, wire: bytes) -> bytes:
+        """The response to a query not in the cache, with the query's ID: a miss, or the answer to the
+        same question already on its way."""
+        if key in self._pending:
             self.counts["coalesced"] += 1
             response = await asyncio.shield(self._pending[key])
         else:
             future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self._pending[key] = future
             try:
-                response = await self._miss(key, wire, transport)
+                response = await self._miss(key, wire)
                 future.set_result(response)
             except BaseException as e:
                 future.set_exception(e)
@@ -126,12 +163,12 @@ class CachingProxy:
                 del self._pending[key]
         return wire[:2] + response[2:]
 
-    async def _miss(self, key: Key, wire: bytes, transport: str) -> bytes:
+    async def _miss(self, key: Key, wire: bytes) -> bytes:
         self.counts["misses"] += 1
         started = time.monotonic()
         async with self._slots:
             await asyncio.sleep(self.delay)
-            response = await (self._tcp(wire) if transport == "tcp" else self._udp(wire))
+            response = await (self._tcp(wire) if key[3] == "tcp" else self._udp(wire))
         if len(self._miss_seconds) < MAX_TIMED_MISSES:
             self._miss_seconds.append(time.monotonic() - started)
         ttl = cache_ttl(dns.message.from_wire(response))
@@ -177,16 +214,26 @@ class UdpServer(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        task = asyncio.get_running_loop().create_task(self._reply(data, addr))
+        looked_up = self.proxy.look_up(data, "udp")
+        if looked_up is None:
+            return  # not a query of one question: dropped, as a resolver drops garbage
+        key, cached = looked_up
+        if cached is not None:  # answered at once, without a task (a resolver's cache hit)
+            self._send(cached, addr)
+            return
+        task = asyncio.get_running_loop().create_task(self._reply(key, data, addr))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+    async def _reply(self, key: Key, data: bytes, addr: tuple[str, int]) -> None:
         try:
-            response = await self.proxy.answer(data, "udp")
+            response = await self.proxy.resolve(key, data)
         except (OSError, TimeoutError, EOFError, dns.exception.DNSException):
             return  # the client times out and retries, as with a lost datagram
-        if response is not None and self.transport is not None:
+        self._send(response, addr)
+
+    def _send(self, response: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is not None:
             self.transport.sendto(response, addr)
 
 
