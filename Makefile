@@ -48,7 +48,7 @@ lint: deps
 	$(BIN)/mypy milter/authmilter
 
 # Not a test: brings up loopback Postfix + Knot + sink and measures authmilter against no milter and
-# OpenDKIM + OpenDMARC (bench/README.md). About 3 minutes; the queue on tmpfs keeps fsync out of it.
+# OpenDKIM + OpenDMARC (bench/README.md). About 15 minutes; the queue on tmpfs keeps fsync out of it.
 bench: deps bench-apt
 	$(BIN)/python bench/run.py --compare --queue-dir /dev/shm
 

@@ -29,6 +29,7 @@ from signing import SigningKey, make_message, sign
 
 SMTP_TIMEOUT = 120.0
 RECIPIENT = "alice@receiver.example"
+LATE_START = 0.010
 _WORDS = [
     "milter",
     "verify",
@@ -152,6 +153,9 @@ class LoadResult:
     session_latencies: list[float] = field(default_factory=list)
     # The message number (0 for the first message sent) of each entry in data_latencies.
     data_latency_numbers: list[int] = field(default_factory=list)
+    # At an offered rate: messages that started over LATE_START after they were due (every session
+    # was still busy), a sign the rate is above what the set-up can take.
+    late_starts: int = 0
 
     def percentile(self, values: Sequence[float], q: float) -> float:
         if not values:
@@ -241,6 +245,15 @@ def send_one(
     return done - data_sent, done - started
 
 
+def _wait_until(due: float) -> float:
+    """Sleep until ``due`` (``time.perf_counter``); how late it already was, in seconds."""
+    now = time.perf_counter()
+    if now < due:
+        time.sleep(due - now)
+        return 0.0
+    return now - due
+
+
 def run_load(
     host: str,
     port: int,
@@ -249,6 +262,7 @@ def run_load(
     sessions: int,
     count: int,
     client: Client = SENDING_CLIENT,
+    rate: float = 0.0,
 ) -> LoadResult:
     """Send ``count`` messages (cycling through ``messages``) over ``sessions`` concurrent connections.
 
@@ -258,6 +272,8 @@ def run_load(
         sessions: client threads, each with one connection at a time.
         count: messages in total.
         client: who sends, from its own address (an internal one makes the milters sign).
+        rate: messages a second offered (message n starts n / rate seconds after the first, or as
+            soon as a session is free after that); 0: each session sends its next message at once.
 
     Returns:
         what was accepted and refused, the wall time and the client's own CPU time.
@@ -272,6 +288,7 @@ def run_load(
                 number = next(numbers)
             if number >= count:
                 return
+            late = rate and _wait_until(started + number / rate) > LATE_START
             try:
                 mail_from, payload = messages[number % len(messages)]
                 data_wait, whole = send_one(host, port, payload, mail_from, client)
@@ -283,6 +300,7 @@ def run_load(
                 outcome = ""
             with lock:
                 result.sent += 1
+                result.late_starts += bool(late)
                 if outcome:
                     result.refused[outcome] += 1
                 else:
