@@ -692,7 +692,7 @@ def _latency_verdicts(compared: tuple[Medians, Medians] | None, offered: float) 
             )
 
 
-def _signing_verdicts(by_key: dict[tuple[str, str, int], Medians]) -> None:
+def _signing_verdicts(by_key: dict[SetupKey, Medians]) -> None:
     found = {key[0]: m for key, m in by_key.items() if key[1] == "unix"}
     ours, theirs = found.get("authmilter sign RSA"), found.get("opendkim sign RSA")
     if ours is None or theirs is None or not theirs.rate or not theirs.cpu:
