@@ -29,7 +29,7 @@ from signing import SigningKey, make_message, sign
 
 SMTP_TIMEOUT = 120.0
 RECIPIENT = "alice@receiver.example"
-LATE_START = 0.010
+LATE_START = 0.010  # seconds after it was due that a paced message counts as started late
 _WORDS = [
     "milter",
     "verify",
@@ -288,7 +288,7 @@ def run_load(
                 number = next(numbers)
             if number >= count:
                 return
-            late = rate and _wait_until(started + number / rate) > LATE_START
+            late = rate > 0 and _wait_until(started + number / rate) > LATE_START
             try:
                 mail_from, payload = messages[number % len(messages)]
                 data_wait, whole = send_one(host, port, payload, mail_from, client)
@@ -300,7 +300,7 @@ def run_load(
                 outcome = ""
             with lock:
                 result.sent += 1
-                result.late_starts += bool(late)
+                result.late_starts += late
                 if outcome:
                     result.refused[outcome] += 1
                 else:
