@@ -122,7 +122,7 @@ INTERNAL_CLIENT = Client(
 PRIVATE_NETWORK = "AUTHMILTER_BENCH_PRIVATE_NETWORK"
 PAIR = "opendkim+opendmarc"
 # Messages a second offered in the paced set-ups: a light load for the pair on this machine (it
-# carries 105-150 at full load in its slow phases) and a heavy one, near its limit there.
+# carries 97-149 at full load in its slow phases) and a heavy one, near its limit there.
 PACED_RATES = "50,100"
 # A paced set-up that delivered under this share of the rate offered did not carry it: its waits
 # are then partly queueing again, and the report says so.
