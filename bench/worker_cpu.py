@@ -1,6 +1,6 @@
 """The whole Python side of a worker, in process: CPU per message through the milter adapter.
 
-    .venv/bin/python bench/worker_cpu.py [--messages N] [--senders N] [--rounds N] [--profile]
+    .venv/bin/python bench/worker_cpu.py [--messages N] [--senders N] [--rounds N] [--idle-ms MS] [--profile]
 
 ``bench/micro.py`` times ``pipeline.evaluate``. A worker runs more Python than that per message:
 pymilter's Python callbacks, AuthMilter's (milter_app.py), the Session that gathers the message, the
@@ -20,6 +20,11 @@ cached after the first message, as with ``bench/run.py --senders 1``), then the 
 (each round starts from an empty resolver cache, so each sender's first message is cold). The two
 workloads alternate round by round, so the machine's drift hits both. ``--profile`` adds cProfile's
 top functions over one more round of each.
+
+A tight loop keeps the CPU's caches warm with this code. A worker at light load does not: between two
+messages, Postfix, the resolver and the other workers run, and the same Python costs several times
+as much (bench/README.md, "Round 6"). ``--idle-ms MS`` adds each workload again with MS of sleep
+before each message, the CPU time counted as before (a sleeping thread spends none).
 """
 
 from __future__ import annotations
@@ -128,12 +133,17 @@ def _check(message: _Message, added: list[tuple[str, str]]) -> None:
             raise SystemExit(f"wrong result for {message.envelope.sender.domain}: {results}")
 
 
-def _round(config: Config, messages: Sequence[_Message]) -> float:
-    """CPU seconds per message, from an empty resolver cache, every result checked."""
+def _round(config: Config, messages: Sequence[_Message], idle: float = 0.0) -> float:
+    """CPU seconds per message, from an empty resolver cache, every result checked; ``idle``: seconds
+    of sleep before each message."""
     runtime = build_runtime(config)
     Milter.factory = functools.partial(AuthMilter, runtime, QuickAck(None), None)
     started = time.process_time()
-    outcomes = [_one(message) for message in messages]
+    outcomes = []
+    for message in messages:
+        if idle:
+            time.sleep(idle)
+        outcomes.append(_one(message))
     spent = (time.process_time() - started) / len(messages)
     for message, added in zip(messages, outcomes, strict=True):
         _check(message, added)
@@ -159,10 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=1000, help="messages per round (default 1000)")
     parser.add_argument("--senders", type=int, default=3000, help="sender domains drawn from (default 3000)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument(
+        "--idle-ms",
+        type=float,
+        default=0.0,
+        help="also each workload with this many ms of sleep before each message (default 0: not)",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile's top 40 functions, each workload")
     args = parser.parse_args(argv)
     if min(args.messages, args.senders, args.rounds) < 1:
         parser.error("--messages, --senders and --rounds must be at least 1")
+    if args.idle_ms < 0:
+        parser.error("--idle-ms must not be negative")
     keys = [rsa_key(2048) for _ in range(WORKLOAD_KEYS)]
     senders = make_senders(args.senders, WORKLOAD_KEYS)
     rng = random.Random(7)
@@ -178,10 +196,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         knot.reload()
         config = _config(knot)
         milter_app._settle_collector()  # as serve() does before libmilter starts
-        rounds: dict[str, list[float]] = {label: [] for label in workloads}
+        idles = [0.0, args.idle_ms / 1000] if args.idle_ms else [0.0]
+        series = [
+            (f"{label}, {idle * 1000:g} ms idle" if args.idle_ms else label, messages, idle)
+            for idle in idles
+            for label, messages in workloads.items()
+        ]
+        rounds: dict[str, list[float]] = {label: [] for label, _, _ in series}
         for _ in range(args.rounds):
-            for label, messages in workloads.items():
-                rounds[label].append(_round(config, messages))
+            for label, messages, idle in series:
+                rounds[label].append(_round(config, messages, idle))
         first = len({m.envelope.sender.domain for m in workloads["realistic"]})
         print(f"{args.messages} messages per round; realistic: {first} distinct senders; CPU per message:")
         for label, values in rounds.items():
