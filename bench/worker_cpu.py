@@ -139,7 +139,7 @@ def _round(config: Config, messages: Sequence[_Message], idle: float = 0.0) -> f
     runtime = build_runtime(config)
     Milter.factory = functools.partial(AuthMilter, runtime, QuickAck(None), None)
     started = time.process_time()
-    outcomes = []
+    outcomes: list[list[tuple[str, str]]] = []
     for message in messages:
         if idle:
             time.sleep(idle)
