@@ -588,6 +588,10 @@ def _row(m: Measurement | Medians, ceiling: float) -> str:
     return f"{rate:>8.0f}{share:>9}{cpu:>10.2f}{p50:>9.1f}{p90:>9.1f}{p99:>9.1f}"
 
 
+# The columns that name a set-up, above _setup_columns' values.
+SETUP_HEADER = f"{'set-up':<28}{'transport':<10}{'sess':>5}{'load':>7}"
+
+
 def _setup_columns(key: SetupKey) -> str:
     setup, transport, sessions, offered = key
     load = f"{offered:g}/s" if offered else "full"
@@ -597,7 +601,7 @@ def _setup_columns(key: SetupKey) -> str:
 def report(rounds: list[list[Measurement]], rss_runs: Sequence[RssRun], args: argparse.Namespace) -> None:
     by_key = {same[0].key: Medians(list(same)) for same in zip(*rounds, strict=True)} if rounds else {}
     ceilings = {key[2:]: m.rate for key, m in by_key.items() if key[0] == "no milter"}
-    header = f"{'set-up':<28}{'transport':<10}{'sess':>5}{'load':>7}{'msg/s':>8}{'ceiling':>9}{'CPU ms':>10}"
+    header = f"{SETUP_HEADER}{'msg/s':>8}{'ceiling':>9}{'CPU ms':>10}"
     header += f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
     if by_key:
         print(
@@ -628,7 +632,7 @@ def _latency_by_sender(by_key: dict[SetupKey, Medians]) -> None:
     (waiting for misses), its repeats find the milters' caches warm; each half's own quantiles."""
     columns = "".join(f"{name:>9}" for name in ("new p50", "new p90", "rep p50", "rep p90"))
     print("\n== end-of-data wait by sender, medians: first message of its sender in the round / repeats ==")
-    print(f"{'set-up':<28}{'transport':<10}{'sess':>5}{'load':>7}{columns}")
+    print(f"{SETUP_HEADER}{columns}")
     for key, medians in by_key.items():
         (new_p50, repeat_p50), (new_p90, repeat_p90) = (medians.latency_by_sender(q) for q in (0.5, 0.9))
         print(f"{_setup_columns(key)}{new_p50:>9.1f}{new_p90:>9.1f}{repeat_p50:>9.1f}{repeat_p90:>9.1f}")
