@@ -95,15 +95,16 @@ class _Context:
 @dataclass(frozen=True)
 class _Message:
     envelope: Envelope
-    fields: list[tuple[bytes, bytes]]  # as libmilter hands them over: LF line ends, leading space kept
+    # As pymilter hands them to header_bytes: the name as str, the value as bytes with LF line ends
+    # and its leading space kept.
+    fields: list[tuple[str, bytes]]
     body: bytes
 
 
 def _message(envelope: Envelope) -> _Message:
     raw = envelope.payload[: -len(b".\r\n")].replace(b"\r\n..", b"\r\n.")  # undo SMTP's dot-stuffing
     parsed = parse_message(raw)
-    fields = [(f.name.encode("ascii"), f.value.encode("latin-1")) for f in parsed.headers.fields]
-    fields = [(name, value.replace(b"\r\n", b"\n")) for name, value in fields]
+    fields = [(f.name, f.value.encode("latin-1").replace(b"\r\n", b"\n")) for f in parsed.headers.fields]
     return _Message(envelope, fields, raw[parsed.body_offset :])
 
 
