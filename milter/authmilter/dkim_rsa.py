@@ -67,7 +67,8 @@ _PKCS1_V1_5 = padding.PKCS1v15()
 _DIGEST_INFO_LENGTH = {"sha1": 35, "sha256": 51}
 
 # dkimpy's pure-Python functions, kept for fallback (a private key OpenSSL refuses) and for tests.
-pure_python_sign: Callable[[Any, Mapping[str, int]], bytes] = dkim.crypto.RSASSA_PKCS1_v1_5_sign
+# The signer returns a bytearray (dkim.crypto.int2str builds one).
+pure_python_sign: Callable[[Any, Mapping[str, int]], bytearray] = dkim.crypto.RSASSA_PKCS1_v1_5_sign
 pure_python_verify: Callable[[Any, bytes, Mapping[str, int]], bool] = dkim.crypto.RSASSA_PKCS1_v1_5_verify
 
 # dkimpy's b= pattern is ``([;\s]b FWS =)(?: FWS [a-zA-Z0-9+/=])*(?:\r?\n\Z)?`` with
