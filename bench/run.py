@@ -71,7 +71,7 @@ from harness import (
     tree_cpu_seconds,
     tree_rss_bytes,
 )
-from load import LoadResult, body_text, run_load, unsigned_messages, wire_form
+from load import ARRIVALS, LoadResult, arrival_offsets, body_text, run_load, unsigned_messages, wire_form
 from postfix import Client
 from sign_bench import SigningKeys, make_keys, signing_setups
 from workload import Sender, make_envelopes, make_senders, zipf_draws, zone_lines
@@ -127,8 +127,25 @@ PACED_RATES = "50,100"
 # A paced set-up that delivered under this share of the rate offered did not carry it: its waits
 # are then partly queueing again, and the report says so.
 CARRIED_SHARE = 0.95
-# (set-up, transport, sessions, messages a second offered or 0)
-SetupKey = tuple[str, str, int, float]
+
+
+class Pace(NamedTuple):
+    """How a set-up's messages are offered: at full load (each session sends its next message at
+    once), or at ``rate`` a second with ``arrivals`` (load.arrival_offsets)."""
+
+    rate: float = 0.0
+    arrivals: str = ""
+
+    def label(self) -> str:
+        return f"{self.rate:g}/s {self.arrivals}" if self.rate else "full"
+
+    def described(self) -> str:
+        return f"{self.rate:g} msg/s offered, {self.arrivals} arrivals" if self.rate else "full load"
+
+
+FULL_LOAD = Pace()
+# (set-up, transport, sessions, pace)
+SetupKey = tuple[str, str, int, Pace]
 
 
 class Milter(Protocol):
@@ -157,11 +174,11 @@ class Measurement:
     dns: dict[str, int] = field(default_factory=dict)  # the proxy's counts during the load
     # Messages sent first from their sender in the round: every DNS name they need is a cache miss.
     new_sender_numbers: frozenset[int] = frozenset()
-    offered: float = 0.0  # messages a second offered; 0: each session sends its next at once
+    pace: Pace = FULL_LOAD
 
     @property
     def key(self) -> SetupKey:
-        return self.setup, self.transport, self.sessions, self.offered
+        return self.setup, self.transport, self.sessions, self.pace
 
     @property
     def rate(self) -> float:
@@ -216,18 +233,16 @@ class Bench:
         port: int,
         milters: Sequence[Milter],
         check: Callable[[SinkProcess], str],
-        offered: float = 0.0,
+        pace: Pace = FULL_LOAD,
     ) -> Measurement:
         """Warm up, empty the DNS proxy's cache, send the load, check it; its rate, CPU and latency.
-
-        ``offered``: messages a second offered (0: each session sends its next message at once).
 
         Raises:
             WrongResults: ``check`` found a wrong result, or a message was refused.
         """
-        pace = f", {offered:g} msg/s offered" if offered else ""
         print(
-            f"-- {setup} over {transport}: {self.count} messages, {sessions} sessions{pace}{self.round_note}",
+            f"-- {setup} over {transport}: {self.count} messages, {sessions} sessions, "
+            f"{pace.described()}{self.round_note}",
             flush=True,
         )
         with contextlib.ExitStack() as running:
@@ -242,7 +257,7 @@ class Bench:
             self.proxy.request("flush")
             cpu_before, machine_before = tree_cpu_seconds(pids), machine_busy_seconds()
             started = time.perf_counter()
-            load = self._send(port, self.messages, self.count, sessions, offered)
+            load = self._send(port, self.messages, self.count, sessions, pace)
             seconds = time.perf_counter() - started
             cpu = tree_cpu_seconds(pids) - cpu_before
             machine_after = machine_busy_seconds()
@@ -252,7 +267,7 @@ class Bench:
             self.sink.clear()
         new_senders = first_messages_of_senders(self.messages, self.count)
         measurement = Measurement(
-            setup, transport, sessions, load, seconds, cpu, seen, busy, dns, new_senders, offered
+            setup, transport, sessions, load, seconds, cpu, seen, busy, dns, new_senders, pace
         )
         summaries = (_line(measurement), load.latency_summary(), measurement.latency_by_sender_summary())
         print("".join(f"   {summary}\n" for summary in summaries), end="", flush=True)
@@ -266,10 +281,11 @@ class Bench:
         messages: Sequence[tuple[str, bytes]],
         count: int,
         sessions: int,
-        offered: float = 0.0,
+        pace: Pace = FULL_LOAD,
     ) -> LoadResult:
         """Send and wait until the sink holds every accepted message."""
         before = self.sink.count()
+        schedule = arrival_offsets(count, pace.rate, pace.arrivals) if pace.rate else []
         load = run_load(
             self.postfix.host,
             port,
@@ -277,7 +293,7 @@ class Bench:
             sessions=sessions,
             count=count,
             client=self.client,
-            rate=offered,
+            schedule=schedule,
         )
         deadline = time.monotonic() + DELIVERY_TIMEOUT
         while self.sink.count() - before < load.accepted:
@@ -482,6 +498,12 @@ def _parser() -> argparse.ArgumentParser:
         f"for the latency targets (default {PACED_RATES}; empty: none)",
     )
     parser.add_argument(
+        "--arrivals",
+        default=ARRIVALS[0],
+        help=f"how the paced messages arrive: {' and/or '.join(ARRIVALS)}, separated by commas "
+        f"(default {ARRIVALS[0]}: as from many independent senders; even: one every 1/rate seconds)",
+    )
+    parser.add_argument(
         "--prefetch-queries",
         type=int,
         help="authmilter's [dns] prefetch_queries (default: the config's default; 0: no prefetch)",
@@ -538,6 +560,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--paced-rates takes messages a second separated by commas, e.g. 50,100")
     if any(rate <= 0 for rate in args.paced_rates):
         parser.error("--paced-rates must each be over 0 (leave it empty for no paced set-ups)")
+    args.arrivals = [a for a in args.arrivals.split(",") if a]
+    if not args.arrivals or any(a not in ARRIVALS for a in args.arrivals):
+        parser.error(f"--arrivals takes {' and/or '.join(ARRIVALS)}, separated by commas")
     if args.signing:
         args.skip_rss = True
     if args.rss_only and args.skip_rss:
@@ -589,13 +614,12 @@ def _row(m: Measurement | Medians, ceiling: float) -> str:
 
 
 # The columns that name a set-up, above _setup_columns' values.
-SETUP_HEADER = f"{'set-up':<28}{'transport':<10}{'sess':>5}{'load':>7}"
+SETUP_HEADER = f"{'set-up':<28}{'transport':<10}{'sess':>5}{'load':>14}"
 
 
 def _setup_columns(key: SetupKey) -> str:
-    setup, transport, sessions, offered = key
-    load = f"{offered:g}/s" if offered else "full"
-    return f"{setup:<28}{transport:<10}{sessions:>5}{load:>7}"
+    setup, transport, sessions, pace = key
+    return f"{setup:<28}{transport:<10}{sessions:>5}{pace.label():>14}"
 
 
 def report(rounds: list[list[Measurement]], rss_runs: Sequence[RssRun], args: argparse.Namespace) -> None:
@@ -605,7 +629,8 @@ def report(rounds: list[list[Measurement]], rss_runs: Sequence[RssRun], args: ar
     header += f"{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
     if by_key:
         print(
-            f"\n== medians of {len(rounds)} interleaved rounds (load: full, or messages a second offered) =="
+            f"\n== medians of {len(rounds)} interleaved rounds "
+            "(load: full, or messages a second offered and how they arrive) =="
         )
         print(header)
         for key, medians in by_key.items():
@@ -650,20 +675,19 @@ def _comparison(by_key: dict[SetupKey, Medians], args: argparse.Namespace) -> No
         return
     workload = "one sender" if args.senders == 1 else "cold senders only" if args.cold else "realistic"
     print(f"\n== authmilter / OpenDKIM+OpenDMARC, medians ({workload}, DNS miss {args.dns_delay:g} ms) ==")
-    for (_, transport, sessions, offered), ours, theirs in pairs:
+    for (_, transport, sessions, pace), ours, theirs in pairs:
         ratios = [ours.rate / theirs.rate, ours.cpu / theirs.cpu]
         ratios += [ours.latency(q) / theirs.latency(q) for q in (0.5, 0.9, 0.99)]
-        load = f", {offered:g} msg/s offered" if offered else ", full load"
         print(
-            f"  {transport} {sessions} sessions{load}: msg/s {ratios[0]:.2f}x, CPU/msg {ratios[1]:.2f}x, "
-            f"p50 {ratios[2]:.2f}x, p90 {ratios[3]:.2f}x, p99 {ratios[4]:.2f}x"
+            f"  {transport} {sessions} sessions, {pace.described()}: msg/s {ratios[0]:.2f}x, "
+            f"CPU/msg {ratios[1]:.2f}x, p50 {ratios[2]:.2f}x, p90 {ratios[3]:.2f}x, p99 {ratios[4]:.2f}x"
         )
     print("== targets (issue 11) ==")
 
-    def compared(transport: str, sessions: int, offered: float) -> tuple[Medians, Medians] | None:
-        return next(((o, t) for k, o, t in pairs if k[1:] == (transport, sessions, offered)), None)
+    def compared(transport: str, sessions: int, pace: Pace) -> tuple[Medians, Medians] | None:
+        return next(((o, t) for k, o, t in pairs if k[1:] == (transport, sessions, pace)), None)
 
-    unix, tcp60 = compared("unix", args.sessions, 0.0), compared("tcp", 60, 0.0)
+    unix, tcp60 = compared("unix", args.sessions, FULL_LOAD), compared("tcp", 60, FULL_LOAD)
     if args.senders == 1 and unix:
         print(_verdict("one sender, unix: msg/s", unix[0].rate / unix[1].rate, ONE_SENDER_SPEED_TARGET, True))
         print(_verdict("one sender, unix: CPU/msg", unix[0].cpu / unix[1].cpu, ONE_SENDER_CPU_TARGET, False))
@@ -673,25 +697,25 @@ def _comparison(by_key: dict[SetupKey, Medians], args: argparse.Namespace) -> No
         ours, theirs = unix
         print(_verdict("unix: msg/s", ours.rate / theirs.rate, SPEED_TARGET, True))
         print(_verdict("unix: CPU/msg", ours.cpu / theirs.cpu, CPU_TARGET, False))
-        for offered in args.paced_rates or [0.0]:
-            _latency_verdicts(compared("unix", args.sessions, offered), offered)
+        for pace in paces(args) or [FULL_LOAD]:
+            _latency_verdicts(compared("unix", args.sessions, pace), pace)
     if tcp60 and args.senders > 1 and not args.cold:
         print(_verdict("tcp 60 sessions: msg/s", tcp60[0].rate / tcp60[1].rate, SPEED_TARGET, True))
 
 
-def _latency_verdicts(compared: tuple[Medians, Medians] | None, offered: float) -> None:
+def _latency_verdicts(compared: tuple[Medians, Medians] | None, pace: Pace) -> None:
     """Issue 11's end-of-data targets at one load (0: full), and whether each side carried it."""
     if compared is None:
         return
     ours, theirs = compared
-    load = f"at {offered:g} msg/s offered" if offered else "at full load"
+    load = f"at {pace.described()}"
     for q, target in ((0.5, P50_TARGET), (0.9, P90_TARGET)):
         ratio = ours.latency(q) / theirs.latency(q)
         print(_verdict(f"unix {load}: end-of-data p{q * 100:.0f}", ratio, target, False))
     for name, medians in (("authmilter", ours), (PAIR, theirs)):
-        if offered and medians.rate < CARRIED_SHARE * offered:
+        if pace.rate and medians.rate < CARRIED_SHARE * pace.rate:
             print(
-                f"  ({name} carried {medians.rate:.0f} msg/s of the {offered:g} offered: "
+                f"  ({name} carried {medians.rate:.0f} msg/s of the {pace.rate:g} offered: "
                 "its waits include queueing)"
             )
 
@@ -802,9 +826,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bench.round_note = f" (round {number} of {args.rounds})" if args.rounds > 1 else ""
                 rounds.append(
                     [
-                        bench.measure(
-                            p.setup, p.transport, p.sessions, p.port, p.milters(), p.check, p.offered
-                        )
+                        bench.measure(p.setup, p.transport, p.sessions, p.port, p.milters(), p.check, p.pace)
                         for p in plans
                     ]
                 )
@@ -881,7 +903,7 @@ def _rss_runs(bench: Bench, postfix: BenchPostfix, args: argparse.Namespace) -> 
 
 class Plan(NamedTuple):
     """One set-up to measure: its name, milter transport, SMTP sessions, smtpd port, milters, check,
-    and the messages a second offered (0: as fast as the sessions go)."""
+    and how its messages are offered."""
 
     setup: str
     transport: str
@@ -889,7 +911,7 @@ class Plan(NamedTuple):
     port: int
     milters: Callable[[], Sequence[Milter]]
     check: Callable[[SinkProcess], str]
-    offered: float = 0.0
+    pace: Pace = FULL_LOAD
 
 
 def _postfix(
@@ -971,9 +993,14 @@ def _postfix(
     return postfix, ceilings + plans + _paced(ceilings + plans, args)
 
 
+def paces(args: argparse.Namespace) -> list[Pace]:
+    """Each of ``--paced-rates`` with each of ``--arrivals``."""
+    return [Pace(rate, arrivals) for rate in args.paced_rates for arrivals in args.arrivals]
+
+
 def _paced(plans: list[Plan], args: argparse.Namespace) -> list[Plan]:
     """The no-milter and unix set-ups at ``--sessions`` again, at each of ``--paced-rates`` messages a
-    second.
+    second, arriving as ``--arrivals`` says.
 
     At full load the sessions never rest, so the machine is always saturated and a message's
     end-of-data wait is mostly its turn for a core: a milter that waits less on DNS leaves more
@@ -982,8 +1009,8 @@ def _paced(plans: list[Plan], args: argparse.Namespace) -> list[Plan]:
     work and its DNS round trips.
     """
     return [
-        plan._replace(offered=offered)
-        for offered in args.paced_rates
+        plan._replace(pace=pace)
+        for pace in paces(args)
         for plan in plans
         if plan.transport in ("-", "unix") and plan.sessions == args.sessions
     ]
