@@ -24,7 +24,9 @@ for unsigned messages from an internal client address (127.0.0.1).
 Each session sends its next message as soon as the last is done (full load), for the messages a
 second and the CPU per message. Then the no-milter and unix set-ups run again with the messages
 paced at each of ``--paced-rates`` a second (default 50 and 100), for the end-of-data wait: at full
-load that wait is mostly queueing for a saturated machine's cores (see :func:`_paced`).
+load that wait is mostly queueing for a saturated machine's cores (see :func:`_paced`). Paced
+messages arrive as a Poisson process, as from many independent senders, or evenly spaced
+(``--arrivals``; load.arrival_offsets).
 
 messages/s runs from the first connection until the sink holds every accepted message. Milter CPU
 is the utime+stime of the milter's process tree (reaped children included) over that interval,
