@@ -706,7 +706,7 @@ def _comparison(by_key: dict[SetupKey, Medians], args: argparse.Namespace) -> No
 
 
 def _latency_verdicts(compared: tuple[Medians, Medians] | None, pace: Pace) -> None:
-    """Issue 11's end-of-data targets at one load (0: full), and whether each side carried it."""
+    """Issue 11's end-of-data targets at one pace, and whether each side carried its rate."""
     if compared is None:
         return
     ours, theirs = compared
