@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
 TESTS = REPO / "tests"
 INTEGRATION = TESTS / "integration"
 

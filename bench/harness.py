@@ -446,7 +446,65 @@ port = {DNS_PORT}
         return [self.pid]
 
 
-class DebianMilter:
+class ChildMilter:
+    """A milter the benchmark runs as its child process, listening on ``address``.
+
+    Args:
+        address: where it listens.
+        log_path: where its output goes.
+    """
+
+    stop_timeout = STOP_TIMEOUT  # seconds from SIGTERM to SIGKILL
+
+    def __init__(self, address: MilterAddress, log_path: Path) -> None:
+        self.address = address
+        self.log_path = log_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _launch(self, command: list[str]) -> None:
+        """Start ``command`` and wait until it answers on the address."""
+        self._process = start_logged(command, self.log_path)
+        wait_for_milter(self.address, lambda: self.running, self.log_path)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pids(self) -> list[int]:
+        return [self._process.pid] if self._process is not None else []
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            stop_process(process, self.stop_timeout)
+        if self.address.path is not None:
+            with contextlib.suppress(OSError):
+                self.address.path.unlink()
+
+
+class FloorMilter(ChildMilter):
+    """bench/floor_milter.py: a pymilter milter that checks nothing, for ``bench/run.py --floor``.
+
+    Args:
+        workdir: its own folder (log).
+        address: where it listens.
+    """
+
+    # It keeps nothing to lose, and once it has served a connection libmilter's worker pool takes
+    # several seconds to let a SIGTERM end it: every set-up of every round would wait for that.
+    stop_timeout = 0.0
+
+    def __init__(self, workdir: Path, address: MilterAddress) -> None:
+        super().__init__(address, workdir / "floor_milter.log")
+        self.workdir = workdir
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._launch([sys.executable, str(_paths.BENCH / "floor_milter.py"), self.address.libmilter])
+
+
+class DebianMilter(ChildMilter):
     """OpenDKIM or OpenDMARC from Debian's package, on a private config, pid file and socket.
 
     It starts as root (to read its config and bind) and drops to ``UserID``; it runs in a private
@@ -460,12 +518,10 @@ class DebianMilter:
     """
 
     def __init__(self, name: str, workdir: Path, address: MilterAddress, settings: str) -> None:
+        super().__init__(address, workdir / f"{name}.log")
         self.name = name
         self.workdir = workdir
-        self.address = address
         self.settings = settings
-        self.log_path = workdir / f"{name}.log"
-        self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         program = find_program(self.name)
@@ -497,27 +553,7 @@ class DebianMilter:
             str(config),
             "-f",
         ]
-        self._process = start_logged(
-            command,
-            self.log_path,
-        )
-        wait_for_milter(self.address, lambda: self.running, self.log_path)
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pids(self) -> list[int]:
-        return [self._process.pid] if self._process is not None else []
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            stop_process(process, STOP_TIMEOUT)
-        if self.address.path is not None:
-            with contextlib.suppress(OSError):
-                self.address.path.unlink()
+        self._launch(command)
 
 
 def opendkim(workdir: Path, address: MilterAddress) -> DebianMilter:

@@ -9,7 +9,9 @@ connection, from the client's own outside address (:data:`CLIENT_ADDRESS`, see :
 
 - no milter (Postfix's own ceiling on this machine);
 - authmilter (``authmilter run``, one worker per CPU), over a unix socket and over TCP;
-- with ``--compare``: Debian's OpenDKIM (verify) chained with OpenDMARC (SPFSelfValidate), likewise.
+- with ``--compare``: Debian's OpenDKIM (verify) chained with OpenDMARC (SPFSelfValidate), likewise;
+- with ``--floor``: a pymilter milter that checks nothing (floor_milter.py), over the unix socket:
+  what libmilter and pymilter cost by themselves, below authmilter's figures.
 
 The default workload (workload.py, issue 11) has thousands of sender domains drawn Zipf-like, each
 signing with its own selector record, of varied sizes; ``--senders 1`` sends everything from one
@@ -58,11 +60,13 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import _paths  # noqa: F401  (puts the harness on sys.path)
+from floor_milter import FLOOR_FIELD
 from harness import (
     AUTHSERV_ID,
     BenchAuthmilter,
     BenchPostfix,
     DnsProxy,
+    FloorMilter,
     MilterAddress,
     SinkProcess,
     listen_port,
@@ -123,6 +127,7 @@ INTERNAL_CLIENT = Client(
 # Set in the benchmark's own process once it runs in its private network namespace.
 PRIVATE_NETWORK = "AUTHMILTER_BENCH_PRIVATE_NETWORK"
 PAIR = "opendkim+opendmarc"
+FLOOR = "pymilter doing nothing"
 # Messages a second offered in the paced set-ups: a light load for the pair on this machine (it
 # carries 97-149 at full load in its slow phases) and a heavy one, near its limit there.
 PACED_RATES = "50,100"
@@ -379,6 +384,20 @@ def check_every_message(
     return f"all {checked} as expected ({', '.join(f'{n} {o}' for o, n in outcomes.most_common())})"
 
 
+def check_floor_field(sink: SinkProcess) -> str:
+    """Every delivered message passed the floor milter: its header carries the field it adds.
+
+    Raises:
+        WrongResults: some do not.
+    """
+    field = ": ".join(FLOOR_FIELD).encode()
+    messages = sink.sample(sink.count())
+    missing = sum(1 for message in messages if field not in message.partition(b"\r\n\r\n")[0])
+    if missing:
+        raise WrongResults(f"{missing} of {len(messages)} delivered messages lack {field.decode()!r}")
+    return f"all {len(messages)} carry the floor milter's field (it checks nothing)"
+
+
 def delivered_count(sink: SinkProcess) -> str:
     return f"{sink.count()} delivered (no milter: nothing to check)"
 
@@ -493,6 +512,11 @@ def _parser() -> argparse.ArgumentParser:
         "--dns-delay", type=float, default=20.0, help="ms each DNS cache miss waits (default 20)"
     )
     parser.add_argument("--compare", action="store_true", help="also OpenDKIM + OpenDMARC")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also a pymilter milter that checks nothing (floor_milter.py), over unix sockets",
+    )
     parser.add_argument(
         "--paced-rates",
         default=PACED_RATES,
@@ -951,6 +975,12 @@ def _postfix(
         ours = address("authmilter", transport)
         ours_port = free_port("127.0.0.1")
         postfix.milter_ports[ours_port] = ours.postfix
+        # Over TCP a plain libmilter milter waits on the MTA's delayed ACKs, as the pair does and
+        # authmilter does not (supervisor.py, quickack.py): that is no floor for authmilter there.
+        floor = args.floor and transport == "unix"
+        if floor:
+            floor_address, floor_port = address("floor", transport), free_port("127.0.0.1")
+            postfix.milter_ports[floor_port] = floor_address.postfix
         if args.compare:
             dkim_address, dmarc_address = address("opendkim", transport), address("opendmarc", transport)
             pair_port = free_port("127.0.0.1")
@@ -974,6 +1004,17 @@ def _postfix(
                     check,
                 )
             )
+            if floor:
+                plans.append(
+                    Plan(
+                        FLOOR,
+                        transport,
+                        sessions,
+                        floor_port,
+                        lambda a=floor_address, t=transport: [FloorMilter(workdir / f"floor-{t}", a)],
+                        check_floor_field,
+                    )
+                )
             if args.compare:
                 plans.append(
                     Plan(
