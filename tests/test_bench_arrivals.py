@@ -7,34 +7,15 @@ that is not the same for every set-up would compare them on different traffic.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import statistics
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchmodules import load_bench_module
 
-def _load_bench_load() -> ModuleType:
-    """bench/load.py under a name of its own; bench/ is on the path only while it loads (its
-    ``import _paths``), so that no test meets bench's modules by their bare names."""
-    bench = Path(__file__).resolve().parent.parent / "bench"
-    spec = importlib.util.spec_from_file_location("bench_load", bench / "load.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    sys.path.insert(0, str(bench))
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(bench))
-    return module
-
-
-load = _load_bench_load()
+load = load_bench_module("load")
 ARRIVALS, arrival_offsets = load.ARRIVALS, load.arrival_offsets
 
 

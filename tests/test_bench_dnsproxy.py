@@ -10,13 +10,10 @@ not. The upstream here is a small authoritative responder on loopback.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
-from types import ModuleType
 
 import dns.message
 import dns.name
@@ -24,17 +21,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from benchmodules import load_bench_module
 
-def _load_proxy() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "bench" / "dnsproxy.py"
-    spec = importlib.util.spec_from_file_location("bench_dnsproxy", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dnsproxy = _load_proxy()
+dnsproxy = load_bench_module("dnsproxy")
 
 
 def _random_name(rng: random.Random) -> dns.name.Name:

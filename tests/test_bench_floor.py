@@ -8,36 +8,27 @@ every delivered message.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from benchmodules import BENCH, load_bench_module
 from milterclient import MilterClient, check_message
 from processes import stop_process
 
-FLOOR_SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "floor_milter.py"
+FLOOR_SCRIPT = BENCH / "floor_milter.py"
 MESSAGE = (
     b"From: Bob <bob@sender.example>\r\nTo: alice@receiver.example\r\nSubject: Hello\r\n"
     b"Message-ID: <floor@sender.example>\r\n\r\nHi Alice.\r\n"
 )
 
 
-def _load_floor_milter() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_floor_milter", FLOOR_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FLOOR_FIELD = _load_floor_milter().FLOOR_FIELD
+FLOOR_FIELD = load_bench_module("floor_milter").FLOOR_FIELD
 
 
 def _answers(path: Path) -> bool:
